@@ -1,0 +1,83 @@
+"""Shared helpers of the benchmark scripts: timing, machine rates, RESULTS.md sections."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+
+
+def time_it(fn: Callable[[], object], repeat: int = 10, warmup: int = 2, min_seconds: float = 0.0) -> float:
+    """Median wall time of ``fn()`` in seconds."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    started = time.perf_counter()
+    while len(samples) < repeat or time.perf_counter() - started < min_seconds:
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def machine_description() -> str:
+    """CPU model, cores, torch version."""
+    model = platform.processor() or "cpu"
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        found = re.search(r"Model name:\s*(.+)", lscpu)
+        if found:
+            model = found.group(1).strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+
+
+def gemm_rate(m: int = 1024, k: int = 1024, n: int = 5632) -> float:
+    """Measured float32 GEMM rate in FLOP/s for [m, k] @ [k, n]."""
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    out = torch.empty(m, n)
+    seconds = time_it(lambda: torch.mm(a, b, out=out), repeat=10)
+    return 2 * m * k * n / seconds
+
+
+def memory_bandwidths(size_bytes: int = 1 << 30) -> dict[str, float]:
+    """Bytes per second: ``copy`` (bytes copied / time), ``copy_rw`` (read + write,
+    the STREAM convention) and ``read`` (a reduction over the buffer)."""
+    src = torch.empty(size_bytes // 4).normal_()
+    dst = torch.empty_like(src)
+    copy_seconds = time_it(lambda: dst.copy_(src), repeat=5)
+    read_seconds = time_it(lambda: src.sum(), repeat=5)
+    return {"copy": size_bytes / copy_seconds, "copy_rw": 2 * size_bytes / copy_seconds, "read": size_bytes / read_seconds}
+
+
+def write_section(name: str, body: str) -> None:
+    """Replace (or append) the section ``name`` of RESULTS.md."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nEach section is written by the script it names; numbers come from one run.\n"
+    block = f"{start}\n{body.rstrip()}\n{end}"
+    if start in text and end in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    RESULTS.write_text(text)
+
+
+def today() -> str:
+    return datetime.date.today().isoformat()
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)

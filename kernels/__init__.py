@@ -1,0 +1,1 @@
+"""Triton kernels for the experts op (see lowering/triton.py)."""

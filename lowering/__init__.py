@@ -1,0 +1,37 @@
+"""Implementations of the ``moepass.experts`` op, one module per target.
+
+``run_experts`` picks one from the op's config: ``cpu`` (torch ops, the
+default off-GPU), ``triton`` (fused kernels, the default for CUDA tensors) or
+``reference`` (a plain per-slot loop, the ground truth in tests).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+__all__ = ["run_experts", "resolve_lowering"]
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_lowering(requested: str, device: torch.device) -> str:
+    """The implementation to use for ``requested`` on ``device``."""
+    if requested != "auto":
+        return requested
+    return "triton" if device.type == "cuda" else "cpu"
+
+
+def run_experts(x, ids, weights, w1, w2, b1, b2, cfg):
+    """Dispatch one experts call to the configured lowering."""
+    lowering = resolve_lowering(cfg.lowering, x.device)
+    if lowering == "cpu":
+        from moepass.lowering.cpu import experts_forward
+    elif lowering == "reference":
+        from moepass.lowering.reference import experts_forward
+    elif lowering == "triton":
+        from moepass.lowering.triton import experts_forward
+    else:  # guarded by ExpertsConfig, kept for a clear message
+        raise ValueError(f"unknown lowering {lowering!r}")
+    return experts_forward(x, ids, weights, w1, w2, b1, b2, cfg.spec)

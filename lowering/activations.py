@@ -1,0 +1,44 @@
+"""The expert activations, shared by every torch-level lowering."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from moepass.spec import ExpertsSpec
+
+__all__ = ["split_gate_up", "apply_activation", "unary_activation"]
+
+
+def unary_activation(name: str, x: torch.Tensor) -> torch.Tensor:
+    """``act(x)`` for the plain activations."""
+    if name == "silu":
+        return F.silu(x)
+    if name == "gelu":
+        return F.gelu(x)
+    if name == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    if name == "relu":
+        return F.relu(x)
+    raise ValueError(f"{name!r} is not a unary activation")
+
+
+def split_gate_up(h: torch.Tensor, spec: ExpertsSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of the gate and up halves of a gate+up projection output."""
+    if spec.gate_up_layout == "interleaved":
+        return h[..., 0::2], h[..., 1::2]
+    half = h.shape[-1] // 2
+    return h[..., :half], h[..., half:]
+
+
+def apply_activation(h: torch.Tensor, spec: ExpertsSpec) -> torch.Tensor:
+    """The expert's activation on the first projection's output ``h`` [S, N1] -> [S, I]."""
+    if not spec.gated:
+        return unary_activation(spec.activation, h)
+    gate, up = split_gate_up(h, spec)
+    if spec.activation == "swiglu_clamp":
+        limit = spec.swiglu_limit
+        gate = gate.clamp(max=limit)
+        up = up.clamp(min=-limit, max=limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * spec.swiglu_alpha))
+    return unary_activation(spec.activation, gate) * up

@@ -1,0 +1,49 @@
+"""moepass: adaptive-k routing for Mixture-of-Experts models, as a torch.compile pass.
+
+::
+
+    fast = torch.compile(model, backend="adaptive_moe", options={"policy": "top_p", "p": 0.4})
+    fast(input_ids)
+    print(moepass.report(fast))
+
+Importing this package registers the ``torch.ops.moepass`` operators; the
+backend itself is found by torch through the ``torch_dynamo_backends`` entry
+point, so ``backend="adaptive_moe"`` works without importing moepass.
+"""
+
+import os as _os
+
+# lowering/ and kernels/ sit beside moepass/ in the source tree and install as
+# moepass.lowering / moepass.kernels.  Let a source checkout (an editable
+# install, a git worktree, a test run from the repo root) resolve them from
+# the same tree as this file; an installed wheel has them inside moepass/.
+_source_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if _os.path.isfile(_os.path.join(_source_root, "lowering", "__init__.py")) and not _os.path.isdir(
+    _os.path.join(_os.path.dirname(__file__), "lowering")
+):
+    __path__.append(_source_root)  # noqa: F821  (the package's own __path__)
+
+from moepass import ops as _ops  # noqa: F401  (registers torch.ops.moepass.*)
+from moepass import policies
+from moepass.options import BackendOptions, OptionsError
+from moepass.policies import Policy, PolicyError
+from moepass.report import BlockReport, Report, last_report, report
+from moepass.spec import ExpertsSpec, MoEBlockSpec, RouterSpec, SharedExpertSpec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendOptions",
+    "BlockReport",
+    "ExpertsSpec",
+    "MoEBlockSpec",
+    "OptionsError",
+    "Policy",
+    "PolicyError",
+    "Report",
+    "RouterSpec",
+    "SharedExpertSpec",
+    "last_report",
+    "policies",
+    "report",
+]

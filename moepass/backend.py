@@ -1,0 +1,156 @@
+"""The ``adaptive_moe`` dynamo backend.
+
+::
+
+    torch.compile(model, backend="adaptive_moe", options={"policy": "top_p", "p": 0.4})
+
+For each graph dynamo hands over, the passes run in this order (the whole
+pipeline is :func:`optimize_graph`):
+
+1. ``detect``   — find MoE blocks (:func:`moepass.detect.find_moe_blocks`);
+2. ``resolve``  — bind the policy to each block (errors name the block);
+3. ``validate`` — run each planned rewrite against the original block;
+4. ``rewrite``  — replace validated blocks by ``moepass.route`` + ``moepass.experts``;
+5. ``report``   — record what was found and done (:mod:`moepass.report`);
+
+then the graph goes to the inner compiler (Inductor by default).  A graph
+without MoE blocks is passed on unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+
+from moepass.dataflow import Dataflow
+from moepass.detect import BlockMatch, BlockRejection, find_moe_blocks
+from moepass.detect.common import Mismatch
+from moepass.options import BackendOptions
+from moepass.policies import PolicyError
+from moepass.report import BlockReport, Report, record_graph
+from moepass.rewrite import apply_rewrite, plan_rewrite, validate_rewrite
+from moepass.validate import example_env, tolerance_for
+from moepass.dataflow import example_value
+
+__all__ = ["adaptive_moe", "optimize_graph", "compile_inner"]
+
+logger = logging.getLogger(__name__)
+
+
+def _block_report(item: BlockMatch | BlockRejection, policy: str) -> BlockReport:
+    if isinstance(item, BlockRejection):
+        return BlockReport(
+            path=item.path,
+            router=item.router_kind,
+            dispatch=item.dispatch,
+            num_experts=item.num_experts,
+            top_k=item.top_k,
+            rewritten=False,
+            reason=item.reason,
+            notes=list(item.notes),
+        )
+    spec = item.spec
+    return BlockReport(
+        path=spec.path,
+        router=spec.router.kind,
+        router_description=spec.router.description,
+        dispatch=spec.experts.dispatch if spec.experts else "eager_loop",
+        num_experts=spec.num_experts,
+        top_k=spec.top_k,
+        rewritten=False,
+        shared_experts=[s.description for s in spec.shared_experts],
+        policy=policy,
+        spec=spec,
+    )
+
+
+def optimize_graph(
+    gm: fx.GraphModule, example_inputs: list[Any], options: BackendOptions
+) -> tuple[fx.GraphModule, list[BlockReport]]:
+    """Detect, validate and rewrite the MoE blocks of one dynamo graph in place."""
+    flow = Dataflow(gm.graph)
+    found = find_moe_blocks(gm, flow)
+    policy_name = options.policy.describe()
+    reports = []
+    env = example_env(gm, example_inputs)
+    for item in found:
+        entry = _block_report(item, policy_name)
+        reports.append(entry)
+        if isinstance(item, BlockRejection):
+            logger.info("moepass: left %s as it was: %s", entry.display_path, item.reason)
+            continue
+        try:
+            resolved = options.policy.resolve(item.spec)
+        except PolicyError as error:
+            raise PolicyError(f"policy {policy_name} does not fit block {entry.display_path}: {error}") from None
+        plan = plan_rewrite(item, resolved, options.lowering, options.stats, env)
+        if options.validate:
+            try:
+                error = validate_rewrite(gm, flow, plan, env)
+            except Exception as failure:  # the block stays as it was; the report says why
+                entry.reason = f"validation could not run: {type(failure).__name__}: {failure}"
+                logger.warning("moepass: left %s as it was: %s", entry.display_path, entry.reason)
+                continue
+            entry.validation_error = error
+            dtype = example_value(item.router.x_base).dtype
+            if not error <= tolerance_for(dtype):
+                entry.reason = (
+                    f"rewrite does not reproduce the block: max relative error {error:.2e} "
+                    f"> {tolerance_for(dtype):.0e} on a random input"
+                )
+                logger.warning("moepass: left %s as it was: %s", entry.display_path, entry.reason)
+                continue
+        try:
+            apply_rewrite(gm, flow, plan)
+        except Mismatch as failure:
+            entry.reason = str(failure)
+            continue
+        entry.rewritten = True
+        if item.experts is None:
+            entry.notes.append("router only: the experts loop graph-broke and skips the empty-slot id E")
+        elif item.spec.experts.stacked_from_modules:
+            entry.notes.append("expert weights stacked at compile time (a snapshot)")
+        # later blocks' regions were computed on the original graph; they are
+        # disjoint from this one, but the dataflow must see the new nodes
+        flow = Dataflow(gm.graph)
+    gm.graph.lint()
+    gm.recompile()
+    return gm, reports
+
+
+def compile_inner(gm: fx.GraphModule, example_inputs: list[Any], options: BackendOptions) -> Callable:
+    """Hand the (rewritten) graph to the inner compiler."""
+    if options.inner == "eager":
+        return gm.forward
+    if options.inner == "aot_eager":
+        from torch._dynamo.backends.debugging import aot_eager
+
+        return aot_eager(gm, example_inputs)
+    from torch._inductor.compile_fx import compile_fx
+
+    patches = {}
+    if options.mode and options.mode != "default":
+        patches = torch._inductor.list_mode_options(options.mode)
+    return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+def adaptive_moe(gm: fx.GraphModule, example_inputs: list[Any], options: dict | None = None, mode: str | None = None, **unused: Any) -> Callable:
+    """The ``adaptive_moe`` backend: rewrite MoE blocks, then compile with the inner compiler.
+
+    Args:
+        gm: the torch-level graph dynamo captured.
+        example_inputs: its example inputs (real tensors, SymInts' hints).
+        options: see :mod:`moepass.options`.
+        mode: torch.compile's mode, forwarded to Inductor.
+    """
+    if unused:
+        raise TypeError(f"adaptive_moe got unexpected arguments {sorted(unused)}")
+    parsed = BackendOptions.parse(options, mode=mode)
+    gm, blocks = optimize_graph(gm, example_inputs, parsed)
+    params = [x for x in example_inputs if isinstance(x, torch.nn.Parameter)]
+    report: Report = record_graph(blocks, params, parsed.policy.describe(), parsed.inner, parsed.lowering)
+    logger.info("%s", report)
+    return compile_inner(gm, example_inputs, parsed)

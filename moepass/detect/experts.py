@@ -1,0 +1,349 @@
+"""Match the routed experts inside a block's region.
+
+Two families of weights are recognised:
+
+* **stacked**: two [E, a, b] parameters (``gate_up_proj``, ``down_proj``) and
+  optionally two [E, n] biases, used by a grouped GEMM (``grouped_mm``), by
+  per-token gathered weights and ``bmm`` (``batched_mm``), or by a ``bmm``
+  over every expert (Llama 4's ``dense_bmm``);
+* **per-expert modules**: E sets of nn.Linear weights selected in a Python
+  loop by ``ids == e`` (``module_loop``); the rewrite stacks them.
+
+For both, the orientation of each weight is read from how its GEMM uses it,
+and the activation from the ops between the two GEMMs::
+
+    gated concat        h.chunk(2) → act(gate) * up                 (Mixtral, Qwen, DeepSeek, Llama 4)
+    gated interleaved   h[..., ::2], h[..., 1::2] → clamp → g·σ(αg)·(u+1)   (gpt-oss)
+    plain               act(h)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+
+from moepass.dataflow import Dataflow, op_name, tensor_shape
+from moepass.detect.common import (
+    CAST_OPS,
+    Mismatch,
+    arg,
+    common_module_path,
+    module_path_of_param,
+    ndim,
+    resolve_param,
+)
+from moepass.detect.region import Region
+from moepass.detect.router import RouterMatch
+from moepass.spec import ExpertsSpec
+
+__all__ = ["ExpertsMatch", "match_experts"]
+
+_GROUPED_GEMMS = {"transformers::grouped_mm_fallback", "_grouped_mm", "grouped_mm"}
+_GEMMS = _GROUPED_GEMMS | {"bmm", "mm", "matmul", "linear", "baddbmm", "addmm"}
+_ACTIVATIONS = {"silu": "silu", "relu": "relu", "gelu": "gelu"}
+#: Ops between the two GEMMs that only move data around.
+_PLUMBING = CAST_OPS | {
+    "getitem",
+    "chunk",
+    "split",
+    "view",
+    "reshape",
+    "unsqueeze",
+    "squeeze",
+    "add",
+    "add_",
+    "iadd",
+    "contiguous",
+    "mul",
+    "imul",
+    "mul_",
+    "index_select",
+}
+
+
+@dataclass
+class ExpertsMatch:
+    """Matched routed experts: their spec and where their weights come from."""
+
+    spec: ExpertsSpec
+    #: For stacked weights: the parameter nodes; for modules: lists per expert.
+    w1: fx.Node | list[list[fx.Node]]
+    w2: fx.Node | list[fx.Node]
+    b1: fx.Node | list[list[fx.Node]] | None
+    b2: fx.Node | list[fx.Node] | None
+    gemms: list[fx.Node] = field(default_factory=list)
+    module_path: str | None = None
+
+
+def _first_gemm(param: fx.Node, region: Region) -> tuple[fx.Node, int, int, bool]:
+    """Follow a weight into the GEMM that uses it.
+
+    Returns (gemm node, operand position, number of transposes on the way,
+    gathered per token).
+    """
+    frontier = [(param, 0, False)]
+    seen = set()
+    while frontier:
+        node, transposes, gathered = frontier.pop(0)
+        for user in node.users:
+            if user not in region.nodes or user in seen:
+                continue
+            seen.add(user)
+            name = op_name(user)
+            if name in _GEMMS:
+                position = next(i for i, a in enumerate(user.args) if a is node) if node in user.args else 1
+                return user, position, transposes, gathered
+            if name in ("transpose", "t", "mT", "permute"):
+                frontier.append((user, transposes + 1, gathered))
+            elif name == "getitem" and user.args[0] is node:
+                frontier.append((user, transposes, True))
+            elif name in CAST_OPS | {"contiguous", "unsqueeze", "view", "reshape", "index_select"}:
+                frontier.append((user, transposes, gathered or name == "index_select"))
+    raise Mismatch(f"expert weight {param.name} is not used by a matrix multiply")
+
+
+def _stored_transposed(gemm: fx.Node, position: int, transposes: int) -> bool:
+    """Whether a weight reaching ``gemm`` at ``position`` is stored [in, out]."""
+    name = op_name(gemm)
+    if name in ("linear",):
+        return transposes % 2 == 1
+    if name in ("addmm", "baddbmm"):
+        position -= 1
+    if position == 1:  # x @ B
+        return transposes % 2 == 0
+    return transposes % 2 == 1  # W @ x (batched_mm's bmm(W[ids], x[..., None]))
+
+
+def _activation_between(first: fx.Node, second: fx.Node, region_nodes: set[fx.Node], flow: Dataflow):
+    """Classify the ops between two GEMMs: (activation, gated, layout, alpha, limit)."""
+    between = (flow.descendants(first) & flow.ancestors(second)) & region_nodes
+    names = {op_name(n) for n in between}
+    acts = {_ACTIVATIONS[n] for n in names if n in _ACTIVATIONS}
+    gelu_nodes = [n for n in between if op_name(n) == "gelu"]
+    if gelu_nodes and arg(gelu_nodes[0], 1, "approximate", "none") == "tanh":
+        acts = {"gelu_tanh" if a == "gelu" else a for a in acts}
+    slices = [n for n in between if op_name(n) == "getitem" and n.args[0] is not None]
+    interleaved = any(
+        isinstance(idx, tuple) and any(isinstance(s, slice) and s.step == 2 for s in idx)
+        for idx in (n.args[1] for n in slices)
+    )
+    if "sigmoid" in names and "clamp" in names:
+        alpha, limit = 1.702, 7.0
+        for n in between:
+            if op_name(n) == "clamp" and arg(n, 2, "max") is not None and arg(n, 1, "min") is None:
+                limit = float(arg(n, 2, "max"))
+            if op_name(n) == "mul":
+                scalars = [a for a in n.args if isinstance(a, float)]
+                if scalars and any(op_name(u) == "sigmoid" for u in n.users):
+                    alpha = scalars[0]
+        return "swiglu_clamp", True, "interleaved" if interleaved else "concat", alpha, limit
+    unknown = names - _PLUMBING - set(_ACTIVATIONS) - {"getitem"}
+    if unknown or len(acts) != 1:
+        raise Mismatch(f"unsupported expert activation (ops between the GEMMs: {sorted(names)})")
+    gated = "chunk" in names or bool(slices) or any(op_name(n) in ("mul", "imul", "mul_") for n in between)
+    layout = "interleaved" if interleaved else ("concat" if gated else "none")
+    return acts.pop(), gated, layout, 1.702, 7.0
+
+
+def _weight_on_input(router: RouterMatch, gemm1: fx.Node, flow: Dataflow) -> bool:
+    return router.weights_start in flow.ancestors(gemm1)
+
+
+def match_experts(region: Region, router: RouterMatch, flow: Dataflow) -> ExpertsMatch:
+    """Match the routed experts of ``region``; raises :class:`Mismatch` with the reason."""
+    num_experts = router.spec.num_experts
+    hidden = tensor_shape(router.weight)[1]
+    params = [
+        n
+        for n in region.inputs
+        if n.op in ("placeholder", "get_attr")
+        and n is not region.x_base
+        and n not in router.param_nodes
+        and tensor_shape(n) is not None
+    ]
+    stacked = [p for p in params if ndim(p) == 3 and tensor_shape(p)[0] == num_experts]
+    stacked_bias = [p for p in params if ndim(p) == 2 and tensor_shape(p)[0] == num_experts]
+    others = [p for p in params if p not in stacked and p not in stacked_bias]
+    if stacked and not others:
+        return _match_stacked(region, router, flow, stacked, stacked_bias, hidden)
+    if not stacked and others:
+        return _match_module_loop(region, router, flow, others, hidden)
+    if not params:
+        raise Mismatch("no expert weights inside the block")
+    raise Mismatch(
+        f"mixed expert weights: {len(stacked)} stacked [E, ., .] and {len(others)} others "
+        f"({', '.join(sorted(p.name for p in others)[:3])})"
+    )
+
+
+def _match_stacked(region, router, flow, stacked, stacked_bias, hidden) -> ExpertsMatch:
+    num_experts = router.spec.num_experts
+    if len(stacked) != 2:
+        raise Mismatch(f"found {len(stacked)} stacked expert weights; expected 2 (gate_up and down)")
+    uses = {p: _first_gemm(p, region) for p in stacked}
+    w1, w2 = sorted(stacked, key=lambda p: flow.position[uses[p][0]])
+    gemm1, pos1, tr1, gathered1 = uses[w1]
+    gemm2, pos2, tr2, _ = uses[w2]
+    if gemm1 not in flow.ancestors(gemm2):
+        raise Mismatch(f"{w2.name}'s GEMM does not consume {w1.name}'s GEMM output")
+    transposed = _stored_transposed(gemm1, pos1, tr1)
+    if _stored_transposed(gemm2, pos2, tr2) != transposed:
+        raise Mismatch("the two expert weights are stored in different orientations")
+    s1, s2 = tensor_shape(w1), tensor_shape(w2)
+    (in1, n1), (inter, out2) = ((s1[1], s1[2]), (s2[1], s2[2])) if transposed else ((s1[2], s1[1]), (s2[2], s2[1]))
+    if in1 != hidden or out2 != hidden:
+        raise Mismatch(f"expert weights {tuple(s1)} and {tuple(s2)} do not map hidden size {hidden} to itself")
+    activation, gated, layout, alpha, limit = _activation_between(gemm1, gemm2, region.nodes, flow)
+    if gated and n1 != 2 * inter:
+        raise Mismatch(f"gated activation but the first projection has {n1} outputs for intermediate {inter}")
+    if not gated and n1 != inter:
+        raise Mismatch(f"first projection has {n1} outputs but the second takes {inter}")
+    b1 = b2 = None
+    for bias in stacked_bias:
+        width = tensor_shape(bias)[1]
+        reaches_gemm2 = any(n in flow.ancestors(gemm2) for n in flow.descendants(bias) & region.nodes) or (
+            bias in flow.ancestors(gemm2)
+        )
+        if width == n1 and (width != hidden or reaches_gemm2):
+            b1 = bias
+        elif width == hidden:
+            b2 = bias
+        else:
+            raise Mismatch(f"expert bias {bias.name} of width {width} fits neither projection")
+    if (b1 is None) != (b2 is None):
+        raise Mismatch("only one of the two expert projections has a bias")
+    gemm_names = {op_name(gemm1), op_name(gemm2)}
+    if gemm_names & _GROUPED_GEMMS:
+        dispatch = "grouped_mm"
+    elif gathered1:
+        dispatch = "batched_mm"
+    else:
+        dispatch = "dense_bmm"
+    spec = ExpertsSpec(
+        dispatch=dispatch,
+        num_experts=num_experts,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        activation=activation,
+        gated=gated,
+        gate_up_layout=layout if gated else "none",
+        transposed=transposed,
+        has_bias=b1 is not None,
+        weight_on_input=_weight_on_input(router, gemm1, flow),
+        swiglu_alpha=alpha,
+        swiglu_limit=limit,
+    )
+    return ExpertsMatch(spec, w1, w2, b1, b2, gemms=[gemm1, gemm2], module_path=module_path_of_param(w1))
+
+
+def _expert_selector_index(node: fx.Node, router: RouterMatch, flow: Dataflow) -> int | None:
+    """For ``ids == e`` (or ``one_hot(ids)[e]``), the constant e."""
+    name = op_name(node)
+    if name in ("eq", "__eq__") and len(node.args) == 2:
+        a, b = node.args
+        if isinstance(b, int) and isinstance(a, fx.Node) and (a is router.ids or router.ids in flow.ancestors(a)):
+            return b
+    if name == "getitem" and isinstance(node.args[1], int) and isinstance(node.args[0], fx.Node):
+        source = node.args[0]
+        if any(op_name(n) == "one_hot" for n in flow.ancestors(source) | {source}) and router.ids in flow.ancestors(
+            source
+        ):
+            return node.args[1]
+    return None
+
+
+def _match_module_loop(region, router, flow, params, hidden) -> ExpertsMatch:
+    num_experts = router.spec.num_experts
+    selectors = {}
+    for node in region.nodes:
+        index = _expert_selector_index(node, router, flow)
+        if index is not None:
+            selectors[node] = index
+    if not selectors:
+        raise Mismatch("expert weights are not stacked and no per-expert selection (ids == e) was found")
+    linears = [n for n in region.nodes if op_name(n) == "linear" and n is not router.linear]
+    per_expert: dict[int, list[fx.Node]] = {}
+    for lin in linears:
+        weight = resolve_param(arg(lin, 1, "weight"))
+        if weight is None or weight not in params:
+            raise Mismatch(f"{lin.name}: an expert linear whose weight is not a parameter")
+        found = {selectors[s] for s in flow.ancestors(lin) if s in selectors}
+        if len(found) != 1:
+            raise Mismatch(f"{lin.name}: cannot tell which expert it belongs to ({len(found)} selections reach it)")
+        per_expert.setdefault(found.pop(), []).append(lin)
+    if sorted(per_expert) != list(range(num_experts)):
+        raise Mismatch(f"per-expert linears found for experts {sorted(per_expert)}, expected 0..{num_experts - 1}")
+    gates, ups, downs = [], [], []
+    activation = gated = layout = None
+    for expert in range(num_experts):
+        lins = flow.sorted(per_expert[expert])
+        down = [n for n in lins if any(m in flow.ancestors(n) for m in lins if m is not n)]
+        first = [n for n in lins if n not in down]
+        if len(down) != 1 or len(first) not in (1, 2):
+            raise Mismatch(f"expert {expert}: {len(lins)} linears in an unrecognised arrangement")
+        act, is_gated, lay, _, _ = _activation_between(first[0], down[0], region.nodes, flow)
+        if len(first) == 2:
+            # the gate is the projection the activation is applied to
+            acted = [n for n in first if any(op_name(u) in _ACTIVATIONS for u in n.users)]
+            if len(acted) != 1:
+                raise Mismatch(f"expert {expert}: cannot tell the gate projection from the up projection")
+            gate = acted[0]
+            up = next(n for n in first if n is not gate)
+            gates.append(gate)
+            ups.append(up)
+        else:
+            is_gated = False
+            ups.append(first[0])
+        downs.append(down[0])
+        if activation is None:
+            activation, gated, layout = act, is_gated, lay
+        elif (act, is_gated) != (activation, gated):
+            raise Mismatch(f"expert {expert} uses {act}, others {activation}")
+    if gated and len(gates) != num_experts:
+        raise Mismatch("some experts are gated and others are not")
+
+    def weights_of(nodes):
+        return [resolve_param(arg(n, 1, "weight")) for n in nodes]
+
+    def biases_of(nodes):
+        raw = [arg(n, 2, "bias") for n in nodes]
+        if all(b is None for b in raw):
+            return None
+        resolved = [resolve_param(b) for b in raw]
+        if any(b is None for b in resolved):
+            raise Mismatch("some expert linears have biases and others do not")
+        return resolved
+
+    w1 = [weights_of(gates), weights_of(ups)] if gated else [weights_of(ups)]
+    b1_parts = [biases_of(gates), biases_of(ups)] if gated else [biases_of(ups)]
+    b1 = None if all(b is None for b in b1_parts) else b1_parts
+    w2 = weights_of(downs)
+    b2 = biases_of(downs)
+    if (b1 is None) != (b2 is None):
+        raise Mismatch("only one of the two expert projections has a bias")
+    up_shape = tensor_shape(w1[-1][0])
+    down_shape = tensor_shape(w2[0])
+    inter = up_shape[0]
+    if up_shape[1] != hidden or down_shape != (hidden, inter):
+        raise Mismatch(f"expert linears {up_shape} and {down_shape} do not map hidden size {hidden} to itself")
+    for group in w1 + [w2]:
+        if len({tuple(tensor_shape(w)) for w in group}) != 1:
+            raise Mismatch("experts of different shapes")
+    first_gemm = (gates or ups)[0]
+    spec = ExpertsSpec(
+        dispatch="module_loop",
+        num_experts=num_experts,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        activation=activation,
+        gated=gated,
+        gate_up_layout="concat" if gated else "none",
+        transposed=False,
+        has_bias=b1 is not None,
+        weight_on_input=_weight_on_input(router, first_gemm, flow),
+        stacked_from_modules=True,
+    )
+    module = common_module_path(module_path_of_param(w) for w in w2)
+    return ExpertsMatch(spec, w1, w2, b1, b2, gemms=gates + ups + downs, module_path=module)
+

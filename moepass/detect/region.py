@@ -1,0 +1,86 @@
+"""The region of an MoE block: the nodes a rewrite may replace.
+
+Given the block's input ``x`` and its combine node ``C`` (the value the block
+hands back to the model), the region is every node ``C`` depends on that ``x``
+does not, parameters excluded::
+
+    region(C) = (ancestors(C) ∪ {C}) \\ (ancestors(x) ∪ {x}) \\ graph inputs
+
+with dependencies that include in-place mutations (see :mod:`moepass.dataflow`).
+The region is *closed* when everything it reads from outside is ``x``, a
+parameter/buffer, or a symbolic size; only a closed region can be replaced by
+``f(x, params)``.  It is *safe* when it mutates nothing outside itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from moepass.dataflow import Dataflow, alias_root, example_value, mutated_node
+from moepass.detect.common import Mismatch
+
+__all__ = ["Region", "block_region", "satellites"]
+
+
+@dataclass
+class Region:
+    """A closed, safe set of nodes computing ``combine`` from ``x_base`` and parameters."""
+
+    nodes: set[fx.Node]
+    inputs: set[fx.Node]
+    combine: fx.Node
+    x_base: fx.Node
+
+
+def _is_scalar_value(node: fx.Node) -> bool:
+    value = example_value(node)
+    return isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool))
+
+
+def block_region(flow: Dataflow, combine: fx.Node, x_base: fx.Node, *more_outputs: fx.Node) -> Region:
+    """The region computing ``combine`` (and ``more_outputs``) from ``x_base``.
+
+    Raises :class:`Mismatch` if the region is not closed or not safe.
+    """
+    before_x = flow.ancestors(x_base) | {x_base}
+    needed = {combine, *more_outputs}
+    for output in (combine, *more_outputs):
+        needed |= flow.ancestors(output)
+    nodes = {n for n in needed if n not in before_x and n.op not in ("placeholder", "get_attr")}
+    inputs = {a for n in nodes for a in n.all_input_nodes if a not in nodes}
+    foreign = [
+        a
+        for a in inputs
+        if a is not x_base and a.op not in ("placeholder", "get_attr") and not _is_scalar_value(a)
+    ]
+    if foreign:
+        names = ", ".join(sorted(a.name for a in foreign)[:4])
+        raise Mismatch(f"the block's output depends on values computed outside it ({names}), not only on its input")
+    for node in nodes:
+        target = mutated_node(node)
+        if target is not None and alias_root(target) not in nodes:
+            raise Mismatch(f"{node.name} mutates {alias_root(target).name}, which lives outside the block")
+    return Region(nodes=nodes, inputs=inputs, combine=combine, x_base=x_base)
+
+
+def satellites(flow: Dataflow, region: set[fx.Node]) -> set[fx.Node]:
+    """Nodes outside ``region`` that only check or measure region values.
+
+    Dynamo adds runtime assertions on the sizes of data-dependent results
+    (``u0 >= 0`` for a ``nonzero``): nodes computed from region values alone
+    that never reach the graph's output.  Once the region is replaced they
+    check values that no longer exist and go with it.
+    """
+    reaches_output = flow.ancestors(flow.output)
+    found: set[fx.Node] = set()
+    for node in flow.nodes:
+        if node in region or node in reaches_output or node.op in ("placeholder", "get_attr", "output"):
+            continue
+        sources = node.all_input_nodes
+        if sources and all(s in region or s in found or s.op in ("placeholder", "get_attr") for s in sources):
+            if any(s in region or s in found for s in sources):
+                found.add(node)
+    return found

@@ -1,0 +1,170 @@
+"""The ``torch.ops.moepass`` operators a rewritten MoE block is made of.
+
+::
+
+    logits ─► moepass.route(logits, x, tensors, config) ─► ids [T,k_max], weights [T,k_max]
+                                                              │
+    x ──────► moepass.experts(x, ids, weights, w1, w2, b1, b2, config) ─► out [T,H]
+
+``route`` is a composite of standard torch ops (so Inductor compiles it and
+exporters decompose it); ``experts`` is an opaque custom op with a fake
+implementation, lowered at run time to the CPU path, the Triton kernels or the
+plain reference.  Static attributes travel as a JSON string (parsed once and
+cached); per-layer tensors of a policy travel in ``tensors``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Optional
+
+import torch
+
+from moepass.spec import ExpertsSpec, RouterSpec
+
+__all__ = ["RouteConfig", "ExpertsConfig", "route", "experts", "LOWERINGS"]
+
+#: Implementations of the experts op; "auto" picks triton for CUDA tensors
+#: and cpu otherwise.
+LOWERINGS = ("auto", "cpu", "triton", "reference")
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    """Static attributes of one ``moepass.route`` call."""
+
+    router: RouterSpec
+    #: Name of the k-rule (a policy's per-token rule); "static" keeps native k.
+    rule: str = "static"
+    #: The rule's scalar parameters, already resolved for this block.
+    params: dict[str, Any] = field(default_factory=dict)
+    k_min: int | None = None
+    k_max: int | None = None
+    #: What each entry of the op's ``tensors`` argument is: "correction_bias"
+    #: or a rule tensor name.
+    tensor_roles: tuple[str, ...] = ()
+    #: Whether ``x`` is passed (rules such as the allocator need it).
+    uses_x: bool = False
+
+    def to_json(self) -> str:
+        """Encode for the op's ``config`` argument."""
+        data = dataclasses.asdict(self)
+        return json.dumps(data, sort_keys=True)
+
+    @property
+    def depth(self) -> int:
+        """The number of slots per token (k_max, or native k)."""
+        return self.router.top_k if self.k_max is None else self.k_max
+
+
+@dataclass(frozen=True)
+class ExpertsConfig:
+    """Static attributes of one ``moepass.experts`` call."""
+
+    spec: ExpertsSpec
+    lowering: str = "auto"
+    #: Module path of the block, for run-time statistics.
+    block: str = ""
+    collect_stats: bool = False
+
+    def __post_init__(self) -> None:
+        if self.lowering not in LOWERINGS:
+            raise ValueError(f"unknown lowering {self.lowering!r}; expected one of {LOWERINGS}")
+
+    def to_json(self) -> str:
+        """Encode for the op's ``config`` argument."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+
+@lru_cache(maxsize=4096)
+def parse_route_config(text: str) -> RouteConfig:
+    """Decode (and cache) a ``route`` config string."""
+    data = json.loads(text)
+    data["router"] = RouterSpec(**data["router"])
+    data["tensor_roles"] = tuple(data.get("tensor_roles", ()))
+    return RouteConfig(**data)
+
+
+@lru_cache(maxsize=4096)
+def parse_experts_config(text: str) -> ExpertsConfig:
+    """Decode (and cache) an ``experts`` config string."""
+    data = json.loads(text)
+    data["spec"] = ExpertsSpec(**data["spec"])
+    return ExpertsConfig(**data)
+
+
+# --- moepass::route ---------------------------------------------------------
+
+_lib = torch.library.Library("moepass", "FRAGMENT")
+_lib.define("route(Tensor logits, Tensor? x, Tensor[] tensors, str config) -> (Tensor, Tensor)")
+
+
+def _route_composite(
+    logits: torch.Tensor, x: Optional[torch.Tensor], tensors: list[torch.Tensor], config: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from moepass import routing
+    from moepass.policies.rules import get_rule
+
+    cfg = parse_route_config(config)
+    named = dict(zip(cfg.tensor_roles, tensors))
+    rule = get_rule(cfg.rule, cfg.params) if cfg.rule != "static" else None
+    rule_tensors = [t for role, t in zip(cfg.tensor_roles, tensors) if role != "correction_bias"]
+    return routing.route(
+        logits,
+        cfg.router,
+        rule,
+        k_min=cfg.k_min,
+        k_max=cfg.k_max,
+        x=x,
+        correction_bias=named.get("correction_bias"),
+        tensors=rule_tensors,
+    )
+
+
+_lib.impl("route", _route_composite, "CompositeImplicitAutograd")
+route = torch.ops.moepass.route
+
+
+# --- moepass::experts --------------------------------------------------------
+
+
+@torch.library.custom_op("moepass::experts", mutates_args=())
+def experts(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    b1: Optional[torch.Tensor],
+    b2: Optional[torch.Tensor],
+    config: str,
+) -> torch.Tensor:
+    """Run the routed experts of one block.
+
+    Args:
+        x: [T, H] tokens.
+        ids: [T, K] int64 expert per slot; ``E`` marks an empty slot.
+        weights: [T, K] float routing weight per slot (0 for empty slots).
+        w1: [E, N1, H] gate+up (or up) weights, or [E, H, N1] if transposed.
+        w2: [E, H, I] down weights, or [E, I, H] if transposed.
+        b1: [E, N1] or None.  b2: [E, H] or None.
+        config: :class:`ExpertsConfig` as JSON.
+
+    Returns:
+        [T, H] in ``x.dtype``: Σ_slots weight · expert(x) (or expert(weight · x)).
+    """
+    from moepass.lowering import run_experts
+    from moepass.stats import record_routing
+
+    cfg = parse_experts_config(config)
+    if cfg.collect_stats:
+        record_routing(cfg.block, ids, cfg.spec.num_experts)
+    return run_experts(x, ids, weights, w1, w2, b1, b2, cfg)
+
+
+@experts.register_fake
+def _experts_fake(x, ids, weights, w1, w2, b1, b2, config):
+    return torch.empty_like(x)

@@ -1,0 +1,99 @@
+"""The backend's options: parsing, defaults and the errors users see.
+
+``torch.compile(model, backend="adaptive_moe", options={...})`` keys:
+
+========== ============================================== ===========
+key        meaning                                         default
+========== ============================================== ===========
+policy     policy name or a :class:`~moepass.policies.Policy`  ``"static"``
+inner      compiler for the rest of the graph:             ``"inductor"``
+           ``inductor`` | ``aot_eager`` | ``eager``
+lowering   experts implementation:                          ``"auto"``
+           ``auto`` | ``cpu`` | ``triton`` | ``reference``
+validate   check each rewrite against the original block    ``True``
+           on random inputs before committing it
+stats      record tokens per k per block at run time        ``False``
+========== ============================================== ===========
+
+Any other key is a parameter of the named policy (``{"policy": "top_p",
+"p": 0.4}``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from moepass.ops import LOWERINGS
+from moepass.policies import POLICIES, Policy, PolicyError, make_policy
+
+__all__ = ["BackendOptions", "OptionsError", "INNER_COMPILERS"]
+
+INNER_COMPILERS = ("inductor", "aot_eager", "eager")
+
+
+class OptionsError(ValueError):
+    """Bad backend options; the message lists what is valid."""
+
+
+@dataclass
+class BackendOptions:
+    """Parsed, validated backend options."""
+
+    policy: Policy = field(default_factory=lambda: POLICIES["static"]())
+    inner: str = "inductor"
+    lowering: str = "auto"
+    validate: bool = True
+    stats: bool = False
+    #: torch.compile's ``mode`` (forwarded to Inductor).
+    mode: str | None = None
+
+    _BACKEND_KEYS = ("policy", "inner", "lowering", "validate", "stats")
+
+    @classmethod
+    def parse(cls, options: Mapping[str, Any] | None, mode: str | None = None) -> "BackendOptions":
+        """Validate a user's options dict; raise :class:`OptionsError` naming the problem."""
+        options = dict(options or {})
+        policy = options.pop("policy", "static")
+        backend = {key: options.pop(key) for key in list(options) if key in cls._BACKEND_KEYS}
+        if isinstance(policy, Policy):
+            if options:
+                raise OptionsError(
+                    f"unknown option(s) {', '.join(map(repr, sorted(options)))}: a policy object carries its own "
+                    f"parameters; valid options: {', '.join(cls._BACKEND_KEYS)}"
+                )
+        elif isinstance(policy, str):
+            if policy not in POLICIES:
+                raise OptionsError(f"unknown policy {policy!r}; valid policies: {', '.join(sorted(POLICIES))}")
+            valid_params = {f.name for f in dataclasses.fields(POLICIES[policy]) if f.init}
+            unknown = sorted(set(options) - valid_params)
+            if unknown:
+                raise OptionsError(
+                    f"unknown option(s) {', '.join(map(repr, unknown))} for policy {policy!r}; valid options: "
+                    f"{', '.join(cls._BACKEND_KEYS)}"
+                    + (f" and the policy's parameters {', '.join(sorted(valid_params))}" if valid_params else "")
+                )
+            try:
+                policy = make_policy(policy, **options)
+            except PolicyError as error:
+                raise OptionsError(str(error)) from None
+        else:
+            raise OptionsError(f"option 'policy' must be a policy name or a Policy object, got {type(policy).__name__}")
+        inner = backend.get("inner", "inductor")
+        if inner not in INNER_COMPILERS:
+            raise OptionsError(f"unknown inner compiler {inner!r}; valid: {', '.join(INNER_COMPILERS)}")
+        lowering = backend.get("lowering", "auto")
+        if lowering not in LOWERINGS:
+            raise OptionsError(f"unknown lowering {lowering!r}; valid: {', '.join(LOWERINGS)}")
+        for flag in ("validate", "stats"):
+            if flag in backend and not isinstance(backend[flag], bool):
+                raise OptionsError(f"option {flag!r} must be True or False, got {backend[flag]!r}")
+        return cls(
+            policy=policy,
+            inner=inner,
+            lowering=lowering,
+            validate=backend.get("validate", True),
+            stats=backend.get("stats", False),
+            mode=mode,
+        )

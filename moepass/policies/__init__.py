@@ -1,0 +1,30 @@
+"""Routing policies: how many experts each token keeps.
+
+See :mod:`moepass.policies.base` for the interface and
+:mod:`moepass.routing` for how every policy composes with every router kind.
+"""
+
+from moepass.policies.base import POLICIES, Policy, PolicyError, ResolvedPolicy, Static, register_policy
+
+__all__ = ["POLICIES", "Policy", "PolicyError", "ResolvedPolicy", "Static", "register_policy", "make_policy"]
+
+
+def make_policy(name: str, **params) -> Policy:
+    """Build the policy called ``name`` from its parameters; errors list what is valid."""
+    import dataclasses
+
+    try:
+        cls = POLICIES[name]
+    except KeyError:
+        raise PolicyError(f"unknown policy {name!r}; valid policies: {', '.join(sorted(POLICIES))}") from None
+    valid = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(params) - valid)
+    if unknown:
+        raise PolicyError(
+            f"unknown parameter(s) {', '.join(map(repr, unknown))} for policy {name!r}; "
+            f"valid: {', '.join(sorted(valid)) or '(none)'}"
+        )
+    try:
+        return cls(**params)
+    except TypeError as error:
+        raise PolicyError(f"policy {name!r}: {error}") from None

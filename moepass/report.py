@@ -1,0 +1,254 @@
+"""What the backend found and did, per compiled model.
+
+Every graph the backend compiles adds its blocks to the report of the model it
+belongs to (graphs of one model share its parameters; a recompile for new
+shapes replaces the entries of the blocks it covers).  ``moepass.last_report()``
+is the report most recently added to; ``moepass.report(model)`` finds the one
+of a given (compiled or original) model.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from moepass.spec import MoEBlockSpec
+from moepass.stats import BlockStats, routing_stats
+
+__all__ = ["BlockReport", "Report", "last_report", "report", "record_graph"]
+
+
+@dataclass
+class BlockReport:
+    """One MoE block: what was found and whether it was rewritten."""
+
+    path: str
+    router: str
+    dispatch: str
+    num_experts: int | None
+    top_k: int | None
+    rewritten: bool
+    reason: str = ""
+    #: Human description of the router (``softmax→top2→renorm``).
+    router_description: str = ""
+    shared_experts: list[str] = field(default_factory=list)
+    policy: str = ""
+    spec: MoEBlockSpec | None = None
+    #: Max relative error of the rewrite against the original block (static
+    #: routing, random inputs), when validated.
+    validation_error: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def display_path(self) -> str:
+        """The path, or ``<root>`` for a block compiled on its own."""
+        return self.path or "<root>"
+
+
+@dataclass
+class Report:
+    """The blocks of one compiled model."""
+
+    blocks: list[BlockReport] = field(default_factory=list)
+    policy: str = "static"
+    inner: str = "inductor"
+    lowering: str = "auto"
+    graphs: int = 0
+    #: The model's parameters (weakly held), to find the report of a model.
+    _params: "weakref.WeakValueDictionary[int, torch.Tensor]" = field(
+        default_factory=weakref.WeakValueDictionary, repr=False
+    )
+
+    @property
+    def rewritten(self) -> list[BlockReport]:
+        """Blocks that now run through moepass ops."""
+        return [b for b in self.blocks if b.rewritten]
+
+    @property
+    def not_rewritten(self) -> list[BlockReport]:
+        """Blocks left exactly as they were."""
+        return [b for b in self.blocks if not b.rewritten]
+
+    def stats(self) -> dict[str, BlockStats]:
+        """Run-time routing statistics of this model's blocks (needs ``stats=True``)."""
+        paths = {b.path for b in self.blocks}
+        return {path: s for path, s in routing_stats().items() if path in paths}
+
+    def block(self, path: str) -> BlockReport:
+        """The entry for ``path``."""
+        for entry in self.blocks:
+            if entry.path == path:
+                return entry
+        raise KeyError(f"no MoE block {path!r}; blocks: {[b.path for b in self.blocks]}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready summary."""
+        return {
+            "policy": self.policy,
+            "inner": self.inner,
+            "lowering": self.lowering,
+            "graphs": self.graphs,
+            "blocks": [
+                {
+                    "path": b.path,
+                    "router": b.router,
+                    "router_description": b.router_description,
+                    "dispatch": b.dispatch,
+                    "num_experts": b.num_experts,
+                    "top_k": b.top_k,
+                    "rewritten": b.rewritten,
+                    "reason": b.reason,
+                    "shared_experts": b.shared_experts,
+                    "policy": b.policy,
+                    "validation_error": b.validation_error,
+                    "notes": b.notes,
+                }
+                for b in self.blocks
+            ],
+        }
+
+    def __str__(self) -> str:
+        header = ("block", "router", "dispatch", "E", "k", "rewritten", "why not / notes")
+        stats = self.stats()
+        rows = []
+        for b in self.blocks:
+            why = b.reason if not b.rewritten else "; ".join(b.notes)
+            if b.path in stats and stats[b.path].tokens:
+                s = stats[b.path]
+                why = (why + "; " if why else "") + f"avg k {s.average_k:.2f} over {s.tokens} tokens"
+            rows.append(
+                (
+                    b.display_path,
+                    b.router_description or b.router,
+                    b.dispatch,
+                    "" if b.num_experts is None else str(b.num_experts),
+                    "" if b.top_k is None else str(b.top_k),
+                    "yes" if b.rewritten else "no",
+                    why,
+                )
+            )
+        widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header) - 1)]
+        lines = [
+            f"moepass report: {len(self.rewritten)}/{len(self.blocks)} MoE blocks rewritten, "
+            f"policy {self.policy}, lowering {self.lowering}, inner {self.inner}, {self.graphs} graph(s)"
+        ]
+        if not self.blocks:
+            lines.append("(no MoE block found: the graph was passed on unchanged)")
+            return "\n".join(lines)
+
+        def fmt(row):
+            cells = [str(c).ljust(w) for c, w in zip(row, widths)]
+            return "  ".join(cells + [str(row[-1])]).rstrip()
+
+        lines.append(fmt(header))
+        lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 16)
+        lines.extend(fmt(r) for r in rows)
+        return "\n".join(lines)
+
+
+_lock = threading.Lock()
+_reports: list[Report] = []
+_latest: list[Report] = []
+#: id(torch.compile wrapper) → (weak reference to it, its report)
+_by_session: dict[int, tuple[weakref.ref, Report]] = {}
+
+
+def _session_report(session: object) -> Report | None:
+    entry = _by_session.get(id(session))
+    if entry is not None and entry[0]() is session:
+        return entry[1]
+    return None
+
+
+def _shares_params(report_: Report, params: list[torch.Tensor]) -> bool:
+    held = report_._params
+    return any(held.get(id(p)) is p for p in params)
+
+
+def _compile_session() -> object | None:
+    """The ``torch.compile`` wrapper whose backend call we are in, if any.
+
+    Every graph of one ``torch.compile(model, backend=...)`` (graph breaks,
+    recompiles) is compiled through the same wrapper object, which calls the
+    backend; finding it on the stack groups those graphs into one report.
+    """
+    wrapper_type = getattr(torch, "_TorchCompileWrapper", None)
+    frame = sys._getframe(1)
+    for _ in range(12):
+        if frame is None:
+            break
+        candidate = frame.f_locals.get("self")
+        if wrapper_type is not None and isinstance(candidate, wrapper_type):
+            return candidate
+        frame = frame.f_back
+    return None
+
+
+def record_graph(blocks: list[BlockReport], params: list[torch.Tensor], policy: str, inner: str, lowering: str) -> Report:
+    """Add one compiled graph's blocks to the report of the model it belongs to.
+
+    Graphs compiled by the same ``torch.compile`` call share a report; without
+    one on the stack (the backend called directly), a graph joins the report
+    that already holds one of its parameters.
+    """
+    session = _compile_session()
+    with _lock:
+        target = _session_report(session) if session is not None else None
+        if target is None and session is None and params:
+            for existing in reversed(_reports):
+                if existing.policy == policy and _shares_params(existing, params):
+                    target = existing
+                    break
+        if target is None:
+            target = Report(policy=policy, inner=inner, lowering=lowering)
+            _reports.append(target)
+            del _reports[:-64]  # keep memory bounded in long sessions
+            if session is not None:
+                for key in [k for k, (ref, _) in _by_session.items() if ref() is None]:
+                    del _by_session[key]
+                _by_session[id(session)] = (weakref.ref(session), target)
+        for p in params:
+            target._params[id(p)] = p
+        target.graphs += 1
+        for entry in blocks:
+            target.blocks = [b for b in target.blocks if b.path != entry.path]
+            target.blocks.append(entry)
+        target.blocks.sort(key=lambda b: _natural_key(b.path))
+        _latest[:] = [target]
+        return target
+
+
+def _natural_key(path: str) -> list:
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in path.split(".")]
+
+
+def last_report() -> Report | None:
+    """The report of the model the backend compiled most recently (None before any compile)."""
+    with _lock:
+        return _latest[0] if _latest else None
+
+
+def report(model: Any) -> Report:
+    """The report of ``model`` (a module compiled with the backend, or its original).
+
+    Raises:
+        LookupError: the model was not compiled with ``backend="adaptive_moe"``
+            or has not run yet (dynamo compiles on the first call).
+    """
+    module = getattr(model, "_orig_mod", model)
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"report() takes a torch.nn.Module, got {type(model).__name__}")
+    params = list(module.parameters())
+    with _lock:
+        for existing in reversed(_reports):
+            if _shares_params(existing, params):
+                return existing
+    raise LookupError(
+        "no moepass report for this model: compile it with torch.compile(model, backend='adaptive_moe') "
+        "and call it once (compilation happens on the first call)"
+    )

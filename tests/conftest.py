@@ -1,0 +1,55 @@
+"""Shared fixtures: a recording backend that runs the moepass pipeline, and resets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moepass
+from moepass.backend import optimize_graph
+from moepass.dataflow import op_name
+from moepass.options import BackendOptions
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+class Recorder:
+    """A backend that runs moepass's passes and keeps every rewritten graph."""
+
+    def __init__(self, **options):
+        self.options = BackendOptions.parse({"inner": "eager", **options})
+        self.graphs: list[torch.fx.GraphModule] = []
+        self.reports = []
+
+    def __call__(self, gm, example_inputs):
+        gm, blocks = optimize_graph(gm, example_inputs, self.options)
+        self.graphs.append(gm)
+        self.reports.append(blocks)
+        return gm.forward
+
+    def ops(self) -> list[str]:
+        """Op names of every call in every recorded graph."""
+        return [op_name(n) for g in self.graphs for n in g.graph.nodes if n.op in ("call_function", "call_method")]
+
+
+@pytest.fixture
+def recorder():
+    return Recorder
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Max relative error against the expected tensor's scale."""
+    return float((actual.double() - expected.double()).abs().max() / expected.double().abs().max())
+
+
+def token_ids(batch: int, length: int, seed: int = 0, vocab: int = 128) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+__all__ = ["Recorder", "rel_err", "token_ids", "moepass"]

@@ -1,0 +1,26 @@
+"""transformers' eager experts graph-break inside the loop: the router alone is rewritten."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import Recorder, rel_err, token_ids
+from moepass.zoo import tiny_model
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss"])
+def test_router_only_rewrite(family):
+    model = tiny_model(family, "eager")
+    rec = Recorder()
+    compiled = torch.compile(model, backend=rec)
+    ids = token_ids(2, 7)
+    with torch.no_grad():
+        assert rel_err(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits) <= 1e-5
+    blocks = [b for graph in rec.reports for b in graph]
+    assert len(blocks) == 1  # the block's own frame, compiled once and shared by every layer
+    (block,) = blocks
+    assert block.rewritten and block.dispatch == "eager_loop"
+    assert "router only" in block.notes[0]
+    ops = rec.ops()
+    assert ops.count("moepass::route") == 1 and "moepass::experts" not in ops and "topk" not in ops
