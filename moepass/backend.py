@@ -28,10 +28,12 @@ import torch.fx as fx
 from moepass.dataflow import Dataflow
 from moepass.detect import BlockMatch, BlockRejection, find_moe_blocks
 from moepass.detect.common import Mismatch
+from moepass.detect.region import block_region
 from moepass.options import BackendOptions
 from moepass.policies import PolicyError
 from moepass.report import BlockReport, Report, record_graph
 from moepass.rewrite import apply_rewrite, plan_rewrite, validate_rewrite
+from moepass.subgraph import extract
 from moepass.validate import example_env, tolerance_for
 from moepass.dataflow import example_value
 
@@ -86,6 +88,7 @@ def optimize_graph(
             resolved = options.policy.resolve(item.spec)
         except PolicyError as error:
             raise PolicyError(f"policy {policy_name} does not fit block {entry.display_path}: {error}") from None
+        entry.graph_before = _region_graph(item, flow)
         plan = plan_rewrite(item, resolved, options.lowering, options.stats, env)
         if options.validate:
             try:
@@ -104,11 +107,12 @@ def optimize_graph(
                 logger.warning("moepass: left %s as it was: %s", entry.display_path, entry.reason)
                 continue
         try:
-            apply_rewrite(gm, flow, plan)
+            inserted = apply_rewrite(gm, flow, plan)
         except Mismatch as failure:
             entry.reason = str(failure)
             continue
         entry.rewritten = True
+        entry.graph_after = extract(inserted, [inserted[-1]])
         if item.experts is None:
             entry.notes.append("router only: the experts loop graph-broke and skips the empty-slot id E")
         elif item.spec.experts.stacked_from_modules:
@@ -119,6 +123,19 @@ def optimize_graph(
     gm.graph.lint()
     gm.recompile()
     return gm, reports
+
+
+def _region_graph(item: BlockMatch, flow: Dataflow) -> fx.Graph | None:
+    """The block's original nodes as a standalone graph (for reports)."""
+    if item.region is not None:
+        return extract(item.region.nodes, [item.region.combine])
+    router = item.router
+    outputs = [router.ids, router.weights_end]
+    try:
+        region = block_region(flow, router.weights_end, router.x_base, router.ids)
+    except Mismatch:
+        return None
+    return extract(region.nodes, outputs)
 
 
 def compile_inner(gm: fx.GraphModule, example_inputs: list[Any], options: BackendOptions) -> Callable:

@@ -43,6 +43,10 @@ class BlockReport:
     #: routing, random inputs), when validated.
     validation_error: float | None = None
     notes: list[str] = field(default_factory=list)
+    #: The block's region as found (a standalone graph; see :mod:`moepass.subgraph`).
+    graph_before: Any = field(default=None, repr=False)
+    #: The nodes that replaced it, when rewritten.
+    graph_after: Any = field(default=None, repr=False)
 
     @property
     def display_path(self) -> str:
