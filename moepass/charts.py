@@ -94,7 +94,7 @@ def layers_png(paths: Sequence[str], runs: Sequence[BlockRun]) -> bytes | None:
     axes.set_ylim(0, max([r.native_k for r in runs] + averages) * 1.45)
     axes.spines[["top", "right"]].set_visible(False)
     axes.legend(fontsize=8, loc="upper right", ncols=2, frameon=False)
-    axes.set_title("average k per layer (labels: expert FLOPs against static)", fontsize=9)
+    axes.set_title("average k per layer", fontsize=9)
     return _png(figure)
 
 

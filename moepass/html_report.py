@@ -240,7 +240,8 @@ def render_html(inspection: InspectionReport, show_progress: bool = True) -> str
     overview = layers_png([b.display_path for b in measured], [inspection.runs[b.path] for b in measured])
     overview_html = (
         f'<figure class="overview"><img class="chart layers-chart" alt="average k per layer" '
-        f'src="{_png_uri(overview)}"></figure>'
+        f'src="{_png_uri(overview)}"><figcaption>Bars: average experts per token in each layer; orange: the '
+        "model's own k; labels: expert FLOPs against static (the model's k for every token).</figcaption></figure>"
         if overview
         else ""
     )

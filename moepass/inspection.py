@@ -325,6 +325,7 @@ def inspect(
     policy: str | Policy = "static",
     *,
     inner: str = "eager",
+    fullgraph: bool = False,
     **backend_options: Any,
 ) -> InspectionReport:
     """Compile ``model`` with the ``adaptive_moe`` backend, run the example, and report.
@@ -340,6 +341,8 @@ def inspect(
         policy: a policy name or a :class:`~moepass.policies.Policy`.
         inner: the compiler for the rest of the graph (default ``"eager"``:
             inspection is about the rewrite, not the speed of the rest).
+        fullgraph: passed to ``torch.compile`` (hand-written MoE loops need
+            it to stay in one graph).
         **backend_options: further backend options or the named policy's
             parameters (``p=0.4``), as in ``torch.compile(options=...)``.
 
@@ -358,7 +361,7 @@ def inspect(
     options = {**backend_options, "policy": policy, "inner": inner, "stats": True}
     BackendOptions.parse(options)  # fail with the backend's own message before compiling
     args, kwargs = _split_example(example_inputs)
-    compiled = torch.compile(model, backend=adaptive_moe, options=options)
+    compiled = torch.compile(model, backend=adaptive_moe, options=options, fullgraph=fullgraph)
     previous = last_report()
     reset_stats()
     started = time.perf_counter()
