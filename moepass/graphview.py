@@ -232,7 +232,8 @@ def _draw_matplotlib(graph: nx.DiGraph, title: str, note: str) -> Drawing:
         members = [n for n in graph.nodes if layer[n] == d]
         for i, name in enumerate(members):
             positions[name] = ((i + 0.5) / len(members) * width, -d)
-    figure = Figure(figsize=(min(2.2 + 2.0 * width, 16), min(0.9 + 0.62 * depth, 40)), dpi=90)
+    # about 1.5 in per node side by side and 0.55 in per layer keeps 8-pt labels legible at column width
+    figure = Figure(figsize=(min(1.0 + 1.5 * width, 14), min(0.8 + 0.55 * depth, 40)), dpi=100)
     axes = figure.add_axes((0, 0, 1, 0.97 if title else 1))
     axes.set_axis_off()
     axes.set_xlim(-0.2, width + 0.2)
@@ -247,7 +248,7 @@ def _draw_matplotlib(graph: nx.DiGraph, title: str, note: str) -> Drawing:
             data.get("label", name),
             ha="center",
             va="center",
-            fontsize=7,
+            fontsize=8,
             fontweight="bold" if kind in ("moepass", "dispatch") else "normal",
             bbox=dict(boxstyle="round,pad=0.3", facecolor=COLORS[kind], edgecolor=_BORDERS[kind]),
         )
