@@ -26,6 +26,7 @@ if _os.path.isfile(_os.path.join(_source_root, "lowering", "__init__.py")) and n
 
 from moepass import ops as _ops  # noqa: F401  (registers torch.ops.moepass.*)
 from moepass import policies
+from moepass.calibrate import calibrate
 from moepass.inspection import InspectionReport, inspect
 from moepass.options import BackendOptions, OptionsError
 from moepass.policies import Policy, PolicyError
@@ -36,6 +37,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendOptions",
+    "calibrate",
     "BlockReport",
     "ExpertsSpec",
     "InspectionReport",
