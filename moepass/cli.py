@@ -90,8 +90,9 @@ def _load_policy_file(directory: str):
     try:
         return load(path)
     except Exception as error:  # whatever the file holds, the user gets one line
-        first = (str(error).strip().splitlines() or [""])[0]
-        raise ValueError(f"policy file {path} does not parse: {first or type(error).__name__}") from None
+        first = (str(error).strip().splitlines() or [""])[0] or type(error).__name__
+        where = "" if str(path) in first else f" {path}"  # the policy's own errors name the file already
+        raise ValueError(f"cannot load the policy file{where}: {first}") from None
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:

@@ -28,7 +28,6 @@ from moepass.cli import main, parse_policy_params
 from moepass.graphview import draw, readable_code, to_networkx
 from moepass.html_report import REPORT_FILES, render_html, write_report
 from moepass.inspection import BlockRun, InspectionReport
-from moepass.policies import Policy
 from moepass.report import Report
 from moepass.zoo import tiny_config, tiny_model
 
@@ -40,12 +39,15 @@ def _example(batch: int = TOKENS[0], length: int = TOKENS[1]) -> dict:
     return {"input_ids": token_ids(batch, length), "use_cache": False}
 
 
+POLICY = {"policy": "top_p", "p": 0.4}
+
+
 @pytest.fixture(scope="module")
 def mixtral() -> tuple[torch.nn.Module, InspectionReport]:
-    """A 2-layer tiny Mixtral (grouped_mm experts) inspected once, static policy."""
+    """A 2-layer tiny Mixtral (grouped_mm experts) inspected once under top_p(p=0.4)."""
     torch._dynamo.reset()
     model = tiny_model("mixtral")
-    return model, moepass.inspect(model, _example())
+    return model, moepass.inspect(model, _example(), **POLICY)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +61,7 @@ def mixtral_html(mixtral, tmp_path_factory) -> Path:
 
 def test_lists_the_same_blocks_as_the_backends_own_report(mixtral):
     model, inspection = mixtral
-    fast = torch.compile(model, backend="adaptive_moe", options={"inner": "eager"})
+    fast = torch.compile(model, backend="adaptive_moe", options={"inner": "eager", **POLICY})
     with torch.no_grad():
         fast(**_example())
     own = moepass.report(fast)
@@ -73,22 +75,53 @@ def test_lists_the_same_blocks_as_the_backends_own_report(mixtral):
     assert text.count("softmax_topk (softmax→top2→renorm)") == 2
     assert text.count("dispatch  grouped_mm → moepass.route + moepass.experts") == 2
     assert "4 routed (gated silu, [E,out,in]); native k 2" in text
-    assert "shared    none" in text and "policy static()" in text
+    assert "shared    none" in text and "policy top_p(p=0.4" in text
 
 
-def test_static_policy_numbers_count_exactly_the_example(mixtral):
-    _, inspection = mixtral
+def _first_block_tokens_per_k(model: torch.nn.Module, p: float) -> list[int]:
+    """Tokens per k of top_p in the first block, from eager router logits and the plain-Python reference.
+
+    Only the first block: its input is the same with and without the pass;
+    later blocks see what the adaptive layers before them computed.
+    """
+    from reference_routing import Router, route_token
+
+    mlp = model.model.layers[0].mlp
+    seen: list[torch.Tensor] = []
+    hook = mlp.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    try:
+        with torch.no_grad():
+            model(**_example())
+    finally:
+        hook.remove()
+    x = seen[0].reshape(-1, seen[0].shape[-1])
+    logits = (x.double() @ mlp.gate.weight.double().T).tolist()
+    router = Router("softmax_topk", num_experts=4, top_k=2, renormalize=True)
+    counts = [0, 0, 0]
+    for row in logits:
+        ids, _, margins = route_token(row, router, "top_p", {"p": p})
+        assert min(abs(m) for m in margins) > 1e-5, "a token sits on the threshold: pick another seed"
+        counts[sum(1 for e in ids if e < 4)] += 1
+    return counts
+
+
+def test_numbers_follow_the_routing(mixtral):
+    model, inspection = mixtral
     tokens = TOKENS[0] * TOKENS[1]
+    assert inspection.runs["model.layers.0.mlp"].tokens_per_k == _first_block_tokens_per_k(model, POLICY["p"])
     assert sorted(inspection.runs) == ["model.layers.0.mlp", "model.layers.1.mlp"]
     for run in inspection.runs.values():
-        assert run.tokens_per_k == [0, 0, tokens]
-        assert run.average_k == 2.0 and run.relative_flops == 1.0 and run.saved == 0.0
-        assert run.expert_flops == tokens * 2 * 6 * 64 * 128  # gated: 6·H·I per token and expert
-    assert inspection.relative_flops == 1.0
+        assert run.tokens == tokens and 0 < run.tokens_per_k[1] < tokens  # adaptive: some tokens kept one expert
+        assert run.average_k == pytest.approx((run.tokens_per_k[1] + 2 * run.tokens_per_k[2]) / tokens)
+        assert run.relative_flops == pytest.approx(run.average_k / 2) and run.saved > 0
+        assert run.expert_flops == run.slots * 6 * 64 * 128  # gated: 6·H·I per token and expert
     text = str(inspection)
-    assert f"{tokens} tokens, average k 2.00 (native 2)" in text
-    assert f"k=0: 0  k=1: 0  k=2: {tokens}" in text
-    assert "100.0% of static expert FLOPs (0.0% saved)" in text
+    for path, run in inspection.runs.items():
+        assert f"{tokens} tokens, average k {run.average_k:.2f} (native 2)" in text
+        counts = run.tokens_per_k
+        assert f"k=0: {counts[0]}  k=1: {counts[1]}  k=2: {counts[2]}" in text
+        assert f"{run.relative_flops:.1%} of static expert FLOPs ({run.saved:.1%} saved)" in text
+    assert f"expert FLOPs: {inspection.relative_flops:.1%} of static" in text
 
 
 def test_block_numbers_from_counts():
@@ -102,18 +135,6 @@ def test_block_numbers_from_counts():
     inspection = InspectionReport(report=Report(), runs={"a": run, "b": big})
     assert inspection.relative_flops == pytest.approx((130 + 1000) / (200 + 2000))
     assert BlockRun("c", 2, 4, [0, 0, 0]).relative_flops == 1.0  # no tokens: nothing saved
-
-
-def test_adaptive_policy_numbers_follow_the_routing():
-    if "top_p" not in moepass.policies.POLICIES:
-        pytest.skip("the top_p policy is not in this build yet")
-    model = tiny_model("mixtral")
-    inspection = moepass.inspect(model, _example(), policy="top_p", p=0.4)
-    assert len(inspection.runs) == 2
-    for run in inspection.runs.values():
-        assert run.tokens == TOKENS[0] * TOKENS[1] and run.tokens_per_k[1] > 0  # some tokens kept one expert
-        assert run.average_k < 2 and run.relative_flops == pytest.approx(run.average_k / 2)
-    assert "top_p(" in inspection.policy and "saved" in str(inspection)
 
 
 def test_block_left_alone_is_listed_with_its_reason():
@@ -163,6 +184,7 @@ def test_batched_mm_dispatch_is_replaced_too():
     inspection = moepass.inspect(model, _example(1, 6))
     (block,) = inspection.blocks
     assert block.dispatch == "batched_mm" and block.rewritten
+    assert inspection.runs[block.path].tokens_per_k == [0, 0, 6]  # static: native k for every token
     assert "bmm" in _ops(block.graph_before) and "bmm" not in _ops(block.graph_after)
     assert "moepass::experts" in _ops(block.graph_after)
 
@@ -204,7 +226,7 @@ def test_report_without_graphviz_or_matplotlib_still_renders(mixtral, monkeypatc
 # --- the HTML page ---------------------------------------------------------------------------
 
 
-def test_html_is_self_contained(mixtral_html):
+def test_html_is_self_contained(mixtral, mixtral_html):
     page = (mixtral_html / "index.html").read_text(encoding="utf-8")
     references = re.findall(r"""\b(?:src|href)\s*=\s*["']([^"']*)""", page)
     assert references and all(r.startswith(("data:image/", "#")) for r in references), references
@@ -219,7 +241,8 @@ def test_html_is_self_contained(mixtral_html):
         assert f'data-path="{block}"' in page and f'class="chart k-chart" data-block="{block}"' in page
     written = json.loads((mixtral_html / "report.json").read_text())
     assert [b["path"] for b in written["blocks"]] == ["model.layers.0.mlp", "model.layers.1.mlp"]
-    assert written["blocks"][0]["run"]["tokens_per_k"] == [0, 0, TOKENS[0] * TOKENS[1]]
+    assert written["blocks"][0]["run"]["tokens_per_k"] == mixtral[1].runs["model.layers.0.mlp"].tokens_per_k
+    assert written["policy"].startswith("top_p(p=0.4") and written["relative_expert_flops"] < 1
     assert "moepass.experts" in written["blocks"][0]["code_after"]
     assert (mixtral_html / "report.txt").read_text().startswith("moepass inspection of MixtralForCausalLM")
 
@@ -341,10 +364,10 @@ def test_cli_bad_policy_file(tmp_path, capsys):
     (folder / "policy.json").write_text("{this is not json")
     code, _, err = _run_cli(capsys, "--model", "zoo:mixtral", "--policy-file", str(folder), "--out", str(tmp_path / "o"))
     assert code == 2
-    if hasattr(Policy, "load"):
-        assert re.search(r"policy file .*policy does not parse: ", _one_error_line(err))
-    else:
-        assert "loading a saved policy (--policy-file) is not available in this build" in _one_error_line(err)
+    assert re.search(r"cannot load the policy file: .*policy\.json: does not parse", _one_error_line(err)), err
+    moepass.policies.make_policy("top_p", p=0.5).save(folder)
+    code, _, err = _run_cli(capsys, "--model", "zoo:mixtral", "--policy-file", str(folder), "--p", "0.3", "--out", str(tmp_path / "o"))
+    assert code == 2 and "a saved policy carries its own parameters" in _one_error_line(err)
     code, _, err = _run_cli(capsys, "--model", "zoo:mixtral", "--policy-file", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
     assert code == 2 and "policy file" in _one_error_line(err) and "nope does not exist" in err
     assert not (tmp_path / "o").exists()
@@ -400,8 +423,9 @@ def test_cli_writes_the_report_from_a_config_json(tmp_path, capsys):
     assert "5 tokens" in (out / "report.txt").read_text()
 
 
-def test_cli_factory_with_its_own_example(tmp_path, capsys):
+def test_cli_factory_with_its_own_example_and_a_saved_policy(tmp_path, capsys):
     torch._dynamo.reset()
+    moepass.policies.make_policy("top_p", p=0.5).save(tmp_path / "policy")
     (tmp_path / "mine.py").write_text(
         textwrap.dedent(
             """
@@ -414,7 +438,11 @@ def test_cli_factory_with_its_own_example(tmp_path, capsys):
             """
         )
     )
-    code, stdout, err = _run_cli(capsys, "--model", f"{tmp_path / 'mine.py'}:make", "--out", str(tmp_path / "r"))
+    code, stdout, err = _run_cli(
+        capsys, "--model", f"{tmp_path / 'mine.py'}:make", "--policy-file", str(tmp_path / "policy"), "--out",
+        str(tmp_path / "r"),
+    )
     assert code == 0, err
-    assert "example: input_ids [1, 3]" in stdout and "3 tokens, average k 2.00" in stdout
+    assert "policy    top_p(p=0.5" in stdout
+    assert "example: input_ids [1, 3]" in stdout and "ran       3 tokens, average k" in stdout
     assert "Qwen3MoeForCausalLM" in (tmp_path / "r" / "index.html").read_text()
