@@ -321,6 +321,8 @@ def _bad_model_specs(tmp_path: Path) -> list[tuple[str, str]]:
     (tmp_path / "broken.json").write_text("{not json")
     (tmp_path / "no_type.json").write_text('{"hidden_size": 8}')
     (tmp_path / "unknown_type.json").write_text('{"model_type": "no_such_model_type"}')
+    huge = dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=16, num_local_experts=16)
+    (tmp_path / "huge.json").write_text(json.dumps({**tiny_config("mixtral").to_dict(), **huge}))  # ~720 GB
     (tmp_path / "models.py").write_text("def make():\n    raise RuntimeError('out of tea')\n\ndef not_a_model():\n    return 3\n")
     (tmp_path / "syntax.py").write_text("def make(:\n")
     return [
@@ -328,6 +330,7 @@ def _bad_model_specs(tmp_path: Path) -> list[tuple[str, str]]:
         (str(tmp_path / "broken.json"), "broken.json is not valid JSON"),
         (str(tmp_path / "no_type.json"), 'no_type.json has no "model_type"'),
         (str(tmp_path / "unknown_type.json"), "unknown_type.json: .*no_such_model_type"),
+        (str(tmp_path / "huge.json"), "huge.json describes .* GB of float32 weights, more than this machine can hold"),
         (f"{tmp_path / 'models.py'}:absent", "models.py has no function 'absent' \\(it has make, not_a_model\\)"),
         (f"{tmp_path / 'models.py'}:make", "make\\(\\) failed: RuntimeError: out of tea"),
         (f"{tmp_path / 'models.py'}:not_a_model", "returned int, not a torch.nn.Module"),
