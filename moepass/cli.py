@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -128,6 +129,58 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibration_batches(spec: str, model, count: int, tokens: int, batch: int, seed: int):
+    """Token batches to calibrate on: the bundled training split, else random ids."""
+    if spec == "bundled":
+        from moepass import bundled
+
+        return list(bundled.train_batches(seq_len=tokens, batch_size=batch, max_batches=count))
+    from moepass.modelspec import example_input_ids
+
+    print("note: calibrating on random token ids (only the bundled model has calibration text)", file=sys.stderr)
+    return [example_input_ids(model, tokens, batch, seed + i)["input_ids"] for i in range(count)]
+
+
+def _save_policy(policy, out: Path) -> None:
+    """Write the policy into a temporary folder beside ``out``, then move its files in."""
+    import shutil
+    import tempfile
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        policy.save(staging)
+        out.mkdir(exist_ok=True)
+        for name in ("policy.json", "policy.safetensors"):
+            if (staging / name).exists():
+                os.replace(staging / name, out / name)
+            elif (out / name).exists():
+                (out / name).unlink()
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from moepass.calibrate import CALIBRATABLE, calibrate
+    from moepass.html_report import check_output_dir
+    from moepass.modelspec import load_model
+
+    if args.policy not in CALIBRATABLE:
+        raise ValueError(f"--policy must be one of {', '.join(CALIBRATABLE)}, got {args.policy!r}")
+    params = parse_policy_params(args.policy_params)
+    out = check_output_dir(args.out)
+    loaded = load_model(args.model, seed=args.seed)
+    batches = _calibration_batches(args.model, loaded.model, args.batches, args.tokens, args.batch, args.seed)
+    started = time.perf_counter()
+    policy = calibrate(
+        loaded.model, batches, args.policy, target_avg_k=args.target_avg_k, flops_budget=args.flops_budget, **params
+    )
+    _save_policy(policy, out)
+    print(f"calibrated {policy.describe()} on {len(batches)} batches in {time.perf_counter() - started:.1f} s")
+    print(f"wrote {out / 'policy.json'}; use it with options={{'policy': moepass.policies.load_policy({str(out)!r})}}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``moepass`` command."""
     # no abbreviations: `--p 0.4` is top_p's parameter, not a prefix of --policy
@@ -161,6 +214,25 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--inner", default="eager", choices=["inductor", "aot_eager", "eager"],
                          help="compiler for the rest of the graph (default eager: fast)")
     inspect.set_defaults(run=_cmd_inspect, allows_extra=True)
+    calibrate = commands.add_parser(
+        "calibrate",
+        allow_abbrev=False,
+        help="fit a training-free policy's parameters to a target average k or FLOPs budget",
+        description="Run the model on calibration batches and fit the policy (threshold T, top-p p, AdapMoE "
+        "sensitivities F_l and T, or skip-ratio beta_l) to hit the target. Further --name value pairs are fixed "
+        "policy parameters (e.g. --k-max 2).",
+    )
+    calibrate.add_argument("--model", required=True, help="config.json, module.py:factory, 'bundled', or zoo:<family>")
+    calibrate.add_argument("--policy", required=True, help="threshold, top_p, sensitivity or skip_ratio")
+    target = calibrate.add_mutually_exclusive_group()
+    target.add_argument("--target-avg-k", type=float, help="average experts per token to aim for")
+    target.add_argument("--flops-budget", type=float, help="expert FLOPs as a fraction of static (0.75 = 25%% fewer)")
+    calibrate.add_argument("--out", required=True, metavar="DIR", help="folder for policy.json (+ tensors)")
+    calibrate.add_argument("--batches", type=int, default=16, help="calibration batches (default 16)")
+    calibrate.add_argument("--tokens", type=int, default=128, help="tokens per sequence (default 128)")
+    calibrate.add_argument("--batch", type=int, default=4, help="sequences per batch (default 4)")
+    calibrate.add_argument("--seed", type=int, default=0, help="seed of random weights and ids")
+    calibrate.set_defaults(run=_cmd_calibrate, allows_extra=True)
     return parser
 
 
