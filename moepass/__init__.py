@@ -6,6 +6,7 @@
     fast(input_ids)
     print(moepass.report(fast))
     print(moepass.inspect(model, example, policy="top_p", p=0.4))   # + .save("report/")
+    moepass.export_onnx(model, (input_ids,), "model.onnx", policy="top_p", p=0.4)  # ONNX Runtime
 
 Importing this package registers the ``torch.ops.moepass`` operators; the
 backend itself is found by torch through the ``torch_dynamo_backends`` entry
@@ -27,6 +28,7 @@ if _os.path.isfile(_os.path.join(_source_root, "lowering", "__init__.py")) and n
 from moepass import ops as _ops  # noqa: F401  (registers torch.ops.moepass.*)
 from moepass import policies
 from moepass.calibrate import calibrate
+from moepass.export import OnnxExport, OnnxExportError, OnnxExportOptions, export_onnx
 from moepass.inspection import InspectionReport, inspect
 from moepass.options import BackendOptions, OptionsError
 from moepass.policies import Policy, PolicyError
@@ -38,6 +40,10 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendOptions",
     "calibrate",
+    "export_onnx",
+    "OnnxExport",
+    "OnnxExportError",
+    "OnnxExportOptions",
     "BlockReport",
     "ExpertsSpec",
     "InspectionReport",

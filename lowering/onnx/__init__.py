@@ -1,0 +1,48 @@
+"""ONNX export of rewritten MoE models: one ``moepass.AdaptiveMoE`` node per block.
+
+::
+
+    model ─► capture      one torch-level graph (torch._dynamo.export), the model's parameter names
+          ─► rewrite      moepass.backend.optimize_graph: detect, validate, route + experts ops
+          ─► fuse         route + experts → one opaque moepass.moe_block per block
+          ─► translate    torch.export → torch.onnx; moe_block ↦ moepass.AdaptiveMoE node
+          ─► functions    each node defined by a model-local function for the target:
+                            routing  = torch.onnx export of moepass.route (same code as torch)
+                            experts  = ort: k-buckets → com.microsoft.MoE(k) | portable: standard ops
+
+The public entry point is :func:`moepass.export_onnx`.
+"""
+
+from moepass.lowering.onnx.capture import (
+    CapturedModel,
+    capture_model,
+    default_dynamic_shapes,
+)
+from moepass.lowering.onnx.functions import (
+    FALLBACKS,
+    TARGETS,
+    BlockFunction,
+    block_nodes,
+    define_blocks,
+)
+from moepass.lowering.onnx.fuse import FusedBlock, fuse_blocks
+from moepass.lowering.onnx.translate import DOMAIN, OP_TYPE, to_onnx
+
+from moepass.export import OnnxExportError
+
+__all__ = [
+    "DOMAIN",
+    "FALLBACKS",
+    "OP_TYPE",
+    "TARGETS",
+    "BlockFunction",
+    "CapturedModel",
+    "FusedBlock",
+    "OnnxExportError",
+    "block_nodes",
+    "capture_model",
+    "default_dynamic_shapes",
+    "define_blocks",
+    "fuse_blocks",
+    "to_onnx",
+]

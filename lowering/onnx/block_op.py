@@ -1,0 +1,59 @@
+"""``moepass::moe_block``: one rewritten MoE block as a single opaque op, for export.
+
+::
+
+    moepass.moe_block(x, logits, route_tensors, w1, w2, b1, b2, route_config, experts_config)
+        == moepass.experts(x, *moepass.route(logits, x?, route_tensors, route_config), w1, w2, b1, b2, experts_config)
+
+``moepass.route`` is a composite op, so ``torch.export`` would decompose it
+into a few dozen aten ops spread over the graph.  Fused into this opaque op
+(with a fake implementation), each block survives ``torch.export`` as exactly
+one node, which the ONNX translation turns into one ``moepass.AdaptiveMoE``
+node.  Its eager implementation is the route op followed by the experts op,
+so the fused graph still computes what the rewritten graph computes.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from moepass.ops import parse_route_config
+
+__all__ = ["moe_block"]
+
+
+@torch.library.custom_op("moepass::moe_block", mutates_args=())
+def moe_block(
+    x: torch.Tensor,
+    logits: torch.Tensor,
+    route_tensors: list[torch.Tensor],
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    b1: Optional[torch.Tensor],
+    b2: Optional[torch.Tensor],
+    route_config: str,
+    experts_config: str,
+) -> torch.Tensor:
+    """Route the tokens of one block and run its experts.
+
+    Args:
+        x: [T, H] block input.
+        logits: [T, E] router logits.
+        route_tensors: the route op's tensors (correction bias, policy tensors).
+        w1, w2, b1, b2: the experts' weights, as the experts op takes them.
+        route_config: :class:`moepass.ops.RouteConfig` as JSON.
+        experts_config: :class:`moepass.ops.ExpertsConfig` as JSON.
+
+    Returns:
+        [T, H] in ``x.dtype``.
+    """
+    uses_x = parse_route_config(route_config).uses_x
+    ids, weights = torch.ops.moepass.route(logits, x if uses_x else None, route_tensors, route_config)
+    return torch.ops.moepass.experts(x, ids, weights, w1, w2, b1, b2, experts_config)
+
+
+@moe_block.register_fake
+def _moe_block_fake(x, logits, route_tensors, w1, w2, b1, b2, route_config, experts_config):
+    return torch.empty_like(x)

@@ -1,0 +1,271 @@
+"""Define every ``moepass.AdaptiveMoE`` node by a model-local function for a target.
+
+::
+
+    node  moepass.AdaptiveMoE(x, logits, *route tensors, w1, w2, b1?, b2?)   name = block path
+      │   overload = one variant per distinct (routing, experts, target)      e.g. "top_p.softmax_topk.ort.1"
+      ▼
+    function moepass.AdaptiveMoE:<overload>
+        ids, w = <routing: torch.onnx export of moepass.route for the block's config>
+        y      = <experts:  target "ort"      → k-buckets, each com.microsoft.MoE(k)
+                            target "portable" → standard ops (Loop over experts)>
+
+Blocks with the same configuration share a function.  Any ONNX runtime can
+inline the function (ONNX Runtime does so when it loads the model); tools
+show one node per block, with its block path as the node name and the
+configuration in the node's metadata.  For target ``ort``, experts that
+``com.microsoft.MoE`` cannot run exactly (gated gelu, gelu) use the portable
+computation inside that function, or fail when asked to.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+
+import onnx
+from moepass.lowering.onnx.builder import NodeBuilder
+from moepass.lowering.onnx.experts_ort import (
+    ORT_DOMAIN,
+    ort_experts,
+    unsupported_reason,
+)
+from moepass.lowering.onnx.experts_portable import portable_experts
+from moepass.lowering.onnx.routing_graph import routing_graph, splice
+from moepass.lowering.onnx.translate import DOMAIN, OP_TYPE
+from onnx import helper
+
+from moepass.export import OnnxExportError
+from moepass.ops import RouteConfig, parse_experts_config, parse_route_config
+from moepass.spec import ExpertsSpec
+
+__all__ = ["FALLBACKS", "TARGETS", "BlockFunction", "block_nodes", "define_blocks"]
+
+logger = logging.getLogger(__name__)
+
+TARGETS = ("ort", "portable")
+#: What target "ort" does with experts com.microsoft.MoE cannot run exactly.
+FALLBACKS = ("portable", "error")
+
+
+@dataclass(frozen=True)
+class BlockFunction:
+    """How one block was exported."""
+
+    #: Module path of the block (also the ONNX node's name).
+    path: str
+    #: The function's overload name (op type ``moepass.AdaptiveMoE``).
+    overload: str
+    #: The routing rule and its parameters, e.g. ``top_p(p=0.4)``.
+    routing: str
+    #: How the experts run: ``com.microsoft.MoE (k=1..2)`` or ``standard ops``.
+    experts: str
+    #: Why a target-"ort" block runs its experts in standard ops, else "".
+    fallback_reason: str = ""
+
+
+def block_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The ``moepass.AdaptiveMoE`` nodes of the main graph."""
+    return [n for n in model.graph.node if n.domain == DOMAIN and n.op_type == OP_TYPE]
+
+
+def _attribute(node: onnx.NodeProto, name: str) -> str:
+    for attr in node.attribute:
+        if attr.name == name:
+            return attr.s.decode()
+    raise OnnxExportError(f"node {node.name}: missing attribute {name!r} (not made by moepass?)")
+
+
+def _value_types(model: onnx.ModelProto) -> dict[str, tuple[int, tuple]]:
+    """Element type and shape of every typed value of the main graph."""
+    types: dict[str, tuple[int, tuple]] = {}
+    for info in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
+        tensor = info.type.tensor_type
+        shape = tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in tensor.shape.dim)
+        types[info.name] = (tensor.elem_type, shape)
+    for init in model.graph.initializer:
+        types[init.name] = (init.data_type, tuple(init.dims))
+    for node in model.graph.node:  # constants torch.onnx left as nodes
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    types[node.output[0]] = (attr.t.data_type, tuple(attr.t.dims))
+    return types
+
+
+def _type_of(types: dict, name: str, node: onnx.NodeProto) -> tuple[int, tuple]:
+    if name not in types:
+        raise OnnxExportError(f"block {node.name}: the type of its input {name!r} is unknown")
+    return types[name]
+
+
+def _without_block(route: RouteConfig) -> str:
+    return dataclasses.replace(route, block="").to_json()
+
+
+def _k_bounds(route: RouteConfig) -> tuple[int, int]:
+    """(k_min, k_max) as :func:`moepass.routing.route` applies them."""
+    k_min = route.k_min if route.k_min is not None else (route.depth if route.rule == "static" else 0)
+    return k_min, route.depth
+
+
+def _describe_rule(route: RouteConfig) -> str:
+    if route.rule == "static":
+        return f"static (k={route.depth})"
+    params = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(route.params.items()))
+    bounds = f" k∈[{route.k_min},{route.k_max}]" if route.rule != "static" else ""
+    return f"{route.rule}({params}){bounds}"
+
+
+def _describe_experts(route: RouteConfig, spec: ExpertsSpec, use_ort: bool) -> str:
+    if not use_ort:
+        return "standard ops"
+    if spec.weight_on_input:
+        return "com.microsoft.MoE (k=1 per slot: weight on the input)"
+    k_min, k_max = _k_bounds(route)
+    k_low = max(k_min, 1)
+    return f"com.microsoft.MoE (k={k_low}..{k_max})" if k_low < k_max else f"com.microsoft.MoE (k={k_max})"
+
+
+class _Definer:
+    """Builds (and shares) the function of each block variant."""
+
+    def __init__(self, model: onnx.ModelProto, target: str, fallback: str):
+        self.model = model
+        self.target = target
+        self.fallback = fallback
+        self.opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+        self.types = _value_types(model)
+        self.functions: dict[str, onnx.FunctionProto] = {}
+        self.overloads: dict[str, str] = {}
+        self.uses_ort = False
+
+    def define(self, node: onnx.NodeProto) -> BlockFunction:
+        route = parse_route_config(_attribute(node, "route_config"))
+        spec = parse_experts_config(_attribute(node, "experts_config")).spec
+        roles = _attribute(node, "input_roles").split(",")
+        path = route.block or node.name
+        if len(roles) != len(node.input):
+            raise OnnxExportError(f"block {path}: {len(node.input)} inputs for roles {roles}")
+        if route.rule == "allocator" and route.params.get("sample"):
+            raise OnnxExportError(
+                f"block {path}: the allocator policy samples k at random (sample=True); ONNX Runtime's random "
+                "numbers differ from torch's, so the export would not be the same model: use sample=False"
+            )
+        if route.empty_slots != "sentinel":
+            raise OnnxExportError(f"block {path}: empty slots encoded as {route.empty_slots!r}; only 'sentinel' exports")
+        fallback_reason = unsupported_reason(spec) if self.target == "ort" else None
+        if fallback_reason and self.fallback == "error":
+            raise OnnxExportError(
+                f"block {path}: com.microsoft.MoE cannot run these experts exactly ({fallback_reason}); "
+                "use target='portable' or ort_fallback='portable'"
+            )
+        use_ort = self.target == "ort" and fallback_reason is None
+        x_type, _ = _type_of(self.types, node.input[0], node)
+        logits_type, _ = _type_of(self.types, node.input[1], node)
+        tensor_specs = tuple(
+            (tuple(int(d) for d in _type_of(self.types, name, node)[1]), _type_of(self.types, name, node)[0])
+            for name, role in zip(node.input, roles)
+            if role not in ("x", "logits", "w1", "w2", "b1", "b2")
+        )
+        key = json.dumps(
+            [_without_block(route), dataclasses.asdict(spec), roles, use_ort, x_type, logits_type, tensor_specs],
+            sort_keys=True,
+        )
+        if key not in self.overloads:
+            digest = hashlib.sha1(key.encode()).hexdigest()[:6]
+            overload = f"{route.rule}.{route.router.kind}.{'ort' if use_ort else 'portable'}.{digest}"
+            self.functions[overload] = self._function(
+                overload, route, spec, roles, use_ort, x_type, logits_type, tensor_specs
+            )
+            self.overloads[key] = overload
+        overload = self.overloads[key]
+        self.uses_ort |= use_ort
+        experts = _describe_experts(route, spec, use_ort)
+        self._retarget(node, path, overload, route, spec, experts)
+        return BlockFunction(path, overload, _describe_rule(route), experts, fallback_reason or "")
+
+    def _function(self, overload, route: RouteConfig, spec: ExpertsSpec, roles, use_ort, x_type, logits_type,
+                  tensor_specs) -> onnx.FunctionProto:
+        b = NodeBuilder(overload)
+        graph = routing_graph(_without_block(route), logits_type, x_type, spec.hidden_size, tensor_specs, self.opset)
+        tensor_roles = [r for r in roles if r not in ("x", "logits", "w1", "w2", "b1", "b2")]
+        route_inputs = ["logits", *(["x"] if route.uses_x else []), *tensor_roles]
+        routing = splice(graph, f"{overload}/route", route_inputs)
+        b.nodes.extend(routing.nodes)
+        ids, weights = routing.outputs
+        present = set(roles)
+        b1 = "b1" if "b1" in present else None
+        b2 = "b2" if "b2" in present else None
+        if use_ort:
+            k_min, k_max = _k_bounds(route)
+            out = ort_experts(b, "x", ids, weights, "w1", "w2", b1, b2, spec, k_min, k_max, x_type)
+        else:
+            out = portable_experts(b, "x", ids, weights, "w1", "w2", b1, b2, spec, x_type)
+        b.nodes.append(helper.make_node("Identity", [out], ["y"], name=f"{overload}/output"))
+        imports = [helper.make_opsetid("", self.opset)]
+        if use_ort:
+            imports.append(helper.make_opsetid(ORT_DOMAIN, 1))
+        function = helper.make_function(
+            DOMAIN, OP_TYPE, roles, ["y"], b.nodes, imports, overload=overload,
+            doc_string=(
+                f"MoE block: routing {_describe_rule(route)} on a {route.router.description} router "
+                f"({route.router.num_experts} experts), ids/weights [T,{route.depth}] with empty id "
+                f"{route.router.num_experts}; experts {spec.description}, "
+                + ("tokens bucketed by k, each bucket run by com.microsoft.MoE." if use_ort else "standard ONNX ops.")
+            ),
+        )
+        return function
+
+    def _retarget(self, node: onnx.NodeProto, path: str, overload: str, route: RouteConfig, spec: ExpertsSpec,
+                  experts: str) -> None:
+        route_json = _attribute(node, "route_config")
+        experts_json = _attribute(node, "experts_config")
+        del node.attribute[:]
+        node.overload = overload
+        node.name = path
+        node.doc_string = f"{path}: {_describe_rule(route)} routing, experts via {experts}"
+        for key, value in (
+            ("moepass.block", path),
+            ("moepass.target", self.target),
+            ("moepass.experts", experts),
+            ("moepass.route_config", route_json),
+            ("moepass.experts_config", experts_json),
+        ):
+            entry = node.metadata_props.add()
+            entry.key, entry.value = key, value
+
+
+def define_blocks(model: onnx.ModelProto, target: str, fallback: str = "portable") -> list[BlockFunction]:
+    """Give every AdaptiveMoE node of ``model`` a local function for ``target``, in place.
+
+    Args:
+        model: a model from :func:`moepass.lowering.onnx.translate.to_onnx`.
+        target: ``ort`` (com.microsoft.MoE per k-bucket) or ``portable`` (standard ops only).
+        fallback: for target ``ort``, what a block com.microsoft.MoE cannot run
+            exactly does: ``portable`` (standard ops inside its function) or ``error``.
+
+    Raises:
+        OnnxExportError: naming the block that cannot be exported exactly, and why.
+    """
+    if target not in TARGETS:
+        raise OnnxExportError(f"unknown target {target!r}; expected one of {', '.join(TARGETS)}")
+    if fallback not in FALLBACKS:
+        raise OnnxExportError(f"unknown fallback {fallback!r}; expected one of {', '.join(FALLBACKS)}")
+    definer = _Definer(model, target, fallback)
+    blocks = [definer.define(node) for node in block_nodes(model)]
+    model.functions.extend(definer.functions.values())
+    domains = {o.domain for o in model.opset_import}
+    if DOMAIN not in domains:
+        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    if definer.uses_ort and ORT_DOMAIN not in domains:
+        model.opset_import.append(helper.make_opsetid(ORT_DOMAIN, 1))
+    model.ir_version = max(model.ir_version, 10)  # function overloads need IR version 10
+    for block in blocks:
+        if block.fallback_reason:
+            logger.warning("moepass: %s runs its experts in standard ops: %s", block.path, block.fallback_reason)
+    logger.info("defined %d MoE blocks with %d functions (target %s)", len(blocks), len(definer.functions), target)
+    return blocks

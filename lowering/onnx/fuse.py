@@ -1,0 +1,97 @@
+"""Fuse each rewritten block's route and experts ops into one ``moepass.moe_block``.
+
+::
+
+    pattern      r   = moepass.route(logits, x?, tensors, route_config)
+                 ids = r[0];  w = r[1]
+                 y   = moepass.experts(x, ids, w, w1, w2, b1, b2, experts_config)
+    check        r has no other reader; route and experts see the same x
+    replacement  y   = moepass.moe_block(x, logits, tensors, w1, w2, b1, b2,
+                                         route_config, experts_config)
+
+A route op without its experts op (a router-only rewrite: the experts loop
+graph-broke) cannot be exported as one block and is refused, naming the block.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from dataclasses import dataclass
+
+import torch
+from moepass.lowering.onnx import block_op  # noqa: F401  (registers moepass::moe_block)
+from torch import fx
+
+from moepass.export import OnnxExportError
+from moepass.ops import parse_experts_config, parse_route_config
+
+__all__ = ["FusedBlock", "fuse_blocks"]
+
+logger = logging.getLogger(__name__)
+
+_ROUTE = torch.ops.moepass.route.default
+_EXPERTS = torch.ops.moepass.experts.default
+_BLOCK = torch.ops.moepass.moe_block.default
+
+
+@dataclass(frozen=True)
+class FusedBlock:
+    """One fused block: its module path and the node that now computes it."""
+
+    path: str
+    node: fx.Node
+
+
+def _route_of(experts: fx.Node) -> fx.Node:
+    block = parse_experts_config(experts.args[7]).block or "<root>"
+    ids, weights = experts.args[1], experts.args[2]
+    for value, index in ((ids, 0), (weights, 1)):
+        if not (
+            isinstance(value, fx.Node)
+            and value.target is operator.getitem
+            and value.args[1] == index
+            and isinstance(value.args[0], fx.Node)
+            and value.args[0].target is _ROUTE
+        ):
+            raise OnnxExportError(f"block {block}: its experts op does not read a route op's ids and weights directly")
+    route = ids.args[0]
+    if weights.args[0] is not route:
+        raise OnnxExportError(f"block {block}: ids and weights come from different route ops")
+    readers = {user for out in route.users for user in out.users} | set(route.users)
+    if readers - {ids, weights, experts}:
+        raise OnnxExportError(f"block {block}: its routing is also read outside the block, so it cannot be fused")
+    uses_x = parse_route_config(route.args[3]).uses_x
+    if uses_x and route.args[1] is not experts.args[0]:
+        raise OnnxExportError(f"block {block}: the router and the experts see different inputs")
+    return route
+
+
+def fuse_blocks(gm: fx.GraphModule) -> list[FusedBlock]:
+    """Replace every route → experts pair of ``gm`` by one ``moe_block`` node, in place."""
+    graph = gm.graph
+    fused = []
+    for experts in [n for n in graph.nodes if n.op == "call_function" and n.target is _EXPERTS]:
+        route = _route_of(experts)
+        x, ids, weights, w1, w2, b1, b2, experts_config = experts.args
+        logits, _, tensors, route_config = route.args
+        with graph.inserting_before(experts):
+            args = (x, logits, tensors, w1, w2, b1, b2, route_config, experts_config)
+            node = graph.create_node("call_function", _BLOCK, args, {}, name=experts.name.replace("moe_out", "moe_block", 1))
+        node.meta.update(experts.meta)
+        experts.replace_all_uses_with(node)
+        for dead in (experts, ids, weights, route):
+            graph.erase_node(dead)
+        path = parse_experts_config(experts_config).block
+        fused.append(FusedBlock(path, node))
+    leftover = [n for n in graph.nodes if n.op == "call_function" and n.target is _ROUTE]
+    if leftover:
+        path = parse_route_config(leftover[0].args[3]).block or "<root>"
+        raise OnnxExportError(
+            f"block {path}: only its router was rewritten (its experts loop is not in the graph); "
+            "use experts_implementation='grouped_mm' or 'batched_mm' to export it"
+        )
+    graph.lint()
+    gm.recompile()
+    logger.debug("fused %d MoE blocks", len(fused))
+    return fused
