@@ -26,6 +26,7 @@ import torch
 from onnx import helper
 
 from moepass.export import OnnxExportError
+from moepass.lowering.onnx.translate import root_cause
 from moepass.ops import parse_route_config
 
 __all__ = ["RoutingGraph", "routing_graph", "splice"]
@@ -101,8 +102,9 @@ def _export(config: str, logits_type: int, x_type: int, hidden: int, tensor_spec
             dynamo=True, verbose=False, optimize=True,
         )
     except Exception as error:
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise OnnxExportError(f"the routing of {cfg.rule} on a {cfg.router.kind} router does not export: {first}") from error
+        raise OnnxExportError(
+            f"the routing of {cfg.rule} on a {cfg.router.kind} router does not export: {root_cause(error)}"
+        ) from error
     model = onnx_program.model_proto
     if model.functions:
         model = onnx.inliner.inline_local_functions(model)

@@ -26,7 +26,7 @@ from onnx.defs import OpSchema
 from moepass.export import OnnxExportError
 from moepass.ops import parse_route_config
 
-__all__ = ["DOMAIN", "OP_TYPE", "to_onnx"]
+__all__ = ["DOMAIN", "OP_TYPE", "root_cause", "to_onnx"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,11 +92,11 @@ def to_onnx(
             custom_translation_table={torch.ops.moepass.moe_block.default: _translate_block},
         )
     except Exception as error:
-        raise OnnxExportError(f"torch.onnx could not translate the rewritten model: {_root_cause(error)}") from error
+        raise OnnxExportError(f"torch.onnx could not translate the rewritten model: {root_cause(error)}") from error
     return onnx_program.model_proto
 
 
-def _root_cause(error: BaseException) -> str:
+def root_cause(error: BaseException) -> str:
     """The innermost failure torch.onnx reports (its "Exception summary"), on one line."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     causes = [line for line in lines if line.startswith("<class ")]

@@ -61,7 +61,9 @@ def _leading_true(mask: torch.Tensor) -> torch.Tensor:
     """Per row, how many leading entries of a [T, n] bool mask are True."""
     if mask.shape[1] == 0:
         return torch.zeros(mask.shape[0], dtype=torch.long, device=mask.device)
-    return torch.cumprod(mask.long(), dim=1).sum(dim=1)
+    # a position counts while no False came before it (or at it); cumsum, not
+    # cumprod: ONNX has CumSum but no CumProd, so the rule exports as it is
+    return (torch.cumsum((~mask).long(), dim=1) == 0).sum(dim=1)
 
 
 @register_rule("threshold")
