@@ -96,6 +96,19 @@ def _load_policy_file(directory: str):
         raise ValueError(f"cannot load the policy file{where}: {first}") from None
 
 
+def _policy_from_args(args: argparse.Namespace):
+    """(policy name or loaded Policy, extra policy parameters) from --policy, --policy-file and --NAME VALUE."""
+    params = parse_policy_params(args.policy_params)
+    policy = _load_policy_file(args.policy_file) if args.policy_file else args.policy
+    if args.policy_file and args.policy != "static" and policy.name != args.policy:
+        raise ValueError(f"--policy {args.policy} does not match the policy file's {policy.name!r}; give one of them")
+    if args.policy_file and params:
+        raise ValueError(
+            f"--{next(iter(params))}: a saved policy carries its own parameters; change them in {args.policy_file}"
+        )
+    return policy, params
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     import torch
 
@@ -104,15 +117,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from moepass.modelspec import example_input_ids, load_model
     from moepass.options import BackendOptions
 
-    params = parse_policy_params(args.policy_params)
     out = check_output_dir(args.out)  # before the long part: a bad --out fails at once
-    policy = _load_policy_file(args.policy_file) if args.policy_file else args.policy
-    if args.policy_file and args.policy != "static" and policy.name != args.policy:
-        raise ValueError(f"--policy {args.policy} does not match the policy file's {policy.name!r}; give one of them")
-    if args.policy_file and params:
-        raise ValueError(
-            f"--{next(iter(params))}: a saved policy carries its own parameters; change them in {args.policy_file}"
-        )
+    policy, params = _policy_from_args(args)
     BackendOptions.parse({"policy": policy, "inner": args.inner, **params})  # bad options fail before loading
     started = time.perf_counter()
     loaded = load_model(args.model, seed=args.seed)
@@ -126,6 +132,28 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     print(inspection)
     target = inspection.save(out)
     print(f"\nwrote {target / 'index.html'} (open it in a browser), report.txt and report.json")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from moepass.export import export_onnx
+    from moepass.modelspec import example_input_ids, load_model
+    from moepass.options import BackendOptions
+
+    out = Path(args.out)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give the path of the .onnx file to write")
+    policy, params = _policy_from_args(args)
+    BackendOptions.parse({"policy": policy, **params})  # bad options fail before loading
+    loaded = load_model(args.model, seed=args.seed)
+    example = loaded.example_inputs
+    if example is None:
+        example = example_input_ids(loaded.model, args.tokens, args.batch, args.seed)
+    print(f"loaded {loaded.source}; exporting to ONNX (target {args.target})", file=sys.stderr)
+    started = time.perf_counter()
+    result = export_onnx(loaded.model, example, out, policy, target=args.target, **params)
+    print(result)
+    print(f"exported in {time.perf_counter() - started:.1f} s")
     return 0
 
 
@@ -214,6 +242,25 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--inner", default="eager", choices=["inductor", "aot_eager", "eager"],
                          help="compiler for the rest of the graph (default eager: fast)")
     inspect.set_defaults(run=_cmd_inspect, allows_extra=True)
+    export = commands.add_parser(
+        "export",
+        allow_abbrev=False,
+        help="export a model with its MoE blocks under a routing policy to ONNX (ONNX Runtime or standard ops)",
+        description="Rewrite the model's MoE blocks under the policy and write an ONNX model: one moepass.AdaptiveMoE "
+        "node per block, defined by a local function. Further --name value pairs are the policy's parameters.",
+        usage="moepass export --model SPEC [--policy NAME] [--NAME VALUE ...] [--policy-file DIR] --out FILE.onnx "
+        "[--target ort|portable]",
+    )
+    export.add_argument("--model", required=True, help="config.json, module.py:factory, 'bundled', or zoo:<family>")
+    export.add_argument("--policy", default="static", help="routing policy name (default static)")
+    export.add_argument("--policy-file", metavar="DIR", help="a saved policy folder (policy.json beside its tensors)")
+    export.add_argument("--out", required=True, metavar="FILE", help="the .onnx file to write")
+    export.add_argument("--target", default="ort", choices=["ort", "portable"],
+                        help="ort: each k-bucket runs com.microsoft.MoE; portable: standard ONNX ops (default ort)")
+    export.add_argument("--tokens", type=int, default=16, help="example tokens per sequence (default 16)")
+    export.add_argument("--batch", type=int, default=2, help="example sequences (default 2; batch is a dynamic axis)")
+    export.add_argument("--seed", type=int, default=0, help="seed of the random weights and token ids")
+    export.set_defaults(run=_cmd_export, allows_extra=True)
     calibrate = commands.add_parser(
         "calibrate",
         allow_abbrev=False,

@@ -123,9 +123,7 @@ def _check_rewritten(reports: list[BlockReport]) -> None:
     left = [r for r in reports if not r.rewritten]
     if left:
         details = "; ".join(f"block {r.display_path}: {r.reason or 'not rewritten'}" for r in left)
-        raise OnnxExportError(
-            f"{len(left)} MoE block(s) were not rewritten, so the export would not apply the policy there: {details}"
-        )
+        raise OnnxExportError(f"not rewritten, so the export would run it without the policy: {details}")
     router_only = [r for r in reports if r.spec is not None and r.spec.experts is None]
     if router_only:
         raise OnnxExportError(f"block {router_only[0].display_path}: only its router was found (its experts loop is "

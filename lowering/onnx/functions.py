@@ -55,7 +55,7 @@ FALLBACKS = ("portable", "error")
 class BlockFunction:
     """How one block was exported."""
 
-    #: Module path of the block (also the ONNX node's name).
+    #: Module path of the block (the ONNX node's name; "<root>" there for a model that is one block).
     path: str
     #: The function's overload name (op type ``moepass.AdaptiveMoE``).
     overload: str
@@ -147,20 +147,21 @@ class _Definer:
         route = parse_route_config(_attribute(node, "route_config"))
         spec = parse_experts_config(_attribute(node, "experts_config")).spec
         roles = _attribute(node, "input_roles").split(",")
-        path = route.block or node.name
+        path = route.block  # "" for a model that is one block
+        shown = path or "<root>"
         if len(roles) != len(node.input):
-            raise OnnxExportError(f"block {path}: {len(node.input)} inputs for roles {roles}")
+            raise OnnxExportError(f"block {shown}: {len(node.input)} inputs for roles {roles}")
         if route.rule == "allocator" and route.params.get("sample"):
             raise OnnxExportError(
-                f"block {path}: the allocator policy samples k at random (sample=True); ONNX Runtime's random "
+                f"block {shown}: the allocator policy samples k at random (sample=True); ONNX Runtime's random "
                 "numbers differ from torch's, so the export would not be the same model: use sample=False"
             )
         if route.empty_slots != "sentinel":
-            raise OnnxExportError(f"block {path}: empty slots encoded as {route.empty_slots!r}; only 'sentinel' exports")
+            raise OnnxExportError(f"block {shown}: empty slots encoded as {route.empty_slots!r}; only 'sentinel' exports")
         fallback_reason = unsupported_reason(spec) if self.target == "ort" else None
         if fallback_reason and self.fallback == "error":
             raise OnnxExportError(
-                f"block {path}: com.microsoft.MoE cannot run these experts exactly ({fallback_reason}); "
+                f"block {shown}: com.microsoft.MoE cannot run these experts exactly ({fallback_reason}); "
                 "use target='portable' or ort_fallback='portable'"
             )
         use_ort = self.target == "ort" and fallback_reason is None
@@ -226,10 +227,10 @@ class _Definer:
         experts_json = _attribute(node, "experts_config")
         del node.attribute[:]
         node.overload = overload
-        node.name = path
-        node.doc_string = f"{path}: {_describe_rule(route)} routing, experts via {experts}"
+        node.name = path or "<root>"
+        node.doc_string = f"{node.name}: {_describe_rule(route)} routing, experts via {experts}"
         for key, value in (
-            ("moepass.block", path),
+            ("moepass.block", node.name),
             ("moepass.target", self.target),
             ("moepass.experts", experts),
             ("moepass.route_config", route_json),
@@ -266,6 +267,6 @@ def define_blocks(model: onnx.ModelProto, target: str, fallback: str = "portable
     model.ir_version = max(model.ir_version, 10)  # function overloads need IR version 10
     for block in blocks:
         if block.fallback_reason:
-            logger.warning("moepass: %s runs its experts in standard ops: %s", block.path, block.fallback_reason)
+            logger.warning("moepass: %s runs its experts in standard ops: %s", block.path or "<root>", block.fallback_reason)
     logger.info("defined %d MoE blocks with %d functions (target %s)", len(blocks), len(definer.functions), target)
     return blocks

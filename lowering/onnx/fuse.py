@@ -11,22 +11,28 @@
 
 A route op without its experts op (a router-only rewrite: the experts loop
 graph-broke) cannot be exported as one block and is refused, naming the block.
+As a backstop to detection's own report, stacked expert weights ([E, ., .]
+parameters under a module path with "expert") that the output still reads
+other than through a ``moe_block`` mean an MoE block was not rewritten: the
+export would not apply the policy there, so it is refused, naming the module.
 """
 
 from __future__ import annotations
 
 import logging
 import operator
+import re
 from dataclasses import dataclass
 
 import torch
 from moepass.lowering.onnx import block_op  # noqa: F401  (registers moepass::moe_block)
 from torch import fx
 
+from moepass.dataflow import example_value
 from moepass.export import OnnxExportError
 from moepass.ops import parse_experts_config, parse_route_config
 
-__all__ = ["FusedBlock", "fuse_blocks"]
+__all__ = ["FusedBlock", "fuse_blocks", "unrewritten_experts"]
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +97,41 @@ def fuse_blocks(gm: fx.GraphModule) -> list[FusedBlock]:
             f"block {path}: only its router was rewritten (its experts loop is not in the graph); "
             "use experts_implementation='grouped_mm' or 'batched_mm' to export it"
         )
+    left = unrewritten_experts(gm)
+    if left:
+        raise OnnxExportError(
+            f"block {left[0]}: its expert weights are still read outside a rewritten block, so the export would "
+            "run it without the policy (see the moepass report for why it was not rewritten)"
+        )
     graph.lint()
     gm.recompile()
     logger.debug("fused %d MoE blocks", len(fused))
     return fused
+
+
+def unrewritten_experts(gm: fx.GraphModule) -> list[str]:
+    """Module paths of stacked expert weights the output still reads other than through a moe_block."""
+    live: set[fx.Node] = set()
+    stack = [n for n in gm.graph.nodes if n.op == "output"]
+    while stack:
+        node = stack.pop()
+        if node in live:
+            continue
+        live.add(node)
+        if node.target is not _BLOCK:  # what a moe_block reads is accounted for
+            stack.extend(node.all_input_nodes)
+    paths = []
+    for node in gm.graph.nodes:
+        value = example_value(node)
+        if (
+            node.op == "get_attr"
+            and node in live
+            and isinstance(value, torch.Tensor)
+            and value.ndim == 3
+            and re.search(r"expert", str(node.target))
+        ):
+            path = str(node.target).rsplit(".", 1)[0]
+            path = re.sub(r"\.experts?$", "", path)
+            if path not in paths:
+                paths.append(path)
+    return paths

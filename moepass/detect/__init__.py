@@ -288,7 +288,7 @@ def _expert_evidence(anchor: fx.Node, flow: Dataflow) -> str | None:
         if seen > 200:
             break
         for source in node.all_input_nodes:
-            if source.op == "placeholder" and ndim(source) == 3:
+            if source.op in ("placeholder", "get_attr") and ndim(source) == 3:
                 return _parent(module_path_of_param(source)) or ""
     return None
 
@@ -303,7 +303,7 @@ def _unclaimed_experts(
     known = {r.path for r in results}
     groups: dict[str, list[fx.Node]] = {}
     for node in graph.nodes:
-        if node.op != "placeholder" or node in claimed or ndim(node) != 3:
+        if node.op not in ("placeholder", "get_attr") or node in claimed or ndim(node) != 3:
             continue
         path = module_path_of_param(node)
         if path is None or not re.search(r"expert", path):
@@ -337,7 +337,7 @@ def _router_ops_near(graph: fx.Graph, block_path: str, num_experts: int) -> set[
         if op_name(node) != "linear":
             continue
         weight = node.args[1] if len(node.args) > 1 else None
-        if not isinstance(weight, fx.Node) or weight.op != "placeholder":
+        if not isinstance(weight, fx.Node) or weight.op not in ("placeholder", "get_attr"):
             continue
         shape = tensor_shape(weight)
         path = module_path_of_param(weight) or ""

@@ -1,0 +1,314 @@
+"""ONNX export: structure (one moepass node per block, com.microsoft.MoE inside for target ort),
+the ONNX checker, and ONNX Runtime against the torch model with the same policy.
+
+Each family is exported once per policy (``prepare_export``) and lowered to both targets.
+Exports happen at batch 2 × 8 tokens; ONNX Runtime runs that example, compared with
+``torch.compile(backend="adaptive_moe")`` (independent of the export's capture), and a
+3 × 13 batch (dynamic axes), compared with the exported torch program at that shape.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from conftest import token_ids
+from moepass.lowering.onnx import DOMAIN, OP_TYPE
+
+import moepass
+from moepass.cli import main
+from moepass.export import (
+    OnnxExportError,
+    export_onnx,
+    prepare_export,
+)
+from moepass.policies import Allocator, NullExperts
+from moepass.zoo import FAMILIES, tiny_model
+
+TOLERANCE = 1e-4  # float32, relative to the output's largest magnitude
+ORT_DOMAIN = "com.microsoft"
+
+#: one adaptive policy per family, so every rule meets several router kinds
+ADAPTIVE = {
+    "mixtral": {"policy": "top_p", "p": 0.4},
+    "qwen2_moe": {"policy": "skip_ratio", "beta": 0.5},
+    "qwen3_moe": {"policy": "threshold", "T": 0.1},
+    "olmoe": {"policy": "top_p", "p": 0.5},
+    "deepseek_v3": {"policy": "top_p", "p": 0.3},
+    "gpt_oss": {"policy": "threshold", "T": 0.1},
+    "granitemoe": {"policy": "skip_ratio", "beta": 0.6},
+    "llama4_text": {"policy": "top_p", "p": 0.4},
+}
+#: full models are one layer (a block each) to keep the suite fast; mixtral keeps two
+LAYERS = {"mixtral": 2}
+
+
+def rel_err(actual, expected) -> float:
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape
+    return float(np.abs(actual - expected).max() / np.abs(expected).max())
+
+
+def providers() -> list[str]:
+    """CPU always; CUDA too when onnxruntime-gpu and a GPU are present."""
+    return ["CPUExecutionProvider"] + (
+        ["CUDAExecutionProvider"] if "CUDAExecutionProvider" in ort.get_available_providers() else []
+    )
+
+
+def run_onnx(model, feeds: dict, provider: str = "CPUExecutionProvider") -> list[np.ndarray]:
+    data = model.SerializeToString() if not isinstance(model, (str, Path)) else str(model)
+    chosen = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+    return ort.InferenceSession(data, providers=chosen).run(None, feeds)
+
+
+def moepass_nodes(model) -> list:
+    return [n for n in model.graph.node if n.domain == DOMAIN and n.op_type == OP_TYPE]
+
+
+def function_ops(model) -> list[tuple[str, str]]:
+    """(domain, op_type) of every node of every local function, Loop bodies included."""
+    found = []
+
+    def walk(nodes):
+        for node in nodes:
+            found.append((node.domain, node.op_type))
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    walk(attr.g.node)
+
+    for function in model.functions:
+        walk(function.node)
+    return found
+
+
+class Case:
+    """A model exported once under one policy; a torch.compile of it under the same policy."""
+
+    def __init__(self, family: str, options: dict, model=None, example=None, second=None):
+        self.family = family
+        self.options = options
+        #: a transformers causal LM (called with use_cache=False, logits compared) or a plain module
+        self.lm = model is None or hasattr(model, "generate")
+        if model is None:
+            model = tiny_model(family, num_hidden_layers=LAYERS.get(family, 1))
+            example, second = (token_ids(2, 8, seed=1),), (token_ids(3, 13, seed=2),)
+        self.model, self.example, self.second = model, example, second
+        self.prepared = prepare_export(model, example, **options)
+        # the example against torch.compile (independent of the export's capture); the second
+        # shape against the exported torch program itself (no recompile: the suite stays fast)
+        compiled = torch.compile(model, backend="adaptive_moe", options={"inner": "eager", **options})
+        with torch.no_grad():
+            self.expected = [self._outputs(compiled, example), self._outputs(self.prepared.captured.gm, second)]
+
+    def _outputs(self, module, args) -> list[np.ndarray]:
+        if module is self.prepared.captured.gm:  # flat tensors in, the exported outputs out
+            out = module(*args)
+        elif self.lm:
+            return [module(*args, use_cache=False).logits.numpy()]
+        else:
+            out = module(*args)
+        return [t.numpy() for t in (out if isinstance(out, (tuple, list)) else (out,))]
+
+    def check(self, target: str, provider: str = "CPUExecutionProvider"):
+        model, blocks = self.prepared.lower(target)
+        onnx.checker.check_model(model, full_check=True)
+        for args, expected in zip((self.example, self.second), self.expected):
+            actual = run_onnx(model, self.prepared.feeds(args), provider)
+            for a, e in zip(actual, expected):
+                assert rel_err(a, e) <= TOLERANCE, (self.family, target, args[0].shape)
+        return model, blocks
+
+
+_CASES: dict[tuple, Case] = {}
+
+
+def case(family: str, adaptive: bool) -> Case:
+    key = (family, adaptive)
+    if key not in _CASES:
+        options = ADAPTIVE[family] if adaptive else {"policy": "static"}
+        if family == "llama4_text":  # torch.onnx cannot export its complex-valued RoPE: the MoE block alone
+            model = tiny_model(family, num_hidden_layers=1, num_experts_per_tok=2).model.layers[0].feed_forward
+            torch.manual_seed(0)
+            _CASES[key] = Case(family, options, model, (torch.randn(2, 8, 64),), (torch.randn(3, 13, 64),))
+        else:
+            _CASES[key] = Case(family, options)
+    return _CASES[key]
+
+
+@pytest.mark.parametrize("adaptive", [False, True], ids=["static", "adaptive"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_exports_and_matches_torch(family, adaptive):
+    exported = case(family, adaptive)
+    blocks_in_torch = [b.path for b in exported.prepared.blocks]
+    for target in ("ort", "portable"):
+        model, blocks = exported.check(target)
+        nodes = moepass_nodes(model)
+        # one custom-domain node per MoE block, named by the block's path
+        assert [n.name for n in nodes] == [p or "<root>" for p in blocks_in_torch]
+        assert [b.path for b in blocks] == blocks_in_torch
+        assert all(n.overload in {f.overload for f in model.functions} for n in nodes)
+        ops = function_ops(model)
+        moe_ks = sorted({a.i for f in model.functions for n in f.node if n.op_type == "MoE" for a in n.attribute
+                         if a.name == "k"})
+        if target == "ort":
+            assert (ORT_DOMAIN, "MoE") in ops
+            if family == "llama4_text":  # weight on the expert input: every slot is a k=1 row
+                assert moe_ks == [1]
+            else:
+                native = exported.model.config.num_experts_per_tok
+                assert moe_ks == (list(range(1, native + 1)) if adaptive else [native])
+        else:
+            assert not any(domain == ORT_DOMAIN for domain, _ in ops)
+            assert ("", "Loop") in ops
+        assert not any(n.domain == ORT_DOMAIN for n in model.graph.node)  # only inside the functions
+
+
+def test_adaptive_export_differs_from_static():
+    """The policy is really applied in ONNX: top-p and static give different logits."""
+    static, adaptive = case("mixtral", False), case("mixtral", True)
+    feeds = static.prepared.feeds()
+    out_static = run_onnx(static.prepared.lower("ort")[0], feeds)[0]
+    out_adaptive = run_onnx(adaptive.prepared.lower("ort")[0], feeds)[0]
+    assert rel_err(out_adaptive, out_static) > 1e-2
+
+
+@pytest.mark.parametrize("policy", ["null_experts", "allocator"])
+def test_learned_policies_export(policy):
+    model = tiny_model("olmoe", num_hidden_layers=1)
+    generator = torch.Generator().manual_seed(5)
+    hidden = model.config.hidden_size
+    if policy == "null_experts":  # k=3 over 4 real + 2 null experts: some tokens keep 0..3 experts
+        chosen = NullExperts(k=3, router_rows={"0": torch.randn(2, hidden, generator=generator) * 0.3})
+    else:
+        chosen = Allocator(weights={"0": torch.randn(hidden, 2, generator=generator)})
+    exported = Case("olmoe", {"policy": chosen})
+    for target in ("ort", "portable"):
+        model_proto, blocks = exported.check(target)
+        assert blocks[0].routing.startswith(policy)
+
+
+def test_public_api_writes_a_checked_model(tmp_path):
+    model = tiny_model("mixtral")
+    path = tmp_path / "out" / "model.onnx"
+    result = moepass.export_onnx(model, (token_ids(2, 8),), path, "top_p", target="ort", p=0.4)
+    assert result.path == path and path.is_file()
+    assert result.max_error is not None and result.max_error <= TOLERANCE
+    assert result.input_names == ["input_ids"] and result.output_names == ["logits"]
+    assert [b.path for b in result.blocks] == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    assert all(b.experts == "com.microsoft.MoE (k=1..2)" for b in result.blocks)
+    onnx.checker.check_model(str(path), full_check=True)
+    loaded = onnx.load(str(path))
+    assert len(moepass_nodes(loaded)) == 2 and len(loaded.functions) == 1
+    assert {"input_ids"} == {i.name for i in loaded.graph.input}
+    dims = [d.dim_param or d.dim_value for d in loaded.graph.input[0].type.tensor_type.shape.dim]
+    assert all(isinstance(d, str) for d in dims), dims  # batch and sequence are symbolic
+    assert sorted(p.name for p in loaded.graph.initializer if "experts" in p.name) == [
+        f"model.layers.{i}.mlp.experts.{w}" for i in (0, 1) for w in ("down_proj", "gate_up_proj")
+    ]
+    assert "model.layers.0.mlp" in str(result)
+
+
+def test_unrewritten_block_fails_naming_it(tmp_path):
+    model = tiny_model("phimoe", num_hidden_layers=1)
+    path = tmp_path / "phimoe.onnx"
+    with pytest.raises(OnnxExportError, match=r"without the policy: block model\.layers\.0\.mlp: .*the router is a sparsemixer"):
+        export_onnx(model, (token_ids(2, 8),), path, "top_p", p=0.4)
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_undetected_block_is_caught_by_the_backstop(monkeypatch):
+    """Even if detection missed a block entirely, its expert weights still in the graph stop the export."""
+    import moepass.backend
+
+    monkeypatch.setattr(moepass.backend, "find_moe_blocks", lambda gm, flow: [])
+    with pytest.raises(OnnxExportError, match=r"block model\.layers\.0\.mlp: its expert weights are still read"):
+        prepare_export(tiny_model("olmoe", num_hidden_layers=1), (token_ids(2, 8),), policy="top_p", p=0.4)
+
+
+def test_experts_ort_cannot_run_fall_back_or_fail():
+    """Gated gelu is not a com.microsoft.MoE activation: standard ops in its function, or a clear error."""
+    model = tiny_model("mixtral", num_hidden_layers=1, hidden_act="gelu")
+    exported = Case("mixtral", {"policy": "top_p", "p": 0.4}, model, (token_ids(2, 8),), (token_ids(3, 13, seed=2),))
+    model_proto, blocks = exported.check("ort")
+    assert blocks[0].experts == "standard ops" and "gated gelu" in blocks[0].fallback_reason
+    assert not any(domain == ORT_DOMAIN for domain, _ in function_ops(model_proto))
+    with pytest.raises(OnnxExportError, match=r"block model\.layers\.0\.mlp: com\.microsoft\.MoE cannot run .*gated gelu"):
+        exported.prepared.lower("ort", ort_fallback="error")
+
+
+def test_random_allocator_is_refused():
+    model = tiny_model("olmoe", num_hidden_layers=1)
+    policy = Allocator(weights={"0": torch.randn(model.config.hidden_size, 2)}, sample=True)
+    prepared = prepare_export(model, (token_ids(2, 8),), policy=policy)
+    with pytest.raises(OnnxExportError, match=r"block model\.layers\.0\.mlp: the allocator policy samples k"):
+        prepared.lower("portable")
+
+
+def test_graph_break_is_a_clear_error():
+    model = tiny_model("mixtral", "eager", num_hidden_layers=1)  # transformers' eager experts loop graph-breaks
+    with pytest.raises(OnnxExportError, match="does not capture as one graph"):
+        prepare_export(model, (token_ids(2, 8),))
+
+
+def test_bad_inputs_are_clear_errors(tmp_path):
+    model = tiny_model("mixtral", num_hidden_layers=1)
+    with pytest.raises(OnnxExportError, match="size 1 on its dynamic axis 0"):
+        export_onnx(model, (token_ids(1, 8),), tmp_path / "m.onnx")
+    with pytest.raises(OnnxExportError, match="unknown target"):
+        export_onnx(model, (token_ids(2, 8),), tmp_path / "m.onnx", target="tensorrt")
+    with pytest.raises(moepass.OptionsError, match="unknown option"):
+        export_onnx(model, (token_ids(2, 8),), tmp_path / "m.onnx", "top_p", q=0.4)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_export(tmp_path, capsys):
+    out = tmp_path / "cli.onnx"
+    assert main(["export", "--model", "zoo:mixtral", "--policy", "top_p", "--p", "0.4", "--out", str(out),
+                 "--target", "portable", "--tokens", "6"]) == 0
+    printed = capsys.readouterr().out
+    assert out.is_file() and "model.layers.1.mlp: top_p(p=0.4)" in printed and "standard ops" in printed
+    assert main(["export", "--model", "zoo:nope", "--out", str(tmp_path / "x.onnx")]) == 2
+    assert main(["export", "--model", "zoo:mixtral", "--out", str(tmp_path)]) == 2
+    assert "error:" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cli.onnx"]
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(),
+                    reason="onnxruntime-gpu with a CUDA device is not available here")
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_cuda_provider(family):
+    exported = case(family, True)
+    exported.check("ort", "CUDAExecutionProvider")
+    exported.check("portable", "CUDAExecutionProvider")
+
+
+def _bundled():
+    if importlib.util.find_spec("moepass.bundled") is None:
+        pytest.skip("moepass.bundled is not in this build (the bundled model lands from the train branch)")
+    from moepass import bundled
+
+    try:
+        return bundled, bundled.load_model()
+    except FileNotFoundError as error:
+        pytest.skip(f"the bundled checkpoint is missing: {error}")
+
+
+@pytest.mark.parametrize("adaptive", [False, True], ids=["static", "adaptive"])
+def test_bundled_model(adaptive):
+    bundled, model = _bundled()
+    vocab = model.config.vocab_size
+    example = (torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0)),)
+    second = (torch.randint(0, vocab, (3, 24), generator=torch.Generator().manual_seed(1)),)
+    options = {"policy": "top_p", "p": 0.5} if adaptive else {"policy": "static"}
+    exported = Case("bundled", options, model, example, second)
+    for target in ("ort", "portable"):
+        model_proto, _ = exported.check(target)
+        assert len(moepass_nodes(model_proto)) == model.config.num_hidden_layers
