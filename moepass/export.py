@@ -7,8 +7,8 @@
 The model is captured as one graph, every MoE block is detected, validated
 and rewritten exactly as ``torch.compile(backend="adaptive_moe")`` would, and
 each block becomes one ``moepass.AdaptiveMoE`` node defined by a model-local
-ONNX function (see :mod:`moepass.lowering.onnx`).  Target ``ort`` runs each
-k-bucket of tokens with ONNX Runtime's ``com.microsoft.MoE``; target
+ONNX function (see :mod:`moepass.lowering.onnx`).  Target ``ort`` runs the
+experts with ONNX Runtime's ``com.microsoft.MoE``, k per token; target
 ``portable`` uses standard ONNX ops only.  A block that cannot be exported
 exactly fails the export with an :class:`OnnxExportError` naming it.
 """
@@ -52,6 +52,11 @@ class OnnxExportOptions:
         ort_fallback: for target ``ort``, what a block whose experts
             ``com.microsoft.MoE`` cannot run exactly does (gated gelu, gelu):
             ``portable`` (standard ops inside its function) or ``error``.
+        ort_layout: for target ``ort``, how variable k maps onto
+            ``com.microsoft.MoE`` calls: ``masked`` (one call with k = k_max,
+            dropped slots at weight 0, which ORT's CPU kernel skips: fastest on
+            CPU), ``buckets`` (one call per k) or ``slots`` (k = 1 per kept
+            slot: no work for dropped slots on any provider).
         check: run ``onnx.checker.check_model(full_check=True)``.
         verify: run the exported model in ONNX Runtime (CPU) on the example
             inputs and compare with the rewritten torch model.
@@ -60,6 +65,7 @@ class OnnxExportOptions:
 
     opset: int = 18
     ort_fallback: str = "portable"
+    ort_layout: str = "masked"
     check: bool = True
     verify: bool = True
     tolerance: float = 1e-4
@@ -99,12 +105,12 @@ class PreparedExport:
     blocks: list[BlockReport]
     policy: str
 
-    def lower(self, target: str = "ort", ort_fallback: str = "portable"):
+    def lower(self, target: str = "ort", ort_fallback: str = "portable", ort_layout: str = "masked"):
         """A copy of the model with every block defined for ``target``; returns (ModelProto, blocks)."""
         from moepass.lowering.onnx import define_blocks
 
         model = copy.deepcopy(self.model)
-        blocks = define_blocks(model, target, ort_fallback)
+        blocks = define_blocks(model, target, ort_fallback, ort_layout)
         return model, blocks
 
     def reference(self) -> list[torch.Tensor]:
@@ -247,8 +253,8 @@ def export_onnx(
             arguments (tensors become ONNX inputs named by their keys).
         path: the ``.onnx`` file to write (weights of models over 1 GiB go to ``<path>.data``).
         policy: a policy name or :class:`moepass.policies.Policy`, as for the backend.
-        target: ``ort`` (each k-bucket runs ONNX Runtime's ``com.microsoft.MoE``)
-            or ``portable`` (standard ONNX ops only).
+        target: ``ort`` (experts run by ONNX Runtime's ``com.microsoft.MoE``, k
+            per token) or ``portable`` (standard ONNX ops only).
         dynamic_shapes: per input {axis: Dim or name}, as a tuple or a dict by
             input name; None makes the batch axis and the sequence axis of
             token ids dynamic.
@@ -274,7 +280,7 @@ def export_onnx(
     prepared = prepare_export(
         model, example_inputs, dynamic_shapes=dynamic_shapes, opset=options.opset, policy=policy, **backend_options
     )
-    onnx_model, blocks = prepared.lower(target, options.ort_fallback)
+    onnx_model, blocks = prepared.lower(target, options.ort_fallback, options.ort_layout)
     result = OnnxExport(path, target, prepared.policy, prepared.captured.input_names, prepared.captured.output_names,
                         blocks)
     with _staged(path) as staged:

@@ -89,6 +89,12 @@ def function_ops(model) -> list[tuple[str, str]]:
     return found
 
 
+def moe_ks(model) -> list[int]:
+    """The k attributes of the com.microsoft.MoE nodes in the model's functions."""
+    return sorted({a.i for f in model.functions for n in f.node if n.op_type == "MoE" for a in n.attribute
+                   if a.name == "k"})
+
+
 class Case:
     """A model exported once under one policy; a torch.compile of it under the same policy."""
 
@@ -99,6 +105,7 @@ class Case:
         self.lm = model is None or hasattr(model, "generate")
         if model is None:
             model = tiny_model(family, num_hidden_layers=LAYERS.get(family, 1))
+        if example is None:
             example, second = (token_ids(2, 8, seed=1),), (token_ids(3, 13, seed=2),)
         self.model, self.example, self.second = model, example, second
         self.prepared = prepare_export(model, example, **options)
@@ -117,8 +124,8 @@ class Case:
             out = module(*args)
         return [t.numpy() for t in (out if isinstance(out, (tuple, list)) else (out,))]
 
-    def check(self, target: str, provider: str = "CPUExecutionProvider"):
-        model, blocks = self.prepared.lower(target)
+    def check(self, target: str, provider: str = "CPUExecutionProvider", layout: str = "masked"):
+        model, blocks = self.prepared.lower(target, ort_layout=layout)
         onnx.checker.check_model(model, full_check=True)
         for args, expected in zip((self.example, self.second), self.expected):
             actual = run_onnx(model, self.prepared.feeds(args), provider)
@@ -156,15 +163,11 @@ def test_family_exports_and_matches_torch(family, adaptive):
         assert [b.path for b in blocks] == blocks_in_torch
         assert all(n.overload in {f.overload for f in model.functions} for n in nodes)
         ops = function_ops(model)
-        moe_ks = sorted({a.i for f in model.functions for n in f.node if n.op_type == "MoE" for a in n.attribute
-                         if a.name == "k"})
         if target == "ort":
             assert (ORT_DOMAIN, "MoE") in ops
-            if family == "llama4_text":  # weight on the expert input: every slot is a k=1 row
-                assert moe_ks == [1]
-            else:
-                native = exported.model.config.num_experts_per_tok
-                assert moe_ks == (list(range(1, native + 1)) if adaptive else [native])
+            # weight on the expert input (Llama 4): every kept slot is a k=1 row; else one call, k = native
+            native = 1 if family == "llama4_text" else exported.model.config.num_experts_per_tok
+            assert moe_ks(model) == [native]
         else:
             assert not any(domain == ORT_DOMAIN for domain, _ in ops)
             assert ("", "Loop") in ops
@@ -180,18 +183,35 @@ def test_adaptive_export_differs_from_static():
     assert rel_err(out_adaptive, out_static) > 1e-2
 
 
+@pytest.mark.parametrize("layout,ks", [("buckets", [1, 2]), ("slots", [1])])
+def test_ort_layouts_are_exact(layout, ks):
+    """The other two ways of mapping variable k onto com.microsoft.MoE calls give the same numbers."""
+    exported = case("mixtral", True)
+    model, blocks = exported.check("ort", layout=layout)
+    assert moe_ks(model) == ks
+    assert all(layout[:-1] in b.experts for b in blocks), [b.experts for b in blocks]
+
+
 @pytest.mark.parametrize("policy", ["null_experts", "allocator"])
 def test_learned_policies_export(policy):
     model = tiny_model("olmoe", num_hidden_layers=1)
     generator = torch.Generator().manual_seed(5)
     hidden = model.config.hidden_size
-    if policy == "null_experts":  # k=3 over 4 real + 2 null experts: some tokens keep 0..3 experts
-        chosen = NullExperts(k=3, router_rows={"0": torch.randn(2, hidden, generator=generator) * 0.3})
+    if policy == "null_experts":  # top-3 over 4 real + 3 null experts: tokens keep 0 to 3 experts
+        chosen = NullExperts(k=3, router_rows={"0": torch.randn(3, hidden, generator=generator) * 0.4})
     else:
         chosen = Allocator(weights={"0": torch.randn(hidden, 2, generator=generator)})
-    exported = Case("olmoe", {"policy": chosen})
-    for target in ("ort", "portable"):
-        model_proto, blocks = exported.check(target)
+    exported = Case("olmoe", {"policy": chosen}, model)
+    moepass.stats.reset_stats()
+    counted = torch.compile(model, backend="adaptive_moe", options={"policy": chosen, "inner": "eager", "stats": True})
+    with torch.no_grad():
+        counted(*exported.example, use_cache=False)
+    (per_k,) = [s.tokens_per_k for s in moepass.report(counted).stats().values()]
+    assert sum(n > 0 for n in per_k) >= 2, per_k  # k really varies per token
+    if policy == "null_experts":
+        assert per_k[0] > 0, per_k  # some tokens keep no routed expert at all
+    for target, layout in (("ort", "masked"), ("ort", "buckets"), ("ort", "slots"), ("portable", "masked")):
+        _, blocks = exported.check(target, layout=layout)  # null experts: tokens with k = 0 too
         assert blocks[0].routing.startswith(policy)
 
 
@@ -203,7 +223,7 @@ def test_public_api_writes_a_checked_model(tmp_path):
     assert result.max_error is not None and result.max_error <= TOLERANCE
     assert result.input_names == ["input_ids"] and result.output_names == ["logits"]
     assert [b.path for b in result.blocks] == ["model.layers.0.mlp", "model.layers.1.mlp"]
-    assert all(b.experts == "com.microsoft.MoE (k=1..2)" for b in result.blocks)
+    assert all(b.experts == "com.microsoft.MoE (k=2, dropped slots masked)" for b in result.blocks)
     onnx.checker.check_model(str(path), full_check=True)
     loaded = onnx.load(str(path))
     assert len(moepass_nodes(loaded)) == 2 and len(loaded.functions) == 1
@@ -236,7 +256,7 @@ def test_undetected_block_is_caught_by_the_backstop(monkeypatch):
 def test_experts_ort_cannot_run_fall_back_or_fail():
     """Gated gelu is not a com.microsoft.MoE activation: standard ops in its function, or a clear error."""
     model = tiny_model("mixtral", num_hidden_layers=1, hidden_act="gelu")
-    exported = Case("mixtral", {"policy": "top_p", "p": 0.4}, model, (token_ids(2, 8),), (token_ids(3, 13, seed=2),))
+    exported = Case("mixtral", {"policy": "top_p", "p": 0.4}, model)
     model_proto, blocks = exported.check("ort")
     assert blocks[0].experts == "standard ops" and "gated gelu" in blocks[0].fallback_reason
     assert not any(domain == ORT_DOMAIN for domain, _ in function_ops(model_proto))
@@ -303,7 +323,7 @@ def _bundled():
 
 @pytest.mark.parametrize("adaptive", [False, True], ids=["static", "adaptive"])
 def test_bundled_model(adaptive):
-    bundled, model = _bundled()
+    _, model = _bundled()
     vocab = model.config.vocab_size
     example = (torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0)),)
     second = (torch.randint(0, vocab, (3, 24), generator=torch.Generator().manual_seed(1)),)

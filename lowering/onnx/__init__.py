@@ -8,32 +8,22 @@
           ─► translate    torch.export → torch.onnx; moe_block ↦ moepass.AdaptiveMoE node
           ─► functions    each node defined by a model-local function for the target:
                             routing  = torch.onnx export of moepass.route (same code as torch)
-                            experts  = ort: k-buckets → com.microsoft.MoE(k) | portable: standard ops
+                            experts  = ort: com.microsoft.MoE, k per token | portable: standard ops
 
 The public entry point is :func:`moepass.export_onnx`.
 """
 
-from moepass.lowering.onnx.capture import (
-    CapturedModel,
-    capture_model,
-    default_dynamic_shapes,
-)
-from moepass.lowering.onnx.functions import (
-    FALLBACKS,
-    TARGETS,
-    BlockFunction,
-    block_nodes,
-    define_blocks,
-)
+from moepass.export import OnnxExportError
+from moepass.lowering.onnx.capture import CapturedModel, capture_model, default_dynamic_shapes
+from moepass.lowering.onnx.functions import FALLBACKS, ORT_LAYOUTS, TARGETS, BlockFunction, block_nodes, define_blocks
 from moepass.lowering.onnx.fuse import FusedBlock, fuse_blocks
 from moepass.lowering.onnx.translate import DOMAIN, OP_TYPE, to_onnx
-
-from moepass.export import OnnxExportError
 
 __all__ = [
     "DOMAIN",
     "FALLBACKS",
     "OP_TYPE",
+    "ORT_LAYOUTS",
     "TARGETS",
     "BlockFunction",
     "CapturedModel",

@@ -7,7 +7,8 @@
       ▼
     function moepass.AdaptiveMoE:<overload>
         ids, w = <routing: torch.onnx export of moepass.route for the block's config>
-        y      = <experts:  target "ort"      → k-buckets, each com.microsoft.MoE(k)
+        y      = <experts:  target "ort"      → com.microsoft.MoE with k per token (dropped
+                                                slots masked, k-buckets, or one row per slot)
                             target "portable" → standard ops (Loop over experts)>
 
 Blocks with the same configuration share a function.  Any ONNX runtime can
@@ -27,22 +28,18 @@ import logging
 from dataclasses import dataclass
 
 import onnx
-from moepass.lowering.onnx.builder import NodeBuilder
-from moepass.lowering.onnx.experts_ort import (
-    ORT_DOMAIN,
-    ort_experts,
-    unsupported_reason,
-)
-from moepass.lowering.onnx.experts_portable import portable_experts
-from moepass.lowering.onnx.routing_graph import routing_graph, splice
-from moepass.lowering.onnx.translate import DOMAIN, OP_TYPE
 from onnx import helper
 
 from moepass.export import OnnxExportError
+from moepass.lowering.onnx.builder import NodeBuilder
+from moepass.lowering.onnx.experts_ort import ORT_DOMAIN, ORT_LAYOUTS, ort_experts, unsupported_reason
+from moepass.lowering.onnx.experts_portable import portable_experts
+from moepass.lowering.onnx.routing_graph import routing_graph, splice
+from moepass.lowering.onnx.translate import DOMAIN, OP_TYPE
 from moepass.ops import RouteConfig, parse_experts_config, parse_route_config
 from moepass.spec import ExpertsSpec
 
-__all__ = ["FALLBACKS", "TARGETS", "BlockFunction", "block_nodes", "define_blocks"]
+__all__ = ["FALLBACKS", "ORT_LAYOUTS", "TARGETS", "BlockFunction", "block_nodes", "define_blocks"]
 
 logger = logging.getLogger(__name__)
 
@@ -120,23 +117,29 @@ def _describe_rule(route: RouteConfig) -> str:
     return f"{route.rule}({params}){bounds}"
 
 
-def _describe_experts(route: RouteConfig, spec: ExpertsSpec, use_ort: bool) -> str:
+def _describe_experts(route: RouteConfig, spec: ExpertsSpec, use_ort: bool, layout: str) -> str:
     if not use_ort:
         return "standard ops"
+    k_min, k_max = _k_bounds(route)
     if spec.weight_on_input:
         return "com.microsoft.MoE (k=1 per slot: weight on the input)"
-    k_min, k_max = _k_bounds(route)
-    k_low = max(k_min, 1)
-    return f"com.microsoft.MoE (k={k_low}..{k_max})" if k_low < k_max else f"com.microsoft.MoE (k={k_max})"
+    if k_min == k_max:
+        return f"com.microsoft.MoE (k={k_max})"
+    if layout == "masked":
+        return f"com.microsoft.MoE (k={k_max}, dropped slots masked)"
+    if layout == "slots":
+        return "com.microsoft.MoE (k=1 per kept slot)"
+    return f"com.microsoft.MoE (k={max(k_min, 1)}..{k_max} buckets)"
 
 
 class _Definer:
     """Builds (and shares) the function of each block variant."""
 
-    def __init__(self, model: onnx.ModelProto, target: str, fallback: str):
+    def __init__(self, model: onnx.ModelProto, target: str, fallback: str, layout: str):
         self.model = model
         self.target = target
         self.fallback = fallback
+        self.layout = layout
         self.opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
         self.types = _value_types(model)
         self.functions: dict[str, onnx.FunctionProto] = {}
@@ -173,7 +176,8 @@ class _Definer:
             if role not in ("x", "logits", "w1", "w2", "b1", "b2")
         )
         key = json.dumps(
-            [_without_block(route), dataclasses.asdict(spec), roles, use_ort, x_type, logits_type, tensor_specs],
+            [_without_block(route), dataclasses.asdict(spec), roles, use_ort and self.layout, x_type, logits_type,
+             tensor_specs],
             sort_keys=True,
         )
         if key not in self.overloads:
@@ -185,7 +189,7 @@ class _Definer:
             self.overloads[key] = overload
         overload = self.overloads[key]
         self.uses_ort |= use_ort
-        experts = _describe_experts(route, spec, use_ort)
+        experts = _describe_experts(route, spec, use_ort, self.layout)
         self._retarget(node, path, overload, route, spec, experts)
         return BlockFunction(path, overload, _describe_rule(route), experts, fallback_reason or "")
 
@@ -203,7 +207,7 @@ class _Definer:
         b2 = "b2" if "b2" in present else None
         if use_ort:
             k_min, k_max = _k_bounds(route)
-            out = ort_experts(b, "x", ids, weights, "w1", "w2", b1, b2, spec, k_min, k_max, x_type)
+            out = ort_experts(b, "x", ids, weights, "w1", "w2", b1, b2, spec, k_min, k_max, x_type, self.layout)
         else:
             out = portable_experts(b, "x", ids, weights, "w1", "w2", b1, b2, spec, x_type)
         b.nodes.append(helper.make_node("Identity", [out], ["y"], name=f"{overload}/output"))
@@ -216,7 +220,7 @@ class _Definer:
                 f"MoE block: routing {_describe_rule(route)} on a {route.router.description} router "
                 f"({route.router.num_experts} experts), ids/weights [T,{route.depth}] with empty id "
                 f"{route.router.num_experts}; experts {spec.description}, "
-                + ("tokens bucketed by k, each bucket run by com.microsoft.MoE." if use_ort else "standard ONNX ops.")
+                + (f"com.microsoft.MoE, layout {self.layout}." if use_ort else "standard ONNX ops.")
             ),
         )
         return function
@@ -240,14 +244,18 @@ class _Definer:
             entry.key, entry.value = key, value
 
 
-def define_blocks(model: onnx.ModelProto, target: str, fallback: str = "portable") -> list[BlockFunction]:
+def define_blocks(
+    model: onnx.ModelProto, target: str, fallback: str = "portable", layout: str = "masked"
+) -> list[BlockFunction]:
     """Give every AdaptiveMoE node of ``model`` a local function for ``target``, in place.
 
     Args:
         model: a model from :func:`moepass.lowering.onnx.translate.to_onnx`.
-        target: ``ort`` (com.microsoft.MoE per k-bucket) or ``portable`` (standard ops only).
+        target: ``ort`` (com.microsoft.MoE with k per token) or ``portable`` (standard ops only).
         fallback: for target ``ort``, what a block com.microsoft.MoE cannot run
             exactly does: ``portable`` (standard ops inside its function) or ``error``.
+        layout: for target ``ort``, how variable k maps onto com.microsoft.MoE
+            calls: ``masked``, ``buckets`` or ``slots`` (:mod:`.experts_ort`).
 
     Raises:
         OnnxExportError: naming the block that cannot be exported exactly, and why.
@@ -256,7 +264,9 @@ def define_blocks(model: onnx.ModelProto, target: str, fallback: str = "portable
         raise OnnxExportError(f"unknown target {target!r}; expected one of {', '.join(TARGETS)}")
     if fallback not in FALLBACKS:
         raise OnnxExportError(f"unknown fallback {fallback!r}; expected one of {', '.join(FALLBACKS)}")
-    definer = _Definer(model, target, fallback)
+    if layout not in ORT_LAYOUTS:
+        raise OnnxExportError(f"unknown ORT layout {layout!r}; expected one of {', '.join(ORT_LAYOUTS)}")
+    definer = _Definer(model, target, fallback, layout)
     blocks = [definer.define(node) for node in block_nodes(model)]
     model.functions.extend(definer.functions.values())
     domains = {o.domain for o in model.opset_import}
