@@ -121,9 +121,8 @@ def optimize_graph(
                 )
         elif item.spec.experts.stacked_from_modules:
             entry.notes.append("expert weights stacked at compile time (a snapshot)")
-        # later blocks' regions were computed on the original graph; they are
-        # disjoint from this one, but the dataflow must see the new nodes
-        flow = Dataflow(gm.graph)
+        # blocks' regions are disjoint: the dataflow of the original graph
+        # stays valid for the blocks not rewritten yet
     gm.graph.lint()
     gm.recompile()
     return gm, reports
