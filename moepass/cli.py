@@ -35,6 +35,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from moepass.kernels.tune import tune_command_lines
+
+    for line in tune_command_lines(args.model, args.tokens, args.dtype, args.out, args.quick):
+        print(line)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``moepass`` command."""
     parser = argparse.ArgumentParser(prog="moepass", description="Adaptive-k routing for MoE models.")
@@ -44,6 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--family", default="mixtral", help="model family of the demo model")
     demo.add_argument("--inner", default="inductor", choices=["inductor", "aot_eager", "eager"])
     demo.set_defaults(run=_cmd_demo)
+    tune = commands.add_parser("tune", help="tune the Triton experts kernels for a model's shapes (GPU)")
+    tune.add_argument("model", help="E,H,I,K; a local config.json or model folder; or a zoo family")
+    tune.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 128, 1024, 4096], help="token counts to tune at")
+    tune.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    tune.add_argument("--out", default=None, help="folder for the JSON (default: the package's kernels/configs)")
+    tune.add_argument("--quick", action="store_true", help="a few configs only (smoke runs)")
+    tune.set_defaults(run=_cmd_tune)
     return parser
 
 
