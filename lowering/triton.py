@@ -9,7 +9,10 @@
               ──► triton_combine_slots out[t] = Σ_j y[t*K + j]        (slot order; skipped when K == 1)
 
 Four launches, no host synchronisation (grids are sized by the worst case and
-idle programs exit at once), so the path is CUDA-graph friendly.  Tile sizes
+idle programs exit at once), so the path is CUDA-graph friendly.  Variable k
+needs no token bucketing (:mod:`moepass.bucketing`) here: the alignment
+already gives empty slots no row, in one pass, whereas buckets would need
+their sizes on the host (a synchronisation) and one set of launches each.  Tile sizes
 come from :func:`moepass.kernels.config_store.lookup_config`: a tuned file for
 this shape and GPU, else a logged heuristic.  Semantics match
 :mod:`moepass.lowering.reference`; accumulation is float32 and the result is
