@@ -100,7 +100,7 @@ def gate_up_kernel(
         BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M: tile sizes and row-block grouping.
         ACTIVATION: an ACTIVATION_CODES value.  GATED: act(gate) * up, or act(h).
         HAS_BIAS: add b1.  WEIGHT_ON_INPUT: scale x by the routing weight first (Llama 4).
-        DOT_PRECISION: "ieee" for fp32 inputs (no TF32 rounding), "tf32" otherwise (unused).
+        DOT_PRECISION: tl.dot's input_precision for fp32 inputs ("tf32x3" or "tf32"); unused for 16-bit.
         UPCAST_DOT: multiply in fp32 (the interpreter's bf16 dot is wrong in Triton 3.9).
     """
     pid = tl.program_id(0)

@@ -76,14 +76,20 @@ def _device_guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def _fp32_dot_precision() -> str:
+    # fp32 experts follow torch's own matmul setting: plain TF32 only where the
+    # user allowed it for torch's matmuls; otherwise three TF32 passes
+    # ("tf32x3", error near fp32 round-off, at tensor-core speed), so the static
+    # policy reproduces the model to float32 round-off.
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
+
+
 def _dot_flags(dtype: torch.dtype) -> dict[str, Any]:
-    # fp32 experts get true fp32 products (no TF32 rounding): the static policy
-    # must reproduce the model to float32 round-off.  The interpreter of Triton
-    # 3.9 multiplies bf16 operands as their raw uint16 bits, so under it bf16
-    # tiles are upcast first (bf16 products are exact in fp32, so the result
-    # is what the tensor cores compute).
+    # The interpreter of Triton 3.9 multiplies bf16 operands as their raw
+    # uint16 bits, so under it bf16 tiles are upcast first (bf16 products are
+    # exact in fp32, so the result is what the tensor cores compute).
     return {
-        "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+        "DOT_PRECISION": _fp32_dot_precision() if dtype == torch.float32 else "tf32",
         "UPCAST_DOT": interpreter_enabled() and dtype == torch.bfloat16,
     }
 

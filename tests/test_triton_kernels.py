@@ -467,7 +467,7 @@ def _compile_for_h100(kernel, pointer_types: dict[str, str], constexprs: dict, n
     }
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if signature[name] != "constexpr" and not name.startswith("swiglu")}
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": True})
 
 
 @pytest.mark.parametrize(
@@ -477,6 +477,7 @@ def _compile_for_h100(kernel, pointer_types: dict[str, str], constexprs: dict, n
         ("bf16", "swiglu_clamp", True, True, False, (64, 128, 64, 4)),
         ("fp16", "gelu_tanh", True, False, True, (128, 128, 64, 3)),
         ("fp32", "relu", False, True, False, (32, 64, 32, 3)),
+        ("fp32", "silu", True, False, False, (64, 64, 32, 3)),
     ],
 )
 def test_kernels_compile_for_h100(monkeypatch, dtype, activation, gated, bias, weight_on_input, tiles):
@@ -487,7 +488,7 @@ def test_kernels_compile_for_h100(monkeypatch, dtype, activation, gated, bias, w
     monkeypatch.delenv("TRITON_INTERPRET")  # the compiled form, after interpreted runs in this process
     block_m, block_n, block_k, stages = tiles
     ptr, idx = f"*{dtype}", "*i32"
-    precision = "ieee" if dtype == "fp32" else "tf32"
+    precision = "tf32x3" if dtype == "fp32" else "tf32"
     gemm = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, DOT_PRECISION=precision, UPCAST_DOT=False)
     compiled = _compile_for_h100(
         gate_up_kernel,
