@@ -11,14 +11,14 @@
 How the combine avoids atomics: the down GEMM scatters each row to its own
 *slot* row ``y[t*K + j]`` (rows are unique, so no two programs write the same
 element), and a second, tiny kernel sums each token's K slot rows in slot
-order.  The result is deterministic run to run, sums in the same order as the
-CPU lowering and transformers' experts, and needs no fp32 scratch output or
+order.  The result is deterministic run to run, sums a token's experts in
+slot order as transformers' experts do, and needs no fp32 scratch output or
 zeroing pass; atomics (``tl.atomic_add`` into an fp32 ``out``) would make the
 low bits depend on scheduling and need a final cast pass anyway.  The price
 is one extra read and write of the non-empty slot rows (T·k_avg·H elements,
 small beside the expert weights the GEMMs stream) and one launch.  Empty
-slots are neither written by the GEMM nor read by the combine (its load is
-masked by the slot's id).  When K == 1 the slot row *is* the token row, so
+slots are neither written by the GEMM nor read by the combine (it checks the
+slot's id first).  When K == 1 the slot row *is* the token row, so
 the down GEMM writes the output directly (zero-initialised for tokens whose
 only slot is empty) and the combine is skipped.
 
