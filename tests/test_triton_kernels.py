@@ -39,6 +39,9 @@ from moepass.lowering import triton as triton_lowering  # noqa: E402
 from moepass.spec import ExpertsSpec  # noqa: E402
 
 
+pytestmark = pytest.mark.triton
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _triton_interpreter():
     """Run this module's kernels in Triton's CPU interpreter, and only this module's."""
