@@ -113,7 +113,8 @@ def shape_from_config(config: Any) -> ExpertShape:
 
 
 def resolve_shape(model: str) -> ExpertShape:
-    """``model`` as "E,H,I,K", a local config.json or model folder, or a moepass.zoo family.
+    """``model`` as "E,H,I,K", a local config.json or model folder, or a moepass.zoo family
+    (``zoo:mixtral`` or ``mixtral``), the model specs of ``moepass inspect`` that carry a config.
 
     Nothing is downloaded: hub names are not accepted.
     """
@@ -126,10 +127,12 @@ def resolve_shape(model: str) -> ExpertShape:
         return shape_from_config(AutoConfig.from_pretrained(model))
     from moepass.zoo import FAMILIES, tiny_config
 
-    if model in FAMILIES:
-        return shape_from_config(tiny_config(model))
+    family = model.removeprefix("zoo:")
+    if family in FAMILIES:
+        return shape_from_config(tiny_config(family))
     raise ValueError(
-        f"{model!r} is not E,H,I,K, a local config.json or model folder, or a zoo family ({', '.join(FAMILIES)})"
+        f"{model!r} is not E,H,I,K, a local config.json or model folder, or a zoo family "
+        f"(zoo:{', zoo:'.join(FAMILIES)})"
     )
 
 

@@ -423,7 +423,7 @@ def test_tune_reads_shapes_from_configs_without_downloading(tmp_path):
     from moepass.zoo import tiny_config
 
     assert resolve_shape("8,4096,14336,2") == ExpertShape(8, 4096, 14336, 2)
-    assert resolve_shape("mixtral") == ExpertShape(4, 64, 128, 2)
+    assert resolve_shape("zoo:mixtral") == resolve_shape("mixtral") == ExpertShape(4, 64, 128, 2)
     tiny_config("qwen2_moe").save_pretrained(tmp_path)
     assert resolve_shape(str(tmp_path)) == ExpertShape(4, 64, 32, 2)  # the experts' own intermediate size
     assert resolve_shape(str(tmp_path / "config.json")) == ExpertShape(4, 64, 32, 2)
