@@ -37,6 +37,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from moepass.kernels.tune import tune_command_lines
+
+    for line in tune_command_lines(args.model, args.tokens, args.dtype, args.out, args.quick):
+        print(line)
+    return 0
+
+
 def _parse_value(text: str):
     """A policy parameter from the command line: int, float, bool, none, else the text."""
     lowered = text.lower()
@@ -280,6 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--batch", type=int, default=4, help="sequences per batch (default 4)")
     calibrate.add_argument("--seed", type=int, default=0, help="seed of random weights and ids")
     calibrate.set_defaults(run=_cmd_calibrate, allows_extra=True)
+    tune = commands.add_parser("tune", help="tune the Triton experts kernels for a model's shapes (GPU)")
+    tune.add_argument("model", help="E,H,I,K; a transformers config.json or model folder; or zoo:<family>")
+    tune.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 128, 1024, 4096], help="token counts to tune at")
+    tune.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    tune.add_argument("--out", default=None, help="folder for the JSON (default: the package's kernels/configs)")
+    tune.add_argument("--quick", action="store_true", help="a few configs only (smoke runs)")
+    tune.set_defaults(run=_cmd_tune)
     return parser
 
 

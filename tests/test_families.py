@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import Recorder, rel_err, token_ids
+
 from moepass.zoo import FAMILIES, tiny_model
 
 #: op names the rewrite must remove, per original dispatch

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import token_ids
 
 import moepass
-from conftest import token_ids
 from moepass import charts, graphview
 from moepass.cli import main, parse_policy_params
 from moepass.graphview import draw, readable_code, to_networkx
@@ -116,7 +116,7 @@ def test_numbers_follow_the_routing(mixtral):
         assert run.relative_flops == pytest.approx(run.average_k / 2) and run.saved > 0
         assert run.expert_flops == run.slots * 6 * 64 * 128  # gated: 6·H·I per token and expert
     text = str(inspection)
-    for path, run in inspection.runs.items():
+    for run in inspection.runs.values():
         assert f"{tokens} tokens, average k {run.average_k:.2f} (native 2)" in text
         counts = run.tokens_per_k
         assert f"k=0: {counts[0]}  k=1: {counts[1]}  k=2: {counts[2]}" in text

@@ -13,12 +13,12 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import rel_err, token_ids
+from reference_routing import Router, route_token
 
 import moepass
-from conftest import rel_err, token_ids
 from moepass.stats import reset_stats
 from moepass.zoo import tiny_model
-from reference_routing import Router, route_token
 
 #: the router each family's config defines, written out independently of detection
 ROUTERS = {

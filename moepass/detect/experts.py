@@ -290,14 +290,14 @@ def _match_module_loop(region, router, flow, params, hidden) -> ExpertsMatch:
     if sorted(per_expert) != list(range(num_experts)):
         raise Mismatch(f"per-expert linears found for experts {sorted(per_expert)}, expected 0..{num_experts - 1}")
     gates, ups, downs = [], [], []
-    activation = gated = layout = None
+    activation = gated = None
     for expert in range(num_experts):
         lins = flow.sorted(per_expert[expert])
         down = [n for n in lins if any(m in flow.ancestors(n) for m in lins if m is not n)]
         first = [n for n in lins if n not in down]
         if len(down) != 1 or len(first) not in (1, 2):
             raise Mismatch(f"expert {expert}: {len(lins)} linears in an unrecognised arrangement")
-        act, is_gated, lay, _, _ = _activation_between(first[0], down[0], region.nodes, flow, router.ids)
+        act, is_gated, _, _, _ = _activation_between(first[0], down[0], region.nodes, flow, router.ids)
         if len(first) == 2:
             # the gate is the projection the activation is applied to
             acted = [n for n in first if any(op_name(u) in _ACTIVATIONS for u in n.users)]
@@ -312,7 +312,7 @@ def _match_module_loop(region, router, flow, params, hidden) -> ExpertsMatch:
             ups.append(first[0])
         downs.append(down[0])
         if activation is None:
-            activation, gated, layout = act, is_gated, lay
+            activation, gated = act, is_gated
         elif (act, is_gated) != (activation, gated):
             raise Mismatch(f"expert {expert} uses {act}, others {activation}")
     if gated and len(gates) != num_experts:
