@@ -2,19 +2,17 @@
 
 ::
 
-    ids [T,K] ──► sort slots by expert (empty slots last, then dropped)
+    ids [T,K] ──► bucket tokens by k, take every bucket's slots, sort them by expert
     x [T,H]   ──► gather rows      xs [S,H]           S = non-empty slots
                   for each expert e with rows:        (GEMMs in place, no copies
                       h  = xs[e] @ w1[e]ᵀ (+ b1[e])    of weights: w[e]ᵀ is a
                       a  = act(h)   (in place)         strided view BLAS reads)
                       y[e] = a @ w2[e]ᵀ (+ b2[e])
                   y *= weight (per row)
-                  scatter rows back to slot order, sum over each token's K slots
+                  add each row into its token's output (float32)
 
 Empty slots cost no GEMM work: each GEMM processes exactly the rows routed to
-its expert (see :func:`moepass.stats.count_gemm_rows`).  The final sum runs
-over slots in slot order, as transformers' experts do, so the static policy
-reproduces them to float32 round-off.
+its expert (see :func:`moepass.stats.count_gemm_rows`).
 """
 
 from __future__ import annotations
@@ -23,24 +21,33 @@ import torch
 import torch.nn.functional as F
 
 from moepass.lowering.activations import split_gate_up, unary_activation
+from moepass.bucketing import bucket_by_k
 from moepass.spec import ExpertsSpec
 from moepass.stats import note_gemm_rows
 
-__all__ = ["experts_forward", "sort_slots_by_expert"]
+__all__ = ["experts_forward", "expert_slots"]
 
 
-def sort_slots_by_expert(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, list[int]]:
-    """Order the non-empty slots of ``ids`` [T, K] by expert, stably.
+def expert_slots(ids: torch.Tensor, weights: torch.Tensor, num_experts: int):
+    """The non-empty slots of a routing, as the union of its k-buckets, sorted by expert.
 
-    Returns the flat slot indices (``token * K + slot``) grouped by expert and
-    the number of slots per expert.  Ids outside ``[0, E)`` (the sentinel) are
-    dropped.
+    The buckets' fixed-k problems (see :mod:`moepass.bucketing`) all use the
+    same expert weights, so on CPU they run fused: every bucket's slots go
+    through one GEMM pair per expert — fewer, larger GEMMs than bucket by
+    bucket, and still no row for an empty slot.
+
+    Returns (token per row, weight per row, rows per expert), rows grouped by expert.
     """
-    flat = ids.reshape(-1)
-    keys = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)
-    counts = torch.bincount(keys, minlength=num_experts + 1).tolist()[:num_experts]
-    order = torch.sort(keys, stable=True)[1][: sum(counts)]
-    return order, counts
+    plan = bucket_by_k(ids, weights, num_experts)
+    if not plan.buckets:
+        empty = ids.new_empty(0)
+        return empty, weights.new_empty(0), [0] * num_experts
+    tokens = torch.cat([b.tokens.repeat_interleave(b.k) for b in plan.buckets])
+    experts = torch.cat([b.ids.reshape(-1) for b in plan.buckets])
+    slot_weights = torch.cat([b.weights.reshape(-1) for b in plan.buckets])
+    order = torch.sort(experts, stable=True)[1]
+    counts = torch.bincount(experts, minlength=num_experts).tolist()
+    return tokens[order], slot_weights[order], counts
 
 
 def _activate_inplace(h: torch.Tensor, spec: ExpertsSpec) -> torch.Tensor:
@@ -105,16 +112,13 @@ def _expert_weight_major(xs, out, expert, w1, w2, b1, b2, spec: ExpertsSpec, buf
 def experts_forward(x, ids, weights, w1, w2, b1, b2, spec: ExpertsSpec) -> torch.Tensor:
     """The experts op on CPU tensors (any float dtype; accumulation in float32)."""
     num_tokens, hidden = x.shape
-    num_slots = ids.shape[1]
-    order, counts = sort_slots_by_expert(ids, spec.num_experts)
-    rows_total = order.numel()
-    token = torch.div(order, num_slots, rounding_mode="floor")
+    token, slot_weights, counts = expert_slots(ids, weights, spec.num_experts)
+    slot_weights = slot_weights.float().unsqueeze(1)
     xs = x.index_select(0, token)
-    slot_weights = weights.reshape(-1).index_select(0, order).float().unsqueeze(1)
     if spec.weight_on_input:
         xs = (xs.float() * slot_weights).to(x.dtype)
     n1 = w1.shape[2] if spec.transposed else w1.shape[1]
-    y = torch.empty(rows_total, hidden, dtype=x.dtype, device=x.device)
+    y = torch.empty(token.numel(), hidden, dtype=x.dtype, device=x.device)
     h_buffer = torch.empty(max(counts, default=0) * n1, dtype=x.dtype, device=x.device)
     start = 0
     for expert, count in enumerate(counts):
@@ -127,10 +131,9 @@ def experts_forward(x, ids, weights, w1, w2, b1, b2, spec: ExpertsSpec) -> torch
             _expert_token_major(xs[rows], y[rows], expert, w1, w2, b1, b2, spec, h_buffer[: count * n1])
         note_gemm_rows(count)
         start += count
-    if spec.weight_on_input:
-        weighted = y.float() if x.dtype != torch.float32 else y
-    else:
-        weighted = y.float().mul_(slot_weights) if x.dtype != torch.float32 else y.mul_(slot_weights)
-    by_slot = torch.zeros(num_tokens * num_slots, hidden, dtype=weighted.dtype, device=x.device)
-    by_slot.index_copy_(0, order, weighted)
-    return by_slot.view(num_tokens, num_slots, hidden).sum(dim=1).to(x.dtype)
+    weighted = y.float() if x.dtype != torch.float32 else y
+    if not spec.weight_on_input:
+        weighted = weighted.mul_(slot_weights)
+    out = torch.zeros(num_tokens, hidden, dtype=weighted.dtype, device=x.device)
+    out.index_add_(0, token, weighted)
+    return out.to(x.dtype)

@@ -25,6 +25,7 @@ if _os.path.isfile(_os.path.join(_source_root, "lowering", "__init__.py")) and n
 
 from moepass import ops as _ops  # noqa: F401  (registers torch.ops.moepass.*)
 from moepass import policies
+from moepass.calibrate import calibrate
 from moepass.options import BackendOptions, OptionsError
 from moepass.policies import Policy, PolicyError
 from moepass.report import BlockReport, Report, last_report, report
@@ -34,6 +35,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendOptions",
+    "calibrate",
     "BlockReport",
     "ExpertsSpec",
     "MoEBlockSpec",

@@ -15,17 +15,19 @@ cached); per-layer tensors of a policy travel in ``tensors``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from moepass.spec import ExpertsSpec, RouterSpec
 
-__all__ = ["RouteConfig", "ExpertsConfig", "route", "experts", "LOWERINGS"]
+__all__ = ["RouteConfig", "ExpertsConfig", "route", "experts", "LOWERINGS", "capture_routes", "routes_not_captured"]
 
 #: Implementations of the experts op; "auto" picks triton for CUDA tensors
 #: and cpu otherwise.
@@ -48,6 +50,10 @@ class RouteConfig:
     tensor_roles: tuple[str, ...] = ()
     #: Whether ``x`` is passed (rules such as the allocator need it).
     uses_x: bool = False
+    #: None follows the model's renormalisation; True/False forces it.
+    renormalize: bool | None = None
+    #: Module path of the block, for calibration capture.
+    block: str = ""
 
     def to_json(self) -> str:
         """Encode for the op's ``config`` argument."""
@@ -109,6 +115,9 @@ def _route_composite(
     from moepass.policies.rules import get_rule
 
     cfg = parse_route_config(config)
+    if _capture_hooks and not _capture_suspended and not is_fake(logits):
+        for hook in list(_capture_hooks):
+            hook(cfg, logits, x)
     named = dict(zip(cfg.tensor_roles, tensors))
     rule = get_rule(cfg.rule, cfg.params) if cfg.rule != "static" else None
     rule_tensors = [t for role, t in zip(cfg.tensor_roles, tensors) if role != "correction_bias"]
@@ -121,7 +130,34 @@ def _route_composite(
         x=x,
         correction_bias=named.get("correction_bias"),
         tensors=rule_tensors,
+        renormalize=cfg.renormalize,
     )
+
+
+#: Callables run on each real (not fake, not validation) ``route`` call with
+#: (config, logits, x): how calibration sees every block's router logits.
+_capture_hooks: list = []
+_capture_suspended: list = []
+
+
+@contextlib.contextmanager
+def capture_routes(hook) -> Iterator[None]:
+    """Call ``hook(config, logits, x)`` on every eager ``moepass.route`` call inside the block."""
+    _capture_hooks.append(hook)
+    try:
+        yield
+    finally:
+        _capture_hooks.remove(hook)
+
+
+@contextlib.contextmanager
+def routes_not_captured() -> Iterator[None]:
+    """Hide ``route`` calls from capture hooks (validation runs on random inputs)."""
+    _capture_suspended.append(True)
+    try:
+        yield
+    finally:
+        _capture_suspended.pop()
 
 
 _lib.impl("route", _route_composite, "CompositeImplicitAutograd")

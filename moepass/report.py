@@ -124,7 +124,9 @@ class Report:
             why = b.reason if not b.rewritten else "; ".join(b.notes)
             if b.path in stats and stats[b.path].tokens:
                 s = stats[b.path]
-                why = (why + "; " if why else "") + f"avg k {s.average_k:.2f} over {s.tokens} tokens"
+                per_k = "/".join(str(n) for n in s.tokens_per_k)
+                flops = f", expert FLOPs {100 * s.average_k / b.top_k:.0f}% of static" if b.top_k else ""
+                why = (why + "; " if why else "") + f"avg k {s.average_k:.2f} (tokens per k {per_k}){flops}"
             rows.append(
                 (
                     b.display_path,

@@ -33,7 +33,7 @@ from moepass.dataflow import Dataflow, alias_root, example_value, mutated_node, 
 from moepass.detect import BlockMatch
 from moepass.detect.common import Mismatch
 from moepass.detect.region import Region, block_region, satellites
-from moepass.ops import ExpertsConfig, RouteConfig
+from moepass.ops import ExpertsConfig, RouteConfig, routes_not_captured
 from moepass.policies import ResolvedPolicy
 from moepass.validate import concrete_shape, relative_error, run_region
 
@@ -96,8 +96,10 @@ def plan_rewrite(
         k_max=resolved.k_max,
         tensor_roles=tuple(roles),
         uses_x=resolved.uses_x,
+        renormalize=resolved.renormalize,
+        block=match.path,
     )
-    static_config = RouteConfig(router=match.spec.router, tensor_roles=static_roles)
+    static_config = RouteConfig(router=match.spec.router, tensor_roles=static_roles, block=match.path)
     experts_config = None
     weights: dict[str, Any] = {}
     if match.experts is not None:
@@ -152,7 +154,7 @@ def validate_rewrite(gm: fx.GraphModule, flow: Dataflow, plan: BlockRewrite, env
     logits = local[router.linear]
     static_tensors = [_value(t, local) for t in plan.static_route_tensors]
     x2d = random_x.reshape(-1, random_x.shape[-1])
-    with torch.no_grad():
+    with torch.no_grad(), routes_not_captured():
         ids, weights = torch.ops.moepass.route(logits, None, static_tensors, plan.static_route_config.to_json())
         if match.experts is None:
             expected = _dense(local[router.ids].reshape(ids.shape[0], -1), local[router.weights_end].reshape(ids.shape[0], -1).float(), router.spec.num_experts)

@@ -123,29 +123,49 @@ def rank_experts(
     raise ValueError(f"unknown router kind {router.kind!r}")
 
 
-def weigh_experts(ranked: RankedExperts, keep: torch.Tensor, router: RouterSpec) -> torch.Tensor:
+def _natural_weights(ranked: RankedExperts, router: RouterSpec) -> torch.Tensor:
+    """Per-slot weights before any renormalisation, in ranking order."""
+    if router.kind == "topk_softmax":
+        return ranked.probs  # softmax over all experts; renormalised it is the model's formula
+    if router.kind == "topk_sigmoid":
+        return torch.sigmoid(ranked.values)
+    return ranked.values
+
+
+def _normalise(weights: torch.Tensor, eps: float) -> torch.Tensor:
+    denominator = weights.sum(dim=-1, keepdim=True) + eps
+    if eps == 0.0:
+        # a token that keeps no expert would divide 0 by 0
+        denominator = torch.where(denominator > 0, denominator, torch.ones_like(denominator))
+    return weights / denominator
+
+
+def weigh_experts(
+    ranked: RankedExperts, keep: torch.Tensor, router: RouterSpec, renormalize: bool | None = None
+) -> torch.Tensor:
     """The model's weights for the kept experts; 0 for dropped slots.
 
     Args:
         ranked: output of :func:`rank_experts`.
         keep: [T, C] bool, which ranked slots survive.
         router: the block's router spec.
+        renormalize: None follows the model (its own formula, renormalised
+            over the survivors exactly when the model renormalises); True or
+            False forces it (``top_p``'s paper form is not renormalised).
     """
-    values = ranked.values
-    if router.kind == "topk_softmax":
-        # softmax over the surviving logits == full softmax renormalised over them
-        weights = torch.softmax(values.masked_fill(~keep, float("-inf")), dim=-1)
-        # a token with no expert has a row of -inf: softmax gives NaN; it gets zeros
-        return torch.where(keep, weights, torch.zeros_like(weights))
-    if router.kind == "topk_sigmoid":
-        return torch.where(keep, torch.sigmoid(values), torch.zeros_like(values))
-    weights = torch.where(keep, values, torch.zeros_like(values))
-    if router.renormalize:
-        denominator = weights.sum(dim=-1, keepdim=True) + router.renormalize_eps
-        if router.renormalize_eps == 0.0:
-            # a token that keeps no expert would divide 0 by 0
-            denominator = torch.where(denominator > 0, denominator, torch.ones_like(denominator))
-        weights = weights / denominator
+    zeros = torch.zeros_like(ranked.values)
+    if renormalize is None:
+        if router.kind == "topk_softmax":
+            # softmax over the surviving logits == full softmax renormalised over them
+            weights = torch.softmax(ranked.values.masked_fill(~keep, float("-inf")), dim=-1)
+            # a token with no expert has a row of -inf: softmax gives NaN; it gets zeros
+            return torch.where(keep, weights, zeros)
+        if router.kind == "topk_sigmoid":
+            return torch.where(keep, torch.sigmoid(ranked.values), zeros)
+        renormalize = router.renormalize
+    weights = torch.where(keep, _natural_weights(ranked, router), zeros)
+    if renormalize:
+        weights = _normalise(weights, router.renormalize_eps)
     if router.scaling_factor != 1.0:
         weights = weights * router.scaling_factor
     return weights
@@ -164,6 +184,7 @@ def route(
     x: torch.Tensor | None = None,
     correction_bias: torch.Tensor | None = None,
     tensors: list[torch.Tensor] | None = None,
+    renormalize: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Route tokens: rank, choose k per token, weigh.
 
@@ -177,6 +198,7 @@ def route(
         x: [T, H] block input, for rules that need it.
         correction_bias: [E] selection bias of ``sigmoid_group_topk`` routers.
         tensors: extra tensors for the rule.
+        renormalize: override of the model's renormalisation (see :func:`weigh_experts`).
 
     Returns:
         ``ids`` [T, k_max] int64 (sentinel ``E`` in empty slots) and
@@ -201,6 +223,6 @@ def route(
             k = k_rule(context)
         k = k.clamp(min=k_min, max=k_max)
         keep = slots.unsqueeze(0) < k.unsqueeze(1)
-    weights = weigh_experts(ranked, keep, router)
+    weights = weigh_experts(ranked, keep, router, renormalize)
     ids = torch.where(keep, ranked.order, torch.full_like(ranked.order, router.num_experts))
     return ids, weights.float()

@@ -82,6 +82,8 @@ class RouterSpec:
     topk_group: int = 1
     #: The router linear has a bias (gpt-oss).
     linear_has_bias: bool = False
+    #: Width of the router's input (the block's hidden size).
+    hidden_size: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in ROUTER_KINDS:

@@ -261,6 +261,7 @@ def match_router(anchor: fx.Node, flow: Dataflow) -> RouterMatch:
         n_group=n_group,
         topk_group=topk_group,
         linear_has_bias=bias is not None,
+        hidden_size=hidden,
     )
     x_input = arg(linear, 0, "input")
     if (tensor_shape(x_input) or (None,))[-1] != hidden:

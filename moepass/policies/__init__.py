@@ -1,18 +1,37 @@
 """Routing policies: how many experts each token keeps.
 
-See :mod:`moepass.policies.base` for the interface and
+See :mod:`moepass.policies.base` for the interface,
+:mod:`moepass.policies.builtin` for the policies and
 :mod:`moepass.routing` for how every policy composes with every router kind.
 """
 
-from moepass.policies.base import POLICIES, Policy, PolicyError, ResolvedPolicy, Static, register_policy
+from __future__ import annotations
 
-__all__ = ["POLICIES", "Policy", "PolicyError", "ResolvedPolicy", "Static", "register_policy", "make_policy"]
+import dataclasses
+
+from moepass.policies.base import POLICIES, Policy, PolicyError, ResolvedPolicy, load_policy, register_policy
+from moepass.policies.builtin import Allocator, NullExperts, Sensitivity, SkipRatio, Static, Threshold, TopP
+
+__all__ = [
+    "POLICIES",
+    "Policy",
+    "PolicyError",
+    "ResolvedPolicy",
+    "Static",
+    "Threshold",
+    "TopP",
+    "Sensitivity",
+    "SkipRatio",
+    "NullExperts",
+    "Allocator",
+    "load_policy",
+    "make_policy",
+    "register_policy",
+]
 
 
 def make_policy(name: str, **params) -> Policy:
     """Build the policy called ``name`` from its parameters; errors list what is valid."""
-    import dataclasses
-
     try:
         cls = POLICIES[name]
     except KeyError:
