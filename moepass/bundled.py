@@ -180,3 +180,80 @@ def overlay_path(name: str) -> Path | None:
 def python_version() -> str:
     """This interpreter's version as recorded in fingerprints."""
     return f"{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
+
+
+#: Training-free policies at their papers' settings, evaluated beside the artefacts.
+PAPER_SETTINGS: dict[str, dict[str, Any]] = {
+    "threshold": {"T": 0.1},
+    "top_p": {"p": 0.4},
+}
+
+#: The order of the quality table.
+DEFAULT_RUNS = ("static", "threshold", "top_p", "sensitivity", "skip_ratio", "ada_k", "null_experts")
+
+
+def policy_run(spec: str, model=None):
+    """A :class:`moepass.evaluate.PolicyRun` from ``name`` or ``name:key=value,key=value``.
+
+    ``name`` is a bundled artefact (``ada_k``, ``null_experts``, ``sensitivity``,
+    ``skip_ratio``: loaded from the package, with its weight overlay applied to
+    a fresh copy of the model when it has one) or any policy name (built with
+    its paper setting, :data:`PAPER_SETTINGS`, unless parameters are given).
+    Parameters given for a bundled artefact replace its saved fields.
+    """
+    import dataclasses
+
+    from moepass.evaluate import PolicyRun
+    from moepass.policies import make_policy
+
+    name, _, rest = spec.partition(":")
+    params: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"policy spec {spec!r}: expected key=value, got {item!r}")
+        params[key] = _parse_value(value)
+    if name in policy_names():
+        policy = load_policy(name)
+        if params:
+            policy = dataclasses.replace(policy, **params)
+        overlay = overlay_path(name)
+        run_model = load_model(overlay=overlay) if overlay is not None else None
+        setting = _artefact_setting(policy) + (" + fine-tuned weights" if overlay is not None else "")
+        return PolicyRun(name, policy, setting, run_model)
+    policy = make_policy(name, **(params or PAPER_SETTINGS.get(name, {})))
+    return PolicyRun(name, policy, ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in (params or PAPER_SETTINGS.get(name, {})).items()) or "native top-k")
+
+
+def policy_runs(specs: list[str] | None = None) -> list:
+    """:func:`policy_run` of each spec (default: :data:`DEFAULT_RUNS` that are available)."""
+    if specs is None:
+        available = set(policy_names())
+        specs = [s for s in DEFAULT_RUNS if s in available or s in ("static", "threshold", "top_p")]
+    return [policy_run(s) for s in specs]
+
+
+def _parse_value(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def _artefact_setting(policy) -> str:
+    name = policy.name
+    if name == "sensitivity":
+        return f"T={policy.T:.3g}, calibrated F_l"
+    if name == "skip_ratio":
+        beta = policy.beta
+        if isinstance(beta, dict):
+            return "β_l=" + "/".join(f"{v:.2f}" for _, v in sorted(beta.items()))
+        return f"β={beta:g}"
+    if name == "allocator":
+        return "PPO-trained W_l"
+    if name == "null_experts":
+        rows = next(iter(policy.router_rows.values()))
+        return f"m={rows.shape[0]}, k={policy.k}"
+    return policy.describe()

@@ -63,7 +63,7 @@ class TrainConfig:
     """Everything that determines the trained weights."""
 
     shape: ModelShape = field(default_factory=ModelShape)
-    steps: int = 2000
+    steps: int = 1600
     batch_size: int = 16
     seq_len: int = 256
     lr: float = 3e-3
@@ -78,7 +78,7 @@ class TrainConfig:
     threads: int = 1
     #: Held-out tokens for the evaluations during and after training.
     eval_tokens: int = 65536
-    eval_every: int = 500
+    eval_every: int = 200
 
 
 @dataclass

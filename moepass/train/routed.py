@@ -10,9 +10,9 @@ give.  :func:`routed` temporarily replaces the forward of every
             └───────────────────────────────► model's own experts on the non-empty slots
 
 The k-rule of layer ``l`` sees a :class:`moepass.routing.RoutingContext`
-(ranked experts, logits, the block input ``x``).  :func:`policy_rules` turns a
-:class:`moepass.policies.Policy` into those rules, so an eager run of a policy
-routes exactly as the compiled model does.
+(ranked experts, logits, the block input ``x``).  :func:`routed_policy` runs a
+:class:`moepass.policies.Policy` with its own rules, so an eager run of a
+policy routes exactly as the compiled model does.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from moepass.routing import KRule, route
 from moepass.spec import ExpertsSpec, MoEBlockSpec, RouterSpec
 
-__all__ = ["MoELayer", "moe_layers", "block_spec", "routed", "policy_rules", "Observation"]
+__all__ = ["MoELayer", "moe_layers", "block_spec", "routed", "routed_policy", "Observation"]
 
 
 @dataclass
@@ -67,7 +67,13 @@ def block_spec(layer: MoELayer) -> MoEBlockSpec:
     """The :class:`MoEBlockSpec` detection builds for a Mixtral block (softmax → top-k → renormalise)."""
     block = layer.module
     experts = block.experts
-    router = RouterSpec(kind="softmax_topk", num_experts=experts.num_experts, top_k=block.top_k, renormalize=True)
+    router = RouterSpec(
+        kind="softmax_topk",
+        num_experts=experts.num_experts,
+        top_k=block.top_k,
+        renormalize=True,
+        hidden_size=experts.hidden_dim,
+    )
     spec = ExpertsSpec(
         dispatch="grouped_mm",
         num_experts=experts.num_experts,
@@ -98,6 +104,7 @@ def _routed_forward(
     rule: KRule | None,
     k_min: int | None,
     k_max: int | None,
+    renormalize: bool | None,
     observe: Callable[[Observation], None] | None,
     layer: int,
 ):
@@ -105,7 +112,7 @@ def _routed_forward(
         batch, length, hidden = hidden_states.shape
         x = hidden_states.reshape(-1, hidden)
         logits = F.linear(x, block.gate.weight)
-        ids, weights = route(logits, spec.router, rule, k_min=k_min, k_max=k_max, x=x)
+        ids, weights = route(logits, spec.router, rule, k_min=k_min, k_max=k_max, x=x, renormalize=renormalize)
         if observe is not None:
             observe(Observation(layer, x, logits, ids, weights))
         return _experts(block, x, ids, weights).reshape(batch, length, hidden)
@@ -123,6 +130,7 @@ def routed(
     *,
     k_min: int | Sequence[int | None] | None = None,
     k_max: int | Sequence[int | None] | None = None,
+    renormalize: bool | Sequence[bool | None] | None = None,
     observe: Callable[[Observation], None] | None = None,
 ) -> Iterator[list[MoELayer]]:
     """Run ``model``'s Mixtral blocks with per-token k-rules inside the block.
@@ -133,6 +141,8 @@ def routed(
             indexed by layer or a function of the layer index.
         k_min, k_max: bounds on k (an int for every layer, or per layer);
             defaults as :func:`moepass.routing.route`.
+        renormalize: override of the model's renormalisation (every layer,
+            or per layer); None follows the model.
         observe: called once per block call with an :class:`Observation`.
 
     Yields the model's :class:`MoELayer` list; the original forwards come back
@@ -152,7 +162,14 @@ def routed(
             spec = block_spec(layer)
             saved.append((layer.module, layer.module.__dict__.get("forward")))
             layer.module.forward = _routed_forward(
-                layer.module, spec, rule, per_layer(k_min, layer.index), per_layer(k_max, layer.index), observe, layer.index
+                                layer.module,
+                spec,
+                rule,
+                per_layer(k_min, layer.index),
+                per_layer(k_max, layer.index),
+                per_layer(renormalize, layer.index),
+                observe,
+                layer.index,
             )
         yield layers
     finally:
@@ -163,17 +180,21 @@ def routed(
                 module.forward = previous
 
 
-def policy_rules(model: torch.nn.Module, policy) -> tuple[list[KRule | None], list[int | None], list[int | None]]:
-    """(rules, k_min, k_max) per layer that make :func:`routed` run ``policy``.
+@contextlib.contextmanager
+def routed_policy(
+    model: torch.nn.Module, policy, observe: Callable[[Observation], None] | None = None
+) -> Iterator[list[MoELayer]]:
+    """:func:`routed` with the k-rules, bounds and weights of ``policy``.
 
     Uses the policy's own :meth:`~moepass.policies.Policy.resolve` and the
-    registered run-time rule, i.e. the same code the compiled model runs.
+    registered run-time rules, i.e. the same code the compiled model runs.
     """
     from moepass.policies.rules import get_rule
 
-    rules, lows, highs = [], [], []
+    rules, lows, highs, renorms = [], [], [], []
     for layer in moe_layers(model):
         resolved = policy.resolve(block_spec(layer))
+        renorms.append(resolved.renormalize)
         if resolved.rule == "static":
             rules.append(None)
             lows.append(None)
@@ -189,4 +210,5 @@ def policy_rules(model: torch.nn.Module, policy) -> tuple[list[KRule | None], li
         rules.append(bound)
         lows.append(resolved.k_min)
         highs.append(resolved.k_max)
-    return rules, lows, highs
+    with routed(model, rules, k_min=lows, k_max=highs, renormalize=renorms, observe=observe) as layers:
+        yield layers
