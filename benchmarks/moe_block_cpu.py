@@ -6,6 +6,8 @@ Block: hidden 1024, intermediate 2816, 8 experts, top-2, float32.  At 8 and
 * transformers ``eager`` experts (a Python loop over the experts hit),
 * transformers ``grouped_mm`` experts, eager and under torch.compile (Inductor),
 * moepass: ``torch.compile(block, backend="adaptive_moe")`` (static policy),
+* moepass with an adaptive policy (top-p calibrated to an average k of about
+  1.4 of 2), beside the ideal ratio k_avg / 2 against the static rewrite,
 
 and measures the machine's float32 GEMM rate and memory bandwidth, so each
 time is also shown as a fraction of the GEMM roofline (512 tokens) and as a
@@ -23,10 +25,12 @@ import torch
 from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
-import moepass  # noqa: F401  (the backend would load it anyway)
+import moepass
+import moepass.stats
 from _common import gemm_rate, machine_description, markdown_table, memory_bandwidths, time_it, today, write_section
 
 HIDDEN, INTER, EXPERTS, TOP_K = 1024, 2816, 8, 2
+ADAPTIVE = "moepass (adaptive top_p)"
 
 
 def make_block(impl: str, seed: int = 0) -> MixtralSparseMoeBlock:
@@ -59,9 +63,16 @@ def experts_hit(block: MixtralSparseMoeBlock, x: torch.Tensor) -> int:
     return len(set(ids.flatten().tolist()))
 
 
+def _average_k() -> float:
+    """Average k the adaptive block recorded (all calls of this token count)."""
+    stats = list(moepass.stats.routing_stats().values())
+    return stats[0].average_k if stats else float("nan")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[8, 512])
+    parser.add_argument("--target-k", type=float, default=1.4, help="average k the adaptive policy is calibrated to")
     parser.add_argument("--no-write", action="store_true", help="do not update benchmarks/RESULTS.md")
     args = parser.parse_args()
 
@@ -75,19 +86,26 @@ def main() -> None:
     )
 
     grouped = make_block("grouped_mm")
+    calibration = [torch.randn(1, 512, HIDDEN, generator=torch.Generator().manual_seed(1))]
+    adaptive_policy = moepass.calibrate(grouped, calibration, "top_p", target_avg_k=args.target_k, show_progress=False)
+    print(f"adaptive policy: {adaptive_policy.describe()} (calibrated to average k {args.target_k})")
     variants = {
         "transformers eager experts": make_block("eager"),
         "transformers grouped_mm": grouped,
         "transformers grouped_mm + Inductor": torch.compile(copy.deepcopy(grouped), backend="inductor"),
         "moepass (static)": torch.compile(copy.deepcopy(grouped), backend="adaptive_moe"),
+        ADAPTIVE: torch.compile(
+            copy.deepcopy(grouped), backend="adaptive_moe", options={"policy": adaptive_policy, "stats": True}
+        ),
     }
-    rows = []
+    rows, adaptive_rows = [], []
     for tokens in args.tokens:
         x = torch.randn(1, tokens, HIDDEN)
         hit = experts_hit(grouped, x)
         floor = hit * expert_bytes() / bandwidth["copy"]
         floor_rw = hit * expert_bytes() / bandwidth["copy_rw"]
         times = {}
+        moepass.stats.reset_stats()
         with torch.no_grad():
             reference = grouped(x)
             for name, block in variants.items():
@@ -96,8 +114,10 @@ def main() -> None:
                 times[name] = time_it(lambda: block(x), repeat=10 if tokens <= 64 else 5, min_seconds=1.0)
                 print(f"{tokens:5d} tokens  {name:36s} {times[name] * 1e3:9.2f} ms  (max rel err vs grouped_mm {error:.1e})")
         base = times["transformers grouped_mm"]
+        average_k = _average_k()
         for name, seconds in times.items():
-            gflops = flops(tokens) / seconds / 1e9
+            k = average_k if name == ADAPTIVE else TOP_K
+            gflops = flops(tokens, k) / seconds / 1e9
             rows.append(
                 [
                     str(tokens),
@@ -114,9 +134,19 @@ def main() -> None:
             f"{times['moepass (static)'] / floor:.2f}× the memory floor ({hit} experts hit, copy bandwidth) "
             f"or {times['moepass (static)'] / floor_rw:.2f}× (read+write convention)"
         )
+        ratio = times[ADAPTIVE] / times["moepass (static)"]
+        ideal = average_k / TOP_K
+        adaptive_rows.append([str(tokens), f"{average_k:.2f}", f"{ratio:.3f}", f"{ideal:.3f}", f"{ratio / ideal:.3f}"])
+        print(
+            f"{tokens:5d} tokens: adaptive (average k {average_k:.2f}) takes {ratio:.3f}× the static rewrite's time; "
+            f"ideal {ideal:.3f}; {100 * (ratio / ideal - 1):+.1f}% from ideal"
+        )
     table = markdown_table(
         ["tokens", "implementation", "ms", "speed vs grouped_mm", "GFLOP/s (% of GEMM rate)", "× memory floor (copy / read+write)"],
         rows,
+    )
+    adaptive_table = markdown_table(
+        ["tokens", "average k", "adaptive ÷ static time", "ideal (k_avg / 2)", "÷ ideal"], adaptive_rows
     )
     body = (
         f"## MoE block on CPU (`benchmarks/moe_block_cpu.py`)\n\n"
@@ -125,7 +155,10 @@ def main() -> None:
         f"Measured in the same run: float32 GEMM {rate / 1e9:.1f} GFLOP/s; copy bandwidth "
         f"{bandwidth['copy'] / 1e9:.1f} GB/s counted as bytes copied ({bandwidth['copy_rw'] / 1e9:.1f} GB/s counting "
         f"read + write); read bandwidth {bandwidth['read'] / 1e9:.1f} GB/s.  The memory floor is the bytes of the "
-        f"experts the tokens hit divided by the copy bandwidth, under each convention.\n\n{table}\n"
+        f"experts the tokens hit divided by the copy bandwidth, under each convention.  GFLOP/s counts the "
+        f"expert FLOPs actually needed (k_avg experts per token for the adaptive policy).\n\n{table}\n\n"
+        f"Adaptive routing ({adaptive_policy.describe()}, calibrated to an average k of {args.target_k}) "
+        f"against the static rewrite:\n\n{adaptive_table}\n"
     )
     print(body)
     if not args.no_write:

@@ -114,7 +114,12 @@ def optimize_graph(
         entry.rewritten = True
         entry.graph_after = extract(inserted, [inserted[-1]])
         if item.experts is None:
-            entry.notes.append("router only: the experts loop graph-broke and skips the empty-slot id E")
+            entry.notes.append("router only: the experts loop graph-broke")
+            if not item.sentinel_safe and resolved.rule != "static":
+                entry.notes.append(
+                    "empty slots get weight 0 and a repeated expert id (the loop outside this graph may not "
+                    "skip id E), so they save no compute: use experts_implementation='grouped_mm'"
+                )
         elif item.spec.experts.stacked_from_modules:
             entry.notes.append("expert weights stacked at compile time (a snapshot)")
         # later blocks' regions were computed on the original graph; they are

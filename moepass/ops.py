@@ -54,6 +54,10 @@ class RouteConfig:
     renormalize: bool | None = None
     #: Module path of the block, for calibration capture.
     block: str = ""
+    #: How empty slots are written: "sentinel" (id E, weight 0: consumers skip
+    #: them) or "repeat_first" (the token's first expert, weight 0: for
+    #: consumers outside the graph that may not know the sentinel).
+    empty_slots: str = "sentinel"
 
     def to_json(self) -> str:
         """Encode for the op's ``config`` argument."""
@@ -121,7 +125,7 @@ def _route_composite(
     named = dict(zip(cfg.tensor_roles, tensors))
     rule = get_rule(cfg.rule, cfg.params) if cfg.rule != "static" else None
     rule_tensors = [t for role, t in zip(cfg.tensor_roles, tensors) if role != "correction_bias"]
-    return routing.route(
+    ids, weights = routing.route(
         logits,
         cfg.router,
         rule,
@@ -132,6 +136,11 @@ def _route_composite(
         tensors=rule_tensors,
         renormalize=cfg.renormalize,
     )
+    if cfg.empty_slots == "repeat_first":
+        num_experts = cfg.router.num_experts
+        first = torch.where(ids[:, :1] < num_experts, ids[:, :1], torch.zeros_like(ids[:, :1]))
+        ids = torch.where(ids < num_experts, ids, first)
+    return ids, weights
 
 
 #: Callables run on each real (not fake, not validation) ``route`` call with

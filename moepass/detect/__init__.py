@@ -55,6 +55,8 @@ class BlockMatch:
     experts: ExpertsMatch | None
     region: Region | None
     shared: tuple[SharedExpertSpec, ...] = ()
+    #: Router only: whether the consumer of the ids is seen to skip the sentinel id E.
+    sentinel_safe: bool = True
 
     @property
     def path(self) -> str:
@@ -132,14 +134,15 @@ def _has_expert_gemm(region: Region, router: RouterMatch) -> bool:
 _ROUTER_NAME = re.compile(r"(^|[._])(gate|router|gating|routing|switch)$")
 
 
-def _consumed_by_expert_loop(router: RouterMatch, flow: Dataflow) -> bool:
-    """Whether the ids leave through an expert loop that skips the sentinel id E.
+def _expert_loop_consumer(router: RouterMatch, flow: Dataflow) -> str | None:
+    """How the ids leave through an expert loop: "skips_sentinel", "leaves_graph" or None.
 
-    Structural evidence: the ids feed ``one_hot(ids, E or E + 1)`` or
-    ``ids == e`` in this graph.  When the loop graph-broke before using them,
-    the ids and weights are graph outputs; then the router must look like one
-    (E ≤ hidden size) *and* its weight must live in a module named like a
-    router (the hint), so a top-k used for sampling is never taken for one.
+    "skips_sentinel": in this graph the ids feed ``one_hot(ids, E + 1)`` or
+    ``ids == e`` comparisons, which never select id E.  "leaves_graph": the
+    loop graph-broke before using them; the ids and weights are graph outputs,
+    the router looks like one (E ≤ hidden size) and its weight lives in a
+    module named like a router (the hint), so a top-k used for sampling is
+    never taken for one.  What consumes them then cannot be checked.
     """
     num_experts = router.spec.num_experts
     frontier = [router.ids]
@@ -149,20 +152,22 @@ def _consumed_by_expert_loop(router: RouterMatch, flow: Dataflow) -> bool:
         for node in frontier:
             for user in node.users:
                 name = op_name(user)
-                if name == "one_hot" and arg(user, 1, "num_classes") in (num_experts, num_experts + 1):
-                    return True
+                if name == "one_hot" and arg(user, 1, "num_classes") == num_experts + 1:
+                    return "skips_sentinel"
                 if name in ("eq", "__eq__") and any(isinstance(a, int) for a in user.args):
-                    return True
+                    return "skips_sentinel"
                 if name == "output":
                     leaves_graph = True
                 if name in ("to", "long", "int", "view", "reshape"):
                     next_frontier.append(user)
         frontier = next_frontier
     if not leaves_graph or router.weights_end is None:
-        return False
+        return None
     weights_leave = any(op_name(u) == "output" for u in router.weights_end.users)
     hidden = tensor_shape(router.weight)[1]
-    return weights_leave and num_experts <= hidden and bool(_ROUTER_NAME.search(router.module_path or ""))
+    if weights_leave and num_experts <= hidden and _ROUTER_NAME.search(router.module_path or ""):
+        return "leaves_graph"
+    return None
 
 
 def _find_combine(router: RouterMatch, flow: Dataflow) -> tuple[fx.Node, Region] | tuple[None, str | None]:
@@ -210,8 +215,9 @@ def find_moe_blocks(gm: fx.GraphModule, flow: Dataflow | None = None) -> list[Bl
         combine, region_or_reason = _find_combine(router, flow)
         router_block = _parent(router.module_path)
         if combine is None:
-            if _consumed_by_expert_loop(router, flow):
-                results.append(_router_only(router))
+            consumer = _expert_loop_consumer(router, flow)
+            if consumer is not None:
+                results.append(_router_only(router, sentinel_safe=consumer == "skips_sentinel"))
                 claimed |= router.param_nodes
             elif region_or_reason is not None or _expert_evidence(anchor, flow) is not None:
                 results.append(
@@ -256,7 +262,7 @@ def find_moe_blocks(gm: fx.GraphModule, flow: Dataflow | None = None) -> list[Bl
     return results
 
 
-def _router_only(router: RouterMatch) -> BlockMatch | BlockRejection:
+def _router_only(router: RouterMatch, sentinel_safe: bool) -> BlockMatch | BlockRejection:
     path = _parent(router.module_path) or ""
     if router.weights_end is None:
         return BlockRejection(
@@ -268,7 +274,7 @@ def _router_only(router: RouterMatch) -> BlockMatch | BlockRejection:
             top_k=router.spec.top_k,
         )
     spec = MoEBlockSpec(path=path, router=router.spec, experts=None, layer_index=layer_index_of(path))
-    return BlockMatch(spec=spec, router=router, experts=None, region=None)
+    return BlockMatch(spec=spec, router=router, experts=None, region=None, sentinel_safe=sentinel_safe)
 
 
 def _expert_evidence(anchor: fx.Node, flow: Dataflow) -> str | None:
