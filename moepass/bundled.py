@@ -73,8 +73,10 @@ def load_model(directory: str | Path | None = None, dtype: torch.dtype = torch.f
     Args:
         directory: checkpoint directory (default: the bundled one).
         dtype: parameter dtype (the file holds bf16; float32 is the default).
-        overlay: a safetensors file of parameters that replace the checkpoint's
-            (e.g. a policy's fine-tuned weights); names are the model's.
+        overlay: a safetensors file of what a fine-tune changed (e.g. a
+            policy's): tensors named like the model's parameters replace them;
+            pairs ``<name>.lora_A`` [E, r, in] / ``<name>.lora_B`` [E, out, r]
+            add ``lora_B @ lora_A`` to parameter ``<name>`` (merged in float32).
     """
     from safetensors.torch import load_file
     from transformers import MixtralConfig, MixtralForCausalLM
@@ -87,14 +89,27 @@ def load_model(directory: str | Path | None = None, dtype: torch.dtype = torch.f
     model = MixtralForCausalLM(config)  # ~3M parameters: initialising them first costs ~0.1 s
     state = {name: t.to(dtype) for name, t in load_file(str(weights)).items()}
     if overlay is not None:
-        replaced = load_file(str(overlay))
-        unknown = sorted(set(replaced) - set(state))
-        if unknown:
-            raise KeyError(f"overlay {overlay} has parameters the model lacks: {', '.join(unknown[:5])}")
-        state.update({name: t.to(dtype) for name, t in replaced.items()})
+        _apply_overlay(state, load_file(str(overlay)), str(overlay), dtype)
     model.load_state_dict(state, strict=True)
     model.to(dtype)
     return model.eval()
+
+
+def _apply_overlay(state: dict[str, torch.Tensor], overlay: dict[str, torch.Tensor], where: str, dtype: torch.dtype) -> None:
+    for name, tensor in overlay.items():
+        base = name.rsplit(".", 1)[0] if name.endswith((".lora_A", ".lora_B")) else name
+        if base not in state:
+            raise KeyError(f"overlay {where}: {name} names no parameter of the model")
+        if name.endswith(".lora_A"):
+            continue
+        if name.endswith(".lora_B"):
+            factor_a = overlay.get(base + ".lora_A")
+            if factor_a is None:
+                raise KeyError(f"overlay {where}: {name} has no matching {base}.lora_A")
+            merged = state[base].float() + torch.matmul(tensor.float(), factor_a.float())
+            state[base] = merged.to(dtype)
+        else:
+            state[name] = tensor.to(dtype)
 
 
 def check_corpus(split: str = "heldout", directory: str | Path | None = None) -> corpus.Fingerprint:

@@ -130,17 +130,29 @@ def test_null_balance_loss_is_minimal_when_balanced():
     assert float(null_balance_loss([skewed], num_experts=4, k=2)) > 2.0
 
 
-def test_adamoe_finetune_lowers_the_loss_and_saves_only_changes(stream):
+@pytest.mark.parametrize("trainable", ["lora", "moe"])
+def test_adamoe_finetune_lowers_the_loss_and_saves_only_changes(stream, trainable):
+    from moepass.bundled import _apply_overlay
+
     model = build_model(TINY, seed=1)
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
     generator = torch.Generator().manual_seed(0)
     rows = tiled_null_rows(moe_layers(model)[0].module.gate.weight, 6, generator)
     assert rows.shape == (6, TINY.hidden)
-    config = AdaMoEConfig(null_experts=4, k=3, steps=30, lr=1e-2, null_lr=1e-2, warmup=2, batch_size=8, seq_len=32, trainable="moe")
+    config = AdaMoEConfig(null_experts=4, k=3, steps=30, lr=1e-2, null_lr=1e-2, warmup=2, batch_size=8, seq_len=32, trainable=trainable)
     result = finetune_null_experts(model, config, train_stream=stream, show_progress=False)
     assert result.curve[-1][1] < result.curve[0][1], result.curve  # CE goes down
     assert 0.0 < result.curve[-1][3] <= 3.0  # average real k
-    assert set(result.changed) <= {n for n, _ in model.named_parameters() if ".mlp." in n}
-    assert not any("self_attn" in n or "embed" in n for n in result.changed)
+    bases = {n.rsplit(".", 1)[0] if n.endswith((".lora_A", ".lora_B")) else n for n in result.changed}
+    assert bases <= {n for n in original if ".mlp." in n}
+    if trainable == "lora":
+        assert any(n.endswith(".lora_B") for n in result.changed)
+    # the overlay applied to the original weights gives the fine-tuned model
+    state = dict(original)
+    _apply_overlay(state, result.changed, "test", torch.float32)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(state[name], param.detach(), rtol=1e-5, atol=1e-6)
+    assert not all(torch.equal(state[n], original[n]) for n in bases)
     policy = result.policy()
     assert isinstance(policy, NullExperts) and policy.k == 3
     ids = corpus.spaced_windows(stream, 24, 48)

@@ -12,12 +12,17 @@ nothing::
                      + α · (E+m) · Σ_i f_i P_i      with f of every null expert
                        replaced by the mean over the null experts
     save        NullExperts(k, router_rows={path: R_l}) + overlay.safetensors
-                holding only the parameters the fine-tune changed
+                holding only what the fine-tune changed: the gate rows and,
+                for the experts, rank-r LoRA factors (the paper fine-tunes with
+                QLoRA r=8); :func:`moepass.bundled.load_model` merges them
 
 The language-model loss does not reach R_l (renormalising over the real
 survivors makes the real weights independent of the null logits, as in the
 paper's code); the load-balancing term alone trains it, which makes the null
-pool take about m/(E+m) of the k slots.
+pool take about m/(E+m) of the k slots.  Which tokens get fewer experts is
+therefore not learned from the loss, and some get none or three: the experts
+must be fine-tuned to live with that (router-only fine-tuning leaves the
+bundled model +32% in perplexity at average k 1.5).
 """
 
 from __future__ import annotations
@@ -42,12 +47,33 @@ __all__ = ["AdaMoEConfig", "AdaMoEResult", "tiled_null_rows", "null_balance_loss
 
 logger = logging.getLogger(__name__)
 
-#: Which parameters the fine-tune may change, by name pattern.
+#: Which parameters the fine-tune changes in full, by name pattern
+#: ("lora" also trains rank-r factors of every expert weight).
 TRAINABLE = {
     "router": ("mlp.gate.weight",),
+    "lora": ("mlp.gate.weight",),
     "moe": ("mlp.gate.weight", "mlp.experts."),
-    "moe_norms": ("mlp.gate.weight", "mlp.experts.", "post_attention_layernorm."),
 }
+#: Suffixes of LoRA factors in an overlay: the weight gains ``B @ A``.
+LORA_A, LORA_B = ".lora_A", ".lora_B"
+
+
+class LowRankDelta(torch.nn.Module):
+    """Parametrisation W → W + B·A of a stacked [E, out, in] expert weight (B starts at 0)."""
+
+    def __init__(self, shape: torch.Size, rank: int, alpha: float, generator: torch.Generator):
+        super().__init__()
+        experts, out_features, in_features = shape
+        self.scale = alpha / rank
+        self.A = torch.nn.Parameter(torch.randn(experts, rank, in_features, generator=generator) / math.sqrt(in_features))
+        self.B = torch.nn.Parameter(torch.zeros(experts, out_features, rank))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + self.scale * torch.bmm(self.B, self.A)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, scale·B): the overlay's factors."""
+        return self.A.detach().clone(), (self.scale * self.B).detach().clone()
 
 
 @dataclass
@@ -60,9 +86,11 @@ class AdaMoEConfig:
     #: Load-balancing coefficient α (the paper starts at 0.02).
     balance: float = 0.02
     #: Which parameters besides the null rows train: see :data:`TRAINABLE`.
-    trainable: str = "moe"
+    trainable: str = "lora"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
     steps: int = 300
-    lr: float = 5e-4
+    lr: float = 2e-3
     null_lr: float = 5e-3
     warmup: int = 20
     batch_size: int = 16
@@ -78,7 +106,8 @@ class AdaMoEResult:
 
     #: Block path → R_l [m, H].
     router_rows: dict[str, torch.Tensor]
-    #: Parameter name → new value (only the parameters the fine-tune changed).
+    #: Overlay: parameter name → new value, and ``<name>.lora_A`` /
+    #: ``<name>.lora_B`` factors (only what the fine-tune changed).
     changed: dict[str, torch.Tensor]
     config: AdaMoEConfig
     #: (step, CE, balance loss, average real k) over logging intervals.
@@ -142,6 +171,18 @@ def finetune_null_experts(model, config: AdaMoEConfig, train_stream: torch.Tenso
     for name, param in model.named_parameters():
         param.requires_grad_(name in trainable)
     before = {name: p.detach().clone() for name, p in trainable.items()}
+    deltas: dict[str, LowRankDelta] = {}
+    if config.trainable == "lora":
+        from torch.nn.utils import parametrize
+
+        for layer in layers:
+            experts = layer.module.experts
+            for weight in ("gate_up_proj", "down_proj"):
+                delta = LowRankDelta(getattr(experts, weight).shape, config.lora_rank, config.lora_alpha, generator)
+                parametrize.register_parametrization(experts, weight, delta)
+                deltas[f"{layer.path}.experts.{weight}"] = delta
+        for delta in deltas.values():
+            trainable.update({f"lora{id(delta)}.{n}": p for n, p in delta.named_parameters()})
     optimizer = torch.optim.AdamW(
         [{"params": list(trainable.values()), "lr": config.lr, "weight_decay": 0.0},
          {"params": list(rows.values()), "lr": config.null_lr, "weight_decay": 0.0}],
@@ -180,11 +221,19 @@ def finetune_null_experts(model, config: AdaMoEConfig, train_stream: torch.Tenso
                 logger.info("step %d: CE %.4f, balance %.4f, average real k %.3f", *curve[-1])
                 sums = [0.0, 0.0, 0.0, 0]
     model.eval()
+    changed = {
+        name: p.detach().clone() for name, p in trainable.items() if name in before and not torch.equal(p.detach(), before[name])
+    }
+    if deltas:
+        from torch.nn.utils import parametrize
+
+        for name, delta in deltas.items():
+            a, b = delta.factors()
+            changed[name + LORA_A], changed[name + LORA_B] = a, b
+            module_path, weight = name.rsplit(".", 1)
+            parametrize.remove_parametrizations(model.get_submodule(module_path), weight, leave_parametrized=True)
     for param in model.parameters():
         param.requires_grad_(False)
-    changed = {
-        name: p.detach().clone() for name, p in trainable.items() if not torch.equal(p.detach(), before[name])
-    }
     return AdaMoEResult({p: r.detach() for p, r in rows.items()}, changed, config, curve, time.perf_counter() - started)
 
 
@@ -203,12 +252,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trainable", choices=sorted(TRAINABLE), default=defaults.trainable)
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--lora-rank", type=int, default=defaults.lora_rank)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     config = AdaMoEConfig(
         null_experts=args.null_experts, k=args.k, balance=args.balance, trainable=args.trainable,
-        steps=args.steps, lr=args.lr, seed=args.seed,
+        steps=args.steps, lr=args.lr, lora_rank=args.lora_rank, seed=args.seed,
     )
     model = bundled.load_model()
     result = finetune_null_experts(model, config)

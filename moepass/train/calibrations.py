@@ -30,10 +30,10 @@ logger = logging.getLogger(__name__)
 
 def calibrate_bundled(model, batches, target_avg_k: float = 1.5, show_progress: bool = True) -> dict:
     """``{"sensitivity": Policy, "skip_ratio": Policy}`` fitted on ``batches``."""
-    import moepass.calibrate as calibration
+    from moepass.calibrate import calibrate
 
-    sensitivity = calibration.calibrate(model, batches, "sensitivity", target_avg_k=target_avg_k, show_progress=show_progress)
-    skip_ratio = calibration.calibrate(model, batches, "skip_ratio", show_progress=show_progress)
+    sensitivity = calibrate(model, batches, "sensitivity", target_avg_k=target_avg_k, show_progress=show_progress)
+    skip_ratio = calibrate(model, batches, "skip_ratio", show_progress=show_progress)
     return {"sensitivity": sensitivity, "skip_ratio": skip_ratio}
 
 
