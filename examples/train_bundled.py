@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     load_after = os.getloadavg()
     summary = result.summary()
     metadata = {
-        "command": "python examples/train_bundled.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+        "command": ("python examples/train_bundled.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))).strip(),
         "config": config_dict(config),
         "results": summary,
         "wall_seconds": wall,

@@ -347,8 +347,12 @@ def pareto_plot(series: dict[str, Sequence[EvalResult]], path, baseline: EvalRes
     for name, results in series.items():
         ordered = sorted(results, key=lambda r: r.flops_ratio)
         axes.plot([r.flops_ratio * 100 for r in ordered], [r.perplexity for r in ordered], marker="o", markersize=3, label=name)
-    for r in points:
-        axes.scatter([r.flops_ratio * 100], [r.perplexity], marker="*", s=120, zorder=5, label=f"{r.label} ({r.setting})")
+    markers = ["*", "P", "X", "D", "^", "v", "s"]
+    for i, r in enumerate(points):
+        axes.scatter(
+            [r.flops_ratio * 100], [r.perplexity], marker=markers[i % len(markers)], s=90, zorder=5,
+            color="black" if i % 2 == 0 else "dimgrey", label=f"{r.label} ({r.setting})",
+        )
     if baseline is not None:
         axes.axhline(baseline.perplexity, color="grey", linestyle=":", linewidth=1)
         axes.axhline(baseline.perplexity * 1.01, color="grey", linestyle="--", linewidth=1, label="static +1% ppl")

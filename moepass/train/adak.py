@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     result.policy().save(out)
     log = {
-        "command": "python -m moepass.train.adak " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+        "command": ("python -m moepass.train.adak " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))).strip(),
         "config": asdict(config),
         "seconds": result.seconds,
         "warm_curve": result.warm_curve,

@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     elif overlay.exists():
         overlay.unlink()
     log = {
-        "command": "python -m moepass.train.adamoe " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+        "command": ("python -m moepass.train.adamoe " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))).strip(),
         "config": asdict(config),
         "seconds": result.seconds,
         "curve": result.curve,
