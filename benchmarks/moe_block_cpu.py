@@ -22,12 +22,12 @@ import argparse
 import copy
 
 import torch
+from _common import gemm_rate, machine_description, markdown_table, memory_bandwidths, time_it, today, write_section
 from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
 import moepass
 import moepass.stats
-from _common import gemm_rate, machine_description, markdown_table, memory_bandwidths, time_it, today, write_section
 
 HIDDEN, INTER, EXPERTS, TOP_K = 1024, 2816, 8, 2
 ADAPTIVE = "moepass (adaptive top_p)"
@@ -111,7 +111,7 @@ def main() -> None:
             for name, block in variants.items():
                 out = block(x)  # compiles on first call
                 error = float((out - reference).abs().max() / reference.abs().max())
-                times[name] = time_it(lambda: block(x), repeat=10 if tokens <= 64 else 5, min_seconds=1.0)
+                times[name] = time_it(lambda block=block, x=x: block(x), repeat=10 if tokens <= 64 else 5, min_seconds=1.0)
                 print(f"{tokens:5d} tokens  {name:36s} {times[name] * 1e3:9.2f} ms  (max rel err vs grouped_mm {error:.1e})")
         base = times["transformers grouped_mm"]
         average_k = _average_k()

@@ -23,8 +23,8 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
-
 from _common import machine_description, markdown_table, today, write_section  # noqa: E402
+
 from moepass import bundled  # noqa: E402
 from moepass.evaluate import (  # noqa: E402
     PolicyRun,
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     load_after = os.getloadavg()
 
     sweep_rows = []
-    for name, results in sweep_results.items():
+    for results in sweep_results.values():
         for r in sorted(results, key=lambda r: r.flops_ratio):
             sweep_rows.append(format_table([r])[1][0])
     summary = (

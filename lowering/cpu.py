@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
 from moepass.lowering.activations import split_gate_up, unary_activation
+
 from moepass.bucketing import bucket_by_k
 from moepass.spec import ExpertsSpec
 from moepass.stats import note_gemm_rows

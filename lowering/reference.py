@@ -8,8 +8,8 @@ lowering against this.
 from __future__ import annotations
 
 import torch
-
 from moepass.lowering.activations import apply_activation
+
 from moepass.spec import ExpertsSpec
 
 __all__ = ["experts_forward", "expert_mlp"]

@@ -5,6 +5,7 @@
     fast = torch.compile(model, backend="adaptive_moe", options={"policy": "top_p", "p": 0.4})
     fast(input_ids)
     print(moepass.report(fast))
+    print(moepass.inspect(model, example, policy="top_p", p=0.4))   # + .save("report/")
 
 Importing this package registers the ``torch.ops.moepass`` operators; the
 backend itself is found by torch through the ``torch_dynamo_backends`` entry
@@ -26,6 +27,7 @@ if _os.path.isfile(_os.path.join(_source_root, "lowering", "__init__.py")) and n
 from moepass import ops as _ops  # noqa: F401  (registers torch.ops.moepass.*)
 from moepass import policies
 from moepass.calibrate import calibrate
+from moepass.inspection import InspectionReport, inspect
 from moepass.options import BackendOptions, OptionsError
 from moepass.policies import Policy, PolicyError
 from moepass.report import BlockReport, Report, last_report, report
@@ -38,6 +40,7 @@ __all__ = [
     "calibrate",
     "BlockReport",
     "ExpertsSpec",
+    "InspectionReport",
     "MoEBlockSpec",
     "OptionsError",
     "Policy",
@@ -45,6 +48,7 @@ __all__ = [
     "Report",
     "RouterSpec",
     "SharedExpertSpec",
+    "inspect",
     "last_report",
     "policies",
     "report",

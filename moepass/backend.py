@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from moepass.dataflow import Dataflow
+from moepass.dataflow import Dataflow, example_value
 from moepass.detect import BlockMatch, BlockRejection, find_moe_blocks
 from moepass.detect.common import Mismatch
 from moepass.detect.region import block_region
@@ -35,7 +35,6 @@ from moepass.report import BlockReport, Report, record_graph
 from moepass.rewrite import apply_rewrite, plan_rewrite, validate_rewrite
 from moepass.subgraph import extract
 from moepass.validate import example_env, tolerance_for
-from moepass.dataflow import example_value
 
 __all__ = ["adaptive_moe", "optimize_graph", "compile_inner"]
 
@@ -122,9 +121,8 @@ def optimize_graph(
                 )
         elif item.spec.experts.stacked_from_modules:
             entry.notes.append("expert weights stacked at compile time (a snapshot)")
-        # later blocks' regions were computed on the original graph; they are
-        # disjoint from this one, but the dataflow must see the new nodes
-        flow = Dataflow(gm.graph)
+        # blocks' regions are disjoint: the dataflow of the original graph
+        # stays valid for the blocks not rewritten yet
     gm.graph.lint()
     gm.recompile()
     return gm, reports

@@ -154,14 +154,14 @@ def heldout_batches(seq_len: int = 256, max_tokens: int = 65536, batch_size: int
 
 
 def train_batches(
-    seq_len: int = 256, num_batches: int = 8, batch_size: int = 16, seed: int = 0, check: bool = False
+    seq_len: int = 256, max_batches: int = 8, batch_size: int = 16, seed: int = 0, check: bool = False
 ) -> list[torch.Tensor]:
-    """``num_batches`` batches ``[B, seq_len]`` of windows at seeded random offsets of the train split."""
+    """``max_batches`` batches ``[B, seq_len]`` of windows at seeded random offsets of the train split."""
     if check:
         _checked("train")
     stream = corpus.token_stream("train")
     generator = torch.Generator().manual_seed(seed)
-    return [corpus.random_windows(stream, seq_len, batch_size, generator) for _ in range(num_batches)]
+    return [corpus.random_windows(stream, seq_len, batch_size, generator) for _ in range(max_batches)]
 
 
 def policy_dir(name: str) -> Path:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
+from pathlib import Path
 
 __all__ = ["main"]
 
@@ -53,9 +55,162 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from moepass.kernels.tune import tune_command_lines
+
+    for line in tune_command_lines(args.model, args.tokens, args.dtype, args.out, args.quick):
+        print(line)
+    return 0
+
+
+def _parse_value(text: str):
+    """A policy parameter from the command line: int, float, bool, none, else the text."""
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_policy_params(words: list[str]) -> dict:
+    """``["--p", "0.4", "--k-max=2"]`` → ``{"p": 0.4, "k_max": 2}``; raise ValueError on anything else."""
+    params = {}
+    index = 0
+    while index < len(words):
+        word = words[index]
+        if not word.startswith("--") or len(word) == 2:
+            raise ValueError(f"unexpected argument {word!r}: policy parameters are given as --name value")
+        name, equals, value = word[2:].partition("=")
+        if not equals:
+            if index + 1 >= len(words) or (words[index + 1].startswith("--") and not _is_number(words[index + 1])):
+                raise ValueError(f"policy parameter --{name} needs a value")
+            value = words[index + 1]
+            index += 1
+        params[name.replace("-", "_")] = _parse_value(value)
+        index += 1
+    return params
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _load_policy_file(directory: str):
+    from moepass.policies import Policy
+
+    path = Path(directory)
+    if not path.exists():
+        raise ValueError(f"policy file {path} does not exist")
+    load = getattr(Policy, "load", None)
+    if load is None:
+        raise ValueError("loading a saved policy (--policy-file) is not available in this build")
+    try:
+        return load(path)
+    except Exception as error:  # whatever the file holds, the user gets one line
+        first = (str(error).strip().splitlines() or [""])[0] or type(error).__name__
+        where = "" if str(path) in first else f" {path}"  # the policy's own errors name the file already
+        raise ValueError(f"cannot load the policy file{where}: {first}") from None
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    import torch
+
+    from moepass.html_report import check_output_dir
+    from moepass.inspection import inspect
+    from moepass.modelspec import example_input_ids, load_model
+    from moepass.options import BackendOptions
+
+    params = parse_policy_params(args.policy_params)
+    out = check_output_dir(args.out)  # before the long part: a bad --out fails at once
+    policy = _load_policy_file(args.policy_file) if args.policy_file else args.policy
+    if args.policy_file and args.policy != "static" and policy.name != args.policy:
+        raise ValueError(f"--policy {args.policy} does not match the policy file's {policy.name!r}; give one of them")
+    if args.policy_file and params:
+        raise ValueError(
+            f"--{next(iter(params))}: a saved policy carries its own parameters; change them in {args.policy_file}"
+        )
+    BackendOptions.parse({"policy": policy, "inner": args.inner, **params})  # bad options fail before loading
+    started = time.perf_counter()
+    loaded = load_model(args.model, seed=args.seed)
+    example = loaded.example_inputs
+    if example is None:
+        example = example_input_ids(loaded.model, args.tokens, args.batch, args.seed)
+    print(f"loaded {loaded.source} in {time.perf_counter() - started:.1f} s; compiling and running the example",
+          file=sys.stderr)
+    torch.manual_seed(args.seed)
+    inspection = inspect(loaded.model, example, policy, inner=args.inner, **params)
+    print(inspection)
+    target = inspection.save(out)
+    print(f"\nwrote {target / 'index.html'} (open it in a browser), report.txt and report.json")
+    return 0
+
+
+def _calibration_batches(spec: str, model, count: int, tokens: int, batch: int, seed: int):
+    """Token batches to calibrate on: the bundled training split, else random ids."""
+    if spec == "bundled":
+        from moepass import bundled
+
+        return list(bundled.train_batches(seq_len=tokens, batch_size=batch, max_batches=count))
+    from moepass.modelspec import example_input_ids
+
+    print("note: calibrating on random token ids (only the bundled model has calibration text)", file=sys.stderr)
+    return [example_input_ids(model, tokens, batch, seed + i)["input_ids"] for i in range(count)]
+
+
+def _save_policy(policy, out: Path) -> None:
+    """Write the policy into a temporary folder beside ``out``, then move its files in."""
+    import shutil
+    import tempfile
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        policy.save(staging)
+        out.mkdir(exist_ok=True)
+        for name in ("policy.json", "policy.safetensors"):
+            if (staging / name).exists():
+                os.replace(staging / name, out / name)
+            elif (out / name).exists():
+                (out / name).unlink()
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from moepass.calibrate import CALIBRATABLE, calibrate
+    from moepass.html_report import check_output_dir
+    from moepass.modelspec import load_model
+
+    if args.policy not in CALIBRATABLE:
+        raise ValueError(f"--policy must be one of {', '.join(CALIBRATABLE)}, got {args.policy!r}")
+    params = parse_policy_params(args.policy_params)
+    out = check_output_dir(args.out)
+    loaded = load_model(args.model, seed=args.seed)
+    batches = _calibration_batches(args.model, loaded.model, args.batches, args.tokens, args.batch, args.seed)
+    started = time.perf_counter()
+    policy = calibrate(
+        loaded.model, batches, args.policy, target_avg_k=args.target_avg_k, flops_budget=args.flops_budget, **params
+    )
+    _save_policy(policy, out)
+    print(f"calibrated {policy.describe()} on {len(batches)} batches in {time.perf_counter() - started:.1f} s")
+    print(f"wrote {out / 'policy.json'}; use it with options={{'policy': moepass.policies.load_policy({str(out)!r})}}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``moepass`` command."""
-    parser = argparse.ArgumentParser(prog="moepass", description="Adaptive-k routing for MoE models.")
+    # no abbreviations: `--p 0.4` is top_p's parameter, not a prefix of --policy
+    parser = argparse.ArgumentParser(prog="moepass", description="Adaptive-k routing for MoE models.", allow_abbrev=False)
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the pass does")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="compile a small MoE model and show what moepass did")
@@ -69,13 +224,65 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--inner", default="eager", choices=["inductor", "aot_eager", "eager"])
     ev.add_argument("--threads", type=int, default=1)
     ev.set_defaults(run=_cmd_eval)
+    inspect = commands.add_parser(
+        "inspect",
+        allow_abbrev=False,
+        help="show what the pass does to a model: text, JSON and an HTML report with graphs and charts",
+        description="Compile a model with the adaptive_moe backend, run an example, and write a report. "
+        "Further --name value pairs are the policy's parameters (e.g. --p 0.4).",
+        usage="moepass inspect --model SPEC [--policy NAME] [--NAME VALUE ...] [--policy-file DIR] --out DIR "
+        "[--tokens N]",
+    )
+    inspect.add_argument(
+        "--model",
+        required=True,
+        help="a transformers config.json (random weights), module.py:factory, 'bundled', or zoo:<family>",
+    )
+    inspect.add_argument("--policy", default="static", help="routing policy name (default static)")
+    inspect.add_argument("--policy-file", metavar="DIR", help="a saved policy folder (policy.json beside its tensors)")
+    inspect.add_argument("--out", required=True, metavar="DIR", help="folder for index.html, report.txt, report.json")
+    inspect.add_argument("--tokens", type=int, default=64, help="example tokens per sequence (default 64)")
+    inspect.add_argument("--batch", type=int, default=1, help="example sequences (default 1)")
+    inspect.add_argument("--seed", type=int, default=0, help="seed of the random weights and token ids")
+    inspect.add_argument("--inner", default="eager", choices=["inductor", "aot_eager", "eager"],
+                         help="compiler for the rest of the graph (default eager: fast)")
+    inspect.set_defaults(run=_cmd_inspect, allows_extra=True)
+    calibrate = commands.add_parser(
+        "calibrate",
+        allow_abbrev=False,
+        help="fit a training-free policy's parameters to a target average k or FLOPs budget",
+        description="Run the model on calibration batches and fit the policy (threshold T, top-p p, AdapMoE "
+        "sensitivities F_l and T, or skip-ratio beta_l) to hit the target. Further --name value pairs are fixed "
+        "policy parameters (e.g. --k-max 2).",
+    )
+    calibrate.add_argument("--model", required=True, help="config.json, module.py:factory, 'bundled', or zoo:<family>")
+    calibrate.add_argument("--policy", required=True, help="threshold, top_p, sensitivity or skip_ratio")
+    target = calibrate.add_mutually_exclusive_group()
+    target.add_argument("--target-avg-k", type=float, help="average experts per token to aim for")
+    target.add_argument("--flops-budget", type=float, help="expert FLOPs as a fraction of static (0.75 = 25%% fewer)")
+    calibrate.add_argument("--out", required=True, metavar="DIR", help="folder for policy.json (+ tensors)")
+    calibrate.add_argument("--batches", type=int, default=16, help="calibration batches (default 16)")
+    calibrate.add_argument("--tokens", type=int, default=128, help="tokens per sequence (default 128)")
+    calibrate.add_argument("--batch", type=int, default=4, help="sequences per batch (default 4)")
+    calibrate.add_argument("--seed", type=int, default=0, help="seed of random weights and ids")
+    calibrate.set_defaults(run=_cmd_calibrate, allows_extra=True)
+    tune = commands.add_parser("tune", help="tune the Triton experts kernels for a model's shapes (GPU)")
+    tune.add_argument("model", help="E,H,I,K; a transformers config.json or model folder; or zoo:<family>")
+    tune.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 128, 1024, 4096], help="token counts to tune at")
+    tune.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    tune.add_argument("--out", default=None, help="folder for the JSON (default: the package's kernels/configs)")
+    tune.add_argument("--quick", action="store_true", help="a few configs only (smoke runs)")
+    tune.set_defaults(run=_cmd_tune)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``moepass`` command."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "allows_extra", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.policy_params = extra
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
         return args.run(args)

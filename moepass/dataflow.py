@@ -207,6 +207,9 @@ class Dataflow:
 
     Edges: ``a → b`` when ``b`` reads ``a``; and ``m → r`` when ``m`` is the
     latest in-place write to a tensor before ``r`` reads it (or a view of it).
+
+    The view describes the graph as it was built; passes that edit the graph
+    keep using it only for nodes they did not touch.
     """
 
     def __init__(self, graph: fx.Graph):
@@ -228,14 +231,22 @@ class Dataflow:
             if target is not None:
                 latest_write[alias_root(target)] = node
         self.output = next(n for n in reversed(self.nodes) if n.op == "output")
+        self._ancestors: dict[fx.Node, frozenset[fx.Node]] = {}
+        self._descendants: dict[fx.Node, frozenset[fx.Node]] = {}
 
-    def ancestors(self, node: fx.Node) -> set[fx.Node]:
-        """Every node ``node`` depends on (data or mutation), excluding itself."""
-        return nx.ancestors(self.dag, node)
+    def ancestors(self, node: fx.Node) -> frozenset[fx.Node]:
+        """Every node ``node`` depends on (data or mutation), excluding itself (memoised)."""
+        found = self._ancestors.get(node)
+        if found is None:
+            found = self._ancestors[node] = frozenset(nx.ancestors(self.dag, node))
+        return found
 
-    def descendants(self, node: fx.Node) -> set[fx.Node]:
-        """Every node that depends on ``node``, excluding itself."""
-        return nx.descendants(self.dag, node)
+    def descendants(self, node: fx.Node) -> frozenset[fx.Node]:
+        """Every node that depends on ``node``, excluding itself (memoised)."""
+        found = self._descendants.get(node)
+        if found is None:
+            found = self._descendants[node] = frozenset(nx.descendants(self.dag, node))
+        return found
 
     @cached_property
     def _immediate_post_dominators(self) -> dict[fx.Node, fx.Node]:

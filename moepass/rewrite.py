@@ -34,7 +34,7 @@ from moepass.dataflow import Dataflow, alias_root, example_value, mutated_node, 
 from moepass.detect import BlockMatch
 from moepass.detect.common import Mismatch
 from moepass.detect.region import Region, block_region, satellites
-from moepass.ops import ExpertsConfig, RouteConfig, routes_not_captured
+from moepass.ops import ExpertsConfig, RouteConfig, parse_route_config, routes_not_captured
 from moepass.policies import ResolvedPolicy
 from moepass.validate import concrete_shape, relative_error, run_region
 
@@ -195,6 +195,14 @@ def _set_example_value(node: fx.Node, fake_mode) -> None:
         args = fx.node.map_aggregate(node.args, fake)
         kwargs = fx.node.map_aggregate(node.kwargs, fake)
         with fake_mode:
+            if node.target is torch.ops.moepass.route.default:
+                # the composite would trace the whole routing; only shapes matter
+                logits, depth = args[0], parse_route_config(args[3]).depth
+                node.meta["example_value"] = (
+                    logits.new_empty((logits.shape[0], depth), dtype=torch.int64),
+                    logits.new_empty((logits.shape[0], depth), dtype=torch.float32),
+                )
+                return
             if node.op == "call_function":
                 value = node.target(*args, **kwargs)
             elif node.op == "call_method":

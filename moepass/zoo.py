@@ -15,7 +15,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["FAMILIES", "UNSUPPORTED_FAMILIES", "tiny_config", "tiny_model", "ReferenceMoE", "ExpertMLP"]
+__all__ = [
+    "FAMILIES",
+    "UNSUPPORTED_FAMILIES",
+    "tiny_config",
+    "tiny_model",
+    "randomize_weights",
+    "ReferenceMoE",
+    "ExpertMLP",
+]
 
 _COMMON = dict(
     hidden_size=64,
@@ -100,17 +108,25 @@ def tiny_model(
     config = tiny_config(family, experts_implementation, **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    # transformers initialises some router weights (and biases) to zero; give
-    # every parameter a random value so routing actually differs per token.
+    randomize_weights(model, seed)
+    return model.eval()
+
+
+def randomize_weights(model: nn.Module, seed: int = 0, scale: float = 0.1) -> nn.Module:
+    """Give every matrix, bias and router correction bias of ``model`` a random value, in place.
+
+    transformers initialises some router weights (and biases) to zero; with
+    those, every token ties and routing does not differ per token.
+    """
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.ndim >= 2 or "bias" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+                param.copy_((torch.randn(param.shape, generator=generator) * scale).to(param.dtype))
         for name, buffer in model.named_buffers():
             if "correction_bias" in name:
-                buffer.copy_(torch.randn(buffer.shape, generator=generator) * 0.1)
-    return model.eval()
+                buffer.copy_((torch.randn(buffer.shape, generator=generator) * scale).to(buffer.dtype))
+    return model
 
 
 class ExpertMLP(nn.Module):

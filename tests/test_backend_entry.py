@@ -8,9 +8,9 @@ import textwrap
 
 import pytest
 import torch
+from conftest import rel_err, token_ids
 
 import moepass
-from conftest import rel_err, token_ids
 from moepass.zoo import tiny_model
 
 

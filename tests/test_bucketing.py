@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
+from moepass.lowering import reference
 
 from moepass.bucketing import bucket_by_k, compact_slots
-from moepass.lowering import reference
 from moepass.spec import ExpertsSpec
 
 

@@ -74,8 +74,8 @@ def test_batches_are_deterministic(batches):
     again = bundled.heldout_batches(seq_len=128, max_tokens=1024, batch_size=4)
     assert len(batches) == 2 and all(torch.equal(a, b) for a, b in zip(batches, again))
     assert batches[0].shape == (4, 128) and batches[0].dtype == torch.int64
-    train = bundled.train_batches(seq_len=64, num_batches=2, batch_size=3, seed=7)
-    assert all(torch.equal(a, b) for a, b in zip(train, bundled.train_batches(seq_len=64, num_batches=2, batch_size=3, seed=7)))
+    train = bundled.train_batches(seq_len=64, max_batches=2, batch_size=3, seed=7)
+    assert all(torch.equal(a, b) for a, b in zip(train, bundled.train_batches(seq_len=64, max_batches=2, batch_size=3, seed=7)))
 
 
 @pytest.mark.parametrize(

@@ -59,3 +59,24 @@ def test_calibration_errors(model_and_batches, kwargs, message):
 def test_calibration_needs_an_moe():
     with pytest.raises(PolicyError, match="no MoE block"):
         moepass.calibrate(tiny_model("llama"), [torch.randint(0, 128, (1, 8))], "top_p", show_progress=False)
+
+
+def test_calibrate_command_writes_a_loadable_policy(tmp_path):
+    from moepass.cli import main
+    from moepass.policies import load_policy
+
+    out = tmp_path / "calib"
+    code = main(["calibrate", "--model", "zoo:mixtral", "--policy", "skip_ratio", "--target-avg-k", "1.6",
+                 "--out", str(out), "--batches", "2", "--tokens", "16", "--k-max", "2"])
+    assert code == 0
+    policy = load_policy(out)
+    assert policy.name == "skip_ratio" and policy.k_max == 2 and set(policy.beta) == {"model.layers.0.mlp", "model.layers.1.mlp"}
+
+
+def test_calibrate_command_rejects_bad_input(tmp_path, capsys):
+    from moepass.cli import main
+
+    assert main(["calibrate", "--model", "zoo:mixtral", "--policy", "allocator", "--out", str(tmp_path)]) == 2
+    assert "--policy must be one of threshold, top_p, sensitivity, skip_ratio" in capsys.readouterr().err
+    assert main(["calibrate", "--model", "nope.json", "--policy", "top_p", "--out", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()

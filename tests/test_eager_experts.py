@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import Recorder, rel_err, token_ids
 
 import moepass
-
-from conftest import Recorder, rel_err, token_ids
 from moepass.zoo import tiny_model
 
 

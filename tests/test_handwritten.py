@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import Recorder, rel_err
+
 from moepass.zoo import ReferenceMoE
 
 

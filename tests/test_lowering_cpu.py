@@ -6,8 +6,8 @@ import itertools
 
 import pytest
 import torch
-
 from moepass.lowering import cpu, reference
+
 from moepass.spec import ExpertsSpec
 from moepass.stats import count_gemm_rows
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-
 from conftest import Recorder, rel_err, token_ids
+
 from moepass.backend import optimize_graph
 from moepass.dataflow import op_name
 from moepass.options import BackendOptions

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import token_ids
 
 from moepass.options import BackendOptions, OptionsError
 from moepass.policies import Static
 from moepass.zoo import tiny_model
-from conftest import token_ids
 
 
 @pytest.mark.parametrize(

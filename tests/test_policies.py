@@ -6,10 +6,9 @@ import json
 
 import pytest
 import torch
+from conftest import token_ids
 
 import moepass
-from conftest import token_ids
-from moepass.stats import reset_stats
 from moepass.options import BackendOptions, OptionsError
 from moepass.policies import (
     Allocator,
@@ -23,6 +22,7 @@ from moepass.policies import (
     load_policy,
 )
 from moepass.spec import MoEBlockSpec, RouterSpec
+from moepass.stats import reset_stats
 from moepass.zoo import tiny_model
 
 

@@ -1,5 +1,10 @@
 """Adaptive policies through the backend, against eager models whose router runs the
-per-token reference rule (transformers' eager experts skip the empty-slot id E)."""
+per-token reference rule.
+
+The reference writes an empty slot as the token's first expert with weight 0:
+transformers' eager experts before 5.18 (and gpt-oss's) build
+``one_hot(ids, num_classes=E)`` and cannot take the sentinel id E.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +13,12 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import rel_err, token_ids
+from reference_routing import Router, route_token
 
 import moepass
-from conftest import rel_err, token_ids
 from moepass.stats import reset_stats
 from moepass.zoo import tiny_model
-from reference_routing import Router, route_token
 
 #: the router each family's config defines, written out independently of detection
 ROUTERS = {
@@ -43,8 +48,13 @@ def _patch_routers(model, router: Router, rule: str, params: dict, renormalize):
     for module in model.modules():
         if not type(module).__name__.lower().endswith(("topkrouter",)):
             continue
+        # routers return (logits, weights, ids) — in that order or, in some
+        # transformers versions, another: keep the original order
+        with torch.no_grad():
+            probe = module(torch.zeros(1, module.weight.shape[1]))
+        order = ["ids" if t.dtype == torch.int64 else "logits" if t.shape[-1] == router.num_experts else "weights" for t in probe]
 
-        def forward(self, hidden_states):
+        def forward(self, hidden_states, order=order):
             x = hidden_states.reshape(-1, self.weight.shape[1])
             bias = getattr(self, "bias", None)
             logits = F.linear(x.float(), self.weight.float(), None if bias is None else bias.float())
@@ -52,9 +62,10 @@ def _patch_routers(model, router: Router, rule: str, params: dict, renormalize):
                 self.e_score_correction_bias.float().tolist() if hasattr(self, "e_score_correction_bias") else []
             )
             rows = [route_token(row, router, rule, params, k_min=1, renormalize=renormalize) for row in logits.tolist()]
-            ids = torch.tensor([r[0] for r in rows])
+            ids = torch.tensor([[e if e < router.num_experts else r[0][0] for e in r[0]] for r in rows])
             weights = torch.tensor([r[1] for r in rows], dtype=x.dtype)
-            return logits, weights, ids
+            values = {"logits": logits, "weights": weights, "ids": ids}
+            return tuple(values[name] for name in order)
 
         module.forward = types.MethodType(forward, module)
         patched += 1

@@ -115,9 +115,24 @@ def _stored_transposed(gemm: fx.Node, position: int, transposes: int) -> bool:
     return transposes % 2 == 1  # W @ x (batched_mm's bmm(W[ids], x[..., None]))
 
 
-def _activation_between(first: fx.Node, second: fx.Node, region_nodes: set[fx.Node], flow: Dataflow):
+def _is_sentinel_mask(node: fx.Node, ids: fx.Node | None, flow: Dataflow) -> bool:
+    """``masked_fill(h, mask, 0)`` with a mask computed from the routing ids.
+
+    transformers >= 5.17 zeroes the rows of empty (sentinel) slots between the
+    GEMMs; the experts op never computes those rows, so the mask is plumbing.
+    """
+    if op_name(node) not in ("masked_fill", "masked_fill_") or ids is None:
+        return False
+    mask, value = arg(node, 1, "mask"), arg(node, 2, "value")
+    return value == 0 and isinstance(mask, fx.Node) and ids in flow.ancestors(mask)
+
+
+def _activation_between(
+    first: fx.Node, second: fx.Node, region_nodes: set[fx.Node], flow: Dataflow, ids: fx.Node | None = None
+):
     """Classify the ops between two GEMMs: (activation, gated, layout, alpha, limit)."""
     between = (flow.descendants(first) & flow.ancestors(second)) & region_nodes
+    between = {n for n in between if not _is_sentinel_mask(n, ids, flow)}
     names = {op_name(n) for n in between}
     acts = {_ACTIVATIONS[n] for n in names if n in _ACTIVATIONS}
     gelu_nodes = [n for n in between if op_name(n) == "gelu"]
@@ -194,7 +209,7 @@ def _match_stacked(region, router, flow, stacked, stacked_bias, hidden) -> Exper
     (in1, n1), (inter, out2) = ((s1[1], s1[2]), (s2[1], s2[2])) if transposed else ((s1[2], s1[1]), (s2[2], s2[1]))
     if in1 != hidden or out2 != hidden:
         raise Mismatch(f"expert weights {tuple(s1)} and {tuple(s2)} do not map hidden size {hidden} to itself")
-    activation, gated, layout, alpha, limit = _activation_between(gemm1, gemm2, region.nodes, flow)
+    activation, gated, layout, alpha, limit = _activation_between(gemm1, gemm2, region.nodes, flow, router.ids)
     if gated and n1 != 2 * inter:
         raise Mismatch(f"gated activation but the first projection has {n1} outputs for intermediate {inter}")
     if not gated and n1 != inter:
@@ -275,14 +290,14 @@ def _match_module_loop(region, router, flow, params, hidden) -> ExpertsMatch:
     if sorted(per_expert) != list(range(num_experts)):
         raise Mismatch(f"per-expert linears found for experts {sorted(per_expert)}, expected 0..{num_experts - 1}")
     gates, ups, downs = [], [], []
-    activation = gated = layout = None
+    activation = gated = None
     for expert in range(num_experts):
         lins = flow.sorted(per_expert[expert])
         down = [n for n in lins if any(m in flow.ancestors(n) for m in lins if m is not n)]
         first = [n for n in lins if n not in down]
         if len(down) != 1 or len(first) not in (1, 2):
             raise Mismatch(f"expert {expert}: {len(lins)} linears in an unrecognised arrangement")
-        act, is_gated, lay, _, _ = _activation_between(first[0], down[0], region.nodes, flow)
+        act, is_gated, _, _, _ = _activation_between(first[0], down[0], region.nodes, flow, router.ids)
         if len(first) == 2:
             # the gate is the projection the activation is applied to
             acted = [n for n in first if any(op_name(u) in _ACTIVATIONS for u in n.users)]
@@ -297,7 +312,7 @@ def _match_module_loop(region, router, flow, params, hidden) -> ExpertsMatch:
             ups.append(first[0])
         downs.append(down[0])
         if activation is None:
-            activation, gated, layout = act, is_gated, lay
+            activation, gated = act, is_gated
         elif (act, is_gated) != (activation, gated):
             raise Mismatch(f"expert {expert} uses {act}, others {activation}")
     if gated and len(gates) != num_experts:

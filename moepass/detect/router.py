@@ -197,7 +197,8 @@ def match_router(anchor: fx.Node, flow: Dataflow) -> RouterMatch:
     correction_bias = None
     n_group, topk_group = 1, 1
     params = {weight} | ({bias} if bias is not None else set())
-    group_topks = [n for n in flow.ancestors(anchor) if is_topk(n) and n in flow.descendants(linear)]
+    after_linear = flow.descendants(linear)
+    group_topks = [n for n in flow.ancestors(anchor) if is_topk(n) and n in after_linear]
 
     if "sigmoid" in path_ops:
         kind = "sigmoid_group_topk"

@@ -21,13 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -126,7 +125,7 @@ def warm_start(
     data = pseudo_labels(model, batches, config.warm_p, config.max_k)
     generator = torch.Generator().manual_seed(config.seed)
     weights = {}
-    for path, (x, k) in data.items():
+    for path, (x, _labels) in data.items():
         w = (torch.randn(x.shape[1], config.max_k, generator=generator) * 0.01).requires_grad_(True)
         weights[path] = w
     optimizer = torch.optim.Adam(list(weights.values()), lr=config.warm_lr)

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     model = bundled.load_model()
-    batches = bundled.train_batches(seq_len=256, num_batches=args.batches, batch_size=16, seed=args.seed)
+    batches = bundled.train_batches(seq_len=256, max_batches=args.batches, batch_size=16, seed=args.seed)
     policies = calibrate_bundled(model, batches, args.target_avg_k)
     command = ("python -m moepass.train.calibrations " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))).strip()
     for name, policy in policies.items():
