@@ -37,6 +37,24 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from moepass import bundled, evaluate
+
+    torch.set_num_threads(args.threads)
+    model = bundled.load_model()
+    batches = bundled.heldout_batches(seq_len=args.seq_len, max_tokens=args.tokens)
+    runs = bundled.policy_runs(args.policies or None)
+    print(f"bundled model, {sum(b.numel() for b in batches)} held-out tokens, {len(runs)} policies (compiled, inner {args.inner})")
+    results = evaluate.evaluate_policies(model, runs, batches, inner=args.inner)
+    header, rows = evaluate.format_table(results)
+    print(" | ".join(header))
+    for row in rows:
+        print(" | ".join(row))
+    return 0
+
+
 def _cmd_tune(args: argparse.Namespace) -> int:
     from moepass.kernels.tune import tune_command_lines
 
@@ -227,6 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--family", default="mixtral", help="model family of the demo model")
     demo.add_argument("--inner", default="inductor", choices=["inductor", "aot_eager", "eager"])
     demo.set_defaults(run=_cmd_demo)
+    ev = commands.add_parser("eval", help="held-out quality against expert FLOPs of routing policies, bundled model")
+    ev.add_argument("policies", nargs="*", help="bundled artefact or policy name, or name:key=value,key=value (default: all)")
+    ev.add_argument("--tokens", type=int, default=65536, help="held-out tokens")
+    ev.add_argument("--seq-len", type=int, default=256)
+    ev.add_argument("--inner", default="eager", choices=["inductor", "aot_eager", "eager"])
+    ev.add_argument("--threads", type=int, default=1)
+    ev.set_defaults(run=_cmd_eval)
     inspect = commands.add_parser(
         "inspect",
         allow_abbrev=False,
