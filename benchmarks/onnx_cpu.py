@@ -34,12 +34,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from _common import machine_description, markdown_table, time_it, today, write_section
+from moe_block_cpu import EXPERTS, HIDDEN, INTER, TOP_K, make_block
 from onnx import TensorProto, helper, numpy_helper
 
 import moepass
 import moepass.stats
-from _common import machine_description, markdown_table, time_it, today, write_section
-from moe_block_cpu import EXPERTS, HIDDEN, INTER, TOP_K, make_block
 from moepass.export import OnnxExportOptions
 
 PLAIN, GENAI, STATIC, ADAPTIVE = "(a) torch.onnx", "(b) MoE static top-k", "(c) moepass static", "(d) moepass adaptive"
@@ -165,7 +165,7 @@ def bench(variants: dict[str, Path], feeds_by_size: dict, expected_by_size: dict
             expected = expected_by_size[size][name in (ADAPTIVE,)]
             error = relative_error(out, expected)
             assert error <= 1e-4, (label, size, name, error)
-            times[name] = (time_it(lambda: sess.run(None, feeds), repeat=repeat, min_seconds=1.0), error)
+            times[name] = (time_it(lambda s=sess, f=feeds: s.run(None, f), repeat=repeat, min_seconds=1.0), error)
         base = times[GENAI][0]
         for name in variants:
             if name not in times:

@@ -13,11 +13,12 @@
 The public entry point is :func:`moepass.export_onnx`.
 """
 
-from moepass.export import OnnxExportError
 from moepass.lowering.onnx.capture import CapturedModel, capture_model, default_dynamic_shapes
 from moepass.lowering.onnx.functions import FALLBACKS, ORT_LAYOUTS, TARGETS, BlockFunction, block_nodes, define_blocks
 from moepass.lowering.onnx.fuse import FusedBlock, fuse_blocks
 from moepass.lowering.onnx.translate import DOMAIN, OP_TYPE, to_onnx
+
+from moepass.export import OnnxExportError
 
 __all__ = [
     "DOMAIN",

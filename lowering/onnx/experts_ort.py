@@ -51,8 +51,8 @@ CPU kernel facts this relies on (checked against ORT 1.32 here): SwiGLU needs
 from __future__ import annotations
 
 import numpy as np
-
 from moepass.lowering.onnx.builder import FLOAT, INT64, NodeBuilder
+
 from moepass.spec import ExpertsSpec
 
 __all__ = ["ORT_DOMAIN", "ORT_LAYOUTS", "moe_attributes", "ort_experts", "unsupported_reason"]

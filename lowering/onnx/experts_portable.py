@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import math
 
+from moepass.lowering.onnx.builder import BOOL, FLOAT, INT64, NodeBuilder
 from onnx import helper
 
-from moepass.lowering.onnx.builder import BOOL, FLOAT, INT64, NodeBuilder
 from moepass.spec import ExpertsSpec
 
 __all__ = ["activation", "portable_experts"]

@@ -28,14 +28,14 @@ import logging
 from dataclasses import dataclass
 
 import onnx
-from onnx import helper
-
-from moepass.export import OnnxExportError
 from moepass.lowering.onnx.builder import NodeBuilder
 from moepass.lowering.onnx.experts_ort import ORT_DOMAIN, ORT_LAYOUTS, ort_experts, unsupported_reason
 from moepass.lowering.onnx.experts_portable import portable_experts
 from moepass.lowering.onnx.routing_graph import routing_graph, splice
 from moepass.lowering.onnx.translate import DOMAIN, OP_TYPE
+from onnx import helper
+
+from moepass.export import OnnxExportError
 from moepass.ops import RouteConfig, parse_experts_config, parse_route_config
 from moepass.spec import ExpertsSpec
 

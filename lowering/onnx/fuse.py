@@ -25,11 +25,11 @@ import re
 from dataclasses import dataclass
 
 import torch
+from moepass.lowering.onnx import block_op  # noqa: F401  (registers moepass::moe_block)
 from torch import fx
 
 from moepass.dataflow import example_value
 from moepass.export import OnnxExportError
-from moepass.lowering.onnx import block_op  # noqa: F401  (registers moepass::moe_block)
 from moepass.ops import parse_experts_config, parse_route_config
 
 __all__ = ["FusedBlock", "fuse_blocks", "unrewritten_experts"]

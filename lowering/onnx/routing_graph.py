@@ -23,10 +23,10 @@ from functools import lru_cache
 
 import onnx
 import torch
+from moepass.lowering.onnx.translate import root_cause
 from onnx import helper
 
 from moepass.export import OnnxExportError
-from moepass.lowering.onnx.translate import root_cause
 from moepass.ops import parse_route_config
 
 __all__ = ["RoutingGraph", "routing_graph", "splice"]
