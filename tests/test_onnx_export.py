@@ -321,14 +321,18 @@ def _bundled():
         pytest.skip(f"the bundled checkpoint is missing: {error}")
 
 
-@pytest.mark.parametrize("adaptive", [False, True], ids=["static", "adaptive"])
-def test_bundled_model(adaptive):
-    _, model = _bundled()
+@pytest.mark.parametrize("policy", ["static", "ada_k", "skip_ratio"])
+def test_bundled_model(policy):
+    """The trained checkpoint, static and under two of its own artefacts (trained Ada-K, per-layer beta)."""
+    bundled, model = _bundled()
+    chosen = policy if policy == "static" else bundled.load_policy(policy)
     vocab = model.config.vocab_size
     example = (torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0)),)
     second = (torch.randint(0, vocab, (3, 24), generator=torch.Generator().manual_seed(1)),)
-    options = {"policy": "top_p", "p": 0.5} if adaptive else {"policy": "static"}
-    exported = Case("bundled", options, model, example, second)
+    exported = Case("bundled", {"policy": chosen}, model, example, second)
     for target in ("ort", "portable"):
-        model_proto, _ = exported.check(target)
+        model_proto, blocks = exported.check(target)
         assert len(moepass_nodes(model_proto)) == model.config.num_hidden_layers
+        assert [b.path for b in blocks] == [f"model.layers.{i}.mlp" for i in range(model.config.num_hidden_layers)]
+    if policy == "skip_ratio":  # one beta per layer: one function per layer
+        assert len(model_proto.functions) == model.config.num_hidden_layers
