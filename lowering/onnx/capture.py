@@ -125,6 +125,9 @@ def _split_inputs(model: torch.nn.Module, example_inputs: Any) -> tuple[list[str
         )
     if not tensors:
         raise OnnxExportError("example_inputs has no tensor to export as a model input")
+    # a strided view (a slice of a batch) would make torch.export guard on its base's sizes;
+    # ONNX inputs are dense anyway
+    tensors = [t.contiguous() for t in tensors]
     config = getattr(model, "config", None)
     if getattr(config, "use_cache", None) is not None and "use_cache" not in constants and _accepts(model, "use_cache"):
         constants["use_cache"] = False  # a KV cache object cannot be an ONNX output
