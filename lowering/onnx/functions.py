@@ -99,6 +99,14 @@ def _type_of(types: dict, name: str, node: onnx.NodeProto) -> tuple[int, tuple]:
     return types[name]
 
 
+def _typed_values(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> dict[str, tuple[int, tuple]]:
+    """Types of the main graph's values; shape inference fills in what torch.onnx left untyped."""
+    types = _value_types(model)
+    if all(name in types for node in nodes for name in node.input):
+        return types
+    return _value_types(onnx.shape_inference.infer_shapes(model))
+
+
 def _without_block(route: RouteConfig) -> str:
     return dataclasses.replace(route, block="").to_json()
 
@@ -141,7 +149,7 @@ class _Definer:
         self.fallback = fallback
         self.layout = layout
         self.opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-        self.types = _value_types(model)
+        self.types = _typed_values(model, block_nodes(model))
         self.functions: dict[str, onnx.FunctionProto] = {}
         self.overloads: dict[str, str] = {}
         self.uses_ort = False
