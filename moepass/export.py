@@ -105,11 +105,15 @@ class PreparedExport:
     blocks: list[BlockReport]
     policy: str
 
-    def lower(self, target: str = "ort", ort_fallback: str = "portable", ort_layout: str = "masked"):
-        """A copy of the model with every block defined for ``target``; returns (ModelProto, blocks)."""
+    def lower(self, target: str = "ort", ort_fallback: str = "portable", ort_layout: str = "masked",
+              in_place: bool = False):
+        """The model with every block defined for ``target``; returns (ModelProto, blocks).
+
+        A copy unless ``in_place`` (which saves a copy of the weights, and can be done once).
+        """
         from moepass.lowering.onnx import define_blocks
 
-        model = copy.deepcopy(self.model)
+        model = self.model if in_place else copy.deepcopy(self.model)
         blocks = define_blocks(model, target, ort_fallback, ort_layout)
         return model, blocks
 
@@ -280,7 +284,7 @@ def export_onnx(
     prepared = prepare_export(
         model, example_inputs, dynamic_shapes=dynamic_shapes, opset=options.opset, policy=policy, **backend_options
     )
-    onnx_model, blocks = prepared.lower(target, options.ort_fallback, options.ort_layout)
+    onnx_model, blocks = prepared.lower(target, options.ort_fallback, options.ort_layout, in_place=True)
     result = OnnxExport(path, target, prepared.policy, prepared.captured.input_names, prepared.captured.output_names,
                         blocks)
     with _staged(path) as staged:

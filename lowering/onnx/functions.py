@@ -198,7 +198,7 @@ class _Definer:
         overload = self.overloads[key]
         self.uses_ort |= use_ort
         experts = _describe_experts(route, spec, use_ort, self.layout)
-        self._retarget(node, path, overload, route, spec, experts)
+        self._retarget(node, path, overload, route, experts)
         return BlockFunction(path, overload, _describe_rule(route), experts, fallback_reason or "")
 
     def _function(self, overload, route: RouteConfig, spec: ExpertsSpec, roles, use_ort, x_type, logits_type,
@@ -233,8 +233,8 @@ class _Definer:
         )
         return function
 
-    def _retarget(self, node: onnx.NodeProto, path: str, overload: str, route: RouteConfig, spec: ExpertsSpec,
-                  experts: str) -> None:
+    def _retarget(self, node: onnx.NodeProto, path: str, overload: str, route: RouteConfig, experts: str) -> None:
+        """Turn the translated node into a call of its function: no attributes, metadata instead."""
         route_json = _attribute(node, "route_config")
         experts_json = _attribute(node, "experts_config")
         del node.attribute[:]
