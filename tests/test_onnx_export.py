@@ -18,6 +18,7 @@ import torch
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")  # torch.onnx's translator
 
 from conftest import token_ids
 from moepass.lowering.onnx import DOMAIN, OP_TYPE

@@ -254,6 +254,9 @@ def capture_model(model: torch.nn.Module, example_inputs: Any, dynamic_shapes: A
     Raises:
         OnnxExportError: the inputs are unusable, or the model does not capture as one graph.
     """
+    if model.training:
+        logger.warning("moepass: %s is in training mode; the export traces what it does now (call .eval())",
+                       type(model).__name__)
     names, tensors, positional, constants = _split_inputs(model, example_inputs)
     shapes = _normalise_dynamic_shapes(dynamic_shapes, names, tensors)
     with torch.no_grad():
