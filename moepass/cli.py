@@ -289,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--policy-file", metavar="DIR", help="a saved policy folder (policy.json beside its tensors)")
     export.add_argument("--out", required=True, metavar="FILE", help="the .onnx file to write")
     export.add_argument("--target", default="ort", choices=["ort", "portable"],
-                        help="ort: each k-bucket runs com.microsoft.MoE; portable: standard ONNX ops (default ort)")
+                        help="ort: experts run by com.microsoft.MoE, k per token; portable: standard ONNX ops (default ort)")
     export.add_argument("--tokens", type=int, default=16, help="example tokens per sequence (default 16)")
     export.add_argument("--batch", type=int, default=2, help="example sequences (default 2; batch is a dynamic axis)")
     export.add_argument("--seed", type=int, default=0, help="seed of the random weights and token ids")
