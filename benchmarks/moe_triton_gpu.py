@@ -37,7 +37,6 @@ import sys
 from dataclasses import dataclass
 
 import torch
-
 from _common import markdown_table, time_it, today, write_section
 
 
@@ -74,7 +73,7 @@ def hbm_bandwidth(device: torch.device, measure) -> float:
     nbytes = src.numel() * src.element_size()
     read = nbytes / (measure(lambda: src.sum(dtype=torch.float32)) / 1e3)
     copy = 2 * nbytes / (measure(lambda: dst.copy_(src)) / 1e3)
-    del src, dst
+    src = dst = None  # free the buffers
     return max(read, copy)
 
 
@@ -136,6 +135,7 @@ def tuned_or_heuristic(shape: Shape, dtype: torch.dtype, device: torch.device) -
 
 def run_shape(shape: Shape, token_counts, dtype, device, measure, bandwidth: float, rate: float):
     from moepass.lowering.triton import experts_forward
+
     from moepass.spec import ExpertsSpec
 
     generator = torch.Generator().manual_seed(0)

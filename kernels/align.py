@@ -32,7 +32,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from moepass.kernels._jit import jit_kernel
 
 __all__ = ["align_slots_kernel", "slot_capacity", "align_launch_sizes"]

@@ -29,7 +29,6 @@ by the gate/up kernel and APPLY_ROUTING_WEIGHT is off here.
 from __future__ import annotations
 
 import triton.language as tl
-
 from moepass.kernels._jit import jit_kernel
 from moepass.kernels.config_store import tile_config_space
 

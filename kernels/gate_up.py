@@ -23,7 +23,6 @@ programs share weight tiles in L2.
 from __future__ import annotations
 
 import triton.language as tl
-
 from moepass.kernels._jit import jit_kernel
 from moepass.kernels.config_store import tile_config_space
 

@@ -28,12 +28,12 @@ from typing import Any, Optional
 
 import torch
 import triton
-
 from moepass.kernels._jit import ModeAwareKernel, interpreter_enabled
 from moepass.kernels.align import align_launch_sizes, align_slots_kernel, slot_capacity
 from moepass.kernels.config_store import GemmConfig, parse_config_json
 from moepass.kernels.down import combine_slots_kernel, down_kernel
 from moepass.kernels.gate_up import ACTIVATION_CODES, gate_up_kernel
+
 from moepass.spec import ExpertsSpec
 
 __all__ = [

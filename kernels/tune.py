@@ -34,7 +34,6 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import triton
-
 from moepass.kernels._jit import interpreter_enabled
 from moepass.kernels.align import slot_capacity
 from moepass.kernels.config_store import (
@@ -52,6 +51,7 @@ from moepass.kernels.config_store import (
 from moepass.kernels.down import down_config_space, down_kernel
 from moepass.kernels.gate_up import gate_up_config_space, gate_up_kernel
 from moepass.kernels.launch import align_slots, check_launchable, launch_down, launch_gate_up, new_slot_rows
+
 from moepass.progress import progress
 from moepass.spec import ExpertsSpec
 

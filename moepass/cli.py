@@ -16,26 +16,52 @@ from pathlib import Path
 __all__ = ["main"]
 
 
+def _print_table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    for row in [header, ["-" * w for w in widths], *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
     import moepass
-    from moepass.zoo import tiny_model
+    from moepass import bundled, demo
 
-    print(f"moepass {moepass.__version__} demo: a tiny random Mixtral ({args.family}), static policy")
-    model = tiny_model(args.family)
-    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
-    compiled = torch.compile(model, backend="adaptive_moe", options={"inner": args.inner})
-    with torch.no_grad():
-        expected = model(ids, use_cache=False).logits
-        started = time.perf_counter()
-        actual = compiled(ids, use_cache=False).logits
-        print(f"compiled and ran in {time.perf_counter() - started:.1f} s")
-    print(moepass.report(compiled))
-    error = float((actual - expected).abs().max() / expected.abs().max())
-    print(f"max relative error against eager: {error:.1e}")
+    started = time.perf_counter()
+    config = demo.DemoConfig(eval_tokens=args.eval_tokens, out=args.out)
+    model = bundled.load_model()
+    info = bundled.training_info()["results"]
+    params = sum(p.numel() for p in model.parameters())
+    cfg = model.config
+    print(
+        f"moepass {moepass.__version__} demo — the bundled model: a transformers Mixtral, {cfg.num_hidden_layers} layers, "
+        f"{cfg.num_local_experts} experts, top-{cfg.num_experts_per_tok}, {params / 1e6:.2f} M parameters, trained on "
+        f"the Python standard library (held-out {info['heldout_bits_per_byte']:.3f} bits/byte; unigram "
+        f"{info['unigram_bits_per_byte']:.3f})"
+    )
+    batch = bundled.heldout_batches(seq_len=config.seq_len, max_tokens=config.seq_len * config.batch_size,
+                                    batch_size=config.batch_size)[0]
+
+    print("\n[1/4] torch.compile(model, backend='adaptive_moe'): what the pass found and rewrote")
+    report, error = demo.compile_and_report(model, batch)
+    print(report)
+    print(f"static policy against eager transformers: max relative error {error:.1e}")
+
+    print(f"\n[2/4] quality against expert compute, {config.eval_tokens} held-out bytes, through the compiled model")
+    header, rows, _ = demo.quality_table(model, config)
+    _print_table(header, rows)
+
+    print(f"\n[3/4] speed on a [{config.batch_size}, {config.seq_len}] batch (median of 5 runs)")
+    adaptive = bundled.load_policy(config.adaptive)
+    _print_table(["model", "ms", "speed vs eager"], demo.speed_table(model, batch, adaptive))
+
+    print(f"\n[4/4] inspection report of the {adaptive.name} policy")
+    target = demo.write_inspection(model, batch[:2], adaptive, config.out)
+    print(f"wrote {target / 'index.html'} (open it in a browser), report.txt and report.json")
+    print(f"\ndemo finished in {time.perf_counter() - started:.0f} s")
+    torch._dynamo.reset()
     return 0
-
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     import torch
@@ -241,9 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moepass", description="Adaptive-k routing for MoE models.", allow_abbrev=False)
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the pass does")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="compile a small MoE model and show what moepass did")
-    demo.add_argument("--family", default="mixtral", help="model family of the demo model")
-    demo.add_argument("--inner", default="inductor", choices=["inductor", "aot_eager", "eager"])
+    demo = commands.add_parser("demo", help="the bundled model: report, quality/FLOPs table, speed, inspection page")
+    demo.add_argument("--out", default="moepass-demo", metavar="DIR", help="folder for the inspection report")
+    demo.add_argument("--eval-tokens", type=int, default=16384, help="held-out bytes for the quality table")
     demo.set_defaults(run=_cmd_demo)
     ev = commands.add_parser("eval", help="held-out quality against expert FLOPs of routing policies, bundled model")
     ev.add_argument("policies", nargs="*", help="bundled artefact or policy name, or name:key=value,key=value (default: all)")

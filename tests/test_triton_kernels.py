@@ -36,8 +36,8 @@ from moepass.kernels.config_store import (  # noqa: E402
     save_config_file,
 )
 from moepass.lowering import triton as triton_lowering  # noqa: E402
-from moepass.spec import ExpertsSpec  # noqa: E402
 
+from moepass.spec import ExpertsSpec  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
@@ -420,6 +420,7 @@ def test_heuristic_tiles_grow_with_rows_per_expert_and_fit_shared_memory():
 
 def test_tune_reads_shapes_from_configs_without_downloading(tmp_path):
     from moepass.kernels.tune import ExpertShape, resolve_shape
+
     from moepass.zoo import tiny_config
 
     assert resolve_shape("8,4096,14336,2") == ExpertShape(8, 4096, 14336, 2)
@@ -455,9 +456,9 @@ def test_tune_writes_a_file_that_lookup_uses(tmp_path, monkeypatch):
 
 def test_compiled_mixtral_with_triton_lowering_matches_eager():
     from conftest import rel_err, token_ids
-    from moepass.zoo import tiny_model
 
     import moepass
+    from moepass.zoo import tiny_model
 
     model = tiny_model("mixtral")
     ids = token_ids(2, 6)
