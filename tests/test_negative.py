@@ -125,3 +125,15 @@ def test_unsupported_activation_is_reported_not_rewritten():
     assert not block.rewritten
     assert "unsupported expert activation" in block.reason and "tanh" in block.reason
     assert "moepass::experts" not in rec.ops()
+
+
+def test_dynamic_float_scaling_factor_is_reported():
+    """dynamic=True makes DeepSeek's routed_scaling_factor a run-time value: not baked in, reported."""
+    model = tiny_model("deepseek_v3")
+    snap = _Snapshot()
+    ids = token_ids(1, 6)
+    with torch.no_grad():
+        out = torch.compile(model, backend=snap, dynamic=True)(ids, use_cache=False).logits
+        assert rel_err(out, model(ids, use_cache=False).logits) <= 1e-6
+    assert snap.before == snap.after
+    assert all("known only at run time" in b.reason and "dynamic=True" in b.reason for b in snap.blocks[0])

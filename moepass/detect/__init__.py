@@ -204,6 +204,8 @@ def find_moe_blocks(gm: fx.GraphModule, flow: Dataflow | None = None) -> list[Bl
     flow = flow or Dataflow(gm.graph)
     results: list[BlockMatch | BlockRejection] = []
     claimed: set[fx.Node] = set()
+    #: why the router of a block (by path) did not match, for blocks found later by their weights
+    router_failures: dict[str, str] = {}
     for anchor in _selection_anchors(gm.graph, flow):
         try:
             router = match_router(anchor, flow)
@@ -211,6 +213,10 @@ def find_moe_blocks(gm: fx.GraphModule, flow: Dataflow | None = None) -> list[Bl
             evidence = _expert_evidence(anchor, flow)
             if evidence is not None:
                 results.append(BlockRejection(path=evidence, reason=f"router not supported: {error}"))
+            else:
+                block = _router_block_of(anchor)
+                if block is not None:
+                    router_failures.setdefault(block, f"router not supported: {error}")
             continue
         combine, region_or_reason = _find_combine(router, flow)
         router_block = _parent(router.module_path)
@@ -258,7 +264,7 @@ def find_moe_blocks(gm: fx.GraphModule, flow: Dataflow | None = None) -> list[Bl
         )
         results.append(BlockMatch(spec=spec, router=router, experts=experts, region=region, shared=shared))
         claimed |= {n for n in region.inputs if n.op in ("placeholder", "get_attr")} | router.param_nodes
-    results.extend(_unclaimed_experts(gm.graph, claimed, results))
+    results.extend(_unclaimed_experts(gm.graph, claimed, results, router_failures))
     return results
 
 
@@ -296,8 +302,21 @@ def _expert_evidence(anchor: fx.Node, flow: Dataflow) -> str | None:
 _SPARSEMIXER_OPS = {"max", "masked_fill", "softmax", "gather", "abs", "clamp"}
 
 
+def _router_block_of(anchor: fx.Node) -> str | None:
+    """The block path of the router linear behind ``anchor``, when one is found."""
+    try:
+        linear, _ = find_router_linear(anchor.args[0])
+    except Mismatch:
+        return None
+    weight = resolve_param(arg(linear, 1, "weight"))
+    return _parent(module_path_of_param(weight)) if weight is not None else None
+
+
 def _unclaimed_experts(
-    graph: fx.Graph, claimed: set[fx.Node], results: list[BlockMatch | BlockRejection]
+    graph: fx.Graph,
+    claimed: set[fx.Node],
+    results: list[BlockMatch | BlockRejection],
+    router_failures: dict[str, str],
 ) -> list[BlockRejection]:
     """Stacked expert weights no matched router reached: blocks left alone."""
     known = {r.path for r in results}
@@ -324,6 +343,8 @@ def _unclaimed_experts(
                 "no top-k expert selection: the router is a sparsemixer "
                 f"({', '.join(sorted(router_ops & _SPARSEMIXER_OPS))}); only top-k routers are supported"
             )
+        elif path in router_failures:
+            reason = router_failures[path]
         else:
             reason = "no supported top-k router reaches these stacked experts"
         rejections.append(BlockRejection(path=path, reason=reason, num_experts=int(num_experts)))

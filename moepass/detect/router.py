@@ -19,9 +19,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 import torch.fx as fx
 
-from moepass.dataflow import Dataflow, op_name, tensor_shape
+from moepass.dataflow import Dataflow, example_value, op_name, tensor_shape
 from moepass.detect.common import CAST_OPS, SHAPE_OPS, Mismatch, arg, module_path_of_param, resolve_param
 from moepass.spec import RouterSpec
 
@@ -165,6 +166,13 @@ def _read_weight_formula(chain: list[fx.Node], flow: Dataflow) -> tuple[bool, fl
         elif name in _MUL_OPS:
             scalars = _scalar_args(node)
             if len(scalars) != 1:
+                symbolic = [a for a in node.args if isinstance(a, fx.Node) and isinstance(example_value(a), torch.SymFloat)]
+                if symbolic:
+                    raise Mismatch(
+                        f"routing weights are scaled by {symbolic[0].name}, a value known only at run time "
+                        "(torch.compile(dynamic=True) "
+                        "turns float attributes into inputs); compile without dynamic=True"
+                    )
                 raise Mismatch(f"{node.name}: routing weights multiplied by a tensor")
             scale *= scalars[0]
     return renormalize, eps, scale
