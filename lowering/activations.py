@@ -23,12 +23,15 @@ def unary_activation(name: str, x: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"{name!r} is not a unary activation")
 
 
-def split_gate_up(h: torch.Tensor, spec: ExpertsSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Views of the gate and up halves of a gate+up projection output."""
+def split_gate_up(h: torch.Tensor, spec: ExpertsSpec, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of the gate and up halves of a gate+up projection output (features along ``dim``)."""
     if spec.gate_up_layout == "interleaved":
-        return h[..., 0::2], h[..., 1::2]
-    half = h.shape[-1] // 2
-    return h[..., :half], h[..., half:]
+        gate_index = [slice(None)] * h.ndim
+        up_index = list(gate_index)
+        gate_index[dim], up_index[dim] = slice(0, None, 2), slice(1, None, 2)
+        return h[tuple(gate_index)], h[tuple(up_index)]
+    half = h.shape[dim] // 2
+    return h.narrow(dim, 0, half), h.narrow(dim, half, half)
 
 
 def apply_activation(h: torch.Tensor, spec: ExpertsSpec) -> torch.Tensor:

@@ -50,15 +50,15 @@ def expert_slots(ids: torch.Tensor, weights: torch.Tensor, num_experts: int):
     return tokens[order], slot_weights[order], counts
 
 
-def _activate_inplace(h: torch.Tensor, spec: ExpertsSpec) -> torch.Tensor:
-    """act(h) reusing ``h``'s storage where the math allows; returns [S, I]."""
+def _activate_inplace(h: torch.Tensor, spec: ExpertsSpec, dim: int = -1) -> torch.Tensor:
+    """act(h) reusing ``h``'s storage where the math allows; features along ``dim``."""
     if not spec.gated:
         if spec.activation == "silu":
             return F.silu(h, inplace=True)
         if spec.activation == "relu":
             return h.relu_()
         return unary_activation(spec.activation, h)
-    gate, up = split_gate_up(h, spec)
+    gate, up = split_gate_up(h, spec, dim)
     if spec.activation == "swiglu_clamp":
         limit = spec.swiglu_limit
         gate = gate.clamp(max=limit)
@@ -102,8 +102,8 @@ def _expert_weight_major(xs, out, expert, w1, w2, b1, b2, spec: ExpertsSpec, buf
         torch.mm(w1[expert], xs.t(), out=h_t)
     else:
         torch.addmm(b1[expert].unsqueeze(1), w1[expert], xs.t(), out=h_t)
-    a = _activate_inplace(h_t.t(), spec)  # [rows, I], a strided view
-    y_t = torch.mm(w2[expert], a.t())
+    a_t = _activate_inplace(h_t, spec, dim=0)  # [I, rows]: contiguous rows of h_t for the concat layout
+    y_t = torch.mm(w2[expert], a_t)
     if b2 is not None:
         y_t += b2[expert].unsqueeze(1)
     out.copy_(y_t.t())
