@@ -261,6 +261,23 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+_MODEL_HELP = "a transformers config.json (random weights), module.py:factory, 'bundled', or zoo:<family>"
+
+
+def _add_model_arguments(sub: argparse.ArgumentParser, tokens: int, batch: int, what: str = "example") -> None:
+    """--model, --tokens, --batch and --seed, shared by the commands that load a model."""
+    sub.add_argument("--model", required=True, help=_MODEL_HELP)
+    sub.add_argument("--tokens", type=int, default=tokens, help=f"{what} tokens per sequence (default {tokens})")
+    sub.add_argument("--batch", type=int, default=batch, help=f"{what} sequences (default {batch})")
+    sub.add_argument("--seed", type=int, default=0, help="seed of the random weights and token ids")
+
+
+def _add_policy_arguments(sub: argparse.ArgumentParser) -> None:
+    """--policy and --policy-file, shared by inspect and export."""
+    sub.add_argument("--policy", default="static", help="routing policy name (default static)")
+    sub.add_argument("--policy-file", metavar="DIR", help="a saved policy folder (policy.json beside its tensors)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``moepass`` command."""
     # no abbreviations: `--p 0.4` is top_p's parameter, not a prefix of --policy
@@ -287,17 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
         usage="moepass inspect --model SPEC [--policy NAME] [--NAME VALUE ...] [--policy-file DIR] --out DIR "
         "[--tokens N]",
     )
-    inspect.add_argument(
-        "--model",
-        required=True,
-        help="a transformers config.json (random weights), module.py:factory, 'bundled', or zoo:<family>",
-    )
-    inspect.add_argument("--policy", default="static", help="routing policy name (default static)")
-    inspect.add_argument("--policy-file", metavar="DIR", help="a saved policy folder (policy.json beside its tensors)")
+    _add_model_arguments(inspect, tokens=64, batch=1)
+    _add_policy_arguments(inspect)
     inspect.add_argument("--out", required=True, metavar="DIR", help="folder for index.html, report.txt, report.json")
-    inspect.add_argument("--tokens", type=int, default=64, help="example tokens per sequence (default 64)")
-    inspect.add_argument("--batch", type=int, default=1, help="example sequences (default 1)")
-    inspect.add_argument("--seed", type=int, default=0, help="seed of the random weights and token ids")
     inspect.add_argument("--inner", default="eager", choices=["inductor", "aot_eager", "eager"],
                          help="compiler for the rest of the graph (default eager: fast)")
     inspect.set_defaults(run=_cmd_inspect, allows_extra=True)
@@ -310,15 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
         usage="moepass export --model SPEC [--policy NAME] [--NAME VALUE ...] [--policy-file DIR] --out FILE.onnx "
         "[--target ort|portable]",
     )
-    export.add_argument("--model", required=True, help="config.json, module.py:factory, 'bundled', or zoo:<family>")
-    export.add_argument("--policy", default="static", help="routing policy name (default static)")
-    export.add_argument("--policy-file", metavar="DIR", help="a saved policy folder (policy.json beside its tensors)")
+    _add_model_arguments(export, tokens=16, batch=2)
+    _add_policy_arguments(export)
     export.add_argument("--out", required=True, metavar="FILE", help="the .onnx file to write")
     export.add_argument("--target", default="ort", choices=["ort", "portable"],
                         help="ort: experts run by com.microsoft.MoE, k per token; portable: standard ONNX ops (default ort)")
-    export.add_argument("--tokens", type=int, default=16, help="example tokens per sequence (default 16)")
-    export.add_argument("--batch", type=int, default=2, help="example sequences (default 2; batch is a dynamic axis)")
-    export.add_argument("--seed", type=int, default=0, help="seed of the random weights and token ids")
     export.set_defaults(run=_cmd_export, allows_extra=True)
     calibrate = commands.add_parser(
         "calibrate",
@@ -328,16 +333,13 @@ def build_parser() -> argparse.ArgumentParser:
         "sensitivities F_l and T, or skip-ratio beta_l) to hit the target. Further --name value pairs are fixed "
         "policy parameters (e.g. --k-max 2).",
     )
-    calibrate.add_argument("--model", required=True, help="config.json, module.py:factory, 'bundled', or zoo:<family>")
+    _add_model_arguments(calibrate, tokens=128, batch=4, what="calibration")
     calibrate.add_argument("--policy", required=True, help="threshold, top_p, sensitivity or skip_ratio")
     target = calibrate.add_mutually_exclusive_group()
     target.add_argument("--target-avg-k", type=float, help="average experts per token to aim for")
     target.add_argument("--flops-budget", type=float, help="expert FLOPs as a fraction of static (0.75 = 25%% fewer)")
     calibrate.add_argument("--out", required=True, metavar="DIR", help="folder for policy.json (+ tensors)")
     calibrate.add_argument("--batches", type=int, default=16, help="calibration batches (default 16)")
-    calibrate.add_argument("--tokens", type=int, default=128, help="tokens per sequence (default 128)")
-    calibrate.add_argument("--batch", type=int, default=4, help="sequences per batch (default 4)")
-    calibrate.add_argument("--seed", type=int, default=0, help="seed of random weights and ids")
     calibrate.set_defaults(run=_cmd_calibrate, allows_extra=True)
     tune = commands.add_parser("tune", help="tune the Triton experts kernels for a model's shapes (GPU)")
     tune.add_argument("model", help="E,H,I,K; a transformers config.json or model folder; or zoo:<family>")
