@@ -166,7 +166,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
     from moepass.html_report import check_output_dir
     from moepass.inspection import inspect
-    from moepass.modelspec import example_input_ids, load_model
+    from moepass.modelspec import example_for, load_model
     from moepass.options import BackendOptions
 
     out = check_output_dir(args.out)  # before the long part: a bad --out fails at once
@@ -174,9 +174,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     BackendOptions.parse({"policy": policy, "inner": args.inner, **params})  # bad options fail before loading
     started = time.perf_counter()
     loaded = load_model(args.model, seed=args.seed)
-    example = loaded.example_inputs
-    if example is None:
-        example = example_input_ids(loaded.model, args.tokens, args.batch, args.seed)
+    example = example_for(args.model, loaded, args.tokens, args.batch, args.seed)
     print(f"loaded {loaded.source} in {time.perf_counter() - started:.1f} s; compiling and running the example",
           file=sys.stderr)
     torch.manual_seed(args.seed)
@@ -189,7 +187,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from moepass.export import export_onnx
-    from moepass.modelspec import example_input_ids, load_model
+    from moepass.modelspec import example_for, load_model
     from moepass.options import BackendOptions
 
     out = Path(args.out)
@@ -198,9 +196,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     policy, params = _policy_from_args(args)
     BackendOptions.parse({"policy": policy, **params})  # bad options fail before loading
     loaded = load_model(args.model, seed=args.seed)
-    example = loaded.example_inputs
-    if example is None:
-        example = example_input_ids(loaded.model, args.tokens, args.batch, args.seed)
+    example = example_for(args.model, loaded, args.tokens, args.batch, args.seed)
     print(f"loaded {loaded.source}; exporting to ONNX (target {args.target})", file=sys.stderr)
     started = time.perf_counter()
     result = export_onnx(loaded.model, example, out, policy, target=args.target, **params)

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["ModelSpecError", "LoadedModel", "load_model", "example_input_ids"]
+__all__ = ["ModelSpecError", "LoadedModel", "load_model", "example_input_ids", "example_for"]
 
 logger = logging.getLogger(__name__)
 
@@ -185,6 +185,19 @@ def load_model(spec: str, seed: int = 0) -> LoadedModel:
     raise ModelSpecError(
         f"cannot load model {spec!r}: expected a transformers config.json, module.py:factory, 'bundled' or zoo:<family>"
     )
+
+
+def example_for(spec: str, loaded: LoadedModel, tokens: int, batch: int = 1, seed: int = 0) -> Any:
+    """The example inputs a command runs: the factory's own, held-out text for
+    the bundled model (its routing means something only on text), else random ids."""
+    if loaded.example_inputs is not None:
+        return loaded.example_inputs
+    if spec == "bundled":
+        from moepass import bundled
+
+        ids = bundled.heldout_batches(seq_len=tokens, max_tokens=tokens * batch, batch_size=batch)[0]
+        return {"input_ids": ids, "use_cache": False}
+    return example_input_ids(loaded.model, tokens, batch, seed)
 
 
 def example_input_ids(model: torch.nn.Module, tokens: int, batch: int = 1, seed: int = 0) -> dict[str, Any]:
