@@ -4,8 +4,8 @@
 
     fast = torch.compile(model, backend="adaptive_moe", options={"policy": "top_p", "p": 0.4})
     fast(input_ids)
-    print(moepass.report(fast))
-    print(moepass.inspect(model, example, policy="top_p", p=0.4))   # + .save("report/")
+    report = moepass.report(fast)                      # str(report) is a table
+    moepass.inspect(model, example, policy="top_p", p=0.4).save("report/")   # HTML, text, JSON
     moepass.export_onnx(model, (input_ids,), "model.onnx", policy="top_p", p=0.4)  # ONNX Runtime
 
 Importing this package registers the ``torch.ops.moepass`` operators; the
