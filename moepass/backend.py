@@ -28,7 +28,6 @@ import torch.fx as fx
 from moepass.dataflow import Dataflow, example_value
 from moepass.detect import BlockMatch, BlockRejection, find_moe_blocks
 from moepass.detect.common import Mismatch
-from moepass.detect.region import block_region
 from moepass.options import BackendOptions
 from moepass.policies import PolicyError
 from moepass.report import BlockReport, Report, record_graph
@@ -87,7 +86,7 @@ def optimize_graph(
             resolved = options.policy.resolve(item.spec)
         except PolicyError as error:
             raise PolicyError(f"policy {policy_name} does not fit block {entry.display_path}: {error}") from None
-        entry.graph_before = _region_graph(item, flow)
+        entry.graph_before = _region_graph(item)
         plan = plan_rewrite(item, resolved, options.lowering, options.stats, env)
         if options.validate:
             try:
@@ -128,17 +127,10 @@ def optimize_graph(
     return gm, reports
 
 
-def _region_graph(item: BlockMatch, flow: Dataflow) -> fx.Graph | None:
+def _region_graph(item: BlockMatch) -> fx.Graph:
     """The block's original nodes as a standalone graph (for reports)."""
-    if item.region is not None:
-        return extract(item.region.nodes, [item.region.combine])
-    router = item.router
-    outputs = [router.ids, router.weights_end]
-    try:
-        region = block_region(flow, router.weights_end, router.x_base, router.ids)
-    except Mismatch:
-        return None
-    return extract(region.nodes, outputs)
+    outputs = [item.region.combine] if item.experts is not None else [item.router.ids, item.router.weights_end]
+    return extract(item.region.nodes, outputs)
 
 
 def compile_inner(gm: fx.GraphModule, example_inputs: list[Any], options: BackendOptions) -> Callable:

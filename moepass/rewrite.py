@@ -33,7 +33,7 @@ from torch._dynamo.utils import counters
 from moepass.dataflow import Dataflow, alias_root, example_value, mutated_node, tensor_shape
 from moepass.detect import BlockMatch
 from moepass.detect.common import Mismatch
-from moepass.detect.region import Region, block_region, satellites
+from moepass.detect.region import satellites
 from moepass.ops import ExpertsConfig, RouteConfig, parse_route_config, routes_not_captured
 from moepass.policies import ResolvedPolicy
 from moepass.validate import concrete_shape, relative_error, run_region
@@ -125,11 +125,6 @@ def _value(item: Any, env: dict[fx.Node, Any]) -> Any:
     return env[item] if isinstance(item, fx.Node) else item
 
 
-def _router_region(flow: Dataflow, match: BlockMatch) -> Region:
-    router = match.router
-    return block_region(flow, router.weights_end, router.x_base, router.ids)
-
-
 def _dense(ids: torch.Tensor, weights: torch.Tensor, num_experts: int) -> torch.Tensor:
     dense = torch.zeros(ids.shape[0], num_experts + 1, dtype=torch.float64)
     return dense.scatter_add_(1, ids.long().clamp(0, num_experts), weights.double())[:, :num_experts]
@@ -151,7 +146,7 @@ def validate_rewrite(gm: fx.GraphModule, flow: Dataflow, plan: BlockRewrite, env
     )
     local = dict(env)
     local[x_base] = random_x
-    region = match.region if match.region is not None else _router_region(flow, match)
+    region = match.region
     local = run_region(gm, flow, region, local)
     logits = local[router.linear]
     static_tensors = [_value(t, local) for t in plan.static_route_tensors]
@@ -330,7 +325,7 @@ def _apply_router_only(gm: fx.GraphModule, flow: Dataflow, plan: BlockRewrite, t
     old_weights = example_value(router.weights_end)
     if isinstance(old_weights, torch.Tensor) and old_weights.dtype != torch.float32:
         weights = inserter.call("call_method", "to", (weights, old_weights.dtype), f"moe_weights_cast_{tag}")
-    router_nodes = _router_region(flow, plan.match).nodes
+    router_nodes = plan.match.region.nodes
     weights_users = [u for u in router.weights_end.users if u not in router_nodes]
     for user in list(router.ids.users):
         if user not in inserter.created and user not in router_nodes:

@@ -12,7 +12,7 @@ instead of a silently different model.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -87,5 +87,3 @@ def run_region(
             env[node] = interpreter.run_node(node)
     return env
 
-
-RunReplacement = Callable[[dict[fx.Node, Any]], torch.Tensor]

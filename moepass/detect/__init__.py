@@ -53,7 +53,9 @@ class BlockMatch:
     spec: MoEBlockSpec
     router: RouterMatch
     experts: ExpertsMatch | None
-    region: Region | None
+    #: The nodes the rewrite replaces: up to the combine node, or (router
+    #: only) up to the router's ids and weights.
+    region: Region
     shared: tuple[SharedExpertSpec, ...] = ()
     #: Router only: whether the consumer of the ids is seen to skip the sentinel id E.
     sentinel_safe: bool = True
@@ -223,7 +225,7 @@ def find_moe_blocks(gm: fx.GraphModule, flow: Dataflow | None = None) -> list[Bl
         if combine is None:
             consumer = _expert_loop_consumer(router, flow)
             if consumer is not None:
-                results.append(_router_only(router, sentinel_safe=consumer == "skips_sentinel"))
+                results.append(_router_only(router, flow, sentinel_safe=consumer == "skips_sentinel"))
                 claimed |= router.param_nodes
             elif region_or_reason is not None or _expert_evidence(anchor, flow) is not None:
                 results.append(
@@ -268,7 +270,7 @@ def find_moe_blocks(gm: fx.GraphModule, flow: Dataflow | None = None) -> list[Bl
     return results
 
 
-def _router_only(router: RouterMatch, sentinel_safe: bool) -> BlockMatch | BlockRejection:
+def _router_only(router: RouterMatch, flow: Dataflow, sentinel_safe: bool) -> BlockMatch | BlockRejection:
     path = _parent(router.module_path) or ""
     if router.weights_end is None:
         return BlockRejection(
@@ -279,8 +281,19 @@ def _router_only(router: RouterMatch, sentinel_safe: bool) -> BlockMatch | Block
             num_experts=router.spec.num_experts,
             top_k=router.spec.top_k,
         )
+    try:
+        region = block_region(flow, router.weights_end, router.x_base, router.ids)
+    except Mismatch as error:
+        return BlockRejection(
+            path=path,
+            reason=str(error),
+            router_kind=router.spec.kind,
+            dispatch="eager_loop",
+            num_experts=router.spec.num_experts,
+            top_k=router.spec.top_k,
+        )
     spec = MoEBlockSpec(path=path, router=router.spec, experts=None, layer_index=layer_index_of(path))
-    return BlockMatch(spec=spec, router=router, experts=None, region=None, sentinel_safe=sentinel_safe)
+    return BlockMatch(spec=spec, router=router, experts=None, region=region, sentinel_safe=sentinel_safe)
 
 
 def _expert_evidence(anchor: fx.Node, flow: Dataflow) -> str | None:

@@ -19,7 +19,7 @@ and the activation from the ops between the two GEMMs::
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch.fx as fx
 
@@ -72,7 +72,6 @@ class ExpertsMatch:
     w2: fx.Node | list[fx.Node]
     b1: fx.Node | list[list[fx.Node]] | None
     b2: fx.Node | list[fx.Node] | None
-    gemms: list[fx.Node] = field(default_factory=list)
     module_path: str | None = None
 
 
@@ -249,7 +248,7 @@ def _match_stacked(region, router, flow, stacked, stacked_bias, hidden) -> Exper
         swiglu_alpha=alpha,
         swiglu_limit=limit,
     )
-    return ExpertsMatch(spec, w1, w2, b1, b2, gemms=[gemm1, gemm2], module_path=module_path_of_param(w1))
+    return ExpertsMatch(spec, w1, w2, b1, b2, module_path=module_path_of_param(w1))
 
 
 def _expert_selector_index(node: fx.Node, router: RouterMatch, flow: Dataflow) -> int | None:
@@ -360,5 +359,5 @@ def _match_module_loop(region, router, flow, params, hidden) -> ExpertsMatch:
         stacked_from_modules=True,
     )
     module = common_module_path(module_path_of_param(w) for w in w2)
-    return ExpertsMatch(spec, w1, w2, b1, b2, gemms=gates + ups + downs, module_path=module)
+    return ExpertsMatch(spec, w1, w2, b1, b2, module_path=module)
 
