@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from moepass.lowering.activations import split_gate_up, unary_activation
+from moepass.lowering.grouped import accumulation_dtype
 
 from moepass.bucketing import bucket_by_k
 from moepass.spec import ExpertsSpec
@@ -113,10 +114,11 @@ def experts_forward(x, ids, weights, w1, w2, b1, b2, spec: ExpertsSpec) -> torch
     """The experts op on CPU tensors (any float dtype; accumulation in float32)."""
     num_tokens, hidden = x.shape
     token, slot_weights, counts = expert_slots(ids, weights, spec.num_experts)
-    slot_weights = slot_weights.float().unsqueeze(1)
+    acc = accumulation_dtype(x.dtype)
+    slot_weights = slot_weights.to(acc).unsqueeze(1)
     xs = x.index_select(0, token)
     if spec.weight_on_input:
-        xs = (xs.float() * slot_weights).to(x.dtype)
+        xs = (xs.to(acc) * slot_weights).to(x.dtype)
     n1 = w1.shape[2] if spec.transposed else w1.shape[1]
     y = torch.empty(token.numel(), hidden, dtype=x.dtype, device=x.device)
     h_buffer = torch.empty(max(counts, default=0) * n1, dtype=x.dtype, device=x.device)
@@ -131,7 +133,7 @@ def experts_forward(x, ids, weights, w1, w2, b1, b2, spec: ExpertsSpec) -> torch
             _expert_token_major(xs[rows], y[rows], expert, w1, w2, b1, b2, spec, h_buffer[: count * n1])
         note_gemm_rows(count)
         start += count
-    weighted = y.float() if x.dtype != torch.float32 else y
+    weighted = y.to(acc)
     if not spec.weight_on_input:
         weighted = weighted.mul_(slot_weights)
     out = torch.zeros(num_tokens, hidden, dtype=weighted.dtype, device=x.device)

@@ -35,7 +35,7 @@ from moepass.rewrite import apply_rewrite, plan_rewrite, validate_rewrite
 from moepass.subgraph import extract
 from moepass.validate import example_env, tolerance_for
 
-__all__ = ["adaptive_moe", "optimize_graph", "compile_inner"]
+__all__ = ["adaptive_moe", "optimize_graph", "compile_inner", "graph_needs_gradients"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,10 +67,32 @@ def _block_report(item: BlockMatch | BlockRejection, policy: str) -> BlockReport
     )
 
 
+def graph_needs_gradients(example_inputs: list[Any]) -> bool:
+    """Whether a graph compiled now will be differentiated.
+
+    Dynamo guards on grad mode, so the mode at compile time is the mode of
+    every call of this graph; with it on and any input requiring grad
+    (a trainable parameter, say), autograd will run through the graph.
+    """
+    return torch.is_grad_enabled() and any(
+        isinstance(value, torch.Tensor) and value.requires_grad for value in example_inputs
+    )
+
+
 def optimize_graph(
-    gm: fx.GraphModule, example_inputs: list[Any], options: BackendOptions
+    gm: fx.GraphModule,
+    example_inputs: list[Any],
+    options: BackendOptions,
+    differentiable: bool | None = None,
 ) -> tuple[fx.GraphModule, list[BlockReport]]:
-    """Detect, validate and rewrite the MoE blocks of one dynamo graph in place."""
+    """Detect, validate and rewrite the MoE blocks of one dynamo graph in place.
+
+    ``differentiable`` chooses the experts' form: the split form with autograd
+    formulas (True) or the fused op (False); None decides from the grad mode
+    and the inputs (:func:`graph_needs_gradients`).
+    """
+    if differentiable is None:
+        differentiable = graph_needs_gradients(example_inputs)
     flow = Dataflow(gm.graph)
     found = find_moe_blocks(gm, flow)
     policy_name = options.policy.describe()
@@ -87,7 +109,7 @@ def optimize_graph(
         except PolicyError as error:
             raise PolicyError(f"policy {policy_name} does not fit block {entry.display_path}: {error}") from None
         entry.graph_before = _region_graph(item)
-        plan = plan_rewrite(item, resolved, options.lowering, options.stats, env)
+        plan = plan_rewrite(item, resolved, options.lowering, options.stats, env, differentiable)
         if options.validate:
             try:
                 error = validate_rewrite(gm, flow, plan, env)

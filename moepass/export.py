@@ -156,7 +156,7 @@ def prepare_export(
 
     options = BackendOptions.parse({"inner": "eager", **backend_options})
     captured = capture_model(model, example_inputs, dynamic_shapes)
-    gm, reports = optimize_graph(captured.gm, list(captured.args), options)
+    gm, reports = optimize_graph(captured.gm, list(captured.args), options, differentiable=False)
     if not reports:
         logger.warning("moepass: no MoE block found in %s; exporting it as it is", type(model).__name__)
     _check_rewritten(reports)

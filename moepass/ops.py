@@ -6,11 +6,24 @@
                                                               │
     x ──────► moepass.experts(x, ids, weights, w1, w2, b1, b2, config) ─► out [T,H]
 
-``route`` is a composite of standard torch ops (so Inductor compiles it and
-exporters decompose it); ``experts`` is an opaque custom op with a fake
-implementation, lowered at run time to the CPU path, the Triton kernels or the
-plain reference.  Static attributes travel as a JSON string (parsed once and
-cached); per-layer tensors of a policy travel in ``tensors``.
+``route`` is a composite of standard torch ops (so Inductor compiles it,
+autograd differentiates it and exporters decompose it); ``experts`` is an
+opaque custom op with a fake implementation, lowered at run time to the CPU
+path, the Triton kernels or the plain reference.  Static attributes travel as
+a JSON string (parsed once and cached); per-layer tensors of a policy travel
+in ``tensors``.
+
+When the compiled graph must be differentiable (grad mode with trainable
+inputs) the experts are written in their *split* form instead, whose pieces
+each have an autograd formula (see :mod:`moepass.lowering.grouped`)::
+
+    ids ─► moepass.expert_rows ─► row_token, row_slot, offsets      (composite)
+    x   ─► moepass.experts_up        ─► h [T·K, N1]                  (custom op + autograd)
+    h   ─► moepass.expert_activation ─► a [T·K, I]                   (composite: autograd, Inductor fuse it)
+    a   ─► moepass.experts_down      ─► out [T, H]                   (custom op + autograd)
+
+``experts`` itself is differentiable too (its backward re-runs the split
+form), so the op is usable on its own in eager code.
 """
 
 from __future__ import annotations
@@ -27,7 +40,19 @@ from torch._subclasses.fake_tensor import is_fake
 
 from moepass.spec import ExpertsSpec, RouterSpec
 
-__all__ = ["RouteConfig", "ExpertsConfig", "route", "experts", "LOWERINGS", "capture_routes", "routes_not_captured"]
+__all__ = [
+    "RouteConfig",
+    "ExpertsConfig",
+    "route",
+    "experts",
+    "expert_rows",
+    "experts_up",
+    "expert_activation",
+    "experts_down",
+    "LOWERINGS",
+    "capture_routes",
+    "routes_not_captured",
+]
 
 #: Implementations of the experts op; "auto" picks triton for CUDA tensors
 #: and cpu otherwise.
@@ -213,3 +238,225 @@ def experts(
 @experts.register_fake
 def _experts_fake(x, ids, weights, w1, w2, b1, b2, config):
     return torch.empty_like(x)
+
+
+def _experts_setup_context(ctx, inputs, output) -> None:
+    x, ids, weights, w1, w2, b1, b2, config = inputs
+    ctx.save_for_backward(x, ids, weights, w1, w2, b1, b2)
+    ctx.config = config
+
+
+def _experts_backward(ctx, grad_out):
+    """Re-run the block in its split form with autograd on, and differentiate that.
+
+    The compiled graph never needs this (the rewrite inserts the split form
+    when it must be differentiable); it makes the fused op correct on its own.
+    """
+    saved = ctx.saved_tensors
+    differentiable = (0, 2, 3, 4, 5, 6)  # x, weights, w1, w2, b1, b2
+    leaves = list(saved)
+    wanted = [i for i in differentiable if ctx.needs_input_grad[i] and saved[i] is not None]
+    with torch.enable_grad():
+        for i in wanted:
+            leaves[i] = saved[i].detach().requires_grad_(True)
+        x, ids, weights, w1, w2, b1, b2 = leaves
+        out = split_experts(x, ids, weights, w1, w2, b1, b2, ctx.config)
+        grads = torch.autograd.grad(out, [leaves[i] for i in wanted], grad_out, allow_unused=True)
+    result: list[Optional[torch.Tensor]] = [None] * 8
+    for i, grad in zip(wanted, grads):
+        result[i] = grad
+    return tuple(result)
+
+
+experts.register_autograd(_experts_backward, setup_context=_experts_setup_context)
+
+
+# --- the split form: expert_rows, experts_up, expert_activation, experts_down --
+
+_lib.define("expert_rows(Tensor ids, int num_experts) -> (Tensor, Tensor, Tensor)")
+
+
+def _expert_rows_composite(ids: torch.Tensor, num_experts: int):
+    from moepass.lowering.grouped import expert_rows as rows
+
+    return rows(ids, num_experts)
+
+
+_lib.impl("expert_rows", _expert_rows_composite, "CompositeImplicitAutograd")
+expert_rows = torch.ops.moepass.expert_rows
+
+_lib.define("expert_activation(Tensor h, str config) -> Tensor")
+
+
+def _expert_activation_composite(h: torch.Tensor, config: str) -> torch.Tensor:
+    from moepass.lowering.activations import apply_activation
+
+    return apply_activation(h, parse_experts_config(config).spec)
+
+
+_lib.impl("expert_activation", _expert_activation_composite, "CompositeImplicitAutograd")
+expert_activation = torch.ops.moepass.expert_activation
+
+
+def _spec_of(config: str) -> ExpertsSpec:
+    return parse_experts_config(config).spec
+
+
+@torch.library.custom_op("moepass::experts_up", mutates_args=())
+def experts_up(
+    x: torch.Tensor,
+    row_token: torch.Tensor,
+    row_slot: torch.Tensor,
+    offsets: torch.Tensor,
+    weights: torch.Tensor,
+    w1: torch.Tensor,
+    b1: Optional[torch.Tensor],
+    config: str,
+) -> torch.Tensor:
+    """First projection of every non-empty slot, rows sorted by expert: h [T·K, N1].
+
+    Rows of empty slots (after ``offsets[E]``) are 0 and cost no GEMM work.
+    """
+    from moepass.lowering.grouped import up_forward
+
+    return up_forward(x, row_token, row_slot, offsets, weights, w1, b1, _spec_of(config))
+
+
+@experts_up.register_fake
+def _experts_up_fake(x, row_token, row_slot, offsets, weights, w1, b1, config):
+    from moepass.lowering.grouped import first_projection_width
+
+    return x.new_empty(row_token.shape[0], first_projection_width(w1, _spec_of(config)))
+
+
+@torch.library.custom_op("moepass::experts_up_backward", mutates_args=())
+def experts_up_backward(
+    grad_h: torch.Tensor,
+    x: torch.Tensor,
+    row_token: torch.Tensor,
+    row_slot: torch.Tensor,
+    offsets: torch.Tensor,
+    weights: torch.Tensor,
+    w1: torch.Tensor,
+    b1: Optional[torch.Tensor],
+    config: str,
+    needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``experts_up`` for (x, weights, w1, b1); an empty tensor where not needed."""
+    from moepass.lowering.grouped import up_backward
+
+    grads = up_backward(grad_h, x, row_token, row_slot, offsets, weights, w1, b1, _spec_of(config), needs)
+    return tuple(g if g is not None else x.new_empty(0) for g in grads)
+
+
+@experts_up_backward.register_fake
+def _experts_up_backward_fake(grad_h, x, row_token, row_slot, offsets, weights, w1, b1, config, needs):
+    shapes = [x, weights, w1, b1]
+    return tuple(
+        torch.empty_like(t) if need and t is not None else x.new_empty(0) for t, need in zip(shapes, needs)
+    )
+
+
+def _up_setup_context(ctx, inputs, output) -> None:
+    x, row_token, row_slot, offsets, weights, w1, b1, config = inputs
+    ctx.save_for_backward(x, row_token, row_slot, offsets, weights, w1, b1)
+    ctx.config = config
+
+
+def _up_backward(ctx, grad_h):
+    x, row_token, row_slot, offsets, weights, w1, b1 = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    wanted = [needs[0], needs[4], needs[5], needs[6] and b1 is not None]
+    if not any(wanted):
+        return (None,) * 8
+    grad_x, grad_weights, grad_w1, grad_b1 = experts_up_backward(
+        grad_h, x, row_token, row_slot, offsets, weights, w1, b1, ctx.config, wanted
+    )
+    pick = [g if want else None for g, want in zip((grad_x, grad_weights, grad_w1, grad_b1), wanted)]
+    return pick[0], None, None, None, pick[1], pick[2], pick[3], None
+
+
+experts_up.register_autograd(_up_backward, setup_context=_up_setup_context)
+
+
+@torch.library.custom_op("moepass::experts_down", mutates_args=())
+def experts_down(
+    a: torch.Tensor,
+    row_token: torch.Tensor,
+    row_slot: torch.Tensor,
+    offsets: torch.Tensor,
+    weights: torch.Tensor,
+    w2: torch.Tensor,
+    b2: Optional[torch.Tensor],
+    config: str,
+) -> torch.Tensor:
+    """Second projection of every non-empty slot, weighted and summed per token: out [T, H]."""
+    from moepass.lowering.grouped import down_forward
+
+    return down_forward(a, row_token, row_slot, offsets, weights, w2, b2, _spec_of(config))
+
+
+@experts_down.register_fake
+def _experts_down_fake(a, row_token, row_slot, offsets, weights, w2, b2, config):
+    from moepass.lowering.grouped import hidden_size_of
+
+    return a.new_empty(weights.shape[0], hidden_size_of(w2, _spec_of(config)))
+
+
+@torch.library.custom_op("moepass::experts_down_backward", mutates_args=())
+def experts_down_backward(
+    grad_out: torch.Tensor,
+    a: torch.Tensor,
+    row_token: torch.Tensor,
+    row_slot: torch.Tensor,
+    offsets: torch.Tensor,
+    weights: torch.Tensor,
+    w2: torch.Tensor,
+    b2: Optional[torch.Tensor],
+    config: str,
+    needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``experts_down`` for (a, weights, w2, b2); an empty tensor where not needed."""
+    from moepass.lowering.grouped import down_backward
+
+    grads = down_backward(grad_out, a, row_token, row_slot, offsets, weights, w2, b2, _spec_of(config), needs)
+    return tuple(g if g is not None else a.new_empty(0) for g in grads)
+
+
+@experts_down_backward.register_fake
+def _experts_down_backward_fake(grad_out, a, row_token, row_slot, offsets, weights, w2, b2, config, needs):
+    shapes = [a, weights, w2, b2]
+    return tuple(
+        torch.empty_like(t) if need and t is not None else a.new_empty(0) for t, need in zip(shapes, needs)
+    )
+
+
+def _down_setup_context(ctx, inputs, output) -> None:
+    a, row_token, row_slot, offsets, weights, w2, b2, config = inputs
+    ctx.save_for_backward(a, row_token, row_slot, offsets, weights, w2, b2)
+    ctx.config = config
+
+
+def _down_backward(ctx, grad_out):
+    a, row_token, row_slot, offsets, weights, w2, b2 = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    wanted = [needs[0], needs[4], needs[5], needs[6] and b2 is not None]
+    if not any(wanted):
+        return (None,) * 8
+    grad_a, grad_weights, grad_w2, grad_b2 = experts_down_backward(
+        grad_out.contiguous(), a, row_token, row_slot, offsets, weights, w2, b2, ctx.config, wanted
+    )
+    pick = [g if want else None for g, want in zip((grad_a, grad_weights, grad_w2, grad_b2), wanted)]
+    return pick[0], None, None, None, pick[1], pick[2], pick[3], None
+
+
+experts_down.register_autograd(_down_backward, setup_context=_down_setup_context)
+
+
+def split_experts(x, ids, weights, w1, w2, b1, b2, config: str) -> torch.Tensor:
+    """``experts`` computed through its split form (differentiable piece by piece)."""
+    num_experts = _spec_of(config).num_experts
+    row_token, row_slot, offsets = expert_rows(ids, num_experts)
+    h = experts_up(x, row_token, row_slot, offsets, weights, w1, b1, config)
+    a = expert_activation(h, config)
+    return experts_down(a, row_token, row_slot, offsets, weights, w2, b2, config)

@@ -34,7 +34,7 @@ from moepass.dataflow import Dataflow, alias_root, example_value, mutated_node, 
 from moepass.detect import BlockMatch
 from moepass.detect.common import Mismatch
 from moepass.detect.region import satellites
-from moepass.ops import ExpertsConfig, RouteConfig, parse_route_config, routes_not_captured
+from moepass.ops import ExpertsConfig, RouteConfig, parse_route_config, routes_not_captured, split_experts
 from moepass.policies import ResolvedPolicy
 from moepass.validate import concrete_shape, relative_error, run_region
 
@@ -58,6 +58,9 @@ class BlockRewrite:
     #: Expert weights: graph nodes (stacked parameters) or stacked tensors.
     weights: dict[str, fx.Node | torch.Tensor | None] = field(default_factory=dict)
     inserted: list[fx.Node] = field(default_factory=list)
+    #: Write the experts in their split form (expert_rows → experts_up →
+    #: expert_activation → experts_down), whose pieces have autograd formulas.
+    differentiable: bool = False
 
 
 def _stack_modules(nodes: Any, env: dict[fx.Node, Any], dim_cat: int = 1) -> torch.Tensor | None:
@@ -76,8 +79,13 @@ def plan_rewrite(
     lowering: str,
     collect_stats: bool,
     env: dict[fx.Node, Any],
+    differentiable: bool = False,
 ) -> BlockRewrite:
-    """Resolve configs and weights for ``match`` under a resolved policy."""
+    """Resolve configs and weights for ``match`` under a resolved policy.
+
+    ``differentiable`` asks for the split form of the experts (the graph will
+    be differentiated); otherwise the fused ``moepass.experts`` op is used.
+    """
     router = match.router
     roles: list[str] = []
     tensors: list[fx.Node | torch.Tensor] = []
@@ -118,7 +126,10 @@ def plan_rewrite(
             }
         else:
             weights = {"w1": experts.w1, "w2": experts.w2, "b1": experts.b1, "b2": experts.b2}
-    return BlockRewrite(match, route_config, static_config, experts_config, tensors, static_tensors, weights)
+    return BlockRewrite(
+        match, route_config, static_config, experts_config, tensors, static_tensors, weights,
+        differentiable=differentiable,
+    )
 
 
 def _value(item: Any, env: dict[fx.Node, Any]) -> Any:
@@ -159,7 +170,8 @@ def validate_rewrite(gm: fx.GraphModule, flow: Dataflow, plan: BlockRewrite, env
             return relative_error(actual, expected)
         w = {k: _value(v, local) for k, v in plan.weights.items()}
         quiet = dataclasses.replace(plan.experts_config, collect_stats=False)  # random inputs are not traffic
-        out = torch.ops.moepass.experts(x2d, ids, weights, w["w1"], w["w2"], w["b1"], w["b2"], quiet.to_json())
+        run = split_experts if plan.differentiable else torch.ops.moepass.experts
+        out = run(x2d, ids, weights, w["w1"], w["w2"], w["b1"], w["b2"], quiet.to_json())
     expected = local[region.combine]
     return relative_error(out.reshape(expected.shape).float(), expected.float())
 
@@ -283,12 +295,16 @@ def apply_rewrite(gm: fx.GraphModule, flow: Dataflow, plan: BlockRewrite) -> lis
     )
     ids = inserter.call("call_function", operator.getitem, (route, 0), f"moe_ids_{tag}")
     weights_node = inserter.call("call_function", operator.getitem, (route, 1), f"moe_weights_{tag}")
-    out = inserter.call(
-        "call_function",
-        torch.ops.moepass.experts.default,
-        (x2d, ids, weights_node, weights["w1"], weights["w2"], weights["b1"], weights["b2"], plan.experts_config.to_json()),
-        f"moe_out_{tag}",
-    )
+    experts_json = plan.experts_config.to_json()
+    if plan.differentiable:
+        out = _insert_split_experts(inserter, x2d, ids, weights_node, weights, experts_json, match.spec, tag)
+    else:
+        out = inserter.call(
+            "call_function",
+            torch.ops.moepass.experts.default,
+            (x2d, ids, weights_node, weights["w1"], weights["w2"], weights["b1"], weights["b2"], experts_json),
+            f"moe_out_{tag}",
+        )
     expected_shape = tensor_shape(combine)
     if expected_shape is not None and len(expected_shape) != 2:
         out = inserter.call("call_method", "view_as", (out, router.x_base), f"moe_out_view_{tag}")
@@ -304,6 +320,31 @@ def apply_rewrite(gm: fx.GraphModule, flow: Dataflow, plan: BlockRewrite) -> lis
     counters["moepass"][f"dispatch_{match.spec.experts.dispatch}"] += 1
     logger.debug("rewrote %s: +%d nodes, -%d nodes", match.path, len(inserter.created), removed)
     return inserter.created
+
+
+def _insert_split_experts(inserter, x2d, ids, weights_node, weights, experts_json, spec, tag) -> fx.Node:
+    """The experts in their differentiable split form; returns the [T, H] output node."""
+    ops = torch.ops.moepass
+    rows = inserter.call(
+        "call_function", ops.expert_rows.default, (ids, spec.experts.num_experts), f"moe_rows_{tag}"
+    )
+    row_token, row_slot, offsets = (
+        inserter.call("call_function", operator.getitem, (rows, i), f"moe_{name}_{tag}")
+        for i, name in enumerate(("row_token", "row_slot", "offsets"))
+    )
+    h = inserter.call(
+        "call_function",
+        ops.experts_up.default,
+        (x2d, row_token, row_slot, offsets, weights_node, weights["w1"], weights["b1"], experts_json),
+        f"moe_h_{tag}",
+    )
+    a = inserter.call("call_function", ops.expert_activation.default, (h, experts_json), f"moe_act_{tag}")
+    return inserter.call(
+        "call_function",
+        ops.experts_down.default,
+        (a, row_token, row_slot, offsets, weights_node, weights["w2"], weights["b2"], experts_json),
+        f"moe_out_{tag}",
+    )
 
 
 def _apply_router_only(gm: fx.GraphModule, flow: Dataflow, plan: BlockRewrite, tag: str) -> list[fx.Node]:

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from moepass.dataflow import Dataflow, alias_root, example_value, mutated_node
+from moepass.dataflow import Dataflow, alias_root, example_value, mutated_node, op_name
 from moepass.detect.common import Mismatch
 
-__all__ = ["Region", "block_region", "satellites"]
+__all__ = ["Region", "block_region", "satellites", "draws_random_numbers"]
 
 
 @dataclass
@@ -63,7 +63,36 @@ def block_region(flow: Dataflow, combine: fx.Node, x_base: fx.Node, *more_output
         target = mutated_node(node)
         if target is not None and alias_root(target) not in nodes:
             raise Mismatch(f"{node.name} mutates {alias_root(target).name}, which lives outside the block")
+    random = sorted(n.name for n in nodes if draws_random_numbers(n))
+    if random:
+        raise Mismatch(
+            f"the block draws random numbers inside ({', '.join(random[:3])}: router noise or dropout in training "
+            "mode), which a rewrite cannot reproduce; it is rewritten in eval mode (model.eval())"
+        )
     return Region(nodes=nodes, inputs=inputs, combine=combine, x_base=x_base)
+
+
+#: Ops that draw random numbers whenever they run.
+_RANDOM_OPS = {
+    "rand", "randn", "rand_like", "randn_like", "randint", "randint_like", "randperm", "bernoulli", "bernoulli_",
+    "multinomial", "normal", "normal_", "uniform_", "exponential_", "geometric_", "cauchy_", "log_normal_",
+    "random_", "poisson", "rrelu", "native_dropout",
+}
+#: Dropout spellings: random only with p > 0 and training on.
+_DROPOUT_OPS = {"dropout", "dropout_", "feature_dropout", "alpha_dropout", "feature_alpha_dropout", "dropout1d",
+                "dropout2d", "dropout3d"}
+
+
+def draws_random_numbers(node: fx.Node) -> bool:
+    """Whether ``node`` draws random numbers (a dropout counts only with p > 0 in training mode)."""
+    name = op_name(node)
+    if name in _RANDOM_OPS:
+        return True
+    if name in _DROPOUT_OPS:
+        p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
+        training = node.args[2] if len(node.args) > 2 else node.kwargs.get("training", True)
+        return bool(training) and not (isinstance(p, (int, float)) and p == 0)
+    return False
 
 
 def satellites(flow: Dataflow, region: set[fx.Node]) -> set[fx.Node]:

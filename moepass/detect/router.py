@@ -97,7 +97,9 @@ def find_router_linear(start: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
             return node, path
         if name in CAST_OPS | SHAPE_OPS | {"softmax", "sigmoid", "log_softmax"} and node.args:
             node = node.args[0]
-        elif name == "masked_fill" and node.args:
+        elif name in ("masked_fill", "dropout") and node.args:
+            # dropout passes through here so the block is found and its region
+            # check can report the random numbers it draws in training mode
             node = node.args[0]
         elif name in _ADD_OPS and len(node.args) == 2:
             a, b = node.args

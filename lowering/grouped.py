@@ -1,0 +1,231 @@
+"""Grouped expert GEMMs over slot rows sorted by expert, and their backward.
+
+This is the *split* form of the experts op, used when the compiled graph must
+be differentiable (training, or inference in grad mode)::
+
+    ids [T,K] ──► expert_rows        row_token, row_slot [S], offsets [E+1]
+                                     (slots sorted by expert, empty slots last)
+    x [T,H]   ──► up_forward         h[r] = x[token(r)] W1[e]ᵀ (+ b1[e])          [S, N1]
+    h         ──► activation         a = act(h)  (plain torch ops: autograd and
+                                     Inductor see it, any elementwise form works)
+    a         ──► down_forward       out[t] = Σ_{r of t} w(r) · (a[r] W2[e]ᵀ + b2[e])  [T, H]
+
+Each function notes its rows per expert (:func:`moepass.stats.count_gemm_rows`):
+the forward counts once per expert (as the fused op does), each backward once.
+``S = T · K`` rows are allocated; rows of empty slots (id ``E``) sort last,
+after every expert's rows, and no GEMM touches them — forward or backward —
+so an empty slot costs no GEMM work in training either.  Each function runs
+one GEMM (or GEMM pair, backward) per expert hit, on whatever device the
+tensors live (a torch-ops path: on CUDA this is the backward the Triton
+lowering uses too).  Llama 4's weight-on-input form multiplies the routing
+weight into the up projection's input instead of the down projection's output.
+
+Backward formulas, per expert e and its rows (g = ∂L/∂out, dy = w · g[token])::
+
+    down:  u = g[token] W2[e]  (one GEMM, [rows, I]);  ∂a = w · u
+           ∂w = Σ_i u ⊙ a + g[token] · b2[e]            (no second GEMM needed)
+           ∂W2[e] = dyᵀ a,  ∂b2[e] = Σ dy
+    up:    ∂xs = ∂h W1[e];  ∂x[token] += ∂xs (· w on input)
+           ∂W1[e] = ∂hᵀ xs,  ∂b1[e] = Σ ∂h
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moepass.spec import ExpertsSpec
+from moepass.stats import note_gemm_rows
+
+__all__ = [
+    "expert_rows",
+    "up_forward",
+    "up_backward",
+    "down_forward",
+    "down_backward",
+    "first_projection_width",
+    "hidden_size_of",
+    "accumulation_dtype",
+]
+
+
+def first_projection_width(w1: torch.Tensor, spec: ExpertsSpec) -> int:
+    """N1: outputs of the gate/up projection (2I when gated)."""
+    return w1.shape[2] if spec.transposed else w1.shape[1]
+
+
+def hidden_size_of(w2: torch.Tensor, spec: ExpertsSpec) -> int:
+    """H: outputs of the down projection."""
+    return w2.shape[2] if spec.transposed else w2.shape[1]
+
+
+def expert_rows(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sort the T·K slots by expert (stable); empty slots (id ``E``) sort last.
+
+    Returns ``row_token`` [T·K] (token of each row), ``row_slot`` [T·K] (flat
+    slot index t·K + j of each row) and ``offsets`` [E + 1] (expert e owns rows
+    ``offsets[e]:offsets[e+1]``; ``offsets[E]`` is the number of non-empty
+    slots).  Shapes are static, so the function traces under fake tensors.
+    """
+    slots_per_token = ids.shape[1]
+    flat = ids.reshape(-1).clamp(0, num_experts)
+    row_slot = torch.sort(flat, stable=True)[1]
+    row_token = torch.div(row_slot, slots_per_token, rounding_mode="floor")
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=ids.device)
+    counts = counts.scatter_add(0, flat, torch.ones_like(flat))
+    offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts[:num_experts], 0)])
+    return row_token, row_slot, offsets
+
+
+def _runs(offsets: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(expert, start, end) of every expert with rows."""
+    bounds = offsets.tolist()
+    return [(e, bounds[e], bounds[e + 1]) for e in range(len(bounds) - 1) if bounds[e + 1] > bounds[e]]
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for 16-bit inputs, else the input's own dtype (float64 stays float64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _slot_weights(weights: torch.Tensor, row_slot: torch.Tensor, live: int, dtype: torch.dtype) -> torch.Tensor:
+    """Routing weight per live row, [live, 1] in the accumulation dtype of ``dtype``."""
+    return weights.reshape(-1).index_select(0, row_slot[:live]).to(accumulation_dtype(dtype)).unsqueeze(1)
+
+
+def _first(w1: torch.Tensor, expert: int, spec: ExpertsSpec) -> torch.Tensor:
+    """W1[e] as a [H, N1] operand (a strided view; no copy)."""
+    return w1[expert] if spec.transposed else w1[expert].t()
+
+
+def _second(w2: torch.Tensor, expert: int, spec: ExpertsSpec) -> torch.Tensor:
+    """W2[e] as an [I, H] operand."""
+    return w2[expert] if spec.transposed else w2[expert].t()
+
+
+def _gathered_input(x, row_token, row_slot, weights, live, spec: ExpertsSpec) -> torch.Tensor:
+    xs = x.index_select(0, row_token[:live])
+    if spec.weight_on_input:
+        acc = accumulation_dtype(x.dtype)
+        xs = (xs.to(acc) * _slot_weights(weights, row_slot, live, x.dtype)).to(x.dtype)
+    return xs
+
+
+def up_forward(x, row_token, row_slot, offsets, weights, w1, b1, spec: ExpertsSpec) -> torch.Tensor:
+    """h [T·K, N1]: each non-empty slot's first projection; rows of empty slots are 0."""
+    n1 = first_projection_width(w1, spec)
+    h = x.new_empty(row_token.shape[0], n1)
+    live = int(offsets[-1])
+    h[live:].zero_()
+    xs = _gathered_input(x, row_token, row_slot, weights, live, spec)
+    for expert, start, end in _runs(offsets):
+        rows = slice(start, end)
+        if b1 is None:
+            torch.mm(xs[rows], _first(w1, expert, spec), out=h[rows])
+        else:
+            torch.addmm(b1[expert], xs[rows], _first(w1, expert, spec), out=h[rows])
+        note_gemm_rows(end - start)
+    return h
+
+
+def down_forward(a, row_token, row_slot, offsets, weights, w2, b2, spec: ExpertsSpec) -> torch.Tensor:
+    """out [T, H] = Σ over each token's slots of w · (a W2ᵀ + b2) (or without w, weight on input)."""
+    num_tokens = weights.shape[0]
+    hidden = hidden_size_of(w2, spec)
+    live = int(offsets[-1])
+    y = a.new_empty(live, hidden)
+    for expert, start, end in _runs(offsets):
+        rows = slice(start, end)
+        if b2 is None:
+            torch.mm(a[rows], _second(w2, expert, spec), out=y[rows])
+        else:
+            torch.addmm(b2[expert], a[rows], _second(w2, expert, spec), out=y[rows])
+    acc = accumulation_dtype(a.dtype)
+    weighted = y.to(acc)
+    if not spec.weight_on_input:
+        weighted = weighted * _slot_weights(weights, row_slot, live, a.dtype)
+    out = torch.zeros(num_tokens, hidden, dtype=acc, device=a.device)
+    out.index_add_(0, row_token[:live], weighted)
+    return out.to(a.dtype)
+
+
+def down_backward(grad_out, a, row_token, row_slot, offsets, weights, w2, b2, spec: ExpertsSpec, needs):
+    """Gradients of :func:`down_forward` for (a, weights, w2, b2); None where ``needs`` is False."""
+    need_a, need_weights, need_w2, need_b2 = needs
+    live = int(offsets[-1])
+    g = grad_out.index_select(0, row_token[:live])  # [live, H]
+    on_output = not spec.weight_on_input
+    acc = accumulation_dtype(a.dtype)
+    sw = _slot_weights(weights, row_slot, live, a.dtype) if on_output else None
+    grad_a = torch.zeros_like(a) if need_a else None
+    grad_w2 = torch.zeros_like(w2) if need_w2 else None
+    grad_b2 = torch.zeros_like(b2) if (need_b2 and b2 is not None) else None
+    row_grad_weight = torch.zeros(live, dtype=acc, device=a.device) if (need_weights and on_output) else None
+    for expert, start, end in _runs(offsets):
+        rows = slice(start, end)
+        g_rows = g[rows]
+        dy = (g_rows.to(acc) * sw[rows]).to(g.dtype) if on_output else g_rows
+        if need_a or row_grad_weight is not None:
+            u = g_rows @ _second(w2, expert, spec).t()  # [rows, I] = g W2[e]
+            if need_a:
+                grad_a[rows] = (u.to(acc) * sw[rows]).to(a.dtype) if on_output else u
+            if row_grad_weight is not None:
+                contribution = (u.to(acc) * a[rows].to(acc)).sum(dim=1)
+                if b2 is not None:
+                    contribution += g_rows.to(acc) @ b2[expert].to(acc)
+                row_grad_weight[rows] = contribution
+        if need_w2:
+            if spec.transposed:  # w2[e] is [I, H]: ∂ = aᵀ dy
+                torch.mm(a[rows].t(), dy, out=grad_w2[expert])
+            else:  # [H, I]: ∂ = dyᵀ a
+                torch.mm(dy.t(), a[rows], out=grad_w2[expert])
+        if grad_b2 is not None:
+            grad_b2[expert] = dy.sum(dim=0)
+        note_gemm_rows(end - start)
+    grad_weights = None
+    if need_weights:
+        grad_weights = torch.zeros(weights.numel(), dtype=acc, device=a.device)
+        if row_grad_weight is not None:
+            grad_weights.index_copy_(0, row_slot[:live], row_grad_weight)
+        grad_weights = grad_weights.view(weights.shape).to(weights.dtype)
+    return grad_a, grad_weights, grad_w2, grad_b2
+
+
+def up_backward(grad_h, x, row_token, row_slot, offsets, weights, w1, b1, spec: ExpertsSpec, needs):
+    """Gradients of :func:`up_forward` for (x, weights, w1, b1); None where ``needs`` is False."""
+    need_x, need_weights, need_w1, need_b1 = needs
+    live = int(offsets[-1])
+    on_input = spec.weight_on_input
+    need_xs_grad = need_x or (need_weights and on_input)
+    xs = _gathered_input(x, row_token, row_slot, weights, live, spec) if need_w1 else None
+    grad_xs = x.new_empty(live, x.shape[1]) if need_xs_grad else None
+    grad_w1 = torch.zeros_like(w1) if need_w1 else None
+    grad_b1 = torch.zeros_like(b1) if (need_b1 and b1 is not None) else None
+    for expert, start, end in _runs(offsets):
+        rows = slice(start, end)
+        dh = grad_h[rows]
+        if need_xs_grad:
+            torch.mm(dh, _first(w1, expert, spec).t(), out=grad_xs[rows])
+        if need_w1:
+            if spec.transposed:  # w1[e] is [H, N1]: ∂ = xsᵀ dh
+                torch.mm(xs[rows].t(), dh, out=grad_w1[expert])
+            else:  # [N1, H]: ∂ = dhᵀ xs
+                torch.mm(dh.t(), xs[rows], out=grad_w1[expert])
+        if grad_b1 is not None:
+            grad_b1[expert] = dh.sum(dim=0)
+        note_gemm_rows(end - start)
+    grad_x = grad_weights = None
+    tokens = row_token[:live]
+    acc = accumulation_dtype(x.dtype)
+    if need_weights:
+        grad_weights = torch.zeros(weights.numel(), dtype=acc, device=x.device)
+        if on_input:
+            x_rows = x.index_select(0, tokens).to(acc)
+            grad_weights.index_copy_(0, row_slot[:live], (grad_xs.to(acc) * x_rows).sum(dim=1))
+        grad_weights = grad_weights.view(weights.shape).to(weights.dtype)
+    if need_x:
+        rows_grad = grad_xs.to(acc)
+        if on_input:
+            rows_grad = rows_grad * _slot_weights(weights, row_slot, live, x.dtype)
+        grad_x = torch.zeros(x.shape, dtype=acc, device=x.device).index_add_(0, tokens, rows_grad)
+        grad_x = grad_x.to(x.dtype)
+    return grad_x, grad_weights, grad_w1, grad_b1
