@@ -299,3 +299,40 @@ def test_generate_with_compiled_forward():
     out = adaptive.generate(prompt, max_new_tokens=32, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 6 + 32)
     assert all(s.average_k < 2 for s in moepass.report(adaptive).stats().values())
+
+
+def test_generate_through_transformers_compile_config():
+    """transformers' own compile path for generation (static cache) with this backend."""
+    from transformers import CompileConfig
+
+    model = tiny_model("mixtral")
+    prompt = token_ids(1, 6, seed=7)
+    expected = model.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0)
+    config = CompileConfig(backend="adaptive_moe", mode=None, options={"inner": "eager"})
+    config._compile_all_devices = True  # transformers compiles on CUDA/XPU only unless told
+    out = model.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0,
+                         cache_implementation="static", compile_config=config)
+    assert torch.equal(out, expected)
+    report = moepass.report(model)
+    assert report is not None and len(report.rewritten) == model.config.num_hidden_layers
+
+
+def test_training_loop_through_the_pass_learns_with_the_gate_on():
+    """A few optimizer steps through the compiled model with an adaptive policy active."""
+    model = tiny_model("mixtral").train()
+    fast = torch.compile(model, backend="adaptive_moe", options={"policy": "threshold", "T": 0.05, "inner": "eager"})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    input_ids = token_ids(4, 16, seed=8)
+    router = model.model.layers[0].mlp.gate.weight
+    before = router.detach().clone()
+    losses = []
+    for _ in range(12):
+        logits = fast(input_ids, use_cache=False).logits
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert not torch.equal(router, before)  # the router learns through the routing weights
+    assert all(b.rewritten for b in moepass.report(fast).blocks)
