@@ -30,6 +30,29 @@ def time_it(fn: Callable[[], object], repeat: int = 10, warmup: int = 2, min_sec
     return statistics.median(samples)
 
 
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]], rounds: int = 7, warmup: int = 1, min_seconds: float = 0.0
+) -> dict[str, float]:
+    """Median wall time of each ``fn`` in seconds, timed A, B, C, A, B, C, ...
+
+    A shared machine drifts by tens of percent within a minute; timing the
+    variants in turns puts the same drift on each, so their ratios hold even
+    when absolute times do not.  Rounds continue until ``rounds`` are done and
+    ``min_seconds`` have passed.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    started = time.perf_counter()
+    while min(len(s) for s in samples.values()) < rounds or time.perf_counter() - started < min_seconds:
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
 def machine_description() -> str:
     """CPU model, cores, torch version."""
     model = platform.processor() or "cpu"

@@ -76,6 +76,17 @@ def expert_rows(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torc
     return row_token, row_slot, offsets
 
 
+def _expert_grad_buffer(weight: torch.Tensor, runs: list[tuple[int, int, int]]) -> torch.Tensor:
+    """A gradient buffer for a stacked [E, ...] weight: experts with rows are written
+    in full by their GEMM, so only the experts no row reached are zeroed."""
+    grad = torch.empty_like(weight)
+    hit = {expert for expert, _, _ in runs}
+    for expert in range(weight.shape[0]):
+        if expert not in hit:
+            grad[expert].zero_()
+    return grad
+
+
 def _runs(offsets: torch.Tensor) -> list[tuple[int, int, int]]:
     """(expert, start, end) of every expert with rows."""
     bounds = offsets.tolist()
@@ -156,11 +167,12 @@ def down_backward(grad_out, a, row_token, row_slot, offsets, weights, w2, b2, sp
     on_output = not spec.weight_on_input
     acc = accumulation_dtype(a.dtype)
     sw = _slot_weights(weights, row_slot, live, a.dtype) if on_output else None
+    runs = _runs(offsets)
     grad_a = torch.zeros_like(a) if need_a else None
-    grad_w2 = torch.zeros_like(w2) if need_w2 else None
+    grad_w2 = _expert_grad_buffer(w2, runs) if need_w2 else None
     grad_b2 = torch.zeros_like(b2) if (need_b2 and b2 is not None) else None
     row_grad_weight = torch.zeros(live, dtype=acc, device=a.device) if (need_weights and on_output) else None
-    for expert, start, end in _runs(offsets):
+    for expert, start, end in runs:
         rows = slice(start, end)
         g_rows = g[rows]
         dy = (g_rows.to(acc) * sw[rows]).to(g.dtype) if on_output else g_rows
@@ -198,9 +210,10 @@ def up_backward(grad_h, x, row_token, row_slot, offsets, weights, w1, b1, spec: 
     need_xs_grad = need_x or (need_weights and on_input)
     xs = _gathered_input(x, row_token, row_slot, weights, live, spec) if need_w1 else None
     grad_xs = x.new_empty(live, x.shape[1]) if need_xs_grad else None
-    grad_w1 = torch.zeros_like(w1) if need_w1 else None
+    runs = _runs(offsets)
+    grad_w1 = _expert_grad_buffer(w1, runs) if need_w1 else None
     grad_b1 = torch.zeros_like(b1) if (need_b1 and b1 is not None) else None
-    for expert, start, end in _runs(offsets):
+    for expert, start, end in runs:
         rows = slice(start, end)
         dh = grad_h[rows]
         if need_xs_grad:

@@ -318,8 +318,14 @@ def experts_up(
     Rows of empty slots (after ``offsets[E]``) are 0 and cost no GEMM work.
     """
     from moepass.lowering.grouped import up_forward
+    from moepass.stats import record_k
 
-    return up_forward(x, row_token, row_slot, offsets, weights, w1, b1, _spec_of(config))
+    cfg = parse_experts_config(config)
+    if cfg.collect_stats:
+        tokens, slots = weights.shape
+        live_tokens = torch.div(row_slot[: int(offsets[-1])], slots, rounding_mode="floor")
+        record_k(cfg.block, torch.bincount(live_tokens, minlength=tokens), slots, cfg.spec.num_experts)
+    return up_forward(x, row_token, row_slot, offsets, weights, w1, b1, cfg.spec)
 
 
 @experts_up.register_fake

@@ -16,7 +16,7 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["BlockStats", "record_routing", "routing_stats", "reset_stats", "count_gemm_rows", "note_gemm_rows"]
+__all__ = ["BlockStats", "record_routing", "record_k", "routing_stats", "reset_stats", "count_gemm_rows", "note_gemm_rows"]
 
 _lock = threading.Lock()
 _stats: dict[str, "BlockStats"] = {}
@@ -44,8 +44,12 @@ class BlockStats:
 
 def record_routing(block: str, ids: torch.Tensor, num_experts: int) -> None:
     """Add one call's per-token k (non-empty slots of ``ids``) to ``block``'s counters."""
-    k = ((ids >= 0) & (ids < num_experts)).sum(dim=1)
-    histogram = torch.bincount(k, minlength=ids.shape[1] + 1).tolist()
+    record_k(block, ((ids >= 0) & (ids < num_experts)).sum(dim=1), ids.shape[1], num_experts)
+
+
+def record_k(block: str, k: torch.Tensor, max_k: int, num_experts: int) -> None:
+    """Add one call's experts per token (``k`` [T]) to ``block``'s counters."""
+    histogram = torch.bincount(k, minlength=max_k + 1).tolist()
     with _lock:
         entry = _stats.setdefault(block, BlockStats(num_experts))
         if len(entry.tokens_per_k) < len(histogram):
