@@ -29,13 +29,16 @@ from moepass.kernels.config_store import tile_config_space
 __all__ = ["gate_up_kernel", "gate_up_config_space", "ACTIVATION_CODES"]
 
 #: Activation names (moepass.spec.ACTIVATIONS) to the kernels' ACTIVATION constexpr.
-ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "swiglu_clamp": 4}
+#: ``identity`` stores the projection as it is (a lifted activation then runs
+#: as a separate elementwise pass before the down kernel).
+ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "swiglu_clamp": 4, "identity": 5}
 
 _SILU = tl.constexpr(0)
 _GELU = tl.constexpr(1)
 _GELU_TANH = tl.constexpr(2)
 _RELU = tl.constexpr(3)
 _SWIGLU_CLAMP = tl.constexpr(4)
+_IDENTITY = tl.constexpr(5)
 
 
 @jit_kernel
@@ -168,6 +171,8 @@ def gate_up_kernel(
     elif ACTIVATION == _GELU_TANH:
         inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
         act = g * tl.sigmoid(2.0 * inner)  # 0.5·(1 + tanh(z)) = σ(2z)
+    elif ACTIVATION == _IDENTITY:
+        act = g
     else:
         act = tl.maximum(g, 0.0)
     if GATED:

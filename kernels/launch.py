@@ -232,7 +232,7 @@ def launch_gate_up(
             h.stride(0),
             h.stride(1),
             BLOCK_M=block_m,
-            ACTIVATION=ACTIVATION_CODES[spec.activation],
+            ACTIVATION=ACTIVATION_CODES["identity" if spec.activation == "lifted" else spec.activation],
             GATED=spec.gated,
             HAS_BIAS=b1 is not None,
             WEIGHT_ON_INPUT=spec.weight_on_input,

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 from moepass.spec import ExpertsSpec
 
-__all__ = ["split_gate_up", "apply_activation", "unary_activation"]
+__all__ = ["split_gate_up", "apply_activation", "unary_activation", "lifted_program"]
+
+
+@functools.lru_cache(maxsize=256)
+def lifted_program(text: str):
+    """The parsed :class:`~moepass.lifted.ElementwiseProgram` of a lifted activation (cached)."""
+    from moepass.lifted import ElementwiseProgram
+
+    return ElementwiseProgram.from_json(text)
 
 
 def unary_activation(name: str, x: torch.Tensor) -> torch.Tensor:
@@ -34,8 +44,12 @@ def split_gate_up(h: torch.Tensor, spec: ExpertsSpec, dim: int = -1) -> tuple[to
     return h.narrow(dim, 0, half), h.narrow(dim, half, half)
 
 
-def apply_activation(h: torch.Tensor, spec: ExpertsSpec) -> torch.Tensor:
-    """The expert's activation on the first projection's output ``h`` [S, N1] -> [S, I]."""
+def apply_activation(h: torch.Tensor, spec: ExpertsSpec, dim: int = -1) -> torch.Tensor:
+    """The expert's activation on the first projection's output ``h`` [S, N1] -> [S, I] (features along ``dim``)."""
+    if spec.activation == "lifted":
+        return lifted_program(spec.program)(h, dim)
+    if dim not in (-1, h.ndim - 1):
+        return apply_activation(h.movedim(dim, -1), spec).movedim(-1, dim)
     if not spec.gated:
         return unary_activation(spec.activation, h)
     gate, up = split_gate_up(h, spec)

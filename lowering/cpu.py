@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from moepass.lowering.activations import split_gate_up, unary_activation
+from moepass.lowering.activations import apply_activation, split_gate_up, unary_activation
 from moepass.lowering.grouped import accumulation_dtype
 
 from moepass.bucketing import bucket_by_k
@@ -53,6 +53,8 @@ def expert_slots(ids: torch.Tensor, weights: torch.Tensor, num_experts: int):
 
 def _activate_inplace(h: torch.Tensor, spec: ExpertsSpec, dim: int = -1) -> torch.Tensor:
     """act(h) reusing ``h``'s storage where the math allows; features along ``dim``."""
+    if spec.activation == "lifted":
+        return apply_activation(h, spec, dim)
     if not spec.gated:
         if spec.activation == "silu":
             return F.silu(h, inplace=True)

@@ -30,6 +30,7 @@ import functools
 import json
 
 import torch
+from moepass.lowering.activations import apply_activation
 
 from moepass.spec import ExpertsSpec
 
@@ -70,7 +71,7 @@ def experts_forward(x, ids, weights, w1, w2, b1, b2, spec: ExpertsSpec) -> torch
     config = lookup_config(
         num_experts=spec.num_experts,
         hidden=hidden,
-        inter=n1 // 2 if spec.gated else n1,
+        inter=n1 // 2 if spec.gated else (w2.shape[1] if spec.transposed else w2.shape[2]),
         dtype=x.dtype,
         device=x.device,
         tokens=num_tokens,
@@ -80,6 +81,11 @@ def experts_forward(x, ids, weights, w1, w2, b1, b2, spec: ExpertsSpec) -> torch
     ops = torch.ops.moepass
     sorted_slots, block_experts, padded_rows = ops.triton_align_slots(ids, spec.num_experts, config.BLOCK_M)
     h = ops.triton_gate_up(x, weights, sorted_slots, block_experts, padded_rows, w1, b1, spec_json, config_json)
+    if spec.activation == "lifted":
+        # the gate/up kernel stored the raw projection; the lifted activation
+        # runs as one elementwise pass over the aligned rows (padding rows
+        # included: the down kernel never reads them)
+        h = apply_activation(h, spec)
     y = ops.triton_down(h, weights, sorted_slots, block_experts, padded_rows, w2, b2, spec_json, config_json)
     if num_slots == 1:
         return y  # one slot per token: the slot rows are the output rows

@@ -51,8 +51,11 @@ DISPATCH_KINDS = (
     "eager_loop",  # transformers eager experts: the loop graph-breaks, router only
 )
 
-#: Expert activations the lowerings implement.
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "swiglu_clamp")
+#: Expert activations the lowerings implement.  ``lifted`` is any elementwise
+#: function between the two GEMMs, carried as a program lifted from the
+#: model's graph (:class:`moepass.lifted.ElementwiseProgram`); the named ones
+#: are the forms lowerings fuse.
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "swiglu_clamp", "lifted")
 
 
 @dataclass(frozen=True)
@@ -146,19 +149,29 @@ class ExpertsSpec:
     swiglu_limit: float = 7.0
     #: The experts were separate modules; the rewrite stacked their weights.
     stacked_from_modules: bool = False
+    #: For ``activation="lifted"``: the program's JSON (``gated`` is False and
+    #: ``gate_up_layout`` "none": the program does its own splitting).
+    program: str = ""
 
     def __post_init__(self) -> None:
         if self.dispatch not in DISPATCH_KINDS:
             raise ValueError(f"unknown dispatch {self.dispatch!r}; expected one of {DISPATCH_KINDS}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {self.activation!r}; expected one of {ACTIVATIONS}")
+        if (self.activation == "lifted") != bool(self.program):
+            raise ValueError("a lifted activation needs its program, and only a lifted one has a program")
         if self.gate_up_layout not in ("concat", "interleaved", "none"):
             raise ValueError(f"unknown gate_up_layout {self.gate_up_layout!r}")
 
     @property
     def description(self) -> str:
         """A one-line human description, e.g. ``gated silu, [E,out,in]``."""
-        act = self.activation if not self.gated else f"gated {self.activation}"
+        if self.activation == "lifted":
+            from moepass.lifted import ElementwiseProgram
+
+            act = f"lifted {ElementwiseProgram.from_json(self.program).describe()}"
+        else:
+            act = self.activation if not self.gated else f"gated {self.activation}"
         if self.gate_up_layout == "interleaved":
             act += " (interleaved)"
         parts = [act, "[E,in,out]" if self.transposed else "[E,out,in]"]

@@ -262,6 +262,32 @@ def test_non_contiguous_weights_need_no_copy():
     _assert_matches_reference(triton_lowering.experts_forward(x, ids, weights, w1_view, w2_view, b1, b2, spec), expected, torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lifted_activation_runs_between_the_gemm_kernels(dtype):
+    """A lifted activation: the gate/up kernel stores the raw projection, the program runs, then the down kernel."""
+    from moepass.lifted import ElementwiseProgram
+
+    gated, (x, ids, weights, w1, w2, b1, b2) = make_problem(33, 8, 2, "gelu_tanh-bias", dtype, (40, 24), "variable_k")
+    inter = gated.intermediate_size
+    program = ElementwiseProgram(
+        (("input",), ("slice", ("v", 0), 0, inter, 1), ("slice", ("v", 0), inter, 2 * inter, 1),
+         ("clamp", ("v", 1), None, 0.5), ("gelu_tanh", ("v", 3)), ("tanh", ("v", 2)), ("mul", ("v", 4), ("v", 5)))
+    )
+    lifted = ExpertsSpec(dispatch="grouped_mm", num_experts=8, hidden_size=40, intermediate_size=inter,
+                         activation="lifted", gated=False, gate_up_layout="none", has_bias=True,
+                         program=program.to_json())
+    # the same experts with tanh(up) and clamped gate written out in the reference
+    expected = torch.zeros(x.shape, dtype=torch.float64)
+    for e in range(8):
+        for j in range(ids.shape[1]):
+            chosen = (ids[:, j] == e).double().unsqueeze(1)
+            h = x.double() @ w1[e].double().t() + b1[e].double()
+            a = F.gelu(h[:, :inter].clamp(max=0.5), approximate="tanh") * torch.tanh(h[:, inter:])
+            expected += (a @ w2[e].double().t() + b2[e].double()) * weights[:, j].double().unsqueeze(1) * chosen
+    actual = triton_lowering.experts_forward(x, ids, weights, w1, w2, b1, b2, lifted)
+    _assert_matches_reference(actual, expected, dtype)
+
+
 # --- the alignment kernel: structure ----------------------------------------------------
 
 

@@ -70,6 +70,8 @@ _FLOOR = 1.1754944e-38
 
 def unsupported_reason(spec: ExpertsSpec) -> str | None:
     """Why ``com.microsoft.MoE`` cannot run these experts exactly, or None if it can."""
+    if spec.activation == "lifted":
+        return "a lifted activation: com.microsoft.MoE has fixed activations only"
     if spec.gated and spec.activation not in ("silu", "swiglu_clamp"):
         return f"gated {spec.activation}: com.microsoft.MoE gates with SwiGLU only"
     if not spec.gated and spec.activation in ("gelu", "gelu_tanh"):

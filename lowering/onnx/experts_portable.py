@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import math
 
+from moepass.lowering.activations import lifted_program
 from moepass.lowering.onnx.builder import BOOL, FLOAT, INT64, NodeBuilder
+from moepass.lowering.onnx.program import program_nodes
 from onnx import helper
 
 from moepass.spec import ExpertsSpec
@@ -30,6 +32,8 @@ __all__ = ["activation", "portable_experts"]
 
 def activation(b: NodeBuilder, h: str, spec: ExpertsSpec, elem_type: int) -> str:
     """The expert activation of ``h`` [R, N1] → [R, I], as :func:`moepass.lowering.activations.apply_activation`."""
+    if spec.activation == "lifted":
+        return program_nodes(b, h, lifted_program(spec.program), elem_type)
     if not spec.gated:
         return _unary(b, spec.activation, h, elem_type)
     inter = spec.intermediate_size

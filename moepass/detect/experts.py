@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.fx as fx
 
 from moepass.dataflow import Dataflow, op_name, tensor_shape
@@ -35,6 +36,8 @@ from moepass.detect.common import (
 )
 from moepass.detect.region import Region
 from moepass.detect.router import RouterMatch
+from moepass.lifted import ElementwiseProgram, LiftError, lift_elementwise
+from moepass.lowering.activations import apply_activation
 from moepass.spec import ExpertsSpec
 
 __all__ = ["ExpertsMatch", "match_experts"]
@@ -127,37 +130,103 @@ def _is_sentinel_mask(node: fx.Node, ids: fx.Node | None, flow: Dataflow) -> boo
 
 
 def _activation_between(
-    first: fx.Node, second: fx.Node, region_nodes: set[fx.Node], flow: Dataflow, ids: fx.Node | None = None
+    first: fx.Node | list[fx.Node], second: fx.Node, region_nodes: set[fx.Node], flow: Dataflow,
+    ids: fx.Node | None = None, expert_params: set[fx.Node] = frozenset(),
 ):
-    """Classify the ops between two GEMMs: (activation, gated, layout, alpha, limit)."""
-    between = (flow.descendants(first) & flow.ancestors(second)) & region_nodes
-    between = {n for n in between if not _is_sentinel_mask(n, ids, flow)}
+    """Lift the ops between two GEMMs and name them when they are a known form.
+
+    Returns (activation, gated, layout, alpha, limit, program): a fused form
+    (``program`` "") when the lifted program computes exactly what one of
+    the lowerings' named activations does on a probe, else ``"lifted"`` with
+    the program's JSON.  Adds of expert biases gathered by expert (the bias
+    is handled as ``b1``) and masks of empty slots pass through.  ``first``
+    may be the list [gate, up] of two projections read as one [gate; up].
+    """
+    firsts = first if isinstance(first, list) else [first]
+    between = set().union(*(flow.descendants(f) for f in firsts)) & flow.ancestors(second) & region_nodes
+    passthrough: dict[fx.Node, fx.Node] = {}
+    for node in between:
+        if _is_sentinel_mask(node, ids, flow):
+            passthrough[node] = node.args[0]
+        elif op_name(node) in ("add", "add_", "iadd") and len(node.args) == 2:
+            inside = [a for a in node.args if isinstance(a, fx.Node) and (a in firsts or a in between)]
+            outside = [a for a in node.args if isinstance(a, fx.Node) and a not in inside]
+            if len(inside) == 1 and len(outside) == 1 and _derived_from(outside[0], expert_params, flow):
+                passthrough[node] = inside[0]
+    output = next((a for a in second.all_input_nodes if a in firsts or a in between), None)
+    if output is None:
+        raise Mismatch(f"{second.name} does not read the first projection's output")
+    # batched GEMMs keep features on the second-last axis ([S, N, 1]): lift
+    # from the squeezed view, up to what is unsqueezed for the second GEMM
+    source = first
+    if not isinstance(first, list) and (tensor_shape(first) or (0,))[-1] == 1:
+        views = [u for u in first.users if u in between and op_name(u) in ("squeeze", "view", "reshape")]
+        if len(views) == 1 and tensor_shape(views[0])[-1] != 1:
+            source = views[0]
+            between = between - {views[0]}
+    if (tensor_shape(output) or (0,))[-1] == 1 and op_name(output) in ("unsqueeze", "view", "reshape"):
+        between = between - {output}
+        output = output.args[0]
+    try:
+        program = lift_elementwise(between, source, output, passthrough)
+    except LiftError as error:
+        raise Mismatch(f"unsupported expert activation: {error}") from None
+    width = sum(concrete_width(f) for f in (source if isinstance(source, list) else [source]))
+    for candidate in _known_forms(program, between):
+        if _same_function(program, candidate, width):
+            return candidate.activation, candidate.gated, candidate.gate_up_layout, candidate.swiglu_alpha, \
+                candidate.swiglu_limit, ""
+    return "lifted", False, "none", 1.702, 7.0, program.to_json()
+
+
+def concrete_width(node: fx.Node) -> int:
+    """The feature width (last axis) of a tensor node."""
+    size = tensor_shape(node)[-1]
+    return int(size.node.hint) if hasattr(size, "node") else int(size)
+
+
+def _derived_from(node: fx.Node, params: set[fx.Node], flow: Dataflow) -> bool:
+    return node in params or bool(flow.ancestors(node) & params)
+
+
+def _known_forms(program: ElementwiseProgram, between: set[fx.Node]) -> list[ExpertsSpec]:
+    """Named activations to try against a lifted program (the fused lowerings' vocabulary)."""
     names = {op_name(n) for n in between}
-    acts = {_ACTIVATIONS[n] for n in names if n in _ACTIVATIONS}
-    gelu_nodes = [n for n in between if op_name(n) == "gelu"]
-    if gelu_nodes and arg(gelu_nodes[0], 1, "approximate", "none") == "tanh":
-        acts = {"gelu_tanh" if a == "gelu" else a for a in acts}
-    slices = [n for n in between if op_name(n) == "getitem" and n.args[0] is not None]
-    interleaved = any(
-        isinstance(idx, tuple) and any(isinstance(s, slice) and s.step == 2 for s in idx)
-        for idx in (n.args[1] for n in slices)
-    )
-    if "sigmoid" in names and "clamp" in names:
-        alpha, limit = 1.702, 7.0
-        for n in between:
-            if op_name(n) == "clamp" and arg(n, 2, "max") is not None and arg(n, 1, "min") is None:
-                limit = float(arg(n, 2, "max"))
-            if op_name(n) == "mul":
-                scalars = [a for a in n.args if isinstance(a, float)]
-                if scalars and any(op_name(u) == "sigmoid" for u in n.users):
-                    alpha = scalars[0]
-        return "swiglu_clamp", True, "interleaved" if interleaved else "concat", alpha, limit
-    unknown = names - _PLUMBING - set(_ACTIVATIONS) - {"getitem"}
-    if unknown or len(acts) != 1:
-        raise Mismatch(f"unsupported expert activation (ops between the GEMMs: {sorted(names)})")
-    gated = "chunk" in names or bool(slices) or any(op_name(n) in ("mul", "imul", "mul_") for n in between)
-    layout = "interleaved" if interleaved else ("concat" if gated else "none")
-    return acts.pop(), gated, layout, 1.702, 7.0
+    candidates = []
+    alpha, limit = 1.702, 7.0
+    for n in between:
+        if op_name(n) == "clamp" and arg(n, 2, "max") is not None and arg(n, 1, "min") is None:
+            limit = float(arg(n, 2, "max"))
+        if op_name(n) == "mul":
+            scalars = [a for a in n.args if isinstance(a, float)]
+            if scalars and any(op_name(u) == "sigmoid" for u in n.users):
+                alpha = scalars[0]
+    base = dict(dispatch="grouped_mm", num_experts=1, hidden_size=1, intermediate_size=1)
+    for layout in ("concat", "interleaved"):
+        if "sigmoid" in names and "clamp" in names:
+            candidates.append(ExpertsSpec(**base, activation="swiglu_clamp", gated=True, gate_up_layout=layout,
+                                          swiglu_alpha=alpha, swiglu_limit=limit))
+        for act in ("silu", "gelu", "gelu_tanh", "relu"):
+            candidates.append(ExpertsSpec(**base, activation=act, gated=True, gate_up_layout=layout))
+    for act in ("silu", "gelu", "gelu_tanh", "relu"):
+        candidates.append(ExpertsSpec(**base, activation=act, gated=False, gate_up_layout="none"))
+    return candidates
+
+
+def _same_function(program: ElementwiseProgram, spec: ExpertsSpec, width: int) -> bool:
+    """Whether ``program`` and the named activation of ``spec`` agree on a probe (float64)."""
+    if spec.gated and width % 2:
+        return False
+    probe = torch.randn(64, width, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 4
+    try:
+        expected = program(probe)
+        actual = apply_activation(probe, spec)
+    except (RuntimeError, ValueError):
+        return False
+    if expected.shape != actual.shape:
+        return False
+    scale = expected.abs().max().clamp_min(1e-30)
+    return bool((expected - actual).abs().max() / scale <= 1e-6)
 
 
 def _weight_on_input(router: RouterMatch, gemm1: fx.Node, flow: Dataflow) -> bool:
@@ -208,10 +277,12 @@ def _match_stacked(region, router, flow, stacked, stacked_bias, hidden) -> Exper
     (in1, n1), (inter, out2) = ((s1[1], s1[2]), (s2[1], s2[2])) if transposed else ((s1[2], s1[1]), (s2[2], s2[1]))
     if in1 != hidden or out2 != hidden:
         raise Mismatch(f"expert weights {tuple(s1)} and {tuple(s2)} do not map hidden size {hidden} to itself")
-    activation, gated, layout, alpha, limit = _activation_between(gemm1, gemm2, region.nodes, flow, router.ids)
+    activation, gated, layout, alpha, limit, program = _activation_between(
+        gemm1, gemm2, region.nodes, flow, router.ids, set(stacked_bias)
+    )
     if gated and n1 != 2 * inter:
         raise Mismatch(f"gated activation but the first projection has {n1} outputs for intermediate {inter}")
-    if not gated and n1 != inter:
+    if not gated and not program and n1 != inter:
         raise Mismatch(f"first projection has {n1} outputs but the second takes {inter}")
     b1 = b2 = None
     for bias in stacked_bias:
@@ -247,6 +318,7 @@ def _match_stacked(region, router, flow, stacked, stacked_bias, hidden) -> Exper
         weight_on_input=_weight_on_input(router, gemm1, flow),
         swiglu_alpha=alpha,
         swiglu_limit=limit,
+        program=program,
     )
     return ExpertsMatch(spec, w1, w2, b1, b2, module_path=module_path_of_param(w1))
 
@@ -289,32 +361,36 @@ def _match_module_loop(region, router, flow, params, hidden) -> ExpertsMatch:
     if sorted(per_expert) != list(range(num_experts)):
         raise Mismatch(f"per-expert linears found for experts {sorted(per_expert)}, expected 0..{num_experts - 1}")
     gates, ups, downs = [], [], []
-    activation = gated = None
+    activation = gated = lifted = None
     for expert in range(num_experts):
         lins = flow.sorted(per_expert[expert])
         down = [n for n in lins if any(m in flow.ancestors(n) for m in lins if m is not n)]
         first = [n for n in lins if n not in down]
         if len(down) != 1 or len(first) not in (1, 2):
             raise Mismatch(f"expert {expert}: {len(lins)} linears in an unrecognised arrangement")
-        act, is_gated, _, _, _ = _activation_between(first[0], down[0], region.nodes, flow, router.ids)
         if len(first) == 2:
-            # the gate is the projection the activation is applied to
+            # [gate; up]: the gate is the projection an activation reads directly
             acted = [n for n in first if any(op_name(u) in _ACTIVATIONS for u in n.users)]
             if len(acted) != 1:
                 raise Mismatch(f"expert {expert}: cannot tell the gate projection from the up projection")
             gate = acted[0]
             up = next(n for n in first if n is not gate)
+            act, is_gated, _, _, _, program = _activation_between(
+                [gate, up], down[0], region.nodes, flow, router.ids
+            )
             gates.append(gate)
             ups.append(up)
         else:
-            is_gated = False
+            act, is_gated, _, _, _, program = _activation_between(first[0], down[0], region.nodes, flow, router.ids)
             ups.append(first[0])
+        if len(first) == 2 and not (is_gated or program):
+            raise Mismatch(f"expert {expert}: two input projections but no gated activation")
         downs.append(down[0])
         if activation is None:
-            activation, gated = act, is_gated
-        elif (act, is_gated) != (activation, gated):
-            raise Mismatch(f"expert {expert} uses {act}, others {activation}")
-    if gated and len(gates) != num_experts:
+            activation, gated, lifted = act, is_gated, program
+        elif (act, is_gated, program) != (activation, gated, lifted):
+            raise Mismatch(f"expert {expert} computes another activation than expert 0")
+    if len(gates) not in (0, num_experts):
         raise Mismatch("some experts are gated and others are not")
 
     def weights_of(nodes):
@@ -329,8 +405,9 @@ def _match_module_loop(region, router, flow, params, hidden) -> ExpertsMatch:
             raise Mismatch("some expert linears have biases and others do not")
         return resolved
 
-    w1 = [weights_of(gates), weights_of(ups)] if gated else [weights_of(ups)]
-    b1_parts = [biases_of(gates), biases_of(ups)] if gated else [biases_of(ups)]
+    two_inputs = bool(gates)
+    w1 = [weights_of(gates), weights_of(ups)] if two_inputs else [weights_of(ups)]
+    b1_parts = [biases_of(gates), biases_of(ups)] if two_inputs else [biases_of(ups)]
     b1 = None if all(b is None for b in b1_parts) else b1_parts
     w2 = weights_of(downs)
     b2 = biases_of(downs)
@@ -338,8 +415,8 @@ def _match_module_loop(region, router, flow, params, hidden) -> ExpertsMatch:
         raise Mismatch("only one of the two expert projections has a bias")
     up_shape = tensor_shape(w1[-1][0])
     down_shape = tensor_shape(w2[0])
-    inter = up_shape[0]
-    if up_shape[1] != hidden or down_shape != (hidden, inter):
+    inter = down_shape[1]
+    if up_shape[1] != hidden or down_shape[0] != hidden or (not lifted and up_shape[0] != inter):
         raise Mismatch(f"expert linears {up_shape} and {down_shape} do not map hidden size {hidden} to itself")
     for group in w1 + [w2]:
         if len({tuple(tensor_shape(w)) for w in group}) != 1:
@@ -357,6 +434,7 @@ def _match_module_loop(region, router, flow, params, hidden) -> ExpertsMatch:
         has_bias=b1 is not None,
         weight_on_input=_weight_on_input(router, first_gemm, flow),
         stacked_from_modules=True,
+        program=lifted or "",
     )
     module = common_module_path(module_path_of_param(w) for w in w2)
     return ExpertsMatch(spec, w1, w2, b1, b2, module_path=module)
