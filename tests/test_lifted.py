@@ -168,5 +168,16 @@ def test_lifted_activation_exports_to_onnx_inside_the_block_function(tmp_path, n
     assert exported.max_error <= 1e-4  # run in ONNX Runtime against the rewritten torch model before writing
     proto = onnx.load(str(tmp_path / "model.onnx"))
     assert [n.op_type for n in proto.graph.node].count("AdaptiveMoE") == 2
-    body_ops = {n.op_type for f in proto.functions for n in f.node}
+    body_ops = {n.op_type for f in proto.functions for n in _all_nodes(f.node)}
     assert "Tanh" in body_ops or "Max" in body_ops  # the lifted math, in the block's function
+
+
+def _all_nodes(nodes):
+    """Nodes and the nodes of their subgraphs (Loop and If bodies), recursively."""
+    for node in nodes:
+        yield node
+        for attribute in node.attribute:
+            if attribute.g is not None:
+                yield from _all_nodes(attribute.g.node)
+            for graph in attribute.graphs:
+                yield from _all_nodes(graph.node)
