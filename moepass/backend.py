@@ -31,7 +31,7 @@ from moepass.detect.common import Mismatch
 from moepass.options import BackendOptions
 from moepass.policies import PolicyError
 from moepass.report import BlockReport, Report, record_graph
-from moepass.rewrite import apply_rewrite, plan_rewrite, validate_rewrite
+from moepass.rewrite import apply_rewrite, plan_rewrite, probe_renormalisation, validate_rewrite
 from moepass.subgraph import extract
 from moepass.validate import example_env, tolerance_for
 
@@ -104,6 +104,14 @@ def optimize_graph(
         if isinstance(item, BlockRejection):
             logger.info("moepass: left %s as it was: %s", entry.display_path, item.reason)
             continue
+        try:
+            item = probe_renormalisation(gm, flow, item, env)
+        except Exception as failure:  # the block stays as it was; the report says why
+            entry.reason = f"could not run the block to read its router's weights: {type(failure).__name__}: {failure}"
+            logger.warning("moepass: left %s as it was: %s", entry.display_path, entry.reason)
+            continue
+        entry.spec = item.spec
+        entry.router_description = item.spec.router.description
         try:
             resolved = options.policy.resolve(item.spec)
         except PolicyError as error:

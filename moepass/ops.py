@@ -70,7 +70,8 @@ class RouteConfig:
     params: dict[str, Any] = field(default_factory=dict)
     k_min: int | None = None
     k_max: int | None = None
-    #: What each entry of the op's ``tensors`` argument is: "correction_bias"
+    #: What each entry of the op's ``tensors`` argument is: "correction_bias",
+    #: "selected_ids" / "selected_weights" (a lifted router's own selection)
     #: or a rule tensor name.
     tensor_roles: tuple[str, ...] = ()
     #: Whether ``x`` is passed (rules such as the allocator need it).
@@ -149,7 +150,10 @@ def _route_composite(
             hook(cfg, logits, x)
     named = dict(zip(cfg.tensor_roles, tensors))
     rule = get_rule(cfg.rule, cfg.params) if cfg.rule != "static" else None
-    rule_tensors = [t for role, t in zip(cfg.tensor_roles, tensors) if role != "correction_bias"]
+    rule_tensors = [t for role, t in zip(cfg.tensor_roles, tensors) if role not in _ROUTER_ROLES]
+    selected = None
+    if "selected_ids" in named:
+        selected = (named["selected_ids"].reshape(logits.shape[0], -1), named["selected_weights"].reshape(logits.shape[0], -1))
     ids, weights = routing.route(
         logits,
         cfg.router,
@@ -160,6 +164,7 @@ def _route_composite(
         correction_bias=named.get("correction_bias"),
         tensors=rule_tensors,
         renormalize=cfg.renormalize,
+        selected=selected,
     )
     if cfg.empty_slots == "repeat_first":
         num_experts = cfg.router.num_experts
@@ -167,6 +172,9 @@ def _route_composite(
         ids = torch.where(ids < num_experts, ids, first)
     return ids, weights
 
+
+#: Route tensor roles that describe the router itself (not a policy's tensors).
+_ROUTER_ROLES = ("correction_bias", "selected_ids", "selected_weights")
 
 #: Callables run on each real (not fake, not validation) ``route`` call with
 #: (config, logits, x): how calibration sees every block's router logits.

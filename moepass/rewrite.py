@@ -38,7 +38,9 @@ from moepass.ops import ExpertsConfig, RouteConfig, parse_route_config, routes_n
 from moepass.policies import ResolvedPolicy
 from moepass.validate import concrete_shape, relative_error, run_region
 
-__all__ = ["BlockRewrite", "plan_rewrite", "validate_rewrite", "apply_rewrite", "remove_dead_nodes"]
+__all__ = [
+    "BlockRewrite", "plan_rewrite", "validate_rewrite", "apply_rewrite", "remove_dead_nodes", "probe_renormalisation",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +94,9 @@ def plan_rewrite(
     if router.correction_bias is not None:
         roles.append("correction_bias")
         tensors.append(router.correction_bias)
+    if router.spec.kind == "lifted":
+        roles += ["selected_ids", "selected_weights"]
+        tensors += [router.ids, router.weights_end]
     static_roles = tuple(roles)
     static_tensors = list(tensors)
     for name, tensor in resolved.tensors.items():
@@ -282,6 +287,8 @@ def apply_rewrite(gm: fx.GraphModule, flow: Dataflow, plan: BlockRewrite) -> lis
             made_before = flow.position.get(source, -1) < flow.position[combine]
             if root is not None and alias_root(source) is root and made_before:
                 raise Mismatch(f"{reader.name} reads the block's output through a view made before it was computed")
+    if router.spec.kind == "lifted":
+        _sort_selection(router.anchor)
     inserter = _Inserter(gm, combine, combine, tag)
     tensors = [inserter.bind(t, f"route{i}") for i, t in enumerate(plan.route_tensors)]
     weights = {k: inserter.bind(v, k) for k, v in plan.weights.items()}
@@ -349,7 +356,11 @@ def _insert_split_experts(inserter, x2d, ids, weights_node, weights, experts_jso
 
 def _apply_router_only(gm: fx.GraphModule, flow: Dataflow, plan: BlockRewrite, tag: str) -> list[fx.Node]:
     router = plan.match.router
-    inserter = _Inserter(gm, router.anchor, router.anchor, tag)
+    after = router.anchor
+    if router.spec.kind == "lifted":
+        _sort_selection(router.anchor)
+        after = max(router.anchor, router.weights_end, key=flow.position.__getitem__)
+    inserter = _Inserter(gm, after, router.anchor, tag)
     tensors = [inserter.bind(t, f"route{i}") for i, t in enumerate(plan.route_tensors)]
     x_arg = None
     if plan.route_config.uses_x:
@@ -367,7 +378,7 @@ def _apply_router_only(gm: fx.GraphModule, flow: Dataflow, plan: BlockRewrite, t
     if isinstance(old_weights, torch.Tensor) and old_weights.dtype != torch.float32:
         weights = inserter.call("call_method", "to", (weights, old_weights.dtype), f"moe_weights_cast_{tag}")
     router_nodes = plan.match.region.nodes
-    weights_users = [u for u in router.weights_end.users if u not in router_nodes]
+    weights_users = [u for u in router.weights_end.users if u not in router_nodes and u not in inserter.created]
     for user in list(router.ids.users):
         if user not in inserter.created and user not in router_nodes:
             user.replace_input_with(router.ids, ids)
@@ -376,6 +387,45 @@ def _apply_router_only(gm: fx.GraphModule, flow: Dataflow, plan: BlockRewrite, t
     remove_dead_nodes(gm.graph, router_nodes - {router.linear})
     counters["moepass"]["routers_rewritten"] += 1
     return inserter.created
+
+
+def _sort_selection(topk: fx.Node) -> None:
+    """Make a lifted router's top-k return its picks best first (the same set).
+
+    Policies keep a prefix of the ranking; the model's weight formula is the
+    same function of its picks in any order.
+    """
+    if len(topk.args) > 4:
+        topk.args = (*topk.args[:4], True, *topk.args[5:])
+    else:
+        topk.kwargs = {**topk.kwargs, "sorted": True}
+
+
+def probe_renormalisation(gm: fx.GraphModule, flow: Dataflow, match: BlockMatch, env: dict[fx.Node, Any]) -> BlockMatch:
+    """For a lifted router: whether the model's weights sum to the same total for every token.
+
+    Runs the block on a random input with the real parameters; a router whose
+    selected weights have the same row sum everywhere renormalises (adaptive
+    policies then rescale survivors to that total).  Returns ``match`` with
+    the router spec updated.
+    """
+    router = match.router
+    if router.spec.kind != "lifted":
+        return match
+    x_value = example_value(router.x_base)
+    generator = torch.Generator().manual_seed(1)
+    random_x = torch.randn(concrete_shape(router.x_base), generator=generator).to(x_value.dtype) * 2
+    local = dict(env)
+    local[router.x_base] = random_x
+    local = run_region(gm, flow, match.region, local)
+    weights = local[router.weights_end].reshape(-1, router.spec.top_k).double()
+    sums = weights.sum(dim=-1)
+    spread = float(sums.max() - sums.min()) if sums.numel() else 0.0
+    renormalizes = sums.numel() > 1 and spread <= 1e-4 * max(float(sums.abs().max()), 1e-30)
+    spec = dataclasses.replace(router.spec, renormalize=renormalizes)
+    router.spec = spec
+    match.spec = dataclasses.replace(match.spec, router=spec)
+    return match
 
 
 def remove_dead_nodes(graph: fx.Graph, candidates: set[fx.Node]) -> int:

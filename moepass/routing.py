@@ -25,7 +25,19 @@ topk_sigmoid         softmax(logits)_e over all E experts
 sigmoid_group_topk   sigmoid(logit_e) / Σ sigmoid(logit_c) over the experts c
                      in the groups that survive group masking (unbiased
                      scores; the ranking itself uses the biased scores)
+lifted               the model's own weight of each of its k selected experts,
+                     normalised over them (the model's formula ran in the
+                     graph; only its top-k is known, so mass rules such as
+                     ``top_p`` count mass within the model's top-k)
 ==================== ==========================================================
+
+For ``lifted`` routers the route op receives the model's selection itself
+(ids sorted best first, and the weights its formula gave them); dropping slots
+then zeroes their weights and, when the model renormalises (its weights sum
+to the same total for every token), rescales the survivors to that total —
+which is the model's formula over the survivors for every renormalising form
+(a softmax over the selected logits, a sum-renormalisation with or without
+a scale).
 """
 
 from __future__ import annotations
@@ -69,7 +81,12 @@ class RoutingContext:
 
 
 def num_candidates(router: RouterSpec) -> int:
-    """How many experts a token can be routed to at most (after group limits)."""
+    """How many experts a token can be routed to at most (after group limits).
+
+    A lifted router's weights exist only for the model's own top-k.
+    """
+    if router.kind == "lifted":
+        return router.top_k
     return router.num_experts // router.n_group * router.topk_group
 
 
@@ -94,6 +111,7 @@ def rank_experts(
     router: RouterSpec,
     depth: int,
     correction_bias: torch.Tensor | None = None,
+    selected: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> RankedExperts:
     """Rank the ``depth`` best experts per token as the model's router does.
 
@@ -102,8 +120,16 @@ def rank_experts(
         router: the block's router spec.
         depth: how many ranked experts to return (the policy's k_max).
         correction_bias: [E] selection bias (``sigmoid_group_topk`` only).
+        selected: (ids [T, k], weights [T, k]) the model chose (``lifted`` only).
     """
     logits = logits.float()
+    if router.kind == "lifted":
+        if selected is None:
+            raise ValueError("a lifted router is ranked from the model's own selection; none was given")
+        order, weights = selected[0][:, :depth].long(), selected[1][:, :depth].float()
+        total = weights.sum(dim=-1, keepdim=True)
+        probs = weights / torch.where(total > 0, total, torch.ones_like(total))
+        return RankedExperts(order, weights, probs)
     if router.kind == "softmax_topk":
         scores = torch.softmax(logits, dim=-1)
         values, order = torch.topk(scores, depth, dim=-1)
@@ -154,6 +180,13 @@ def weigh_experts(
             False forces it (``top_p``'s paper form is not renormalised).
     """
     zeros = torch.zeros_like(ranked.values)
+    if router.kind == "lifted":
+        kept = torch.where(keep, ranked.values, zeros)
+        if router.renormalize if renormalize is None else renormalize:
+            total, kept_total = ranked.values.sum(dim=-1, keepdim=True), kept.sum(dim=-1, keepdim=True)
+            scale = torch.where(kept_total != 0, total / torch.where(kept_total != 0, kept_total, 1.0), 0.0)
+            kept = torch.where(keep.all(dim=-1, keepdim=True), ranked.values, kept * scale)
+        return kept
     if renormalize is None:
         if router.kind == "topk_softmax":
             # softmax over the surviving logits == full softmax renormalised over them
@@ -185,6 +218,7 @@ def route(
     correction_bias: torch.Tensor | None = None,
     tensors: list[torch.Tensor] | None = None,
     renormalize: bool | None = None,
+    selected: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Route tokens: rank, choose k per token, weigh.
 
@@ -199,6 +233,7 @@ def route(
         correction_bias: [E] selection bias of ``sigmoid_group_topk`` routers.
         tensors: extra tensors for the rule.
         renormalize: override of the model's renormalisation (see :func:`weigh_experts`).
+        selected: the model's own (ids, weights), for ``lifted`` routers.
 
     Returns:
         ``ids`` [T, k_max] int64 (sentinel ``E`` in empty slots) and
@@ -212,7 +247,7 @@ def route(
             f"k bounds must satisfy 0 <= k_min <= k_max <= {num_candidates(router)} "
             f"(experts a token can reach), got k_min={k_min}, k_max={k_max}"
         )
-    ranked = rank_experts(logits, router, k_max, correction_bias)
+    ranked = rank_experts(logits, router, k_max, correction_bias, selected)
     slots = torch.arange(k_max, device=logits.device)
     if k_rule is None and k_min == k_max:
         keep = torch.ones_like(ranked.order, dtype=torch.bool)

@@ -40,7 +40,13 @@ __all__ = [
 #: ``topk_sigmoid``
 #:     top-k of the logits, weight = sigmoid(selected logit); Llama 4 scales the
 #:     expert *input* by it.
-ROUTER_KINDS = ("softmax_topk", "topk_softmax", "sigmoid_group_topk", "topk_sigmoid")
+#: ``lifted``
+#:     any other router: the model's own ops from the router linear to the
+#:     scores its top-k ranks, and from the selection to the weights, stay in
+#:     the graph as they are (moepass only forces the top-k to sort its picks
+#:     best first); the route op receives the model's ids and weights and
+#:     chooses how many of them each token keeps.
+ROUTER_KINDS = ("softmax_topk", "topk_softmax", "sigmoid_group_topk", "topk_sigmoid", "lifted")
 
 #: How the model dispatched tokens to experts before the rewrite.
 DISPATCH_KINDS = (
@@ -87,6 +93,9 @@ class RouterSpec:
     linear_has_bias: bool = False
     #: Width of the router's input (the block's hidden size).
     hidden_size: int = 0
+    #: For ``lifted`` routers: the model's ops between the router linear and
+    #: its weights, in words (for reports).
+    formula: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in ROUTER_KINDS:
@@ -102,6 +111,8 @@ class RouterSpec:
     def description(self) -> str:
         """A one-line human description, e.g. ``softmax→top2→renorm``."""
         k = self.top_k
+        if self.kind == "lifted":
+            return f"lifted: {self.formula}→top{k}" + ("→renorm" if self.renormalize else "")
         if self.kind == "softmax_topk":
             text = f"softmax→top{k}" + ("→renorm" if self.renormalize else "")
         elif self.kind == "topk_softmax":

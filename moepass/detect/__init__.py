@@ -38,6 +38,7 @@ from moepass.detect.common import (
     same_numel,
 )
 from moepass.detect.experts import ExpertsMatch, match_experts
+from moepass.detect.lifted_router import match_lifted_router
 from moepass.detect.region import Region, block_region
 from moepass.detect.router import RouterMatch, find_router_linear, is_topk, match_router
 from moepass.detect.shared import match_shared_experts
@@ -210,7 +211,7 @@ def find_moe_blocks(gm: fx.GraphModule, flow: Dataflow | None = None) -> list[Bl
     router_failures: dict[str, str] = {}
     for anchor in _selection_anchors(gm.graph, flow):
         try:
-            router = match_router(anchor, flow)
+            router = _match_any_router(anchor, flow)
         except Mismatch as error:
             evidence = _expert_evidence(anchor, flow)
             if evidence is not None:
@@ -268,6 +269,17 @@ def find_moe_blocks(gm: fx.GraphModule, flow: Dataflow | None = None) -> list[Bl
         claimed |= {n for n in region.inputs if n.op in ("placeholder", "get_attr")} | router.param_nodes
     results.extend(_unclaimed_experts(gm.graph, claimed, results, router_failures))
     return results
+
+
+def _match_any_router(anchor: fx.Node, flow: Dataflow) -> RouterMatch:
+    """A named router kind when the router is one (fused fast paths), else the lifted general case."""
+    try:
+        return match_router(anchor, flow)
+    except Mismatch as named:
+        try:
+            return match_lifted_router(anchor, flow)
+        except Mismatch as general:
+            raise Mismatch(f"{general} (as a named kind: {named})") from None
 
 
 def _router_only(router: RouterMatch, flow: Dataflow, sentinel_safe: bool) -> BlockMatch | BlockRejection:

@@ -86,8 +86,24 @@ def _getitem_users(node: fx.Node) -> dict[int, fx.Node]:
     }
 
 
+#: Elementwise ops a selection score may pass through on its way from the
+#: router linear (the lifted router keeps them in the graph as they are).
+_ELEMENTWISE = {
+    "neg", "abs", "exp", "log", "sqrt", "rsqrt", "square", "tanh", "erf", "relu", "silu", "softplus", "gelu",
+    "clamp", "clamp_min", "clamp_max", "pow", "sub", "rsub", "log_sigmoid", "logsigmoid",
+}
+#: What the named router kinds are made of between the linear and the top-k.
+_KNOWN_PATH = CAST_OPS | SHAPE_OPS | {"softmax", "sigmoid", "log_softmax", "masked_fill", "dropout", "linear"} | (
+    _ADD_OPS | _MUL_OPS | _DIV_OPS
+)
+
+
 def find_router_linear(start: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
-    """Walk back from a topk input to the router linear; return it and the path."""
+    """Walk back from a topk input to the router linear; return it and the path.
+
+    The walk passes casts, views, softmax/sigmoid, biases and scales, and any
+    elementwise op (a square-root-softplus score, say).
+    """
     path: list[fx.Node] = []
     node = start
     for _ in range(32):
@@ -95,7 +111,7 @@ def find_router_linear(start: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
         path.append(node)
         if name == "linear":
             return node, path
-        if name in CAST_OPS | SHAPE_OPS | {"softmax", "sigmoid", "log_softmax"} and node.args:
+        if name in CAST_OPS | SHAPE_OPS | _ELEMENTWISE | {"softmax", "sigmoid", "log_softmax"} and node.args:
             node = node.args[0]
         elif name in ("masked_fill", "dropout") and node.args:
             # dropout passes through here so the block is found and its region
@@ -106,6 +122,8 @@ def find_router_linear(start: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
             a_param = resolve_param(a) is not None or not isinstance(a, fx.Node)
             node = b if a_param else a
         elif name in _MUL_OPS | _DIV_OPS and len(node.args) == 2 and not isinstance(node.args[1], fx.Node):
+            node = node.args[0]
+        elif name in _MUL_OPS | _DIV_OPS and len(node.args) == 2 and resolve_param(node.args[1]) is not None:
             node = node.args[0]
         else:
             raise Mismatch(f"the scores selected by {start.name} come from {name} ({node.name}), not a router linear")
@@ -204,6 +222,9 @@ def match_router(anchor: fx.Node, flow: Dataflow) -> RouterMatch:
     values = outputs.get(0)
 
     path_ops = [op_name(n) for n in path]
+    foreign = sorted(set(path_ops) - _KNOWN_PATH)
+    if foreign:
+        raise Mismatch(f"{anchor.name}: the scores pass through {', '.join(foreign)}, outside the named router kinds")
     correction_bias = None
     n_group, topk_group = 1, 1
     params = {weight} | ({bias} if bias is not None else set())
