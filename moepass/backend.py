@@ -126,7 +126,7 @@ def optimize_graph(
                 logger.warning("moepass: left %s as it was: %s", entry.display_path, entry.reason)
                 continue
             entry.validation_error = error
-            dtype = example_value(item.router.x_base).dtype
+            dtype = example_value(item.region.x_base).dtype
             if not error <= tolerance_for(dtype):
                 entry.reason = (
                     f"rewrite does not reproduce the block: max relative error {error:.2e} "

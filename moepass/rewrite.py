@@ -34,6 +34,7 @@ from moepass.dataflow import Dataflow, alias_root, example_value, mutated_node, 
 from moepass.detect import BlockMatch
 from moepass.detect.common import Mismatch
 from moepass.detect.region import satellites
+from moepass.detect.router import _x_base
 from moepass.ops import ExpertsConfig, RouteConfig, parse_route_config, routes_not_captured, split_experts
 from moepass.policies import ResolvedPolicy
 from moepass.validate import concrete_shape, relative_error, run_region
@@ -154,7 +155,7 @@ def validate_rewrite(gm: fx.GraphModule, flow: Dataflow, plan: BlockRewrite, env
     """
     match = plan.match
     router = match.router
-    x_base = router.x_base
+    x_base = match.region.x_base
     x_value = example_value(x_base)
     generator = torch.Generator().manual_seed(0)
     random_x = torch.randn(concrete_shape(x_base), generator=generator, dtype=torch.float32).to(
@@ -166,7 +167,6 @@ def validate_rewrite(gm: fx.GraphModule, flow: Dataflow, plan: BlockRewrite, env
     local = run_region(gm, flow, region, local)
     logits = local[router.linear]
     static_tensors = [_value(t, local) for t in plan.static_route_tensors]
-    x2d = random_x.reshape(-1, random_x.shape[-1])
     with torch.no_grad(), routes_not_captured():
         ids, weights = torch.ops.moepass.route(logits, None, static_tensors, plan.static_route_config.to_json())
         if match.experts is None:
@@ -174,6 +174,7 @@ def validate_rewrite(gm: fx.GraphModule, flow: Dataflow, plan: BlockRewrite, env
             actual = _dense(ids, weights, router.spec.num_experts)
             return relative_error(actual, expected)
         w = {k: _value(v, local) for k, v in plan.weights.items()}
+        x2d = local[match.experts.x_input].reshape(-1, match.spec.experts.hidden_size)
         quiet = dataclasses.replace(plan.experts_config, collect_stats=False)  # random inputs are not traffic
         run = split_experts if plan.differentiable else torch.ops.moepass.experts
         out = run(x2d, ids, weights, w["w1"], w["w2"], w["b1"], w["b2"], quiet.to_json())
@@ -293,11 +294,19 @@ def apply_rewrite(gm: fx.GraphModule, flow: Dataflow, plan: BlockRewrite) -> lis
     tensors = [inserter.bind(t, f"route{i}") for i, t in enumerate(plan.route_tensors)]
     weights = {k: inserter.bind(v, k) for k, v in plan.weights.items()}
     hidden = match.spec.experts.hidden_size
-    x2d = inserter.call("call_method", "reshape", (router.x_base, -1, hidden), f"moe_x_{tag}")
+    x_experts = match.experts.x_input
+    x2d = inserter.call("call_method", "reshape", (x_experts, -1, hidden), f"moe_x_{tag}")
+    x_router = None
+    if plan.route_config.uses_x and _x_base(router.x_input) is _x_base(x_experts):
+        x_router = x2d  # the same tokens (up to casts and views): one input for both
+    elif plan.route_config.uses_x:
+        x_router = inserter.call(
+            "call_method", "reshape", (router.x_input, -1, router.spec.hidden_size), f"moe_router_x_{tag}"
+        )
     route = inserter.call(
         "call_function",
         torch.ops.moepass.route.default,
-        (router.linear, x2d if plan.route_config.uses_x else None, tensors, plan.route_config.to_json()),
+        (router.linear, x_router, tensors, plan.route_config.to_json()),
         f"moe_route_{tag}",
     )
     ids = inserter.call("call_function", operator.getitem, (route, 0), f"moe_ids_{tag}")
@@ -314,9 +323,10 @@ def apply_rewrite(gm: fx.GraphModule, flow: Dataflow, plan: BlockRewrite) -> lis
         )
     expected_shape = tensor_shape(combine)
     if expected_shape is not None and len(expected_shape) != 2:
-        out = inserter.call("call_method", "view_as", (out, router.x_base), f"moe_out_view_{tag}")
+        shaped_like = match.region.x_base if tensor_shape(match.region.x_base) == expected_shape else x_experts
+        out = inserter.call("call_method", "view_as", (out, shaped_like), f"moe_out_view_{tag}")
     combine_value = example_value(combine)
-    if isinstance(combine_value, torch.Tensor) and combine_value.dtype != example_value(router.x_base).dtype:
+    if isinstance(combine_value, torch.Tensor) and combine_value.dtype != example_value(x_experts).dtype:
         out = inserter.call("call_method", "to", (out, combine_value.dtype), f"moe_out_cast_{tag}")
     for reader in readers:
         reader.replace_input_with(combine, out)
@@ -412,11 +422,11 @@ def probe_renormalisation(gm: fx.GraphModule, flow: Dataflow, match: BlockMatch,
     router = match.router
     if router.spec.kind != "lifted":
         return match
-    x_value = example_value(router.x_base)
+    x_base = match.region.x_base
     generator = torch.Generator().manual_seed(1)
-    random_x = torch.randn(concrete_shape(router.x_base), generator=generator).to(x_value.dtype) * 2
+    random_x = torch.randn(concrete_shape(x_base), generator=generator).to(example_value(x_base).dtype) * 2
     local = dict(env)
-    local[router.x_base] = random_x
+    local[x_base] = random_x
     local = run_region(gm, flow, match.region, local)
     weights = local[router.weights_end].reshape(-1, router.spec.top_k).double()
     sums = weights.sum(dim=-1)

@@ -39,7 +39,7 @@ from moepass.detect.common import (
 )
 from moepass.detect.experts import ExpertsMatch, match_experts
 from moepass.detect.lifted_router import match_lifted_router
-from moepass.detect.region import Region, block_region
+from moepass.detect.region import ForeignInputs, Region, block_region
 from moepass.detect.router import RouterMatch, find_router_linear, is_topk, match_router
 from moepass.detect.shared import match_shared_experts
 from moepass.spec import MoEBlockSpec, SharedExpertSpec
@@ -183,7 +183,7 @@ def _find_combine(router: RouterMatch, flow: Dataflow) -> tuple[fx.Node, Region]
         if not same_numel(candidate, x_base):
             continue
         try:
-            region = block_region(flow, candidate, x_base)
+            region = _closed_region(flow, candidate, x_base)
         except Mismatch as error:
             last_reason = str(error)
             break
@@ -191,6 +191,28 @@ def _find_combine(router: RouterMatch, flow: Dataflow) -> tuple[fx.Node, Region]
             continue
         return candidate, region
     return None, last_reason
+
+
+def _closed_region(flow: Dataflow, combine: fx.Node, x_base: fx.Node) -> Region:
+    """The region of ``combine``, starting at the router's input or at an earlier common source.
+
+    The router and the experts may each transform a shared input first (Gemma 4
+    normalises and scales the router's input, and normalises the experts'
+    separately): the block then starts at that shared input, an ancestor of the
+    router's input of the same size, and both transforms are inside it.
+    """
+    for _ in range(4):
+        try:
+            return block_region(flow, combine, x_base)
+        except ForeignInputs as error:
+            earlier = [
+                n for n in error.nodes
+                if n in flow.ancestors(x_base) and tensor_shape(n) is not None and same_numel(n, x_base)
+            ]
+            if len(earlier) != 1 or len(error.nodes) != 1:
+                raise
+            x_base = earlier[0]
+    return block_region(flow, combine, x_base)
 
 
 def _combine_shape_ok(combine: fx.Node, x_base: fx.Node, hidden: int) -> bool:
@@ -242,7 +264,7 @@ def find_moe_blocks(gm: fx.GraphModule, flow: Dataflow | None = None) -> list[Bl
         region = region_or_reason
         hidden = tensor_shape(router.weight)[1]
         try:
-            if not _combine_shape_ok(combine, router.x_base, hidden):
+            if not _combine_shape_ok(combine, region.x_base, hidden):
                 raise Mismatch(f"the block's output {combine.name} has shape {tensor_shape(combine)}")
             experts = match_experts(region, router, flow)
         except Mismatch as error:
@@ -257,7 +279,7 @@ def find_moe_blocks(gm: fx.GraphModule, flow: Dataflow | None = None) -> list[Bl
             )
             continue
         path = _block_path(router_block, _parent(experts.module_path) if experts.spec.dispatch != "module_loop" else experts.module_path)
-        shared = match_shared_experts(flow, combine, router.x_base)
+        shared = match_shared_experts(flow, combine, region.x_base)
         spec = MoEBlockSpec(
             path=path,
             router=router.spec,

@@ -33,6 +33,7 @@ from moepass.detect.common import (
     module_path_of_param,
     ndim,
     resolve_param,
+    same_numel,
 )
 from moepass.detect.region import Region
 from moepass.detect.router import RouterMatch
@@ -76,6 +77,9 @@ class ExpertsMatch:
     b1: fx.Node | list[list[fx.Node]] | None
     b2: fx.Node | list[fx.Node] | None
     module_path: str | None = None
+    #: The tokens the experts read (rows gathered per slot): the block input,
+    #: or a transform of it the router does not see (Gemma 4's pre-norm).
+    x_input: fx.Node | None = None
 
 
 def _first_gemm(param: fx.Node, region: Region) -> tuple[fx.Node, int, int, bool]:
@@ -229,6 +233,23 @@ def _same_function(program: ElementwiseProgram, spec: ExpertsSpec, width: int) -
     return bool((expected - actual).abs().max() / scale <= 1e-6)
 
 
+def _experts_input(region: Region, router: RouterMatch, gemm1: fx.Node, flow: Dataflow, hidden: int) -> fx.Node:
+    """The last per-token [.., H] value before the experts gather their rows (not routing-dependent)."""
+    routed = flow.descendants(router.linear) | {router.linear}
+    candidates = [
+        n
+        for n in flow.ancestors(gemm1) | {region.x_base}
+        if (n is region.x_base or n in region.nodes)
+        and n not in routed
+        and tensor_shape(n) is not None
+        and tensor_shape(n)[-1] == hidden
+        and same_numel(n, region.x_base)
+    ]
+    if not candidates:
+        raise Mismatch(f"cannot find the tokens {gemm1.name} reads")
+    return max(candidates, key=flow.position.__getitem__)
+
+
 def _weight_on_input(router: RouterMatch, gemm1: fx.Node, flow: Dataflow) -> bool:
     return router.weights_start in flow.ancestors(gemm1)
 
@@ -247,7 +268,8 @@ def match_experts(region: Region, router: RouterMatch, flow: Dataflow) -> Expert
     ]
     stacked = [p for p in params if ndim(p) == 3 and tensor_shape(p)[0] == num_experts]
     stacked_bias = [p for p in params if ndim(p) == 2 and tensor_shape(p)[0] == num_experts]
-    others = [p for p in params if p not in stacked and p not in stacked_bias]
+    # 1-D parameters (norm weights, scales on the way in) are never an expert's weights
+    others = [p for p in params if p not in stacked and p not in stacked_bias and ndim(p) != 1]
     if stacked and not others:
         return _match_stacked(region, router, flow, stacked, stacked_bias, hidden)
     if not stacked and others:
@@ -320,7 +342,8 @@ def _match_stacked(region, router, flow, stacked, stacked_bias, hidden) -> Exper
         swiglu_limit=limit,
         program=program,
     )
-    return ExpertsMatch(spec, w1, w2, b1, b2, module_path=module_path_of_param(w1))
+    x_input = _experts_input(region, router, gemm1, flow, hidden)
+    return ExpertsMatch(spec, w1, w2, b1, b2, module_path=module_path_of_param(w1), x_input=x_input)
 
 
 def _expert_selector_index(node: fx.Node, router: RouterMatch, flow: Dataflow) -> int | None:
@@ -437,5 +460,6 @@ def _match_module_loop(region, router, flow, params, hidden) -> ExpertsMatch:
         program=lifted or "",
     )
     module = common_module_path(module_path_of_param(w) for w in w2)
-    return ExpertsMatch(spec, w1, w2, b1, b2, module_path=module)
+    x_input = _experts_input(region, router, first_gemm, flow, hidden)
+    return ExpertsMatch(spec, w1, w2, b1, b2, module_path=module, x_input=x_input)
 

@@ -22,7 +22,15 @@ import torch.fx as fx
 from moepass.dataflow import Dataflow, alias_root, example_value, mutated_node, op_name
 from moepass.detect.common import Mismatch
 
-__all__ = ["Region", "block_region", "satellites", "draws_random_numbers"]
+__all__ = ["Region", "ForeignInputs", "block_region", "satellites", "draws_random_numbers"]
+
+
+class ForeignInputs(Mismatch):
+    """The region reads values computed outside it; ``nodes`` are those values."""
+
+    def __init__(self, message: str, nodes: list[fx.Node]):
+        super().__init__(message)
+        self.nodes = nodes
 
 
 @dataclass
@@ -58,7 +66,9 @@ def block_region(flow: Dataflow, combine: fx.Node, x_base: fx.Node, *more_output
     ]
     if foreign:
         names = ", ".join(sorted(a.name for a in foreign)[:4])
-        raise Mismatch(f"the block's output depends on values computed outside it ({names}), not only on its input")
+        raise ForeignInputs(
+            f"the block's output depends on values computed outside it ({names}), not only on its input", foreign
+        )
     for node in nodes:
         target = mutated_node(node)
         if target is not None and alias_root(target) not in nodes:

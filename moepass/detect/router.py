@@ -135,7 +135,13 @@ def find_router_linear(start: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
 def _x_base(node: fx.Node) -> fx.Node:
     """The deepest node ``node`` is a cast or view of."""
     for _ in range(16):
-        if op_name(node) in CAST_OPS | SHAPE_OPS and node.args and isinstance(node.args[0], fx.Node):
+        # a cast that reads a second tensor (type_as(y), to(y)) is where the block's input starts
+        reads_other = any(isinstance(a, fx.Node) for a in node.args[1:]) or any(
+            isinstance(v, fx.Node) for v in node.kwargs.values()
+        )
+        if op_name(node) in CAST_OPS | SHAPE_OPS and node.args and isinstance(node.args[0], fx.Node) and not (
+            op_name(node) in CAST_OPS and reads_other
+        ):
             node = node.args[0]
         else:
             break
