@@ -43,7 +43,7 @@ from moepass.lowering.activations import apply_activation
 from moepass.ops import parse_experts_config, parse_route_config
 from moepass.spec import ExpertsSpec
 
-__all__ = ["FORMS", "decomposition_table", "experts_dense", "experts_grouped", "moe_block_aten"]
+__all__ = ["FORMS", "decomposition_table", "experts_dense", "experts_grouped", "moe_block_aten", "topk_by_argmax"]
 
 #: The experts forms, by name.
 FORMS = ("grouped", "dense")
@@ -168,12 +168,35 @@ def moe_block_aten(
     return _EXPERTS[form](x, ids, weights, w1, w2, b1, b2, spec)
 
 
-def decomposition_table(form: str = "grouped") -> dict:
-    """torch-mlir's default decompositions plus ``moepass.moe_block`` → aten in ``form``."""
+def topk_by_argmax(x: torch.Tensor, k: int, dim: int = -1, largest: bool = True, sorted: bool = True):
+    """``torch.topk`` as k rounds of argmax, each masking its winner: for stablehlo, where torch-mlir's
+    ``chlo.top_k`` (int64 indices) and ``stablehlo.sort`` do not compile in IREE 3.13.
+
+    Ties go to the lowest index, as torch's CPU top-k; k is small (a router's k_max, or 2).
+    """
+    scores = x if largest else -x
+    positions = torch.arange(x.shape[dim], device=x.device).view([-1] + [1] * (x.ndim - 1 - dim % x.ndim))
+    taken = torch.full_like(scores, float("-inf"))
+    values, indices = [], []
+    for _ in range(k):
+        index = scores.argmax(dim, keepdim=True)
+        values.append(x.gather(dim, index))
+        indices.append(index)
+        scores = torch.where(positions == index, taken, scores)
+    return torch.cat(values, dim), torch.cat(indices, dim)
+
+
+def decomposition_table(form: str = "grouped", output_type: str = "linalg-on-tensors") -> dict:
+    """torch-mlir's default decompositions plus ``moepass.moe_block`` → aten in ``form``.
+
+    For stablehlo, ``topk`` too becomes :func:`topk_by_argmax`.
+    """
     from torch_mlir.extras.fx_decomp_util import get_decomposition_table
 
     if form not in FORMS:
         raise ValueError(f"unknown experts form {form!r}; expected one of {', '.join(FORMS)}")
     table = dict(get_decomposition_table())  # a table passed to the importer replaces its default: merge
     table[torch.ops.moepass.moe_block.default] = functools.partial(moe_block_aten, form=form)
+    if output_type == "stablehlo":
+        table[torch.ops.aten.topk.default] = topk_by_argmax
     return table

@@ -102,8 +102,8 @@ def _block(node: fx.Node) -> str | None:
     return custom.get(BLOCK_KEY)
 
 
-def prepare_program(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
-    """Adjust a decomposed program for torch-mlir, in place; returns it.
+def prepare_program(program: torch.export.ExportedProgram):
+    """Adjust a decomposed program for torch-mlir and ``output_type``, in place; returns it.
 
     * ``topk(sorted=False)`` → ``sorted=True``: torch-mlir lowers only the sorted
       form, and an unsorted top-k leaves its order unspecified anyway (DeepSeek's
@@ -115,8 +115,8 @@ def prepare_program(program: torch.export.ExportedProgram) -> torch.export.Expor
     for node in list(graph.nodes):
         if node.op != "call_function":
             continue
-        if node.target is torch.ops.aten.topk.default:  # topk(self, k, dim=-1, largest=True, sorted=True)
-            args, kwargs = list(node.args), dict(node.kwargs)
+        if node.target is torch.ops.aten.topk.default:
+            args, kwargs = list(node.args), dict(node.kwargs)  # topk(self, k, dim=-1, largest=True, sorted=True)
             if len(args) >= 5 and args[4] is False:
                 args[4] = True
             if kwargs.get("sorted") is False:
@@ -125,6 +125,7 @@ def prepare_program(program: torch.export.ExportedProgram) -> torch.export.Expor
         elif node.target in _ASSERTS and _block(node) is not None and not node.users:
             graph.erase_node(node)
     graph.eliminate_dead_code()
+    graph.lint()
     program.graph_module.recompile()
     return program
 
@@ -144,6 +145,7 @@ def _run_pipeline(module, pipeline: str, stage: str) -> None:
     handler = context.attach_diagnostic_handler(collect)
     try:
         with context:
+            context.emit_error_diagnostics = True  # errors reach the handler, not only a failed status
             PassManager.parse(pipeline).run(module.operation)
     except Exception as error:
         raise LoweringFailure(stage, diagnostics or [("", str(error).strip().splitlines()[0])]) from None

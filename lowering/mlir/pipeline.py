@@ -54,13 +54,15 @@ def to_mlir(captured, output_type: str, form: str, func_name: str = "main"):
     try:
         with torch.no_grad():
             program = torch.export.export(captured.gm, captured.args, dynamic_shapes=captured.dynamic_shapes)
-            program = program.run_decompositions(decomposition_table(form))
+            program = program.run_decompositions(decomposition_table(form, output_type))
     except Exception as error:  # guards, data-dependent code, constraint violations
         raise MlirExportError(f"torch.export failed on the rewritten model: {_first_lines(error, 4)}") from error
     prepare_program(program)
     try:
         module = import_program(program, output_type, func_name)
     except LoweringFailure as failure:
+        if not failure.diagnostics or not failure.diagnostics[0][0]:
+            raise MlirExportError(f"the model did not lower to {output_type} ({failure}; no op was named)") from None
         where = f"block {failure.block}" if failure.block else "outside the MoE blocks"
         op = f"op {failure.op}" if failure.op else "an op"
         raise MlirExportError(f"{where}: {op} did not lower to {output_type} ({failure})") from None
