@@ -12,14 +12,15 @@ itself), and the experts get one of two forms.
     count = Σ_s (flat == e)    start = cumsum - count  [E]
     for e in 0..E-1:                                   (unrolled: E is static)
         s, n = start[e].item(), max(count[e], 1).item()     data-dependent row count
-        rows = order[s : s + n]                        the slots routed to e (+ one padding row if none)
+        rows = order[s : s + n]                        the slots routed to e (or the padding slot)
         y    = W2[e] · act(W1[e] · x[rows // k_max])   [n, H]: the expert's GEMMs on its own rows only
-        out  = index_add(out, rows // k_max, y · w[rows] · (i < count[e]))
+        out  = index_add(out, rows // k_max, y · w[rows])
 
   A dropped slot (id E) sorts after every expert's range, so it is in no
-  expert's rows: it costs no GEMM row.  An expert that no slot picked runs
-  one padding row at weight 0, because IREE's CPU matmul crashes on a
-  0-row dynamic operand (iree-base-compiler 3.13).
+  expert's rows: it costs no GEMM row and its token's row of x is never
+  read.  An expert that no slot picked runs one padding row (a zero row at
+  weight 0, into an output row that is cut off), because IREE's CPU matmul
+  crashes on a 0-row dynamic operand (iree-base-compiler 3.13).
 
 ``dense``: static shapes only (for targets without data-dependent sizes)::
 
@@ -77,24 +78,26 @@ def experts_grouped(
     slot = torch.arange(num_slots, device=ids.device)
     # unique keys (torch-mlir has no stable sort): by expert, then by slot; the sentinel E sorts last
     order = torch.sort(flat * num_slots + slot)[1]
-    # one padding slot past the end: token num_tokens, a zero row of x, weight 0
-    order = torch.cat([order, order.new_full((1,), num_slots)])
+    # one padding slot past the end, read by an expert no slot picked: token num_tokens (a zero row of x,
+    # an output row that is cut off), weight 0.  Padding never reads a real token, dropped or not.
+    padding = num_slots
+    order = torch.cat([order, order.new_full((1,), padding)])
     counts = (flat.unsqueeze(1) == torch.arange(spec.num_experts, device=ids.device)).sum(0)
     starts = counts.cumsum(0) - counts
-    rows_run = counts.clamp(min=1)  # an expert no slot picked runs its padding row
+    rows_run = counts.clamp(min=1)  # IREE's CPU matmul crashes on 0 rows: an unpicked expert runs the padding row
     x_padded = torch.cat([x, x.new_zeros(1, hidden)])
     w_padded = torch.cat([weights.reshape(-1).float(), weights.new_zeros(1, dtype=torch.float32)])
     out = torch.zeros(num_tokens + 1, hidden, dtype=torch.float32, device=x.device)
     for expert in range(spec.num_experts):
         start = starts[expert].item()
         length = rows_run[expert].item()
-        torch._check_is_size(start)
+        torch._check(start >= 0)
         torch._check(length >= 1)
         torch._check(start + length <= num_slots + 1)
-        slots = order.narrow(0, start, length)
+        live = torch.arange(length, device=ids.device) < counts[expert]
+        slots = torch.where(live, order.narrow(0, start, length), padding)
         tokens = torch.div(slots, depth, rounding_mode="floor")
-        live = (torch.arange(length, device=ids.device) < counts[expert]).float()
-        scale = w_padded.index_select(0, slots) * live
+        scale = w_padded.index_select(0, slots)
         rows = x_padded.index_select(0, tokens)
         if spec.weight_on_input:
             rows = (rows.float() * scale.unsqueeze(1)).to(x.dtype)
@@ -104,9 +107,9 @@ def experts_grouped(
         y = apply_activation(h, spec) @ _second(w2, expert, spec)
         if b2 is not None:
             y = y + b2[expert]
-        # weight on the input: a padding row (weight 0) still has the biases' output, masked here
-        y = y.float() * (live if spec.weight_on_input else scale).unsqueeze(1)
-        out = out.index_add(0, tokens, y)
+        if not spec.weight_on_input:
+            y = y.float() * scale.unsqueeze(1)
+        out = out.index_add(0, tokens, y.float())
     return out[:num_tokens].to(x.dtype)
 
 

@@ -49,6 +49,8 @@ _BACKEND_PIPELINE = (
 )
 #: Asserts torch.export adds for torch._check: on the block's own sizes they hold by construction.
 _ASSERTS = {torch.ops.aten._assert_scalar.default, torch.ops.aten.sym_constrain_range_for_size.default}
+#: Metadata checks torch.export inserts; torch-mlir cannot canonicalise them on complex tensors (RoPE).
+_METADATA_CHECKS = {torch.ops.aten._assert_tensor_metadata.default}
 
 
 @dataclass
@@ -75,12 +77,18 @@ class LoweringFailure(Exception):
     def op(self) -> str | None:
         """The op that did not lower, from the first diagnostic that names one."""
         for _, message in self.diagnostics:
-            named = re.search(r"name = \"([\w.]+)\"", message)  # torch.operator "torch.moepass..."
-            if named:
-                return named.group(1)
-            found = re.search(r"operation '([\w.]+)'", message)
-            if found:
-                return found.group(1)
+            illegal = re.search(r"failed to legalize operation '([\w.]+)'", message)
+            if illegal and illegal.group(1) == "torch.operator":  # an op torch-mlir does not know: its name
+                named = re.search(r'name = "([\w.]+)"', message)
+                return named.group(1) if named else illegal.group(1)
+            if illegal:
+                return illegal.group(1)
+            leading = re.match(r"'([\w.]+)' op ", message)
+            if leading:
+                return leading.group(1)
+            current = re.search(r'see current operation: (?:%\S+ = )?"([\w.]+)"', message)
+            if current:
+                return current.group(1)
         return None
 
 
@@ -110,6 +118,8 @@ def prepare_program(program: torch.export.ExportedProgram):
       group mask scatters it).
     * the runtime asserts of a block's own ``torch._check`` calls are dropped: they
       restate what the decomposition guarantees, and stablehlo/tosa cannot lower them.
+    * ``_assert_tensor_metadata`` checks are dropped: they restate the traced
+      dtypes, and torch-mlir fails on them for complex tensors (Llama 4's RoPE).
     """
     graph = program.graph_module.graph
     for node in list(graph.nodes):
@@ -123,6 +133,8 @@ def prepare_program(program: torch.export.ExportedProgram):
                 kwargs["sorted"] = True
             node.args, node.kwargs = tuple(args), kwargs
         elif node.target in _ASSERTS and _block(node) is not None and not node.users:
+            graph.erase_node(node)
+        elif node.target in _METADATA_CHECKS and not node.users:
             graph.erase_node(node)
     graph.eliminate_dead_code()
     graph.lint()
