@@ -8,8 +8,8 @@ itself), and the experts get one of two forms.
 ``grouped`` (default): dropped slots cost no work::
 
     flat  = ids.view(-1)                               [S = T·k_max] slots, sentinel E = dropped
-    order = sort(flat · S + slot)                      slots grouped by expert, dropped ones last
-    count = Σ_s (flat == e)    start = cumsum - count  [E]
+    count = Σ_s (flat == e)    start = cumsum - count  [E + 1]
+    order = scatter(start[flat] + rank within expert)  slots grouped by expert, dropped ones last
     for e in 0..E-1:                                   (unrolled: E is static)
         s, n = start[e].item(), max(count[e], 1).item()     data-dependent row count
         rows = order[s : s + n]                        the slots routed to e (or the padding slot)
@@ -76,14 +76,19 @@ def experts_grouped(
     flat = ids.reshape(-1)
     num_slots = flat.shape[0]
     slot = torch.arange(num_slots, device=ids.device)
-    # unique keys (torch-mlir has no stable sort): by expert, then by slot; the sentinel E sorts last
-    order = torch.sort(flat * num_slots + slot)[1]
+    # slots grouped by expert (the sentinel E last), in slot order within an expert: a counting sort.
+    # (torch.sort would do, but IREE 3.13 cannot compile a sort of dynamic length: unbounded stack allocation)
+    picked = (flat.unsqueeze(1) == torch.arange(spec.num_experts + 1, device=ids.device)).long()  # [S, E + 1]
+    counts_all = picked.sum(0)
+    starts_all = counts_all.cumsum(0) - counts_all
+    rank = (picked.cumsum(0) * picked).sum(1) - 1  # earlier slots of the same expert
+    position = starts_all.index_select(0, flat) + rank
+    order = torch.zeros_like(slot).scatter(0, position, slot)
     # one padding slot past the end, read by an expert no slot picked: token num_tokens (a zero row of x,
     # an output row that is cut off), weight 0.  Padding never reads a real token, dropped or not.
     padding = num_slots
     order = torch.cat([order, order.new_full((1,), padding)])
-    counts = (flat.unsqueeze(1) == torch.arange(spec.num_experts, device=ids.device)).sum(0)
-    starts = counts.cumsum(0) - counts
+    counts, starts = counts_all[: spec.num_experts], starts_all[: spec.num_experts]
     rows_run = counts.clamp(min=1)  # IREE's CPU matmul crashes on 0 rows: an unpicked expert runs the padding row
     x_padded = torch.cat([x, x.new_zeros(1, hidden)])
     w_padded = torch.cat([weights.reshape(-1).float(), weights.new_zeros(1, dtype=torch.float32)])
