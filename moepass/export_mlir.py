@@ -28,7 +28,7 @@ from typing import Any, Iterator
 import torch
 
 from moepass.export import OnnxExportError, _relative_error, _staged, rewrite_for_export
-from moepass.ops import parse_experts_config, parse_route_config
+from moepass.ops import parse_route_config
 
 __all__ = ["MlirBlock", "MlirExport", "MlirExportError", "MlirExportOptions", "PreparedMlir", "export_mlir",
            "prepare_mlir"]
