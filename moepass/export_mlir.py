@@ -263,8 +263,7 @@ def _verify_by_parsing(text: str) -> None:
     from torch_mlir.dialects import torch as torch_d
 
     context = ir.Context()
-    torch_d.register_dialect(context)
-    context.allow_unregistered_dialects = True  # tosa/tensor ops are parsed generically where unregistered
+    torch_d.register_dialect(context)  # tosa, tensor, arith, func... are registered with the context
     try:
         module = ir.Module.parse(text, context)
         if not module.operation.verify():
