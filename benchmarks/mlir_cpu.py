@@ -199,13 +199,16 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="do not update benchmarks/RESULTS.md")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
-    import iree.compiler
-    import torch_mlir  # noqa: F401  (fail early when the mlir extra is missing)
+    import importlib.metadata
+
+    import iree.runtime  # noqa: F401  (fail early when the mlir extra is missing)
+    import torch_mlir  # noqa: F401
 
     hidden, inter = (256, 704) if args.small else (HIDDEN, INTER)
     tokens = args.tokens or ([8, 64] if args.small else [8, 512])
     load = os.getloadavg()
-    versions = f"IREE {iree.compiler.version.VERSION}, onnxruntime {ort.__version__}"
+    versions = (f"IREE {importlib.metadata.version('iree-base-compiler')}, torch-mlir "
+                f"{importlib.metadata.version('torch-mlir')}, onnxruntime {ort.__version__}")
     print(f"machine: {machine_description()}; {versions}; load average {load[0]:.2f}")
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)

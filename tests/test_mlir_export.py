@@ -29,6 +29,7 @@ from moepass.lowering.mlir import (
     IreeModule,
     block_of_location,
     compile_for_cpu,
+    decomposition_table,
     experts_dense,
     experts_grouped,
     import_program,
@@ -284,7 +285,7 @@ class _Experts(torch.nn.Module):
 
 
 def _compiled_experts(form, spec, args):
-    program = torch.export.export(_Experts(form, spec), args).run_decompositions()
+    program = torch.export.export(_Experts(form, spec), args).run_decompositions(decomposition_table())
     text = str(import_program(prepare_program(program), "linalg-on-tensors"))
     return text, IreeModule(compile_for_cpu(text, "linalg-on-tensors"))
 

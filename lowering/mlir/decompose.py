@@ -20,7 +20,8 @@ itself), and the experts get one of two forms.
   expert's rows: it costs no GEMM row and its token's row of x is never
   read.  An expert that no slot picked runs one padding row (a zero row at
   weight 0, into an output row that is cut off), because IREE's CPU matmul
-  crashes on a 0-row dynamic operand (iree-base-compiler 3.13).
+  crashes on a 0-row dynamic operand (iree-base-compiler 3.13).  All row
+  counts are read in one go before the first expert runs (one host readback).
 
 ``dense``: static shapes only (for targets without data-dependent sizes)::
 
@@ -93,9 +94,10 @@ def experts_grouped(
     x_padded = torch.cat([x, x.new_zeros(1, hidden)])
     w_padded = torch.cat([weights.reshape(-1).float(), weights.new_zeros(1, dtype=torch.float32)])
     out = torch.zeros(num_tokens + 1, hidden, dtype=torch.float32, device=x.device)
+    # every expert's bounds read at once, before any expert runs: one host readback in IREE, not one per expert
+    bounds = torch.cat([starts, rows_run]).tolist()
     for expert in range(spec.num_experts):
-        start = starts[expert].item()
-        length = rows_run[expert].item()
+        start, length = bounds[expert], bounds[spec.num_experts + expert]
         torch._check(start >= 0)
         torch._check(length >= 1)
         torch._check(start + length <= num_slots + 1)
