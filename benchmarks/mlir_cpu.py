@@ -45,7 +45,7 @@ from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
 import moepass
-from moepass.export_mlir import MlirExportOptions
+from moepass.mlir_export import MlirExportOptions
 
 EAGER, ORT_STATIC, ORT_ADAPTIVE = "(a) torch eager", "(b) ORT static", "(b) ORT adaptive"
 IREE_STATIC, IREE_ADAPTIVE, IREE_DENSE = "(c) IREE static", "(c) IREE adaptive", "(d) IREE adaptive dense"

@@ -217,7 +217,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
         result = export_onnx(loaded.model, example, out, policy, target=choice, **params)
     else:
-        from moepass.export_mlir import export_mlir
+        from moepass.mlir_export import export_mlir
 
         result = export_mlir(loaded.model, example, out, policy, output_type=choice, **params)
     print(result)

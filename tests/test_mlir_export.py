@@ -39,7 +39,7 @@ from moepass.lowering.reference import experts_forward
 
 import moepass
 from moepass.cli import main
-from moepass.export_mlir import MlirExportError, MlirExportOptions, export_mlir
+from moepass.mlir_export import MlirExportError, MlirExportOptions, export_mlir
 from moepass.policies import Allocator, NullExperts
 from moepass.spec import ExpertsSpec
 from moepass.zoo import FAMILIES, tiny_model

@@ -175,6 +175,18 @@ class PreparedMlir:
         return inputs
 
 
+def _require_toolchain(output_type: str, verify: bool) -> None:
+    """A clear error when the mlir extra is missing (before any long step)."""
+    import importlib.util
+
+    needed = ["torch_mlir"] + (["iree.compiler", "iree.runtime"] if verify and output_type in EXECUTED else [])
+    missing = [name for name in needed if importlib.util.find_spec(name.split(".")[0]) is None
+               or importlib.util.find_spec(name) is None]
+    if missing:
+        raise MlirExportError(f"{', '.join(missing)} not installed: pip install 'moepass[mlir]' (torch-mlir, "
+                              "iree-base-compiler, iree-base-runtime)")
+
+
 def _resolve_form(form: str, output_type: str) -> str:
     from moepass.lowering.mlir import FORMS
 
@@ -205,6 +217,7 @@ def prepare_mlir(
     if output_type not in OUTPUT_TYPES:
         raise MlirExportError(f"unknown output_type {output_type!r}; expected one of {', '.join(OUTPUT_TYPES)}")
     form = _resolve_form(options.experts_form, output_type)
+    _require_toolchain(output_type, options.verify)
     with _as_mlir_errors():
         captured, reports, policy = rewrite_for_export(
             model, example_inputs, {} if dynamic_shapes is None else dynamic_shapes, **backend_options
