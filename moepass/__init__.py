@@ -30,8 +30,8 @@ from moepass import ops as _ops  # noqa: F401  (registers torch.ops.moepass.*)
 from moepass import policies
 from moepass.calibrate import calibrate
 from moepass.export import OnnxExport, OnnxExportError, OnnxExportOptions, export_onnx
-from moepass.mlir_export import MlirExport, MlirExportError, MlirExportOptions, export_mlir
 from moepass.inspection import InspectionReport, inspect
+from moepass.mlir_export import MlirExport, MlirExportError, MlirExportOptions, export_mlir
 from moepass.options import BackendOptions, OptionsError
 from moepass.policies import Policy, PolicyError
 from moepass.report import BlockReport, Report, last_report, report
