@@ -5,8 +5,8 @@ Structure: one ``loc("moepass:<block path>"(...))`` name per rewritten block, no
 row counts.  Numbers: IREE's output against ``torch.compile(backend="adaptive_moe")``
 with the same policy (independent of the export's capture), ≤ 1e-4 relative in float32.
 
-IREE compiles take 10–60 s each on 2 cores, so every export happens once per module
-(``_export``) and its compiled bytecode (``MlirExport.vmfb``) is reused; the default run
+IREE compiles take 10–60 s each on 2 cores, so every export happens once per module (the
+``export`` fixture) and its compiled bytecode (``MlirExport.vmfb``) is reused; the default run
 covers mixtral (static and top-p), a learned-tensor policy, stablehlo, tosa, torch and one
 dynamic axis; the other families and the bundled model are marked ``slow``.
 """
