@@ -7,6 +7,7 @@
     report = moepass.report(fast)                      # str(report) is a table
     moepass.inspect(model, example, policy="top_p", p=0.4).save("report/")   # HTML, text, JSON
     moepass.export_onnx(model, (input_ids,), "model.onnx", policy="top_p", p=0.4)  # ONNX Runtime
+    moepass.export_mlir(model, (input_ids,), "model.mlir", policy="top_p", p=0.4)  # torch-mlir, run in IREE
 
 Importing this package registers the ``torch.ops.moepass`` operators; the
 backend itself is found by torch through the ``torch_dynamo_backends`` entry
@@ -30,6 +31,7 @@ from moepass import policies
 from moepass.calibrate import calibrate
 from moepass.export import OnnxExport, OnnxExportError, OnnxExportOptions, export_onnx
 from moepass.inspection import InspectionReport, inspect
+from moepass.mlir_export import MlirExport, MlirExportError, MlirExportOptions, export_mlir
 from moepass.options import BackendOptions, OptionsError
 from moepass.policies import Policy, PolicyError
 from moepass.report import BlockReport, Report, last_report, report
@@ -41,6 +43,10 @@ __all__ = [
     "BackendOptions",
     "calibrate",
     "export_onnx",
+    "export_mlir",
+    "MlirExport",
+    "MlirExportError",
+    "MlirExportOptions",
     "OnnxExport",
     "OnnxExportError",
     "OnnxExportOptions",

@@ -185,21 +185,41 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_format_options(args: argparse.Namespace) -> tuple[str, str]:
+    """(what to print, the option value) for --format; a flag of the other format is an error."""
+    if args.format == "onnx":
+        if args.output_type is not None:
+            raise ValueError("--output-type is for --format mlir; ONNX exports take --target ort|portable")
+        target = args.target or "ort"
+        return f"ONNX (target {target})", target
+    if args.target is not None:
+        raise ValueError("--target is for --format onnx; MLIR exports take --output-type")
+    output_type = args.output_type or "linalg-on-tensors"
+    return f"MLIR ({output_type}, verified in IREE)", output_type
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
-    from moepass.export import export_onnx
     from moepass.modelspec import example_for, load_model
     from moepass.options import BackendOptions
 
     out = Path(args.out)
     if out.is_dir():
-        raise ValueError(f"--out {out} is a folder; give the path of the .onnx file to write")
+        raise ValueError(f"--out {out} is a folder; give the path of the .{args.format} file to write")
+    what, choice = _export_format_options(args)
     policy, params = _policy_from_args(args)
     BackendOptions.parse({"policy": policy, **params})  # bad options fail before loading
     loaded = load_model(args.model, seed=args.seed)
     example = example_for(args.model, loaded, args.tokens, args.batch, args.seed)
-    print(f"loaded {loaded.source}; exporting to ONNX (target {args.target})", file=sys.stderr)
+    print(f"loaded {loaded.source}; exporting to {what}", file=sys.stderr)
     started = time.perf_counter()
-    result = export_onnx(loaded.model, example, out, policy, target=args.target, **params)
+    if args.format == "onnx":
+        from moepass.export import export_onnx
+
+        result = export_onnx(loaded.model, example, out, policy, target=choice, **params)
+    else:
+        from moepass.mlir_export import export_mlir
+
+        result = export_mlir(loaded.model, example, out, policy, output_type=choice, **params)
     print(result)
     print(f"exported in {time.perf_counter() - started:.1f} s")
     return 0
@@ -309,17 +329,23 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser(
         "export",
         allow_abbrev=False,
-        help="export a model with its MoE blocks under a routing policy to ONNX (ONNX Runtime or standard ops)",
-        description="Rewrite the model's MoE blocks under the policy and write an ONNX model: one moepass.AdaptiveMoE "
-        "node per block, defined by a local function. Further --name value pairs are the policy's parameters.",
-        usage="moepass export --model SPEC [--policy NAME] [--NAME VALUE ...] [--policy-file DIR] --out FILE.onnx "
-        "[--target ort|portable]",
+        help="export a model with its MoE blocks under a routing policy to ONNX or MLIR",
+        description="Rewrite the model's MoE blocks under the policy and write an ONNX model (one moepass.AdaptiveMoE "
+        "node per block, defined by a local function) or an MLIR module (torch-mlir, each block's ops located by its "
+        "path, compiled and run in IREE before it is written). Further --name value pairs are the policy's parameters.",
+        usage="moepass export --model SPEC [--policy NAME] [--NAME VALUE ...] [--policy-file DIR] --out FILE "
+        "[--format onnx|mlir] [--target ort|portable] [--output-type linalg-on-tensors|stablehlo|tosa|torch]",
     )
     _add_model_arguments(export, tokens=16, batch=2)
     _add_policy_arguments(export)
-    export.add_argument("--out", required=True, metavar="FILE", help="the .onnx file to write")
-    export.add_argument("--target", default="ort", choices=["ort", "portable"],
-                        help="ort: experts run by com.microsoft.MoE, k per token; portable: standard ONNX ops (default ort)")
+    export.add_argument("--out", required=True, metavar="FILE", help="the .onnx or .mlir file to write")
+    export.add_argument("--format", default="onnx", choices=["onnx", "mlir"], help="what to write (default onnx)")
+    export.add_argument("--target", default=None, choices=["ort", "portable"],
+                        help="ONNX: ort (experts run by com.microsoft.MoE, k per token) or portable (standard ONNX "
+                        "ops); default ort")
+    export.add_argument("--output-type", default=None, choices=["linalg-on-tensors", "stablehlo", "tosa", "torch"],
+                        help="MLIR: the dialect to lower to (default linalg-on-tensors; linalg-on-tensors and "
+                        "stablehlo are run in IREE, tosa and torch are parsed and verified)")
     export.set_defaults(run=_cmd_export, allows_extra=True)
     calibrate = commands.add_parser(
         "calibrate",

@@ -31,7 +31,15 @@ from moepass.backend import optimize_graph
 from moepass.options import BackendOptions
 from moepass.report import BlockReport
 
-__all__ = ["OnnxExport", "OnnxExportError", "OnnxExportOptions", "PreparedExport", "export_onnx", "prepare_export"]
+__all__ = [
+    "OnnxExport",
+    "OnnxExportError",
+    "OnnxExportOptions",
+    "PreparedExport",
+    "export_onnx",
+    "prepare_export",
+    "rewrite_for_export",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +160,31 @@ def prepare_export(
 
     ``backend_options`` are the backend's (``policy``, its parameters, ``validate``).
     """
-    from moepass.lowering.onnx import capture_model, fuse_blocks, to_onnx
+    from moepass.lowering.onnx import to_onnx
+
+    captured, reports, policy = rewrite_for_export(model, example_inputs, dynamic_shapes, **backend_options)
+    onnx_model = to_onnx(captured.gm, captured.args, captured.dynamic_shapes, captured.input_names,
+                         captured.output_names, opset)
+    return PreparedExport(onnx_model, captured, reports, policy)
+
+
+def rewrite_for_export(
+    model: torch.nn.Module, example_inputs: Any, dynamic_shapes: Any = None, **backend_options: Any
+) -> tuple[Any, list[BlockReport], str]:
+    """Capture ``model`` as one graph and rewrite its MoE blocks as the backend does; one op per block.
+
+    The steps every exporter shares (ONNX, MLIR): capture (:func:`moepass.lowering.onnx.capture_model`),
+    detection, validation and rewrite under the policy (:func:`moepass.backend.optimize_graph`), a check
+    that every block was rewritten, and the fusion of each block's route and experts ops into one
+    ``moepass.moe_block`` node.
+
+    Returns:
+        (the captured model, its graph now fused; the block reports; the policy's description).
+
+    Raises:
+        OnnxExportError: the model does not capture, or a block was not rewritten (naming it).
+    """
+    from moepass.lowering.onnx import capture_model, fuse_blocks
 
     options = BackendOptions.parse({"inner": "eager", **backend_options})
     captured = capture_model(model, example_inputs, dynamic_shapes)
@@ -162,8 +194,7 @@ def prepare_export(
     _check_rewritten(reports)
     fuse_blocks(gm)
     captured.gm = gm
-    onnx_model = to_onnx(gm, captured.args, captured.dynamic_shapes, captured.input_names, captured.output_names, opset)
-    return PreparedExport(onnx_model, captured, reports, options.policy.describe())
+    return captured, reports, options.policy.describe()
 
 
 def _fits(model) -> bool:

@@ -101,7 +101,7 @@ def _group_limited_scores(biased: torch.Tensor, router: RouterSpec) -> torch.Ten
     grouped = biased.view(tokens, router.n_group, -1)
     group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1)[0].sum(dim=-1)
     group_idx = torch.topk(group_scores, k=router.topk_group, dim=-1, sorted=False)[1]
-    group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0)
+    group_mask = torch.zeros_like(group_scores).scatter(1, group_idx, 1.0)  # out of place: exporters decompose it
     score_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(tokens, -1)
     return biased.masked_fill(~score_mask.bool(), float("-inf"))
 
