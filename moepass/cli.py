@@ -191,15 +191,20 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from moepass.options import BackendOptions
 
     out = Path(args.out)
-    if out.is_dir():
+    if out.is_dir() and args.format == "onnx":
         raise ValueError(f"--out {out} is a folder; give the path of the .onnx file to write")
     policy, params = _policy_from_args(args)
     BackendOptions.parse({"policy": policy, **params})  # bad options fail before loading
     loaded = load_model(args.model, seed=args.seed)
-    example = example_for(args.model, loaded, args.tokens, args.batch, args.seed)
-    print(f"loaded {loaded.source}; exporting to ONNX (target {args.target})", file=sys.stderr)
+    print(f"loaded {loaded.source}; exporting to {args.format} (target {args.target})", file=sys.stderr)
     started = time.perf_counter()
-    result = export_onnx(loaded.model, example, out, policy, target=args.target, **params)
+    if args.format == "genai":
+        from moepass.genai import export_genai
+
+        result = export_genai(loaded.model, out, policy, target=args.target, **params)
+    else:
+        example = example_for(args.model, loaded, args.tokens, args.batch, args.seed)
+        result = export_onnx(loaded.model, example, out, policy, target=args.target, **params)
     print(result)
     print(f"exported in {time.perf_counter() - started:.1f} s")
     return 0
@@ -312,12 +317,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="export a model with its MoE blocks under a routing policy to ONNX (ONNX Runtime or standard ops)",
         description="Rewrite the model's MoE blocks under the policy and write an ONNX model: one moepass.AdaptiveMoE "
         "node per block, defined by a local function. Further --name value pairs are the policy's parameters.",
-        usage="moepass export --model SPEC [--policy NAME] [--NAME VALUE ...] [--policy-file DIR] --out FILE.onnx "
-        "[--target ort|portable]",
+        usage="moepass export --model SPEC [--policy NAME] [--NAME VALUE ...] [--policy-file DIR] --out PATH "
+        "[--target ort|portable] [--format onnx|genai]",
     )
     _add_model_arguments(export, tokens=16, batch=2)
     _add_policy_arguments(export)
-    export.add_argument("--out", required=True, metavar="FILE", help="the .onnx file to write")
+    export.add_argument("--out", required=True, metavar="PATH", help="the .onnx file (--format genai: the folder) to write")
+    export.add_argument("--format", default="onnx", choices=["onnx", "genai"],
+                        help="onnx: one .onnx file (no KV cache); genai: a folder onnxruntime-genai loads, with the KV "
+                        "cache and genai_config.json (default onnx)")
     export.add_argument("--target", default="ort", choices=["ort", "portable"],
                         help="ort: experts run by com.microsoft.MoE, k per token; portable: standard ONNX ops (default ort)")
     export.set_defaults(run=_cmd_export, allows_extra=True)

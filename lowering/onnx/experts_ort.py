@@ -55,11 +55,37 @@ from moepass.lowering.onnx.builder import FLOAT, INT64, NodeBuilder
 
 from moepass.spec import ExpertsSpec
 
-__all__ = ["ORT_DOMAIN", "ORT_LAYOUTS", "moe_attributes", "ort_experts", "unsupported_reason"]
+__all__ = [
+    "DEFAULT_ORT_LAYOUTS",
+    "ORT_DOMAIN",
+    "ORT_LAYOUTS",
+    "PROVIDERS",
+    "default_ort_layout",
+    "moe_attributes",
+    "ort_experts",
+    "unsupported_reason",
+]
 
 ORT_DOMAIN = "com.microsoft"
 #: How variable k is laid out over com.microsoft.MoE calls (see the module docstring).
 ORT_LAYOUTS = ("masked", "buckets", "slots")
+#: Execution providers an export can be meant for.
+PROVIDERS = ("cpu", "cuda")
+#: The layout ``auto`` picks per provider.  CPU: ORT's kernel skips routes of
+#: weight 0, so ``masked`` costs no GEMM row for a dropped slot and needs no
+#: gather/scatter around the call.  CUDA: as far as its source shows, ORT's
+#: CUDA MoE kernel computes all k slots of every token (weight 0 or not), so
+#: ``masked`` would save nothing there; ``slots`` makes exactly one row per kept
+#: slot in a single call (``buckets`` would need one call per k).  Not measured
+#: on a GPU yet.
+DEFAULT_ORT_LAYOUTS = {"cpu": "masked", "cuda": "slots"}
+
+
+def default_ort_layout(provider: str) -> str:
+    """The layout ``ort_layout="auto"`` means for ``provider`` (:data:`DEFAULT_ORT_LAYOUTS`)."""
+    if provider not in DEFAULT_ORT_LAYOUTS:
+        raise ValueError(f"unknown provider {provider!r}; expected one of {', '.join(PROVIDERS)}")
+    return DEFAULT_ORT_LAYOUTS[provider]
 
 #: Logit of an expert a token does not keep: exp(-1e30 - max) is exactly 0.
 _ABSENT = -1e30

@@ -29,7 +29,14 @@ from dataclasses import dataclass
 
 import onnx
 from moepass.lowering.onnx.builder import NodeBuilder
-from moepass.lowering.onnx.experts_ort import ORT_DOMAIN, ORT_LAYOUTS, ort_experts, unsupported_reason
+from moepass.lowering.onnx.experts_ort import (
+    ORT_DOMAIN,
+    ORT_LAYOUTS,
+    PROVIDERS,
+    default_ort_layout,
+    ort_experts,
+    unsupported_reason,
+)
 from moepass.lowering.onnx.experts_portable import portable_experts
 from moepass.lowering.onnx.routing_graph import routing_graph, splice
 from moepass.lowering.onnx.translate import DOMAIN, OP_TYPE
@@ -39,7 +46,7 @@ from moepass.export import OnnxExportError
 from moepass.ops import RouteConfig, parse_experts_config, parse_route_config
 from moepass.spec import ExpertsSpec
 
-__all__ = ["FALLBACKS", "ORT_LAYOUTS", "TARGETS", "BlockFunction", "block_nodes", "define_blocks"]
+__all__ = ["FALLBACKS", "ORT_LAYOUTS", "PROVIDERS", "TARGETS", "BlockFunction", "block_nodes", "define_blocks"]
 
 logger = logging.getLogger(__name__)
 
@@ -253,7 +260,7 @@ class _Definer:
 
 
 def define_blocks(
-    model: onnx.ModelProto, target: str, fallback: str = "portable", layout: str = "masked"
+    model: onnx.ModelProto, target: str, fallback: str = "portable", layout: str = "auto", provider: str = "cpu"
 ) -> list[BlockFunction]:
     """Give every AdaptiveMoE node of ``model`` a local function for ``target``, in place.
 
@@ -263,7 +270,9 @@ def define_blocks(
         fallback: for target ``ort``, what a block com.microsoft.MoE cannot run
             exactly does: ``portable`` (standard ops inside its function) or ``error``.
         layout: for target ``ort``, how variable k maps onto com.microsoft.MoE
-            calls: ``masked``, ``buckets`` or ``slots`` (:mod:`.experts_ort`).
+            calls: ``masked``, ``buckets`` or ``slots`` (:mod:`.experts_ort`), or
+            ``auto``: the provider's default (:func:`.experts_ort.default_ort_layout`).
+        provider: ``cpu`` or ``cuda``, the execution provider the model is meant for.
 
     Raises:
         OnnxExportError: naming the block that cannot be exported exactly, and why.
@@ -272,8 +281,12 @@ def define_blocks(
         raise OnnxExportError(f"unknown target {target!r}; expected one of {', '.join(TARGETS)}")
     if fallback not in FALLBACKS:
         raise OnnxExportError(f"unknown fallback {fallback!r}; expected one of {', '.join(FALLBACKS)}")
+    if provider not in PROVIDERS:
+        raise OnnxExportError(f"unknown provider {provider!r}; expected one of {', '.join(PROVIDERS)}")
+    if layout == "auto":
+        layout = default_ort_layout(provider)
     if layout not in ORT_LAYOUTS:
-        raise OnnxExportError(f"unknown ORT layout {layout!r}; expected one of {', '.join(ORT_LAYOUTS)}")
+        raise OnnxExportError(f"unknown ORT layout {layout!r}; expected auto or one of {', '.join(ORT_LAYOUTS)}")
     definer = _Definer(model, target, fallback, layout)
     blocks = [definer.define(node) for node in block_nodes(model)]
     model.functions.extend(definer.functions.values())
