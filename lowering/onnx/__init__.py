@@ -14,17 +14,15 @@ The public entry point is :func:`moepass.export_onnx`.
 """
 
 from moepass.lowering.onnx.capture import CapturedModel, capture_model, default_dynamic_shapes
-from moepass.lowering.onnx.experts_ort import DEFAULT_ORT_LAYOUTS, default_ort_layout
-from moepass.lowering.onnx.functions import (
-    FALLBACKS,
+from moepass.lowering.onnx.functions import FALLBACKS, TARGETS, BlockFunction, block_nodes, define_blocks
+from moepass.lowering.onnx.fuse import FusedBlock, fuse_blocks
+from moepass.lowering.onnx.layouts import (
+    DEFAULT_ORT_LAYOUTS,
+    GEMM_MIN_EXPERT_BYTES,
     ORT_LAYOUTS,
     PROVIDERS,
-    TARGETS,
-    BlockFunction,
-    block_nodes,
-    define_blocks,
+    default_ort_layout,
 )
-from moepass.lowering.onnx.fuse import FusedBlock, fuse_blocks
 from moepass.lowering.onnx.translate import DOMAIN, OP_TYPE, to_onnx
 
 from moepass.export import OnnxExportError
@@ -33,6 +31,7 @@ __all__ = [
     "DEFAULT_ORT_LAYOUTS",
     "DOMAIN",
     "FALLBACKS",
+    "GEMM_MIN_EXPERT_BYTES",
     "OP_TYPE",
     "ORT_LAYOUTS",
     "PROVIDERS",
