@@ -30,6 +30,23 @@ def time_it(fn: Callable[[], object], repeat: int = 10, warmup: int = 2, min_sec
     return statistics.median(samples)
 
 
+def time_interleaved(fns: dict[str, Callable[[], object]], repeat: int = 10, warmup: int = 2,
+                     min_seconds: float = 0.0) -> dict[str, float]:
+    """Median wall time in seconds of each ``fns[name]()``, run in turn round after round (A, B, C, A, B, ...),
+    so that a change of machine load during the run hits every variant alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    started = time.perf_counter()
+    while min(len(s) for s in samples.values()) < repeat or time.perf_counter() - started < min_seconds:
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
 def machine_description() -> str:
     """CPU model, cores, torch version."""
     model = platform.processor() or "cpu"
