@@ -201,7 +201,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.format == "genai":
         from moepass.genai import export_genai
 
-        result = export_genai(loaded.model, out, policy, target=args.target, **params)
+        folder = Path(args.model)  # a model folder's tokenizer files go along
+        tokenizer = folder if folder.is_dir() and (folder / "tokenizer.json").is_file() else None
+        result = export_genai(loaded.model, out, policy, target=args.target, tokenizer=tokenizer, **params)
     else:
         example = example_for(args.model, loaded, args.tokens, args.batch, args.seed)
         result = export_onnx(loaded.model, example, out, policy, target=args.target, **params)

@@ -197,32 +197,38 @@ def genai_config(model: torch.nn.Module, layout, filename: str = MODEL_FILE, *, 
 
 
 def _tokenizer_source(model: torch.nn.Module, tokenizer: Any) -> Any:
-    """What to take tokenizer files from: the given tokenizer or folder, else the model's own folder."""
-    if tokenizer is not None:
+    """What to take tokenizer files from: the given tokenizer or folder, else the model's own folder (if it has one).
+
+    Raises:
+        OnnxExportError: ``tokenizer`` is neither a tokenizer nor a folder with a tokenizer.json.
+    """
+    if tokenizer is None:
+        name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+        if not (name and (Path(name) / "tokenizer.json").is_file()):
+            return None
+        tokenizer = Path(name)
+    if hasattr(tokenizer, "save_pretrained"):
         return tokenizer
-    name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
-    if name and Path(name).is_dir() and any((Path(name) / f).is_file() for f in TOKENIZER_FILES):
-        return Path(name)
-    return None
+    if not isinstance(tokenizer, (str, os.PathLike)) or not Path(tokenizer).is_dir():
+        raise OnnxExportError(f"tokenizer {tokenizer!r} is neither a transformers tokenizer nor a folder")
+    if not (Path(tokenizer) / "tokenizer.json").is_file():
+        raise OnnxExportError(f"tokenizer folder {tokenizer} has no tokenizer.json (the file onnxruntime-genai reads)")
+    return Path(tokenizer)
 
 
 def _write_tokenizer(source: Any, staging: Path) -> list[str]:
+    """Save or copy the tokenizer files into ``staging``; returns their names."""
     if source is None:
         return []
     if hasattr(source, "save_pretrained"):
         before = set(os.listdir(staging))
         source.save_pretrained(str(staging))
         return sorted(set(os.listdir(staging)) - before)
-    folder = Path(source)
-    if not folder.is_dir():
-        raise OnnxExportError(f"tokenizer {folder} is neither a tokenizer object nor a folder")
     copied = []
     for name in TOKENIZER_FILES:
-        if (folder / name).is_file():
-            shutil.copyfile(folder / name, staging / name)
+        if (source / name).is_file():
+            shutil.copyfile(source / name, staging / name)
             copied.append(name)
-    if "tokenizer.json" not in copied:
-        raise OnnxExportError(f"tokenizer folder {folder} has no tokenizer.json (onnxruntime-genai reads that file)")
     return copied
 
 
@@ -335,10 +341,10 @@ def export_genai(
         raise OnnxExportError(f"unknown target {target!r}; expected one of {', '.join(TARGETS)}")
     folder = Path(folder)
     _check_target(folder)
+    tokenizer_source = _tokenizer_source(model, tokenizer)
     prepared, layout = prepare_generation_export(model, opset=options.opset, policy=policy, **backend_options)
     config = genai_config(model, layout, MODEL_FILE, context_length=context_length, provider=options.provider,
                           search=search)
-    tokenizer_source = _tokenizer_source(model, tokenizer)
     onnx_model, blocks = prepared.lower(target, options.ort_fallback, options.ort_layout, in_place=True,
                                         provider=options.provider)
     _name_axes(onnx_model, layout)

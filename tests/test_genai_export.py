@@ -114,7 +114,8 @@ def test_folder_holds_what_genai_config_names(bundled, exports):
     _, model = bundled
     folder, printed = exports("static")
     cfg = model.config
-    assert sorted(p.name for p in folder.iterdir()) == ["genai_config.json", "model.onnx", "model.onnx.data"]
+    assert sorted(p.name for p in folder.iterdir()) == ["genai_config.json", "model.onnx", "model.onnx.data",
+                                                        "tokenizer.json", "tokenizer_config.json"]
     config = json.loads((folder / "genai_config.json").read_text())
     decoder = config["model"]["decoder"]
     assert decoder["filename"] == "model.onnx" and config["model"]["type"] == "decoder"
@@ -208,7 +209,7 @@ def genai_greedy(folder: Path, prompt: list[int], max_length: int) -> list[int]:
 
 @needs_genai
 def test_genai_greedy_matches_transformers_generate(bundled, exports):
-    _, model = bundled
+    bundled_module, model = bundled
     folder, _ = exports("static")  # weights in model.onnx.data: the client loads them from beside the model
     tokens = genai_greedy(folder, PROMPT, MAX_LENGTH)
     with torch.no_grad():
@@ -216,6 +217,11 @@ def test_genai_greedy_matches_transformers_generate(bundled, exports):
                                   pad_token_id=model.config.eos_token_id)
     assert tokens == expected[0].tolist()
     assert len(tokens) > len(PROMPT)
+    # the folder's tokenizer (the bundled byte vocabulary) works in the client: text in, text out
+    tokenizer = og.Tokenizer(og.Model(str(folder)))
+    text = bytes(PROMPT).decode()
+    assert list(tokenizer.encode(text)) == PROMPT
+    assert tokenizer.decode(tokens) == bundled_module.decode(tokens)
 
 
 @needs_genai
@@ -237,7 +243,9 @@ def test_genai_greedy_matches_compiled_model(bundled, exports, name):
 
 def test_cli_writes_the_folder(exports):
     folder, printed = exports("top_p")
-    assert sorted(p.name for p in folder.iterdir()) == ["genai_config.json", "model.onnx"]  # 15 MB: weights inside
+    # 15 MB: the weights stay inside model.onnx; the bundled model's byte tokenizer comes along
+    assert sorted(p.name for p in folder.iterdir()) == ["genai_config.json", "model.onnx", "tokenizer.json",
+                                                        "tokenizer_config.json"]
     assert "onnxruntime-genai folder" in printed and f"top_p(p={TOP_P:g})" in printed
     assert "dropped slots masked" in printed and "decode" in printed
 
@@ -254,6 +262,23 @@ def test_refusals_leave_nothing_behind(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["occupied"]
     assert [p.name for p in occupied.iterdir()] == ["notes.txt"]
     assert main(["export", "--model", "zoo:mixtral", "--format", "genai", "--out", str(occupied)]) == 2
+
+
+def test_tokenizer_files_come_along(tmp_path):
+    """A tokenizer folder's files are copied; one without tokenizer.json is refused before anything runs."""
+    from moepass.bundled import BUNDLED_DIR
+
+    model = tiny_model("mixtral", num_hidden_layers=1)
+    with pytest.raises(OnnxExportError, match="has no tokenizer.json"):
+        export_genai(model, tmp_path / "out", tokenizer=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    result = export_genai(model, tmp_path / "out", "top_p", p=0.5, tokenizer=BUNDLED_DIR)
+    assert result.files == ["genai_config.json", "model.onnx", "tokenizer.json", "tokenizer_config.json"]
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (BUNDLED_DIR / "tokenizer.json").read_bytes()
+    config = result.config["model"]
+    assert (config["decoder"]["num_key_value_heads"], config["vocab_size"]) == (model.config.num_key_value_heads,
+                                                                                 model.config.vocab_size)
+    assert result.errors["prefill"] <= TOLERANCE and result.errors["decode"] <= TOLERANCE
 
 
 def test_reexport_replaces_a_previous_export(tmp_path):
