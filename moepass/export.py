@@ -182,7 +182,7 @@ def _rewrite_and_translate(captured, model_name: str, opset: int, options: Backe
     return PreparedExport(onnx_model, captured, reports, options.policy.describe())
 
 
-def prepare_generation_export(model: torch.nn.Module, *, opset: int = 18, **backend_options: Any):
+def prepare_generation_export(model: torch.nn.Module, *, opset: int = 18, layout: Any = None, **backend_options: Any):
     """:func:`prepare_export` of a causal LM with its KV cache as inputs and outputs.
 
     The inputs and outputs are named as onnxruntime-genai expects (``input_ids``,
@@ -190,13 +190,16 @@ def prepare_generation_export(model: torch.nn.Module, *, opset: int = 18, **back
     → ``logits``, ``present.{i}.key``/``.value``), with dynamic batch, sequence
     and past-sequence axes (:mod:`moepass.lowering.onnx.kv_cache`).
 
+    ``layout``: the model's :class:`moepass.lowering.onnx.kv_cache.CacheLayout`
+    when already probed (default: probed here).
+
     Returns:
         (:class:`PreparedExport`, :class:`moepass.lowering.onnx.kv_cache.CacheLayout`).
     """
     from moepass.lowering.onnx.kv_cache import capture_with_cache
 
     options = BackendOptions.parse({"inner": "eager", **backend_options})
-    captured, layout = capture_with_cache(model)
+    captured, layout = capture_with_cache(model, layout)
     return _rewrite_and_translate(captured, type(model).__name__, opset, options), layout
 
 

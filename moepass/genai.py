@@ -156,7 +156,7 @@ def genai_config(model: torch.nn.Module, layout, filename: str = MODEL_FILE, *, 
         eos = getattr(generation, "eos_token_id", None)
     if eos is None:
         raise OnnxExportError(f"{type(model).__name__}: no eos_token_id in its config or generation_config; "
-                              "onnxruntime-genai needs one")
+                              "onnxruntime-genai needs one to stop generating (set model.config.eos_token_id)")
     eos = [int(e) for e in eos] if isinstance(eos, (list, tuple)) else int(eos)
     bos = _first_id(getattr(config, "bos_token_id", None))
     pad = _first_id(getattr(config, "pad_token_id", None))
@@ -335,6 +335,7 @@ def export_genai(
             disagrees with torch, or ``folder`` holds something else.
     """
     from moepass.lowering.onnx import TARGETS
+    from moepass.lowering.onnx.kv_cache import cache_layout
 
     options = options or OnnxExportOptions()
     if target not in TARGETS:
@@ -342,9 +343,11 @@ def export_genai(
     folder = Path(folder)
     _check_target(folder)
     tokenizer_source = _tokenizer_source(model, tokenizer)
-    prepared, layout = prepare_generation_export(model, opset=options.opset, policy=policy, **backend_options)
+    layout = cache_layout(model)  # a probe run: what cannot be exported fails before the long part
     config = genai_config(model, layout, MODEL_FILE, context_length=context_length, provider=options.provider,
                           search=search)
+    prepared, _ = prepare_generation_export(model, opset=options.opset, layout=layout, policy=policy,
+                                            **backend_options)
     onnx_model, blocks = prepared.lower(target, options.ort_fallback, options.ort_layout, in_place=True,
                                         provider=options.provider)
     _name_axes(onnx_model, layout)

@@ -254,6 +254,12 @@ def test_refusals_leave_nothing_behind(tmp_path):
     windowed = tiny_model("mixtral", num_hidden_layers=1, sliding_window=4)
     with pytest.raises(OnnxExportError, match="sliding window 4"):
         export_genai(windowed, tmp_path / "windowed", "top_p", p=0.5)
+    with pytest.raises(OnnxExportError, match="attention layers of kind sliding_attention"):
+        export_genai(tiny_model("gpt_oss", num_hidden_layers=1), tmp_path / "gpt_oss")
+    with pytest.raises(OnnxExportError, match="cached keys and values differ in shape"):  # MLA: K and V head sizes
+        export_genai(tiny_model("deepseek_v3", num_hidden_layers=1), tmp_path / "deepseek")
+    with pytest.raises(OnnxExportError, match="no eos_token_id"):
+        export_genai(tiny_model("qwen3_moe", num_hidden_layers=1), tmp_path / "qwen3")
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "notes.txt").write_text("mine")
@@ -262,6 +268,26 @@ def test_refusals_leave_nothing_behind(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["occupied"]
     assert [p.name for p in occupied.iterdir()] == ["notes.txt"]
     assert main(["export", "--model", "zoo:mixtral", "--format", "genai", "--out", str(occupied)]) == 2
+
+
+def test_another_family_with_shared_experts(tmp_path):
+    """Qwen2-MoE (sigmoid-gated shared expert, unnormalised top-k weights): prefill and decode steps in plain
+    ONNX Runtime give eager transformers' logits with its own cache."""
+    model = tiny_model("qwen2_moe", num_hidden_layers=2, eos_token_id=1)
+    result = export_genai(model, tmp_path / "qwen2", "static")
+    assert [b.path for b in result.onnx.blocks] == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    prompt, steps = token_ids(1, 6, seed=3)[0].tolist(), [5, 9]
+    actual = run_plain(tmp_path / "qwen2", prompt, steps)
+    keyword = cache_layout(model).cache_keyword
+    with torch.no_grad():
+        out = model(torch.tensor([prompt]), use_cache=True)
+        expected, cache = [out.logits], getattr(out, keyword)
+        for i, token in enumerate(steps):
+            step = model(torch.tensor([[token]]), use_cache=True, position_ids=torch.tensor([[len(prompt) + i]]),
+                         **{keyword: cache})
+            expected.append(step.logits)
+    for a, e in zip(actual, expected):
+        assert rel_err(a, e.numpy()) <= TOLERANCE
 
 
 def test_tokenizer_files_come_along(tmp_path):
