@@ -52,12 +52,14 @@ class OnnxExportOptions:
         ort_fallback: for target ``ort``, what a block whose experts
             ``com.microsoft.MoE`` cannot run exactly does (gated gelu, gelu):
             ``portable`` (standard ops inside its function) or ``error``.
-        ort_layout: for target ``ort``, how variable k maps onto
-            ``com.microsoft.MoE`` calls: ``masked`` (one call with k = k_max,
-            dropped slots at weight 0, which ORT's CPU kernel skips),
-            ``buckets`` (one call per k), ``slots`` (k = 1 per kept slot: no
-            work for dropped slots on any provider), or ``auto``: the
-            provider's default (:func:`moepass.lowering.onnx.default_ort_layout`).
+        ort_layout: for target ``ort``, how the experts run: ``masked`` (one
+            ``com.microsoft.MoE`` call with k = k_max, dropped slots at weight
+            0, which ORT's CPU kernel skips), ``buckets`` (one call per k),
+            ``slots`` (k = 1 per kept slot: no work for dropped slots on any
+            provider), ``gemm`` (one Gemm pair per expert, weights pre-packed
+            once by ONNX Runtime; float32), or ``auto``: the default for the
+            provider and each block's expert size
+            (:func:`moepass.lowering.onnx.default_ort_layout`).
         provider: the ONNX Runtime execution provider the model is meant
             for, ``cpu`` or ``cuda``: it picks the ``auto`` layout (and, for
             :func:`moepass.export_genai`, the genai_config's provider).  The
@@ -296,8 +298,9 @@ def export_onnx(
             arguments (tensors become ONNX inputs named by their keys).
         path: the ``.onnx`` file to write (weights of models over 1 GiB go to ``<path>.data``).
         policy: a policy name or :class:`moepass.policies.Policy`, as for the backend.
-        target: ``ort`` (experts run by ONNX Runtime's ``com.microsoft.MoE``, k
-            per token) or ``portable`` (standard ONNX ops only).
+        target: ``ort`` (experts laid out for ONNX Runtime: ``com.microsoft.MoE``
+            with k per token, or pre-packed Gemm pairs; ``options.ort_layout``)
+            or ``portable`` (standard ONNX ops only, a Loop over experts).
         dynamic_shapes: per input {axis: Dim or name}, as a tuple or a dict by
             input name; None makes the batch axis and the sequence axis of
             token ids dynamic.

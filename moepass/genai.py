@@ -317,7 +317,7 @@ def export_genai(
         model: a transformers causal LM with a plain full-attention KV cache (eval mode).
         folder: the folder to write (created; a previous export there is replaced).
         policy: a policy name or :class:`moepass.policies.Policy`, as for the backend.
-        target: ``ort`` (``com.microsoft.MoE``) or ``portable`` (standard ONNX ops only).
+        target: ``ort`` (laid out for ONNX Runtime, ``options.ort_layout``) or ``portable`` (standard ONNX ops only).
         options: :class:`moepass.OnnxExportOptions`; its ``provider`` also picks the
             genai_config's execution provider, ``external_data`` the weights file.
         tokenizer: a transformers tokenizer or a folder with ``tokenizer.json``;
