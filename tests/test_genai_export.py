@@ -298,13 +298,17 @@ def test_tokenizer_files_come_along(tmp_path):
     with pytest.raises(OnnxExportError, match="has no tokenizer.json"):
         export_genai(model, tmp_path / "out", tokenizer=tmp_path)
     assert list(tmp_path.iterdir()) == []
-    result = export_genai(model, tmp_path / "out", "top_p", p=0.5, tokenizer=BUNDLED_DIR)
+    result = export_genai(model, tmp_path / "out", "top_p", p=0.5, tokenizer=BUNDLED_DIR,
+                          options=OnnxExportOptions(ort_layout="gemm"))  # and the Gemm-pair layout in a cached model
     assert result.files == ["genai_config.json", "model.onnx", "tokenizer.json", "tokenizer_config.json"]
+    assert all(b.experts.startswith("Gemm pair") for b in result.onnx.blocks)
     assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (BUNDLED_DIR / "tokenizer.json").read_bytes()
     config = result.config["model"]
     assert (config["decoder"]["num_key_value_heads"], config["vocab_size"]) == (model.config.num_key_value_heads,
                                                                                  model.config.vocab_size)
     assert result.errors["prefill"] <= TOLERANCE and result.errors["decode"] <= TOLERANCE
+    if og is not None:
+        assert len(genai_greedy(tmp_path / "out", [3, 1, 4, 1, 5], 12)) > 5  # it loads and generates
 
 
 def test_reexport_replaces_a_previous_export(tmp_path):
