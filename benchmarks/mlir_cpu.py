@@ -28,7 +28,6 @@ import argparse
 import importlib.util
 import logging
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ from typing import Callable
 import numpy as np
 import onnxruntime as ort
 import torch
-from _common import machine_description, markdown_table, today, write_section
+from _common import interleaved_medians, machine_description, markdown_table, today, write_section
 from moe_block_cpu import EXPERTS, HIDDEN, INTER, TOP_K
 from moepass.lowering.mlir import IreeModule
 from onnx_cpu import BlockOutput, average_k, session
@@ -62,20 +61,6 @@ def make_block(hidden: int, inter: int, seed: int = 0) -> MixtralSparseMoeBlock:
         for param in block.parameters():
             param.normal_(0.0, 0.02)
     return block
-
-
-def interleaved_medians(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds of each function over ``rounds`` rounds that each call every function once."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            started = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - started)
-    return {name: statistics.median(times) for name, times in samples.items()}
 
 
 def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
@@ -103,7 +88,7 @@ def bench(label: str, size: str, fns: dict, outputs: dict, expected: dict, round
     for name, output in outputs.items():
         errors[name] = relative_error(output, expected[name in (ORT_ADAPTIVE, IREE_ADAPTIVE, IREE_DENSE)])
         assert errors[name] <= 1e-4, (label, size, name, errors[name])
-    times = interleaved_medians(fns, rounds)
+    times = interleaved_medians(fns, rounds=rounds, warmup=2)
     rows = []
     for name in VARIANTS:
         if name not in times:

@@ -8,18 +8,25 @@ Two models, each exported four ways and run with ONNX Runtime's CPU provider:
 (b) ``MoE static top-k`` router logits straight into ``com.microsoft.MoE``
                          with k = 2 and ``normalize_routing_weights`` — what
                          onnxruntime-genai ships for Mixtral;
-(c) ``moepass static``   ``moepass.export_onnx(policy="static", target="ort")``;
+(c) ``moepass static``   ``moepass.export_onnx(policy="static", target="ort")``
+                         (default layout: pre-packed Gemm pairs for the block's
+                         34.6 MB experts, the masked MoE call for the bundled
+                         model's 0.4 MB ones);
 (d) ``moepass adaptive`` the same with top-p calibrated to an average k of
                          about 1.4 (``moepass.calibrate``);
+(d') the same, layout ``masked`` (one com.microsoft.MoE call; block only, where
+                         it is not the default);
 (e) the same, target ``portable`` (standard ONNX ops only; block only).
 
 Models: the Mixtral-shaped block (hidden 1024, intermediate 2816, 8 experts,
 top-2, float32: transformers' ``MixtralSparseMoeBlock`` with random weights)
-at 8 and 512 tokens, and the bundled model when ``moepass.bundled`` is there.
-Every variant is checked against torch before it is timed; ratios come from
-one run.
+at 1, 8 and 512 tokens, and the bundled model when ``moepass.bundled`` is
+there, at 1, 16 and 128 tokens (without a KV cache: each is a forward pass).
+Every variant is checked against torch before it is timed; the variants run in
+turn, round after round (interleaved), and each time is the median; ratios
+come from one run.
 
-Usage: python benchmarks/onnx_cpu.py [--tokens 8 512] [--target-k 1.4] [--no-write]
+Usage: python benchmarks/onnx_cpu.py [--tokens 1 8 512] [--bundled-tokens 1 16 128] [--target-k 1.4] [--no-write]
 """
 
 from __future__ import annotations
@@ -35,15 +42,18 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from _common import machine_description, markdown_table, time_it, today, write_section
+from _common import interleaved_medians, machine_description, markdown_table, today, write_section
 from moe_block_cpu import EXPERTS, HIDDEN, INTER, TOP_K, make_block
 from onnx import TensorProto, helper, numpy_helper
 
 import moepass
 import moepass.stats
+from moepass.export import OnnxExportOptions
 
 PLAIN, GENAI, STATIC, ADAPTIVE = "(a) torch.onnx", "(b) MoE static top-k", "(c) moepass static", "(d) moepass adaptive"
+MASKED = "(d') moepass adaptive, masked MoE"
 PORTABLE = "(e) moepass adaptive, portable"
+ADAPTIVE_VARIANTS = (ADAPTIVE, MASKED, PORTABLE)
 #: batched_mm gathers each token's experts' weights: beyond this many tokens the copy does not fit in memory
 PLAIN_MAX_TOKENS = 64
 
@@ -158,21 +168,22 @@ def bench(variants: dict[str, Path], feeds_by_size: dict, expected_by_size: dict
     rows = []
     sessions = {name: session(path) for name, path in variants.items() if path is not None}
     for size, feeds in feeds_by_size.items():
-        times = {}
+        errors, runs = {}, {}
         for name, sess in sessions.items():
             if name == PLAIN and size[1] * size[0] > PLAIN_MAX_TOKENS and label == "block":
                 continue
             out = sess.run(None, feeds)[0]
-            expected = expected_by_size[size][name in (ADAPTIVE, PORTABLE)]
-            error = relative_error(out, expected)
-            assert error <= 1e-4, (label, size, name, error)
-            times[name] = (time_it(lambda s=sess, f=feeds: s.run(None, f), repeat=repeat, min_seconds=1.0), error)
-        base = times[GENAI][0]
+            expected = expected_by_size[size][name in ADAPTIVE_VARIANTS]
+            errors[name] = relative_error(out, expected)
+            assert errors[name] <= 1e-4, (label, size, name, errors[name])
+            runs[name] = lambda s=sess, f=feeds: s.run(None, f)
+        times = interleaved_medians(runs, rounds=repeat, warmup=2, min_seconds=1.0)
+        base = times[GENAI]
         for name in variants:
             if name not in times:
                 rows.append([label, f"{size[0]}×{size[1]}", name, "—", "—", "—"])
                 continue
-            seconds, error = times[name]
+            seconds, error = times[name], errors[name]
             rows.append([label, f"{size[0]}×{size[1]}", name, f"{seconds * 1e3:.2f}", f"{base / seconds:.2f}×", f"{error:.0e}"])
             print(f"{label:8s} {size[0]}×{size[1]:<5d} {name:24s} {seconds * 1e3:9.2f} ms  {base / seconds:5.2f}× (b)"
                   f"  err {error:.0e}")
@@ -187,7 +198,8 @@ def block_benchmark(directory: Path, tokens: list[int], target_k: float, repeat:
     calibration = [torch.randn(1, 512, HIDDEN, generator=torch.Generator().manual_seed(1))]
     policy = moepass.calibrate(block, calibration, "top_p", target_avg_k=target_k, show_progress=False)
     example = (torch.randn(2, 8, HIDDEN, generator=torch.Generator().manual_seed(2)),)
-    paths = {name: directory / f"block_{i}.onnx" for i, name in enumerate((PLAIN, GENAI, STATIC, ADAPTIVE, PORTABLE))}
+    names = (PLAIN, GENAI, STATIC, ADAPTIVE, MASKED, PORTABLE)
+    paths = {name: directory / f"block_{i}.onnx" for i, name in enumerate(names)}
     batch = torch.export.Dim("batch")
     sequence = torch.export.Dim("sequence")
     plain = BlockOutput(make_block("batched_mm")).eval()  # same seed: the same weights
@@ -196,6 +208,7 @@ def block_benchmark(directory: Path, tokens: list[int], target_k: float, repeat:
     # export_onnx verifies each export against torch on its example before writing it
     moepass.export_onnx(module, example, paths[STATIC], "static")
     moepass.export_onnx(module, example, paths[ADAPTIVE], policy)
+    moepass.export_onnx(module, example, paths[MASKED], policy, options=OnnxExportOptions(ort_layout="masked"))
     moepass.export_onnx(module, example, paths[PORTABLE], policy, target="portable")
     feeds, expected, ks = {}, {}, {}
     compiled = torch.compile(module, backend="adaptive_moe", options={"policy": policy, "inner": "eager"})
@@ -210,7 +223,7 @@ def block_benchmark(directory: Path, tokens: list[int], target_k: float, repeat:
     return rows, policy, ks
 
 
-def bundled_benchmark(directory: Path, target_k: float, repeat: int):
+def bundled_benchmark(directory: Path, tokens: list[int], target_k: float, repeat: int):
     if importlib.util.find_spec("moepass.bundled") is None:
         print("bundled model: moepass.bundled is not in this build; skipped")
         return [], None, None
@@ -238,19 +251,23 @@ def bundled_benchmark(directory: Path, target_k: float, repeat: int):
     genai = genai_functions(onnx.load(str(paths[STATIC])))
     onnx.save(genai, str(paths[GENAI]))
     moepass.export_onnx(model, example, paths[ADAPTIVE], policy)
-    ids = batches[1][:1, :128]
     compiled = torch.compile(model, backend="adaptive_moe", options={"policy": policy, "inner": "eager"})
-    with torch.no_grad():
-        expected = {(1, 128): (model(ids, use_cache=False).logits.double().numpy(),
-                               compiled(ids, use_cache=False).logits.double().numpy())}
-    k = average_k(model, policy, (ids,), {"use_cache": False})
-    rows = bench(paths, {(1, 128): {"input_ids": ids.numpy()}}, expected, "bundled", repeat)
-    return rows, policy, k
+    feeds, expected, ks = {}, {}, {}
+    for count in tokens:
+        ids = batches[1][:1, :count]
+        with torch.no_grad():
+            expected[(1, count)] = (model(ids, use_cache=False).logits.double().numpy(),
+                                    compiled(ids, use_cache=False).logits.double().numpy())
+        feeds[(1, count)] = {"input_ids": ids.numpy()}
+        ks[count] = average_k(model, policy, (ids,), {"use_cache": False})
+    rows = bench(paths, feeds, expected, "bundled", repeat)
+    return rows, policy, ks
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, nargs="+", default=[8, 512])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 512], help="block sizes")
+    parser.add_argument("--bundled-tokens", type=int, nargs="+", default=[1, 16, 128], help="bundled model sizes")
     parser.add_argument("--target-k", type=float, default=1.4, help="average k the adaptive policy is calibrated to")
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--no-write", action="store_true", help="do not update benchmarks/RESULTS.md")
@@ -262,7 +279,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         rows, policy, ks = block_benchmark(directory, args.tokens, args.target_k, args.repeat)
-        bundled_rows, bundled_policy, bundled_k = bundled_benchmark(directory, args.target_k, args.repeat)
+        bundled_rows, bundled_policy, bundled_ks = bundled_benchmark(directory, args.bundled_tokens, args.target_k,
+                                                                     args.repeat)
     load_after = os.getloadavg()
     table = markdown_table(["model", "batch×tokens", "export", "ms", "speed vs (b)", "max rel err vs torch"],
                            rows + bundled_rows)
@@ -271,7 +289,8 @@ def main() -> None:
         + ", ".join(f"{ks[t]:.2f} at {t} tokens" for t in args.tokens) + "."
     ]
     if bundled_policy is not None:
-        notes.append(f"Bundled adaptive policy {bundled_policy.describe()}: average k {bundled_k:.2f}.")
+        notes.append(f"Bundled adaptive policy {bundled_policy.describe()}: average k "
+                     + ", ".join(f"{bundled_ks[t]:.2f} at {t} tokens" for t in args.bundled_tokens) + ".")
     body = (
         f"## ONNX Runtime on CPU (`benchmarks/onnx_cpu.py`)\n\n"
         f"{today()} — {machine_description()}; onnxruntime {ort.__version__} (CPU provider, "
@@ -280,8 +299,10 @@ def main() -> None:
         f"(a) plain torch.onnx of the original (transformers `batched_mm` experts: `grouped_mm` does not export; "
         f"its per-token weight gather does not fit in memory beyond {PLAIN_MAX_TOKENS} tokens, —), "
         f"(b) router logits → `com.microsoft.MoE` k={TOP_K} (what onnxruntime-genai ships), "
-        f"(c)/(d) `moepass.export_onnx` target ort, static and adaptive; (e) adaptive, target portable (a Loop over "
-        f"experts in standard ops).  Errors: (a)–(c) against the original model, (d)/(e) against torch.compile with "
+        f"(c)/(d) `moepass.export_onnx` target ort, static and adaptive, default layout (block: pre-packed Gemm "
+        f"pairs; bundled: the masked MoE call); (d') adaptive, layout masked; (e) adaptive, target portable (a Loop "
+        f"over experts in standard ops).  Variants interleaved, medians.  Errors: (a)–(c) against the original "
+        f"model, (d)–(e) against torch.compile with "
         f"the same policy.\n\n{table}\n\n" + "\n".join(notes) + "\n"
     )
     print(body)

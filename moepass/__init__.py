@@ -8,6 +8,7 @@
     moepass.inspect(model, example, policy="top_p", p=0.4).save("report/")   # HTML, text, JSON
     moepass.export_onnx(model, (input_ids,), "model.onnx", policy="top_p", p=0.4)  # ONNX Runtime
     moepass.export_mlir(model, (input_ids,), "model.mlir", policy="top_p", p=0.4)  # torch-mlir, run in IREE
+    moepass.export_genai(model, "model-genai/", policy="top_p", p=0.4)  # onnxruntime-genai, with the KV cache
 
 Importing this package registers the ``torch.ops.moepass`` operators; the
 backend itself is found by torch through the ``torch_dynamo_backends`` entry
@@ -30,6 +31,7 @@ from moepass import ops as _ops  # noqa: F401  (registers torch.ops.moepass.*)
 from moepass import policies
 from moepass.calibrate import calibrate
 from moepass.export import OnnxExport, OnnxExportError, OnnxExportOptions, export_onnx
+from moepass.genai import GenaiExport, export_genai
 from moepass.inspection import InspectionReport, inspect
 from moepass.mlir_export import MlirExport, MlirExportError, MlirExportOptions, export_mlir
 from moepass.options import BackendOptions, OptionsError
@@ -42,11 +44,13 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendOptions",
     "calibrate",
+    "export_genai",
     "export_onnx",
     "export_mlir",
     "MlirExport",
     "MlirExportError",
     "MlirExportOptions",
+    "GenaiExport",
     "OnnxExport",
     "OnnxExportError",
     "OnnxExportOptions",

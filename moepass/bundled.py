@@ -5,6 +5,7 @@
     moepass/data/bundled/
         model.safetensors    bf16 weights of a transformers MixtralForCausalLM
         config.json          its MixtralConfig (4 layers, 8 experts, top-2, byte vocabulary)
+        tokenizer.json       the byte vocabulary as a Hugging Face tokenizer (moepass.train.tokenizer)
         training.json        the command that made it, losses, corpus fingerprints
         policies/<name>/     policy.json + policy.safetensors (+ overlay.safetensors)
 
@@ -92,6 +93,8 @@ def load_model(directory: str | Path | None = None, dtype: torch.dtype = torch.f
         _apply_overlay(state, load_file(str(overlay)), str(overlay), dtype)
     model.load_state_dict(state, strict=True)
     model.to(dtype)
+    # where its config and tokenizer files are, as from_pretrained records it
+    model.name_or_path = model.config.name_or_path = str(directory)
     return model.eval()
 
 

@@ -187,11 +187,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def _export_format_options(args: argparse.Namespace) -> tuple[str, str]:
     """(what to print, the option value) for --format; a flag of the other format is an error."""
-    if args.format == "onnx":
+    if args.format in ("onnx", "genai"):
         if args.output_type is not None:
             raise ValueError("--output-type is for --format mlir; ONNX exports take --target ort|portable")
         target = args.target or "ort"
-        return f"ONNX (target {target})", target
+        kind = "ONNX" if args.format == "onnx" else "an onnxruntime-genai folder"
+        return f"{kind} (target {target})", target
     if args.target is not None:
         raise ValueError("--target is for --format onnx; MLIR exports take --output-type")
     output_type = args.output_type or "linalg-on-tensors"
@@ -203,22 +204,29 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from moepass.options import BackendOptions
 
     out = Path(args.out)
-    if out.is_dir():
+    if out.is_dir() and args.format != "genai":
         raise ValueError(f"--out {out} is a folder; give the path of the .{args.format} file to write")
     what, choice = _export_format_options(args)
     policy, params = _policy_from_args(args)
     BackendOptions.parse({"policy": policy, **params})  # bad options fail before loading
     loaded = load_model(args.model, seed=args.seed)
-    example = example_for(args.model, loaded, args.tokens, args.batch, args.seed)
     print(f"loaded {loaded.source}; exporting to {what}", file=sys.stderr)
     started = time.perf_counter()
-    if args.format == "onnx":
+    if args.format == "genai":
+        from moepass.genai import export_genai
+
+        folder = Path(args.model)  # a model folder's tokenizer files go along
+        tokenizer = folder if folder.is_dir() and (folder / "tokenizer.json").is_file() else None
+        result = export_genai(loaded.model, out, policy, target=choice, tokenizer=tokenizer, **params)
+    elif args.format == "onnx":
         from moepass.export import export_onnx
 
+        example = example_for(args.model, loaded, args.tokens, args.batch, args.seed)
         result = export_onnx(loaded.model, example, out, policy, target=choice, **params)
     else:
         from moepass.mlir_export import export_mlir
 
+        example = example_for(args.model, loaded, args.tokens, args.batch, args.seed)
         result = export_mlir(loaded.model, example, out, policy, output_type=choice, **params)
     print(result)
     print(f"exported in {time.perf_counter() - started:.1f} s")
@@ -329,20 +337,24 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser(
         "export",
         allow_abbrev=False,
-        help="export a model with its MoE blocks under a routing policy to ONNX or MLIR",
+        help="export a model with its MoE blocks under a routing policy to ONNX, onnxruntime-genai or MLIR",
         description="Rewrite the model's MoE blocks under the policy and write an ONNX model (one moepass.AdaptiveMoE "
-        "node per block, defined by a local function) or an MLIR module (torch-mlir, each block's ops located by its "
+        "node per block, defined by a local function), a folder onnxruntime-genai loads (the same ONNX with the KV "
+        "cache, genai_config.json and tokenizer files) or an MLIR module (torch-mlir, each block's ops located by its "
         "path, compiled and run in IREE before it is written). Further --name value pairs are the policy's parameters.",
-        usage="moepass export --model SPEC [--policy NAME] [--NAME VALUE ...] [--policy-file DIR] --out FILE "
-        "[--format onnx|mlir] [--target ort|portable] [--output-type linalg-on-tensors|stablehlo|tosa|torch]",
+        usage="moepass export --model SPEC [--policy NAME] [--NAME VALUE ...] [--policy-file DIR] --out PATH "
+        "[--format onnx|genai|mlir] [--target ort|portable] [--output-type linalg-on-tensors|stablehlo|tosa|torch]",
     )
     _add_model_arguments(export, tokens=16, batch=2)
     _add_policy_arguments(export)
-    export.add_argument("--out", required=True, metavar="FILE", help="the .onnx or .mlir file to write")
-    export.add_argument("--format", default="onnx", choices=["onnx", "mlir"], help="what to write (default onnx)")
+    export.add_argument("--out", required=True, metavar="PATH",
+                        help="the .onnx or .mlir file to write (--format genai: the folder)")
+    export.add_argument("--format", default="onnx", choices=["onnx", "genai", "mlir"],
+                        help="onnx: one .onnx file (no KV cache); genai: a folder onnxruntime-genai loads, with the KV "
+                        "cache and genai_config.json; mlir: an MLIR module verified in IREE (default onnx)")
     export.add_argument("--target", default=None, choices=["ort", "portable"],
-                        help="ONNX: ort (experts run by com.microsoft.MoE, k per token) or portable (standard ONNX "
-                        "ops); default ort")
+                        help="ONNX and genai: ort (experts run by com.microsoft.MoE, k per token) or portable "
+                        "(standard ONNX ops); default ort")
     export.add_argument("--output-type", default=None, choices=["linalg-on-tensors", "stablehlo", "tosa", "torch"],
                         help="MLIR: the dialect to lower to (default linalg-on-tensors; linalg-on-tensors and "
                         "stablehlo are run in IREE, tosa and torch are parsed and verified)")

@@ -60,23 +60,34 @@ class OnnxExportOptions:
         ort_fallback: for target ``ort``, what a block whose experts
             ``com.microsoft.MoE`` cannot run exactly does (gated gelu, gelu):
             ``portable`` (standard ops inside its function) or ``error``.
-        ort_layout: for target ``ort``, how variable k maps onto
-            ``com.microsoft.MoE`` calls: ``masked`` (one call with k = k_max,
-            dropped slots at weight 0, which ORT's CPU kernel skips: fastest on
-            CPU), ``buckets`` (one call per k) or ``slots`` (k = 1 per kept
-            slot: no work for dropped slots on any provider).
+        ort_layout: for target ``ort``, how the experts run: ``masked`` (one
+            ``com.microsoft.MoE`` call with k = k_max, dropped slots at weight
+            0, which ORT's CPU kernel skips), ``buckets`` (one call per k),
+            ``slots`` (k = 1 per kept slot: no work for dropped slots on any
+            provider), ``gemm`` (one Gemm pair per expert, weights pre-packed
+            once by ONNX Runtime; float32), or ``auto``: the default for the
+            provider and each block's expert size
+            (:func:`moepass.lowering.onnx.default_ort_layout`).
+        provider: the ONNX Runtime execution provider the model is meant
+            for, ``cpu`` or ``cuda``: it picks the ``auto`` layout (and, for
+            :func:`moepass.export_genai`, the genai_config's provider).  The
+            export is verified on the CPU provider either way.
         check: run ``onnx.checker.check_model(full_check=True)``.
         verify: run the exported model in ONNX Runtime (CPU) on the example
             inputs and compare with the rewritten torch model.
         tolerance: largest relative error ``verify`` accepts (float32).
+        external_data: write the weights to ``<file>.data`` beside the model:
+            None does so when the model is 1 GiB or more (protobuf's limit is 2 GiB).
     """
 
     opset: int = 18
     ort_fallback: str = "portable"
-    ort_layout: str = "masked"
+    ort_layout: str = "auto"
+    provider: str = "cpu"
     check: bool = True
     verify: bool = True
     tolerance: float = 1e-4
+    external_data: bool | None = None
 
 
 @dataclass
@@ -113,8 +124,8 @@ class PreparedExport:
     blocks: list[BlockReport]
     policy: str
 
-    def lower(self, target: str = "ort", ort_fallback: str = "portable", ort_layout: str = "masked",
-              in_place: bool = False):
+    def lower(self, target: str = "ort", ort_fallback: str = "portable", ort_layout: str = "auto",
+              in_place: bool = False, provider: str = "cpu"):
         """The model with every block defined for ``target``; returns (ModelProto, blocks).
 
         A copy unless ``in_place`` (which saves a copy of the weights, and can be done once).
@@ -122,7 +133,7 @@ class PreparedExport:
         from moepass.lowering.onnx import define_blocks
 
         model = self.model if in_place else copy.deepcopy(self.model)
-        blocks = define_blocks(model, target, ort_fallback, ort_layout)
+        blocks = define_blocks(model, target, ort_fallback, ort_layout, provider)
         return model, blocks
 
     def reference(self) -> list[torch.Tensor]:
@@ -184,17 +195,49 @@ def rewrite_for_export(
     Raises:
         OnnxExportError: the model does not capture, or a block was not rewritten (naming it).
     """
-    from moepass.lowering.onnx import capture_model, fuse_blocks
+    from moepass.lowering.onnx import capture_model
 
     options = BackendOptions.parse({"inner": "eager", **backend_options})
     captured = capture_model(model, example_inputs, dynamic_shapes)
+    return _rewrite_captured(captured, type(model).__name__, options)
+
+
+def _rewrite_captured(captured, model_name: str, options: BackendOptions) -> tuple[Any, list[BlockReport], str]:
+    """Rewrite a captured graph's MoE blocks (every one must be) and fuse each into one op."""
+    from moepass.lowering.onnx import fuse_blocks
+
     gm, reports = optimize_graph(captured.gm, list(captured.args), options, differentiable=False)
     if not reports:
-        logger.warning("moepass: no MoE block found in %s; exporting it as it is", type(model).__name__)
+        logger.warning("moepass: no MoE block found in %s; exporting it as it is", model_name)
     _check_rewritten(reports)
     fuse_blocks(gm)
     captured.gm = gm
     return captured, reports, options.policy.describe()
+
+
+def prepare_generation_export(model: torch.nn.Module, *, opset: int = 18, layout: Any = None, **backend_options: Any):
+    """:func:`prepare_export` of a causal LM with its KV cache as inputs and outputs.
+
+    The inputs and outputs are named as onnxruntime-genai expects (``input_ids``,
+    ``attention_mask``, ``position_ids``, ``past_key_values.{i}.key``/``.value``
+    → ``logits``, ``present.{i}.key``/``.value``), with dynamic batch, sequence
+    and past-sequence axes (:mod:`moepass.lowering.onnx.kv_cache`).
+
+    ``layout``: the model's :class:`moepass.lowering.onnx.kv_cache.CacheLayout`
+    when already probed (default: probed here).
+
+    Returns:
+        (:class:`PreparedExport`, :class:`moepass.lowering.onnx.kv_cache.CacheLayout`).
+    """
+    from moepass.lowering.onnx import to_onnx
+    from moepass.lowering.onnx.kv_cache import capture_with_cache
+
+    options = BackendOptions.parse({"inner": "eager", **backend_options})
+    captured, layout = capture_with_cache(model, layout)
+    captured, reports, policy = _rewrite_captured(captured, type(model).__name__, options)
+    onnx_model = to_onnx(captured.gm, captured.args, captured.dynamic_shapes, captured.input_names,
+                         captured.output_names, opset)
+    return PreparedExport(onnx_model, captured, reports, policy), layout
 
 
 def _fits(model) -> bool:
@@ -224,19 +267,21 @@ def _staged(path: Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _write(model, staged: Path) -> None:
+def _write(model, staged: Path, external_data: bool | None = None) -> bool:
+    """Save ``model`` at ``staged`` (weights in ``<name>.data`` when external); returns whether they are."""
     import onnx
 
-    external = not _fits(model)
+    external = not _fits(model) if external_data is None else external_data
     onnx.save_model(model, staged, save_as_external_data=external, location=f"{staged.name}.data",
                     all_tensors_to_one_file=True)
+    return external
 
 
-def _check(model, staged: Path) -> None:
+def _check(model, staged: Path, external: bool = False) -> None:
     import onnx
 
     try:
-        onnx.checker.check_model(model if _fits(model) else str(staged), full_check=True)
+        onnx.checker.check_model(str(staged) if external or not _fits(model) else model, full_check=True)
     except onnx.checker.ValidationError as error:
         raise OnnxExportError(f"the exported model fails the ONNX checker: {error}") from error
 
@@ -288,8 +333,9 @@ def export_onnx(
             arguments (tensors become ONNX inputs named by their keys).
         path: the ``.onnx`` file to write (weights of models over 1 GiB go to ``<path>.data``).
         policy: a policy name or :class:`moepass.policies.Policy`, as for the backend.
-        target: ``ort`` (experts run by ONNX Runtime's ``com.microsoft.MoE``, k
-            per token) or ``portable`` (standard ONNX ops only).
+        target: ``ort`` (experts laid out for ONNX Runtime: ``com.microsoft.MoE``
+            with k per token, or pre-packed Gemm pairs; ``options.ort_layout``)
+            or ``portable`` (standard ONNX ops only, a Loop over experts).
         dynamic_shapes: per input {axis: Dim or name}, as a tuple or a dict by
             input name; None makes the batch axis and the sequence axis of
             token ids dynamic.
@@ -315,13 +361,14 @@ def export_onnx(
     prepared = prepare_export(
         model, example_inputs, dynamic_shapes=dynamic_shapes, opset=options.opset, policy=policy, **backend_options
     )
-    onnx_model, blocks = prepared.lower(target, options.ort_fallback, options.ort_layout, in_place=True)
+    onnx_model, blocks = prepared.lower(target, options.ort_fallback, options.ort_layout, in_place=True,
+                                        provider=options.provider)
     result = OnnxExport(path, target, prepared.policy, prepared.captured.input_names, prepared.captured.output_names,
                         blocks)
     with _staged(path) as staged:
-        _write(onnx_model, staged)
+        external = _write(onnx_model, staged, options.external_data)
         if options.check:
-            _check(onnx_model, staged)
+            _check(onnx_model, staged, external)
         if options.verify:
             result.max_error = _verify(staged, prepared, options.tolerance)
     logger.info("%s", result)

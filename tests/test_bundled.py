@@ -54,6 +54,25 @@ def test_bundled_data_stays_small():
     assert (bundled.BUNDLED_DIR / "model.safetensors").stat().st_size < 10.5 * 2**20
 
 
+def test_tokenizer_files_encode_bytes_as_the_model_reads_them(model):
+    """tokenizer.json gives id = byte value (and 256 for the boundary), as moepass.corpus.encode does."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    from moepass.train.tokenizer import tokenizer_files
+
+    for name, content in tokenizer_files().items():  # the shipped files are what the recipe writes
+        assert json.loads((bundled.BUNDLED_DIR / name).read_text(encoding="utf-8")) == content
+    tokenizer = Tokenizer.from_file(str(bundled.BUNDLED_DIR / "tokenizer.json"))
+    text = "def f(x):\n\treturn x  # é, 中, \x00\x7f"
+    ids = tokenizer.encode(text).ids
+    assert ids == bundled.encode(text).tolist() and len(ids) == len(text.encode("utf-8"))
+    assert tokenizer.decode(ids) == text
+    assert tokenizer.token_to_id("<|file|>") == corpus.BOUNDARY == model.config.eos_token_id
+    assert model.name_or_path == str(bundled.BUNDLED_DIR)  # tools find the files beside the checkpoint
+
+
 def test_heldout_split_matches_the_recorded_fingerprint(info):
     recorded = info["corpus"]["heldout"]
     if recorded["python"] != bundled.python_version():

@@ -205,6 +205,52 @@ def test_ort_layouts_are_exact(layout, ks):
     assert all(layout[:-1] in b.experts for b in blocks), [b.experts for b in blocks]
 
 
+def gemm_count(model) -> int:
+    return sum(n.op_type == "Gemm" for f in model.functions for n in f.node)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "llama4_text"])
+def test_gemm_layout_is_exact(family):
+    """One Gemm pair per expert, no com.microsoft op: concat and interleaved gate/up, [E,in,out] storage,
+    biases and gpt-oss's clamped SwiGLU, and Llama 4's weight on the expert input."""
+    exported = case(family, True)
+    model, blocks = exported.check("ort", layout="gemm")
+    experts = exported.prepared.blocks[0].spec.experts.num_experts
+    assert gemm_count(model) == 2 * experts * len(model.functions)
+    assert not any(domain == ORT_DOMAIN for domain, _ in function_ops(model))
+    assert not any(o.domain == ORT_DOMAIN for f in model.functions for o in f.opset_import)
+    assert all(b.experts == "Gemm pair per expert (weights pre-packed once)" and not b.fallback_reason for b in blocks)
+
+
+def test_gemm_layout_runs_what_moe_cannot():
+    """Gated gelu has no com.microsoft.MoE form; the Gemm pairs run it exactly, without a fallback."""
+    model = tiny_model("mixtral", num_hidden_layers=1, hidden_act="gelu")
+    exported = Case("mixtral", {"policy": "top_p", "p": 0.4}, model)
+    _, blocks = exported.check("ort", layout="gemm")
+    assert blocks[0].experts.startswith("Gemm pair") and not blocks[0].fallback_reason
+
+
+def test_auto_layout_follows_expert_size_and_provider():
+    """CPU: pre-packed Gemm pairs for experts of 2 MiB and more, the masked MoE call below; CUDA: slots."""
+    from moepass.lowering.onnx import GEMM_MIN_EXPERT_BYTES
+    from moepass.lowering.onnx.layouts import default_ort_layout, expert_bytes
+
+    big = tiny_model("mixtral", num_hidden_layers=1, hidden_size=512, intermediate_size=512)
+    prepared = prepare_export(big, (token_ids(2, 8),), policy="top_p", p=0.4)
+    spec = prepared.blocks[0].spec.experts
+    assert expert_bytes(spec) == 3 * 512 * 512 * 4 >= GEMM_MIN_EXPERT_BYTES
+    small = case("mixtral", True).prepared.blocks[0].spec.experts
+    assert expert_bytes(small) < GEMM_MIN_EXPERT_BYTES
+    assert default_ort_layout("cpu", spec) == "gemm" and default_ort_layout("cpu", small) == "masked"
+    assert default_ort_layout("cpu", spec, onnx.TensorProto.FLOAT16) == "masked"  # Gemm pairs are float32 only
+    assert default_ort_layout("cuda", spec) == "slots"
+    expected = prepared.reference()[0].numpy()
+    for provider, described, ks in (("cpu", "Gemm pair per expert", []), ("cuda", "com.microsoft.MoE (k=1", [1])):
+        model, blocks = prepared.lower("ort", provider=provider)
+        assert blocks[0].experts.startswith(described) and moe_ks(model) == ks
+        assert rel_err(run_onnx(model, prepared.feeds())[0], expected) <= TOLERANCE
+
+
 @pytest.mark.parametrize("policy", ["null_experts", "allocator"])
 def test_learned_policies_export(policy):
     model = tiny_model("olmoe", num_hidden_layers=1)
@@ -223,7 +269,8 @@ def test_learned_policies_export(policy):
     assert sum(n > 0 for n in per_k) >= 2, per_k  # k really varies per token
     if policy == "null_experts":
         assert per_k[0] > 0, per_k  # some tokens keep no routed expert at all
-    for target, layout in (("ort", "masked"), ("ort", "buckets"), ("ort", "slots"), ("portable", "masked")):
+    for target, layout in (("ort", "masked"), ("ort", "buckets"), ("ort", "slots"), ("ort", "gemm"),
+                           ("portable", "masked")):
         _, blocks = exported.check(target, layout=layout)  # null experts: tokens with k = 0 too
         assert blocks[0].routing.startswith(policy)
 

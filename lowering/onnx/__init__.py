@@ -14,17 +14,27 @@ The public entry point is :func:`moepass.export_onnx`.
 """
 
 from moepass.lowering.onnx.capture import CapturedModel, capture_model, default_dynamic_shapes
-from moepass.lowering.onnx.functions import FALLBACKS, ORT_LAYOUTS, TARGETS, BlockFunction, block_nodes, define_blocks
+from moepass.lowering.onnx.functions import FALLBACKS, TARGETS, BlockFunction, block_nodes, define_blocks
 from moepass.lowering.onnx.fuse import FusedBlock, fuse_blocks
+from moepass.lowering.onnx.layouts import (
+    DEFAULT_ORT_LAYOUTS,
+    GEMM_MIN_EXPERT_BYTES,
+    ORT_LAYOUTS,
+    PROVIDERS,
+    default_ort_layout,
+)
 from moepass.lowering.onnx.translate import DOMAIN, OP_TYPE, to_onnx
 
 from moepass.export import OnnxExportError
 
 __all__ = [
+    "DEFAULT_ORT_LAYOUTS",
     "DOMAIN",
     "FALLBACKS",
+    "GEMM_MIN_EXPERT_BYTES",
     "OP_TYPE",
     "ORT_LAYOUTS",
+    "PROVIDERS",
     "TARGETS",
     "BlockFunction",
     "CapturedModel",
@@ -33,6 +43,7 @@ __all__ = [
     "block_nodes",
     "capture_model",
     "default_dynamic_shapes",
+    "default_ort_layout",
     "define_blocks",
     "fuse_blocks",
     "to_onnx",

@@ -32,7 +32,9 @@ round-off (``normalize_routing_weights`` = 0).  Three layouts, all exact:
 
     Only kept slots become rows, on every provider.
 
-A static policy is one fixed-k call in every layout.  Llama 4 scales the
+A static policy is one fixed-k call in every layout.  Target ``ort`` has a
+fourth layout that does without this op, ``gemm`` (:mod:`.experts_gemm`);
+:mod:`.layouts` says which one each provider and expert size gets by default.  Llama 4 scales the
 expert *input* by the weight, which MoE cannot do per slot within k > 1: it
 always uses ``slots`` with rows x_t · w.
 
@@ -55,11 +57,11 @@ from moepass.lowering.onnx.builder import FLOAT, INT64, NodeBuilder
 
 from moepass.spec import ExpertsSpec
 
-__all__ = ["ORT_DOMAIN", "ORT_LAYOUTS", "moe_attributes", "ort_experts", "unsupported_reason"]
+__all__ = ["MOE_LAYOUTS", "ORT_DOMAIN", "moe_attributes", "ort_experts", "unsupported_reason"]
 
 ORT_DOMAIN = "com.microsoft"
 #: How variable k is laid out over com.microsoft.MoE calls (see the module docstring).
-ORT_LAYOUTS = ("masked", "buckets", "slots")
+MOE_LAYOUTS = ("masked", "buckets", "slots")
 
 #: Logit of an expert a token does not keep: exp(-1e30 - max) is exactly 0.
 _ABSENT = -1e30
@@ -149,8 +151,8 @@ def ort_experts(
         k_min, k_max: the policy's bounds on k (one fixed-k call when equal).
         layout: ``masked``, ``buckets`` or ``slots`` (see the module docstring).
     """
-    if layout not in ORT_LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(ORT_LAYOUTS)}")
+    if layout not in MOE_LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(MOE_LAYOUTS)}")
     attrs = moe_attributes(spec)
     moe_weights = _moe_weights(b, w1, w2, b1, b2, spec)
     if spec.weight_on_input or (layout == "slots" and k_min != k_max):

@@ -28,9 +28,11 @@ import logging
 from dataclasses import dataclass
 
 import onnx
-from moepass.lowering.onnx.builder import NodeBuilder
-from moepass.lowering.onnx.experts_ort import ORT_DOMAIN, ORT_LAYOUTS, ort_experts, unsupported_reason
+from moepass.lowering.onnx.builder import FLOAT, NodeBuilder
+from moepass.lowering.onnx.experts_gemm import gemm_experts
+from moepass.lowering.onnx.experts_ort import MOE_LAYOUTS, ORT_DOMAIN, ort_experts, unsupported_reason
 from moepass.lowering.onnx.experts_portable import portable_experts
+from moepass.lowering.onnx.layouts import ORT_LAYOUTS, PROVIDERS, default_ort_layout
 from moepass.lowering.onnx.routing_graph import routing_graph, splice
 from moepass.lowering.onnx.translate import DOMAIN, OP_TYPE
 from onnx import helper
@@ -39,7 +41,7 @@ from moepass.export import OnnxExportError
 from moepass.ops import RouteConfig, parse_experts_config, parse_route_config
 from moepass.spec import ExpertsSpec
 
-__all__ = ["FALLBACKS", "ORT_LAYOUTS", "TARGETS", "BlockFunction", "block_nodes", "define_blocks"]
+__all__ = ["FALLBACKS", "ORT_LAYOUTS", "PROVIDERS", "TARGETS", "BlockFunction", "block_nodes", "define_blocks"]
 
 logger = logging.getLogger(__name__)
 
@@ -125,17 +127,20 @@ def _describe_rule(route: RouteConfig) -> str:
     return f"{route.rule}({params}){bounds}"
 
 
-def _describe_experts(route: RouteConfig, spec: ExpertsSpec, use_ort: bool, layout: str) -> str:
-    if not use_ort:
+def _describe_experts(route: RouteConfig, spec: ExpertsSpec, how: str) -> str:
+    """How the experts run: ``how`` is ``portable`` or a layout of target ``ort``."""
+    if how == "portable":
         return "standard ops"
+    if how == "gemm":
+        return "Gemm pair per expert (weights pre-packed once)"
     k_min, k_max = _k_bounds(route)
     if spec.weight_on_input:
         return "com.microsoft.MoE (k=1 per slot: weight on the input)"
     if k_min == k_max:
         return f"com.microsoft.MoE (k={k_max})"
-    if layout == "masked":
+    if how == "masked":
         return f"com.microsoft.MoE (k={k_max}, dropped slots masked)"
-    if layout == "slots":
+    if how == "slots":
         return "com.microsoft.MoE (k=1 per kept slot)"
     return f"com.microsoft.MoE (k={max(k_min, 1)}..{k_max} buckets)"
 
@@ -143,11 +148,12 @@ def _describe_experts(route: RouteConfig, spec: ExpertsSpec, use_ort: bool, layo
 class _Definer:
     """Builds (and shares) the function of each block variant."""
 
-    def __init__(self, model: onnx.ModelProto, target: str, fallback: str, layout: str):
+    def __init__(self, model: onnx.ModelProto, target: str, fallback: str, layout: str, provider: str):
         self.model = model
         self.target = target
         self.fallback = fallback
         self.layout = layout
+        self.provider = provider
         self.opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
         self.types = _typed_values(model, block_nodes(model))
         self.functions: dict[str, onnx.FunctionProto] = {}
@@ -169,39 +175,50 @@ class _Definer:
             )
         if route.empty_slots != "sentinel":
             raise OnnxExportError(f"block {shown}: empty slots encoded as {route.empty_slots!r}; only 'sentinel' exports")
-        fallback_reason = unsupported_reason(spec) if self.target == "ort" else None
-        if fallback_reason and self.fallback == "error":
-            raise OnnxExportError(
-                f"block {shown}: com.microsoft.MoE cannot run these experts exactly ({fallback_reason}); "
-                "use target='portable' or ort_fallback='portable'"
-            )
-        use_ort = self.target == "ort" and fallback_reason is None
         x_type, _ = _type_of(self.types, node.input[0], node)
         logits_type, _ = _type_of(self.types, node.input[1], node)
+        how, fallback_reason = self._how(shown, spec, x_type)
         tensor_specs = tuple(
             (tuple(int(d) for d in _type_of(self.types, name, node)[1]), _type_of(self.types, name, node)[0])
             for name, role in zip(node.input, roles)
             if role not in ("x", "logits", "w1", "w2", "b1", "b2")
         )
         key = json.dumps(
-            [_without_block(route), dataclasses.asdict(spec), roles, use_ort and self.layout, x_type, logits_type,
-             tensor_specs],
+            [_without_block(route), dataclasses.asdict(spec), roles, how, x_type, logits_type, tensor_specs],
             sort_keys=True,
         )
         if key not in self.overloads:
             digest = hashlib.sha1(key.encode()).hexdigest()[:6]
-            overload = f"{route.rule}.{route.router.kind}.{'ort' if use_ort else 'portable'}.{digest}"
-            self.functions[overload] = self._function(
-                overload, route, spec, roles, use_ort, x_type, logits_type, tensor_specs
-            )
+            tag = {"portable": "portable", "gemm": "gemm"}.get(how, "ort")
+            overload = f"{route.rule}.{route.router.kind}.{tag}.{digest}"
+            self.functions[overload] = self._function(overload, route, spec, roles, how, x_type, logits_type,
+                                                      tensor_specs)
             self.overloads[key] = overload
         overload = self.overloads[key]
-        self.uses_ort |= use_ort
-        experts = _describe_experts(route, spec, use_ort, self.layout)
+        self.uses_ort |= how in MOE_LAYOUTS
+        experts = _describe_experts(route, spec, how)
         self._retarget(node, path, overload, route, experts)
         return BlockFunction(path, overload, _describe_rule(route), experts, fallback_reason or "")
 
-    def _function(self, overload, route: RouteConfig, spec: ExpertsSpec, roles, use_ort, x_type, logits_type,
+    def _how(self, shown: str, spec: ExpertsSpec, x_type: int) -> tuple[str, str | None]:
+        """(``portable`` or the block's ``ort`` layout, why an ``ort`` block runs in standard ops or None)."""
+        if self.target != "ort":
+            return "portable", None
+        layout = default_ort_layout(self.provider, spec, x_type) if self.layout == "auto" else self.layout
+        if layout == "gemm":
+            if x_type != FLOAT:
+                raise OnnxExportError(f"block {shown}: the gemm layout computes in float32, and this block is "
+                                      f"{onnx.TensorProto.DataType.Name(x_type)}; use another ort_layout")
+            return "gemm", None
+        fallback_reason = unsupported_reason(spec)
+        if fallback_reason and self.fallback == "error":
+            raise OnnxExportError(
+                f"block {shown}: com.microsoft.MoE cannot run these experts exactly ({fallback_reason}); "
+                "use target='portable' or ort_fallback='portable'"
+            )
+        return ("portable" if fallback_reason else layout), fallback_reason
+
+    def _function(self, overload, route: RouteConfig, spec: ExpertsSpec, roles, how: str, x_type, logits_type,
                   tensor_specs) -> onnx.FunctionProto:
         b = NodeBuilder(overload)
         graph = routing_graph(_without_block(route), logits_type, x_type, spec.hidden_size, tensor_specs, self.opset)
@@ -213,14 +230,16 @@ class _Definer:
         present = set(roles)
         b1 = "b1" if "b1" in present else None
         b2 = "b2" if "b2" in present else None
-        if use_ort:
+        if how in MOE_LAYOUTS:
             k_min, k_max = _k_bounds(route)
-            out = ort_experts(b, "x", ids, weights, "w1", "w2", b1, b2, spec, k_min, k_max, x_type, self.layout)
+            out = ort_experts(b, "x", ids, weights, "w1", "w2", b1, b2, spec, k_min, k_max, x_type, how)
+        elif how == "gemm":
+            out = gemm_experts(b, "x", ids, weights, "w1", "w2", b1, b2, spec, x_type)
         else:
             out = portable_experts(b, "x", ids, weights, "w1", "w2", b1, b2, spec, x_type)
         b.nodes.append(helper.make_node("Identity", [out], ["y"], name=f"{overload}/output"))
         imports = [helper.make_opsetid("", self.opset)]
-        if use_ort:
+        if how in MOE_LAYOUTS:
             imports.append(helper.make_opsetid(ORT_DOMAIN, 1))
         function = helper.make_function(
             DOMAIN, OP_TYPE, roles, ["y"], b.nodes, imports, overload=overload,
@@ -228,7 +247,8 @@ class _Definer:
                 f"MoE block: routing {_describe_rule(route)} on a {route.router.description} router "
                 f"({route.router.num_experts} experts), ids/weights [T,{route.depth}] with empty id "
                 f"{route.router.num_experts}; experts {spec.description}, "
-                + (f"com.microsoft.MoE, layout {self.layout}." if use_ort else "standard ONNX ops.")
+                + {"portable": "standard ONNX ops.", "gemm": "one Gemm pair per expert (standard ONNX ops)."}.get(
+                    how, f"com.microsoft.MoE, layout {how}.")
             ),
         )
         return function
@@ -253,7 +273,7 @@ class _Definer:
 
 
 def define_blocks(
-    model: onnx.ModelProto, target: str, fallback: str = "portable", layout: str = "masked"
+    model: onnx.ModelProto, target: str, fallback: str = "portable", layout: str = "auto", provider: str = "cpu"
 ) -> list[BlockFunction]:
     """Give every AdaptiveMoE node of ``model`` a local function for ``target``, in place.
 
@@ -262,8 +282,11 @@ def define_blocks(
         target: ``ort`` (com.microsoft.MoE with k per token) or ``portable`` (standard ops only).
         fallback: for target ``ort``, what a block com.microsoft.MoE cannot run
             exactly does: ``portable`` (standard ops inside its function) or ``error``.
-        layout: for target ``ort``, how variable k maps onto com.microsoft.MoE
-            calls: ``masked``, ``buckets`` or ``slots`` (:mod:`.experts_ort`).
+        layout: for target ``ort``, how the experts run: ``masked``, ``buckets`` or
+            ``slots`` (com.microsoft.MoE, :mod:`.experts_ort`), ``gemm`` (pre-packed
+            Gemm pairs, :mod:`.experts_gemm`), or ``auto``: the default for the
+            provider and the block's experts (:func:`.layouts.default_ort_layout`).
+        provider: ``cpu`` or ``cuda``, the execution provider the model is meant for.
 
     Raises:
         OnnxExportError: naming the block that cannot be exported exactly, and why.
@@ -272,9 +295,11 @@ def define_blocks(
         raise OnnxExportError(f"unknown target {target!r}; expected one of {', '.join(TARGETS)}")
     if fallback not in FALLBACKS:
         raise OnnxExportError(f"unknown fallback {fallback!r}; expected one of {', '.join(FALLBACKS)}")
-    if layout not in ORT_LAYOUTS:
-        raise OnnxExportError(f"unknown ORT layout {layout!r}; expected one of {', '.join(ORT_LAYOUTS)}")
-    definer = _Definer(model, target, fallback, layout)
+    if provider not in PROVIDERS:
+        raise OnnxExportError(f"unknown provider {provider!r}; expected one of {', '.join(PROVIDERS)}")
+    if layout != "auto" and layout not in ORT_LAYOUTS:
+        raise OnnxExportError(f"unknown ORT layout {layout!r}; expected auto or one of {', '.join(ORT_LAYOUTS)}")
+    definer = _Definer(model, target, fallback, layout, provider)
     blocks = [definer.define(node) for node in block_nodes(model)]
     model.functions.extend(definer.functions.values())
     domains = {o.domain for o in model.opset_import}
