@@ -74,10 +74,11 @@ def _experts(model):
     "policy, offload",
     [
         ("static", {"cache": "lru", "slots": 6, "prefetch": False}),
-        ("sensitivity", {"cache": "allocated", "slots": 6, "prefetch": True, "profile_tokens": 3}),
-        ("sensitivity", {"cache": "none", "slots": 0, "prefetch": True}),
+        ("static", {"cache": "allocated", "slots": 6, "prefetch": True, "profile_calls": 2}),
+        ("sensitivity", {"cache": "allocated", "slots": 6, "prefetch": False, "profile_calls": 2}),
+        ("sensitivity", {"cache": "lru", "slots": 6, "prefetch": True}),
     ],
-    ids=["static-lru", "adaptive-allocated-prefetch", "adaptive-nocache-prefetch"],
+    ids=["static-lru", "static-allocated-prefetch", "adaptive-allocated", "adaptive-lru-prefetch"],
 )
 def test_offloaded_decode_equals_in_memory_bit_for_bit(store, prompt, policy, offload):
     reference, reference_graphs = _reference(policy, prompt)
@@ -100,17 +101,15 @@ def test_offloaded_decode_equals_in_memory_bit_for_bit(store, prompt, policy, of
     assert "expert offloading: store" in text and text.count("model.layers.") >= 8
     session = report.offload
     stats = session.stats()
-    if slots:
-        assert sum(s.slots for s in stats) <= slots
-    else:  # no cache: each layer keeps k = 2 slots for the experts prefetched for it
-        assert all(s.slots == 2 for s in stats)
+    assert sum(s.slots for s in stats) <= slots
+    if options["cache"] == "allocated":
+        assert session.allocation_source.startswith("allocated (DP on 2 calls")
     assert all(s.calls == 1 + 4 and s.tokens == prompt.shape[1] + 4 for s in stats)
     assert all(s.accesses > s.hits for s in stats)  # 8 experts, ≤ 6 slots: some loads had to wait
     assert sum(s.bytes_read for s in stats) >= sum(s.misses for s in stats) * stride > 0
     assert report.to_dict()["offload"]["layers"][0]["path"] == "model.layers.0.mlp"
     if offload["prefetch"]:  # results equal the in-memory model's whatever the timing; the thread stops
         assert sum(s.prefetch_loads for s in stats) > 0
-        assert session.allocation_source.startswith("allocated" if slots else "none")
         thread = f"moepass-prefetch-{session.key}"
         assert session.prefetcher.alive and any(t.name == thread for t in threading.enumerate())
         key = f"{session.key}|model.layers.0.mlp"
@@ -120,16 +119,20 @@ def test_offloaded_decode_equals_in_memory_bit_for_bit(store, prompt, policy, of
             lookup(key)
 
 
-def test_experts_released_before_compiling(store, prompt):
-    reference, _ = _reference("static", prompt)
+def test_experts_released_before_compiling_no_cache(store, prompt):
+    reference, _ = _reference("sensitivity", prompt)
     model = bundled.load_model()
     freed = release_experts(model, store)
     assert freed == open_store(store)[1].nbytes and all(is_released(p) for p in _experts(model))
-    logits, compiled = _decode(model, {"offload": {"store": str(store), "cache_bytes": 0, "prefetch": False}}, prompt)
+    options = {"policy": _policy("sensitivity"), "offload": {"store": str(store), "cache": "none", "prefetch": True}}
+    logits, compiled = _decode(model, options, prompt)
     assert all(torch.equal(a, b) for a, b in zip(logits, reference))
     report = moepass.report(compiled)
     # validation still ran, on weights read back from the store
     assert all(b.rewritten and b.validation_error is not None and b.validation_error < 1e-5 for b in report.blocks)
+    # no cache: each layer keeps k = 2 slots for the experts prefetched for it
+    stats = report.offload.stats()
+    assert all(s.slots == 2 for s in stats) and sum(s.prefetch_loads for s in stats) > 0
 
 
 def test_a_store_of_other_weights_is_refused(store, prompt):

@@ -340,6 +340,14 @@ class LayerCache:
             self.stats.read_s += finished - started
             self._cond.notify_all()
 
+    def reset_stats(self) -> None:
+        """Zero the counters; experts resident now count as kept from earlier use (not prefetch hits)."""
+        with self._cond:
+            for slot in self._slots:
+                slot.fresh = False
+            self.stats = LayerStats(self.block.path, expert_bytes=self.block.expert_nbytes)
+            self._update_size()
+
     # --- re-partitioning -------------------------------------------------------
 
     def resize(self, capacity: int) -> None:

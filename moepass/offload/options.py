@@ -17,8 +17,8 @@ cache          how the budget is split over layers: ``allocated`` (AdapMoE:     
                for the prefetched experts)
 allocation     explicit slots per block, in store order (overrides the split)   —
 prefetch       read layer l+1's predicted experts while layer l computes        ``True``
-profile_tokens tokens run with the even split before ``allocated`` measures     32
-               and re-splits
+profile_calls  calls of the first block (a decode step is one) run with the    32
+               even split before ``allocated`` measures and re-splits
 io             ``auto`` | ``direct`` (O_DIRECT) | ``drop_cache`` (read, then    ``auto``
                drop the pages) | ``page_cache`` (let the OS cache the store)
 verify         check every load's CRC-32 against the manifest                   ``False``
@@ -52,7 +52,7 @@ class OffloadOptions:
     cache: str = "allocated"
     allocation: tuple[int, ...] | None = None
     prefetch: bool = True
-    profile_tokens: int = 32
+    profile_calls: int = 32
     io: str = "auto"
     verify: bool = False
 
@@ -68,7 +68,7 @@ class OffloadOptions:
                 f"option 'offload' must be a store folder or a dict with 'store', got {type(value).__name__}"
             )
         data = dict(value)
-        valid = ("store", "cache_gb", "cache_bytes", "cache", "allocation", "prefetch", "profile_tokens", "io", "verify")
+        valid = ("store", "cache_gb", "cache_bytes", "cache", "allocation", "prefetch", "profile_calls", "io", "verify")
         unknown = sorted(set(data) - set(valid))
         if unknown:
             raise OffloadOptionsError(
@@ -104,9 +104,9 @@ class OffloadOptions:
         for flag in ("prefetch", "verify"):
             if flag in data and not isinstance(data[flag], bool):
                 raise OffloadOptionsError(f"offload {flag!r} must be True or False, got {data[flag]!r}")
-        tokens = data.get("profile_tokens", 32)
-        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
-            raise OffloadOptionsError(f"offload 'profile_tokens' must be an integer ≥ 1, got {tokens!r}")
+        calls = data.get("profile_calls", 32)
+        if isinstance(calls, bool) or not isinstance(calls, int) or calls < 1:
+            raise OffloadOptionsError(f"offload 'profile_calls' must be an integer ≥ 1, got {calls!r}")
         io = data.get("io", "auto")
         if io not in IO_MODES:
             raise OffloadOptionsError(f"unknown offload io {io!r}; valid: {', '.join(IO_MODES)}")
@@ -116,7 +116,7 @@ class OffloadOptions:
             cache=cache,
             allocation=allocation,
             prefetch=data.get("prefetch", True),
-            profile_tokens=tokens,
+            profile_calls=calls,
             io=io,
             verify=data.get("verify", False),
         )

@@ -9,7 +9,7 @@ resolves it at run time.
 
 Per call of layer l (:meth:`OffloadSession.begin_call`)::
 
-    allocation   after ``profile_tokens`` tokens at the first layer (cache="allocated"):
+    allocation   after ``profile_calls`` calls of the first layer (cache="allocated"):
                  simulate each layer's trace, DP-split the budget, resize the caches
     trace        (experts needed, experts predicted for this call) while profiling
     prefetch     ids' = route_{l+1}(x_l @ W_gate_{l+1}ᵀ) with layer l+1's own policy,
@@ -64,6 +64,7 @@ class _Profile:
     """The trace the allocation is computed from."""
 
     calls: dict[str, list[tuple[frozenset[int], frozenset[int]]]] = field(default_factory=dict)
+    first_calls: int = 0
     tokens: int = 0
     done: bool = False
 
@@ -181,9 +182,10 @@ class OffloadSession:
     def _profile_step(self, path: str, needed: list[int], tokens: int) -> None:
         profile = self._profile
         if path == self._first_registered():
-            if profile.tokens >= self.options.profile_tokens:
+            if profile.first_calls >= self.options.profile_calls:
                 self._reallocate()
                 return
+            profile.first_calls += 1
             profile.tokens += tokens
         profile.calls.setdefault(path, []).append((frozenset(needed), self._predicted.pop(path, frozenset())))
 
@@ -204,7 +206,9 @@ class OffloadSession:
         for path, size in zip(self.order, sizes):
             self.caches[path].resize(size)
         self._profile.done = True
-        self.allocation_source = f"allocated (DP on the first {self._profile.tokens} tokens)"
+        self.allocation_source = (
+            f"allocated (DP on {self._profile.first_calls} calls, {self._profile.tokens} tokens)"
+        )
         logger.info("offload session %s: cache slots per layer %s", self.key, sizes)
 
     def _prefetch_next(self, path: str, x: torch.Tensor) -> None:
@@ -223,12 +227,9 @@ class OffloadSession:
         return [LayerStats(**{k: v for k, v in vars(self.caches[p].stats).items()}) for p in self.order]
 
     def reset_stats(self) -> None:
-        """Zero the counters (the caches keep their contents)."""
+        """Zero the counters (the caches keep their contents, now counted as loaded before)."""
         for path in self.order:
-            cache = self.caches[path]
-            fresh = LayerStats(path, expert_bytes=cache.block.expert_nbytes)
-            fresh.slots, fresh.resident_bytes = cache.stats.slots, cache.stats.resident_bytes
-            cache.stats = fresh
+            self.caches[path].reset_stats()
 
     def report_lines(self) -> list[str]:
         """The per-layer table of the report."""

@@ -403,7 +403,7 @@ def open_store(path: str | Path) -> tuple[Path, StoreManifest]:
     Raises:
         ExpertStoreError: naming the file and the first expert it cannot provide.
     """
-    root = Path(path)
+    root = Path(path).resolve()
     manifest_path = root / MANIFEST
     if not manifest_path.is_file():
         raise ExpertStoreError(
