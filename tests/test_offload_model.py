@@ -184,3 +184,25 @@ def test_cli_writes_a_store(tmp_path, capsys):
     assert open_store(out)[1].paths == [f"model.layers.{i}.mlp" for i in range(4)]
     assert main(["offload", "--model", "bundled", "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "deepseek_v3"])
+def test_other_expert_layouts_and_routers(tmp_path, family):
+    """Biases, [E, in, out] weights and gpt-oss's clamped SwiGLU; DeepSeek's biased group router in prefetch."""
+    from moepass.zoo import tiny_model
+
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0))
+    write_model_store(tiny_model(family), {"input_ids": ids, "use_cache": False}, tmp_path / "experts")
+    manifest = open_store(tmp_path / "experts")[1]
+    assert family != "gpt_oss" or {t.name for t in manifest.blocks[0].tensors} == {"w1", "w2", "b1", "b2"}
+    policy = {"policy": "top_p", "p": 0.5}
+    reference, _ = _decode(tiny_model(family), policy, ids, steps=3)
+    torch._dynamo.reset()
+    model = tiny_model(family)
+    offload = {"store": str(tmp_path / "experts"), "cache_bytes": 3 * manifest.blocks[0].stride, "cache": "lru"}
+    logits, compiled = _decode(model, {**policy, "offload": offload}, ids, steps=3)
+    assert all(torch.equal(a, b) for a, b in zip(logits, reference))
+    stats = moepass.report(compiled).offload.stats()
+    assert sum(s.prefetch_loads for s in stats) > 0 and all(s.accesses > 0 for s in stats)
+    released = [p for n, p in model.named_parameters() if is_released(p)]
+    assert len(released) == sum(len(b.tensors) for b in manifest.blocks)

@@ -47,7 +47,6 @@ def experts_forward(x, ids, weights, spec, key: str) -> torch.Tensor:
     provider = session.provider(path)
     num_tokens, hidden = x.shape
     token, slot_weights, counts = expert_slots(ids, weights, spec.num_experts)
-    order = session.begin_call(path, x, counts)
     slot_weights = slot_weights.float().unsqueeze(1)
     xs = x.index_select(0, token)
     if spec.weight_on_input:
@@ -62,6 +61,7 @@ def experts_forward(x, ids, weights, spec, key: str) -> torch.Tensor:
         starts.append(start)
         start += count
     try:
+        order = session.begin_call(path, x, counts)  # pins resident experts, starts the next layer's prefetch
         for expert in order:
             count = counts[expert]
             rows = slice(starts[expert], starts[expert] + count)
