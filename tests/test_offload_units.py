@@ -303,8 +303,10 @@ def test_dp_allocation_is_optimal_and_uses_the_budget():
             if sum(split) <= total
         )
         assert sum(c[s] for c, s in zip(costs, sizes)) == pytest.approx(best)
-    # the layer whose misses cost more gets the slots
+    # the layer whose misses cost more gets the slots; equal layers share them evenly
     assert allocation.allocate_slots([[9, 8, 7], [9, 3, 0]], 2) == [0, 2]
+    even = allocation.allocate_slots([[5, 4, 3, 2, 1, 0, 0, 0, 0]] * 32, 100)
+    assert sum(even) == 100 and max(even) - min(even) <= 1
 
 
 def test_even_split():

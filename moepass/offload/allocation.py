@@ -83,13 +83,15 @@ def miss_curve(trace: Sequence[Call], num_experts: int, prefetch: bool) -> list[
 def allocate_slots(costs: Sequence[Sequence[float]], total: int) -> list[int]:
     """Slots per layer minimising Σ costs[l][c_l] subject to Σ c_l ≤ total.
 
-    ``costs[l][c]`` is layer l's cost with c slots (c = 0..E_l).  Among equal
-    costs the whole budget is used (as far as the E_l caps allow; slots that
-    the trace shows no use for go to the earlier layers), so the result is
-    deterministic and never leaves paid-for memory idle.
+    ``costs[l][c]`` is layer l's cost with c slots (c = 0..E_l).  The whole
+    budget is used, as far as the E_l caps allow (an LRU cache's misses never
+    grow with its size, so this loses nothing), and among splits of equal cost
+    the most even one is taken (a tiny convex penalty on c_l breaks the ties),
+    so the result is deterministic and does not pile spare slots on one layer.
     """
     layers = len(costs)
-    total = max(0, int(total))
+    total = max(0, min(int(total), sum(len(c) - 1 for c in costs)))  # more than every expert buys nothing
+    scale = 1e-9 * (max((abs(v) for c in costs for v in c), default=0.0) + 1.0)
     inf = float("inf")
     # best[b] after layer l: minimal cost of layers 0..l using exactly b slots
     best = [0.0] + [inf] * total
@@ -102,12 +104,12 @@ def allocate_slots(costs: Sequence[Sequence[float]], total: int) -> list[int]:
                 previous = best[budget - c]
                 if previous == inf:
                     continue
-                value = previous + layer_costs[c]
-                if value < new[budget] - 1e-12:
+                value = previous + layer_costs[c] + scale * c * c
+                if value < new[budget]:
                     new[budget], pick[budget] = value, c
         best = new
         choice.append(pick)
-    budget = min(range(total + 1), key=lambda b: (best[b], -b))
+    budget = total
     sizes = [0] * layers
     for layer in range(layers - 1, -1, -1):
         sizes[layer] = choice[layer][budget]
