@@ -258,6 +258,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_offload(args: argparse.Namespace) -> int:
+    import json
+
     from moepass.modelspec import example_for, load_model
     from moepass.offload import write_model_store
 
@@ -275,7 +277,7 @@ def _cmd_offload(args: argparse.Namespace) -> int:
         f"wrote {len(manifest.blocks)} blocks × {block.num_experts} experts ({manifest.nbytes / 1e6:.1f} MB, "
         f"{block.expert_nbytes / 1e6:.2f} MB per expert) to {out} in {time.perf_counter() - started:.1f} s"
     )
-    print(f'use it with options={{"offload": {{"store": {str(out)!r}, "cache_gb": ..., "prefetch": True}}}}')
+    print(f'use it with options={{"offload": {{"store": {json.dumps(str(out))}, "cache_gb": ..., "prefetch": True}}}}')
     return 0
 
 
