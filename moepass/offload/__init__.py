@@ -16,7 +16,7 @@ AdapMoE's system half (Zhong et al. 2024) on top of adaptive-k routing::
   dropped after the read), so a load costs a real read;
 * **cache** (:mod:`~moepass.offload.cache`) — per-layer slots with LRU;
   the budget is split evenly (``cache="lru"``) or by a DP over each layer's
-  simulated misses × measured load time (``cache="allocated"``,
+  simulated misses on the recorded trace × bytes per miss (``cache="allocated"``,
   :mod:`~moepass.offload.allocation`);
 * **prefetch** (:mod:`~moepass.offload.prefetch`) — layer l+1's gate and
   policy applied to layer l's input predict its experts; a worker thread

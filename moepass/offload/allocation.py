@@ -4,9 +4,9 @@
 * ``allocate_slots`` — AdapMoE's idea, on measured costs: a layer whose misses
   cost more gets more slots.  From a trace of the first calls (which experts
   each call needed, which the prefetcher had predicted for it) an LRU cache
-  of every size ``c`` is simulated per layer; its demand misses × the
-  layer's measured mean load time is the layer's cost at ``c``, and a dynamic
-  program picks the split that minimises the total cost for the budget::
+  of every size ``c`` is simulated per layer; its demand misses × the bytes
+  a miss reads is the layer's cost at ``c``, and a dynamic program picks the
+  split that minimises the total cost for the budget::
 
       best[l][b] = min over c ≤ min(E_l, b) of  best[l-1][b - c] + cost_l(c)
 

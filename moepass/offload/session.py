@@ -190,18 +190,19 @@ class OffloadSession:
         profile.calls.setdefault(path, []).append((frozenset(needed), self._predicted.pop(path, frozenset())))
 
     def _reallocate(self) -> None:
-        """Split the budget by the DP over each layer's simulated misses × measured load time."""
+        """Split the budget by the DP over each layer's simulated misses × bytes per miss.
+
+        A miss costs its layer's expert bytes (one read from the same disk);
+        the read times measured on a busy machine vary several-fold between
+        layers for the same bytes, and weighting by them misallocated.
+        """
         if self.prefetcher is not None:
             self.prefetcher.drain()
-        stats = [self.caches[p].stats for p in self.order]
-        measured = [s.mean_read_s for s in stats if s.mean_read_s is not None]
-        fallback = sum(measured) / len(measured) if measured else 1.0
         costs = []
-        for block, layer in zip(self.manifest.blocks, stats):
-            per_load = layer.mean_read_s if layer.mean_read_s is not None else fallback
+        for block in self.manifest.blocks:
             trace = self._profile.calls.get(block.path, [])
             curve = miss_curve(trace, block.num_experts, self.prefetcher is not None)
-            costs.append([misses * per_load for misses in curve])
+            costs.append([misses * block.stride for misses in curve])
         sizes = allocate_slots(costs, self.total_slots)
         for path, size in zip(self.order, sizes):
             self.caches[path].resize(size)
