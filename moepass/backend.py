@@ -19,6 +19,7 @@ without MoE blocks is passed on unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any, Callable
 
@@ -98,6 +99,11 @@ def optimize_graph(
     policy_name = options.policy.describe()
     reports = []
     env = example_env(gm, example_inputs)
+    offload = None
+    if options.offload is not None:  # expert weights in a store (moepass.offload)
+        from moepass.offload.graph import GraphOffload
+
+        offload = GraphOffload.start(options.offload)
     for item in found:
         entry = _block_report(item, policy_name)
         reports.append(entry)
@@ -118,9 +124,12 @@ def optimize_graph(
             raise PolicyError(f"policy {policy_name} does not fit block {entry.display_path}: {error}") from None
         entry.graph_before = _region_graph(item)
         plan = plan_rewrite(item, resolved, options.lowering, options.stats, env, differentiable)
+        if offload is not None:
+            plan = offload.plan(item, plan, env, entry)
         if options.validate:
             try:
-                error = validate_rewrite(gm, flow, plan, env)
+                with offload.validating(item, env) if offload is not None else contextlib.nullcontext():
+                    error = validate_rewrite(gm, flow, plan, env)
             except Exception as failure:  # the block stays as it was; the report says why
                 entry.reason = f"validation could not run: {type(failure).__name__}: {failure}"
                 logger.warning("moepass: left %s as it was: %s", entry.display_path, entry.reason)
@@ -152,6 +161,8 @@ def optimize_graph(
             entry.notes.append("expert weights stacked at compile time (a snapshot)")
         # blocks' regions are disjoint: the dataflow of the original graph
         # stays valid for the blocks not rewritten yet
+    if offload is not None:
+        offload.finish(gm, example_inputs, reports)
     gm.graph.lint()
     gm.recompile()
     return gm, reports
@@ -194,5 +205,9 @@ def adaptive_moe(gm: fx.GraphModule, example_inputs: list[Any], options: dict | 
     gm, blocks = optimize_graph(gm, example_inputs, parsed)
     params = [x for x in example_inputs if isinstance(x, torch.nn.Parameter)]
     report: Report = record_graph(blocks, params, parsed.policy.describe(), parsed.inner, parsed.lowering)
+    if parsed.offload is not None:
+        from moepass.offload.session import session_for
+
+        report.offload = session_for(parsed.offload)
     logger.info("%s", report)
     return compile_inner(gm, example_inputs, parsed)

@@ -285,6 +285,30 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_offload(args: argparse.Namespace) -> int:
+    import json
+
+    from moepass.modelspec import example_for, load_model
+    from moepass.offload import write_model_store
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {out} already exists; remove it or pass --overwrite")
+    loaded = load_model(args.model, seed=args.seed)
+    example = example_for(args.model, loaded, args.tokens, args.batch, args.seed)
+    started = time.perf_counter()
+    manifest, skipped = write_model_store(loaded.model, example, out, overwrite=args.overwrite, source=loaded.source)
+    for note in skipped:
+        print(f"skipped {note}", file=sys.stderr)
+    block = manifest.blocks[0]
+    print(
+        f"wrote {len(manifest.blocks)} blocks × {block.num_experts} experts ({manifest.nbytes / 1e6:.1f} MB, "
+        f"{block.expert_nbytes / 1e6:.2f} MB per expert) to {out} in {time.perf_counter() - started:.1f} s"
+    )
+    print(f'use it with options={{"offload": {{"store": {json.dumps(str(out))}, "cache_gb": ..., "prefetch": True}}}}')
+    return 0
+
+
 _MODEL_HELP = "a transformers config.json (random weights), module.py:factory, 'bundled', or zoo:<family>"
 
 
@@ -375,6 +399,16 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--out", required=True, metavar="DIR", help="folder for policy.json (+ tensors)")
     calibrate.add_argument("--batches", type=int, default=16, help="calibration batches (default 16)")
     calibrate.set_defaults(run=_cmd_calibrate, allows_extra=True)
+    offload = commands.add_parser(
+        "offload",
+        help="write a model's expert weights to an expert store (for options={'offload': ...})",
+        description="Find the model's MoE blocks as the backend does (one forward on an example) and write every "
+        "expert's weights to DIR: one safetensors file per block, each expert one 4096-aligned range.",
+    )
+    _add_model_arguments(offload, tokens=16, batch=1)
+    offload.add_argument("--out", required=True, metavar="DIR", help="the store folder to write")
+    offload.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
+    offload.set_defaults(run=_cmd_offload)
     tune = commands.add_parser("tune", help="tune the Triton experts kernels for a model's shapes (GPU)")
     tune.add_argument("model", help="E,H,I,K; a transformers config.json or model folder; or zoo:<family>")
     tune.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 128, 1024, 4096], help="token counts to tune at")

@@ -105,6 +105,9 @@ class ExpertsConfig:
     #: Module path of the block, for run-time statistics.
     block: str = ""
     collect_stats: bool = False
+    #: Non-empty when the block's expert weights live in an expert store:
+    #: ``"<offload session>|<block path>"`` (see :mod:`moepass.offload`).
+    offload: str = ""
 
     def __post_init__(self) -> None:
         if self.lowering not in LOWERINGS:

@@ -13,6 +13,9 @@ lowering   experts implementation:                          ``"auto"``
 validate   check each rewrite against the original block    ``True``
            on random inputs before committing it
 stats      record tokens per k per block at run time        ``False``
+offload    expert weights in an expert store, loaded        ``None``
+           through a cache with prefetch: a store folder
+           or a dict (:mod:`moepass.offload.options`)
 ========== ============================================== ===========
 
 Any other key is a parameter of the named policy (``{"policy": "top_p",
@@ -48,8 +51,10 @@ class BackendOptions:
     stats: bool = False
     #: torch.compile's ``mode`` (forwarded to Inductor).
     mode: str | None = None
+    #: Expert offloading (:class:`moepass.offload.OffloadOptions`), or None.
+    offload: Any = None
 
-    _BACKEND_KEYS = ("policy", "inner", "lowering", "validate", "stats")
+    _BACKEND_KEYS = ("policy", "inner", "lowering", "validate", "stats", "offload")
 
     @classmethod
     def parse(cls, options: Mapping[str, Any] | None, mode: str | None = None) -> "BackendOptions":
@@ -89,6 +94,7 @@ class BackendOptions:
         for flag in ("validate", "stats"):
             if flag in backend and not isinstance(backend[flag], bool):
                 raise OptionsError(f"option {flag!r} must be True or False, got {backend[flag]!r}")
+        offload = _parse_offload(backend.get("offload"), lowering)
         return cls(
             policy=policy,
             inner=inner,
@@ -96,4 +102,19 @@ class BackendOptions:
             validate=backend.get("validate", True),
             stats=backend.get("stats", False),
             mode=mode,
+            offload=offload,
         )
+
+
+def _parse_offload(value: Any, lowering: str) -> Any:
+    """The ``offload`` option parsed (None when absent); offloaded experts run the CPU lowering."""
+    if value is None:
+        return None
+    from moepass.offload.options import OffloadOptions, OffloadOptionsError
+
+    if lowering not in ("auto", "cpu"):
+        raise OptionsError(f"option 'offload' runs the experts on the cpu lowering; lowering={lowering!r} cannot")
+    try:
+        return OffloadOptions.parse(value)
+    except OffloadOptionsError as error:
+        raise OptionsError(str(error)) from None

@@ -63,6 +63,8 @@ class Report:
     inner: str = "inductor"
     lowering: str = "auto"
     graphs: int = 0
+    #: The expert offloading session (:class:`moepass.offload.OffloadSession`) when offloading.
+    offload: Any = field(default=None, repr=False)
     #: The model's parameters (weakly held), to find the report of a model.
     _params: "weakref.WeakValueDictionary[int, torch.Tensor]" = field(
         default_factory=weakref.WeakValueDictionary, repr=False
@@ -114,6 +116,7 @@ class Report:
                 }
                 for b in self.blocks
             ],
+            "offload": self.offload.to_dict() if self.offload is not None else None,
         }
 
     def __str__(self) -> str:
@@ -154,6 +157,8 @@ class Report:
         lines.append(fmt(header))
         lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 16)
         lines.extend(fmt(r) for r in rows)
+        if self.offload is not None:
+            lines.extend(["", *self.offload.report_lines()])
         return "\n".join(lines)
 
 
