@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 
 from moepass.dataflow import Dataflow, example_value
-from moepass.detect import BlockMatch, BlockRejection, find_moe_blocks
+from moepass.detect import BlockMatch, BlockRejection, find_moe_blocks, layer_index_of
 from moepass.detect.common import Mismatch
 from moepass.options import BackendOptions
 from moepass.policies import PolicyError
@@ -104,6 +104,7 @@ def optimize_graph(
         from moepass.offload.graph import GraphOffload
 
         offload = GraphOffload.start(options.offload)
+    _check_layer_overrides(options.policy, found)
     for item in found:
         entry = _block_report(item, policy_name)
         reports.append(entry)
@@ -166,6 +167,24 @@ def optimize_graph(
     gm.graph.lint()
     gm.recompile()
     return gm, reports
+
+
+def _check_layer_overrides(policy, found: list[BlockMatch | BlockRejection]) -> None:
+    """A ``layers=`` key that names no block of this graph is an error (a typo would silently do nothing).
+
+    Graphs of one block compiled on its own (path ``""``: the model graph-broke
+    around it) cannot be matched by path and are not checked.
+    """
+    paths = [item.spec.path if isinstance(item, BlockMatch) else item.path for item in found]
+    if not policy.layers or not paths or not all(paths):
+        return
+    indices = {str(layer_index_of(path)) for path in paths}
+    unknown = sorted(key for key in policy.layers if key not in paths and key not in indices)
+    if unknown:
+        raise PolicyError(
+            f"layers= names no MoE block of this model: {', '.join(map(repr, unknown))}; the blocks are "
+            f"{', '.join(paths)} (keys are block paths or layer indices such as {sorted(indices, key=int)[0]!r})"
+        )
 
 
 def _region_graph(item: BlockMatch) -> fx.Graph:

@@ -172,3 +172,23 @@ def test_learned_policies_run_end_to_end():
         for block_stats in stats.values():
             used = {k for k, n in enumerate(block_stats.tokens_per_k) if n}
             assert used <= reachable and len(used) > 1
+
+
+def test_a_layers_key_that_names_no_block_is_an_error_listing_the_blocks():
+    from conftest import Recorder, token_ids
+
+    from moepass.zoo import tiny_model
+
+    typo = TopP(p=0.4, layers={"model.layer.0.mlp": {"p": 0.5}})
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed) as info, torch.no_grad():
+        torch.compile(tiny_model("mixtral"), backend=Recorder(policy=typo))(token_ids(1, 5), use_cache=False)
+    assert isinstance(info.value.inner_exception, PolicyError)
+    message = str(info.value.inner_exception)
+    assert "'model.layer.0.mlp'" in message and "model.layers.0.mlp, model.layers.1.mlp" in message
+    # the right path, or a layer index, is accepted
+    for key in ("model.layers.0.mlp", "1"):
+        torch._dynamo.reset()
+        rec = Recorder(policy=TopP(p=0.4, layers={key: {"p": 0.5}}))
+        with torch.no_grad():
+            torch.compile(tiny_model("mixtral"), backend=rec)(token_ids(1, 5), use_cache=False)
+        assert all(b.rewritten for b in rec.reports[0])
