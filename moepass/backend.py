@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -28,7 +29,7 @@ import torch.fx as fx
 
 from moepass.dataflow import Dataflow, example_value
 from moepass.detect import BlockMatch, BlockRejection, find_moe_blocks, layer_index_of
-from moepass.detect.common import Mismatch
+from moepass.detect.common import Mismatch, source_path
 from moepass.options import BackendOptions
 from moepass.policies import PolicyError
 from moepass.report import BlockReport, Report, record_graph
@@ -41,7 +42,7 @@ __all__ = ["adaptive_moe", "optimize_graph", "compile_inner", "graph_needs_gradi
 logger = logging.getLogger(__name__)
 
 
-def _block_report(item: BlockMatch | BlockRejection, policy: str) -> BlockReport:
+def _block_report(item: BlockMatch | BlockRejection, policy: str, env: dict | None = None) -> BlockReport:
     if isinstance(item, BlockRejection):
         return BlockReport(
             path=item.path,
@@ -54,7 +55,10 @@ def _block_report(item: BlockMatch | BlockRejection, policy: str) -> BlockReport
             notes=list(item.notes),
         )
     spec = item.spec
+    weight = (env or {}).get(item.router.weight)
     return BlockReport(
+        anchor=weakref.ref(weight) if isinstance(weight, torch.Tensor) else None,
+        anchor_name=source_path(item.router.weight) or "",
         path=spec.path,
         router=spec.router.kind,
         router_description=spec.router.description,
@@ -106,7 +110,7 @@ def optimize_graph(
         offload = GraphOffload.start(options.offload)
     _check_layer_overrides(options.policy, found)
     for item in found:
-        entry = _block_report(item, policy_name)
+        entry = _block_report(item, policy_name, env)
         reports.append(entry)
         if isinstance(item, BlockRejection):
             logger.info("moepass: left %s as it was: %s", entry.display_path, item.reason)
@@ -152,7 +156,10 @@ def optimize_graph(
         entry.rewritten = True
         entry.graph_after = extract(inserted, [inserted[-1]])
         if item.experts is None:
-            entry.notes.append("router only: the experts loop graph-broke")
+            entry.notes.append(
+                "router only: the experts loop graph-broke, so its GEMMs run in eager PyTorch "
+                "(use experts_implementation='grouped_mm' where the model offers it)"
+            )
             if not item.sentinel_safe and resolved.rule != "static":
                 entry.notes.append(
                     "empty slots get weight 0 and a repeated expert id (the loop outside this graph may not "

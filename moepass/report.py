@@ -9,6 +9,7 @@ of a given (compiled or original) model.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import threading
 import weakref
@@ -47,6 +48,12 @@ class BlockReport:
     graph_before: Any = field(default=None, repr=False)
     #: The nodes that replaced it, when rewritten.
     graph_after: Any = field(default=None, repr=False)
+    #: A weak reference to one of the block's parameters (its router weight)
+    #: and that parameter's path as the graph named it: a block compiled in a
+    #: frame of its own (the model graph-broke around it) is named relative to
+    #: that frame, and :func:`report` recovers its full path from the model.
+    anchor: Any = field(default=None, repr=False, compare=False)
+    anchor_name: str = ""
 
     @property
     def display_path(self) -> str:
@@ -227,11 +234,47 @@ def record_graph(blocks: list[BlockReport], params: list[torch.Tensor], policy: 
             target._params[id(p)] = p
         target.graphs += 1
         for entry in blocks:
-            target.blocks = [b for b in target.blocks if b.path != entry.path]
+            target.blocks = [b for b in target.blocks if _identity(b) != _identity(entry)]
             target.blocks.append(entry)
         target.blocks.sort(key=lambda b: _natural_key(b.path))
         _latest[:] = [target]
         return target
+
+
+def _identity(entry: BlockReport) -> tuple:
+    """What makes two entries the same block: its path and, when known, its router's weight."""
+    anchor = entry.anchor() if entry.anchor is not None else None
+    return (entry.path, id(anchor) if anchor is not None else None)
+
+
+def _resolve_paths(report_: Report, module: torch.nn.Module) -> None:
+    """Give entries named relative to a frame of their own the full module path in ``module``."""
+    names = {id(p): name for name, p in module.named_parameters(remove_duplicate=False)}
+    changed = False
+    for entry in report_.blocks:
+        anchor = entry.anchor() if entry.anchor is not None else None
+        full = names.get(id(anchor)) if anchor is not None else None
+        if not full or not entry.anchor_name or full == entry.anchor_name or not full.endswith("." + entry.anchor_name):
+            continue
+        prefix = full[: -len(entry.anchor_name) - 1]
+        relative = entry.path
+        entry.path = f"{prefix}.{relative}" if relative else prefix
+        entry.anchor_name = full
+        changed = True
+        # the frame was compiled once and serves every module of its class: list them all
+        try:
+            owner = module.get_submodule(prefix)
+        except AttributeError:
+            continue
+        known = {b.path for b in report_.blocks}
+        for name, other in module.named_modules():
+            path = f"{name}.{relative}" if relative else name
+            if other is not owner and type(other) is type(owner) and path not in known:
+                twin = dataclasses.replace(entry, path=path, anchor=None, anchor_name="")
+                twin.notes = [*entry.notes, f"runs the graph compiled for {entry.path}"]
+                report_.blocks.append(twin)
+    if changed:
+        report_.blocks.sort(key=lambda b: _natural_key(b.path))
 
 
 def _natural_key(path: str) -> list:
@@ -258,6 +301,7 @@ def report(model: Any) -> Report:
     with _lock:
         for existing in reversed(_reports):
             if _shares_params(existing, params):
+                _resolve_paths(existing, module)
                 return existing
     raise LookupError(
         "no moepass report for this model: compile it with torch.compile(model, backend='adaptive_moe') "

@@ -134,7 +134,7 @@ def _has_expert_gemm(region: Region, router: RouterMatch) -> bool:
     return False
 
 
-_ROUTER_NAME = re.compile(r"(^|[._])(gate|router|gating|routing|switch)$")
+_ROUTER_NAME = re.compile(r"(^|[._])(gate|router|gating|routing|switch)([._]|$)")
 
 
 def _expert_loop_consumer(router: RouterMatch, flow: Dataflow) -> str | None:
@@ -171,6 +171,22 @@ def _expert_loop_consumer(router: RouterMatch, flow: Dataflow) -> str | None:
     if weights_leave and num_experts <= hidden and _ROUTER_NAME.search(router.module_path or ""):
         return "leaves_graph"
     return None
+
+
+def _router_block(module_path: str | None) -> str | None:
+    """The block owning a router whose linear lives at ``module_path``.
+
+    The linear is the router (``mlp.gate``) or sits inside a router module
+    (``ffn.router.layer``, ``router.classifier``): the block is the parent of
+    the innermost component named like a router, else the linear's parent.
+    """
+    if module_path is None:
+        return None
+    parts = module_path.split(".")
+    for index in range(len(parts) - 1, -1, -1):
+        if _ROUTER_NAME.search(parts[index]):
+            return ".".join(parts[:index])
+    return _parent(module_path)
 
 
 def _find_combine(router: RouterMatch, flow: Dataflow) -> tuple[fx.Node, Region] | tuple[None, str | None]:
@@ -244,7 +260,7 @@ def find_moe_blocks(gm: fx.GraphModule, flow: Dataflow | None = None) -> list[Bl
                     router_failures.setdefault(block, f"router not supported: {error}")
             continue
         combine, region_or_reason = _find_combine(router, flow)
-        router_block = _parent(router.module_path)
+        router_block = _router_block(router.module_path)
         if combine is None:
             consumer = _expert_loop_consumer(router, flow)
             if consumer is not None:
@@ -305,7 +321,7 @@ def _match_any_router(anchor: fx.Node, flow: Dataflow) -> RouterMatch:
 
 
 def _router_only(router: RouterMatch, flow: Dataflow, sentinel_safe: bool) -> BlockMatch | BlockRejection:
-    path = _parent(router.module_path) or ""
+    path = _router_block(router.module_path) or ""
     if router.weights_end is None:
         return BlockRejection(
             path=path,

@@ -45,14 +45,18 @@ def _same(a, b) -> bool:
 
 
 def _router_linear(scores: fx.Node, flow: Dataflow, num_experts: int) -> fx.Node:
-    """The latest linear behind ``scores`` whose weight is an [E, H] parameter."""
+    """The latest linear behind ``scores`` whose weight is an [E', H] parameter with E' ≥ E.
+
+    E' > E: the router scores more than the routed experts (Inkling's rows for
+    its shared experts) and the selection reads E of its columns.
+    """
     found = []
     for node in flow.ancestors(scores) | {scores}:
         if op_name(node) != "linear":
             continue
         weight = resolve_param(arg(node, 1, "weight"))
         shape = tensor_shape(weight) if weight is not None else None
-        if shape is not None and len(shape) == 2 and shape[0] == num_experts:
+        if shape is not None and len(shape) == 2 and isinstance(shape[0], int) and shape[0] >= num_experts:
             found.append(node)
     if not found:
         raise Mismatch(

@@ -171,9 +171,15 @@ def _scalar_args(node: fx.Node) -> list[float]:
 
 
 def _read_weight_formula(chain: list[fx.Node], flow: Dataflow) -> tuple[bool, float, float]:
-    """(renormalize, eps, scaling factor) from the ops of a weights chain."""
-    renormalize, eps, scale = False, 0.0, 1.0
+    """(renormalize, eps, scaling factor) from the ops of a weights chain.
+
+    A scale by a constant (``* c`` or ``/ c``) applied before a renormalisation
+    cancels in it; only the scales after the last renormalisation count.
+    """
+    renormalize, eps = False, 0.0
     members = set(chain)
+    renormalized_at = -1
+    scales: list[tuple[int, float]] = []
     for node in chain:
         name = op_name(node)
         if name in _DIV_OPS and len(node.args) == 2 and isinstance(node.args[1], fx.Node):
@@ -186,9 +192,12 @@ def _read_weight_formula(chain: list[fx.Node], flow: Dataflow) -> tuple[bool, fl
                     divisor = next(a for a in divisor.args if isinstance(a, fx.Node))
                 elif dname in ("sum", "norm") and divisor.args and divisor.args[0] in members:
                     renormalize = True
+                    renormalized_at = max(renormalized_at, flow.position[node])
                     break
                 else:
                     raise Mismatch(f"{node.name}: routing weights divided by {dname}, not their sum")
+        elif name in _DIV_OPS and len(node.args) == 2 and _scalar_args(node)[-1:] == [node.args[1]]:
+            scales.append((flow.position[node], 1.0 / float(node.args[1])))
         elif name in _MUL_OPS:
             scalars = _scalar_args(node)
             if len(scalars) != 1:
@@ -200,7 +209,11 @@ def _read_weight_formula(chain: list[fx.Node], flow: Dataflow) -> tuple[bool, fl
                         "turns float attributes into inputs); compile without dynamic=True"
                     )
                 raise Mismatch(f"{node.name}: routing weights multiplied by a tensor")
-            scale *= scalars[0]
+            scales.append((flow.position[node], scalars[0]))
+    scale = 1.0
+    for position, factor in scales:
+        if position > renormalized_at:
+            scale *= factor
     return renormalize, eps, scale
 
 
