@@ -44,5 +44,7 @@ def test_adaptive_router_only_equals_full_rewrite(family):
         router_only = broken(ids, use_cache=False).logits
     assert rel_err(router_only, full) <= 1e-5
     report = moepass.report(broken)
-    (block,) = report.blocks
-    assert block.rewritten and any("save no compute" in note for note in block.notes)
+    # the loop's frame is compiled once and serves every layer: each is listed under its full path
+    assert [b.path for b in report.blocks] == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    for block in report.blocks:
+        assert block.rewritten and any("save no compute" in note for note in block.notes)
