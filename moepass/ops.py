@@ -366,34 +366,40 @@ def experts_up_backward(
     return tuple(g if g is not None else x.new_empty(0) for g in grads)
 
 
-@experts_up_backward.register_fake
-def _experts_up_backward_fake(grad_h, x, row_token, row_slot, offsets, weights, w1, b1, config, needs):
-    shapes = [x, weights, w1, b1]
+def _grouped_backward_fake(grad, data, row_token, row_slot, offsets, weights, w, b, config, needs):
+    """Both backward ops return gradients shaped like (data, weights, w, b), empty where not needed."""
     return tuple(
-        torch.empty_like(t) if need and t is not None else x.new_empty(0) for t, need in zip(shapes, needs)
+        torch.empty_like(t) if need and t is not None else data.new_empty(0) for t, need in zip((data, weights, w, b), needs)
     )
 
 
-def _up_setup_context(ctx, inputs, output) -> None:
-    x, row_token, row_slot, offsets, weights, w1, b1, config = inputs
-    ctx.save_for_backward(x, row_token, row_slot, offsets, weights, w1, b1)
+experts_up_backward.register_fake(_grouped_backward_fake)
+
+
+def _grouped_setup_context(ctx, inputs, output) -> None:
+    """experts_up and experts_down take (data, row_token, row_slot, offsets, weights, w, b, config)."""
+    *tensors, config = inputs
+    ctx.save_for_backward(*tensors)
     ctx.config = config
 
 
-def _up_backward(ctx, grad_h):
-    x, row_token, row_slot, offsets, weights, w1, b1 = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    wanted = [needs[0], needs[4], needs[5], needs[6] and b1 is not None]
-    if not any(wanted):
-        return (None,) * 8
-    grad_x, grad_weights, grad_w1, grad_b1 = experts_up_backward(
-        grad_h, x, row_token, row_slot, offsets, weights, w1, b1, ctx.config, wanted
-    )
-    pick = [g if want else None for g, want in zip((grad_x, grad_weights, grad_w1, grad_b1), wanted)]
-    return pick[0], None, None, None, pick[1], pick[2], pick[3], None
+def _grouped_backward(backward_op):
+    """The autograd formula of experts_up/experts_down: their backward op for (data, weights, w, b)."""
+
+    def backward(ctx, grad):
+        data, row_token, row_slot, offsets, weights, w, b = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        wanted = [needs[0], needs[4], needs[5], needs[6] and b is not None]
+        if not any(wanted):
+            return (None,) * 8
+        grads = backward_op(grad.contiguous(), data, row_token, row_slot, offsets, weights, w, b, ctx.config, wanted)
+        grad_data, grad_weights, grad_w, grad_b = (g if want else None for g, want in zip(grads, wanted))
+        return grad_data, None, None, None, grad_weights, grad_w, grad_b, None
+
+    return backward
 
 
-experts_up.register_autograd(_up_backward, setup_context=_up_setup_context)
+experts_up.register_autograd(_grouped_backward(experts_up_backward), setup_context=_grouped_setup_context)
 
 
 @torch.library.custom_op("moepass::experts_down", mutates_args=())
@@ -440,34 +446,8 @@ def experts_down_backward(
     return tuple(g if g is not None else a.new_empty(0) for g in grads)
 
 
-@experts_down_backward.register_fake
-def _experts_down_backward_fake(grad_out, a, row_token, row_slot, offsets, weights, w2, b2, config, needs):
-    shapes = [a, weights, w2, b2]
-    return tuple(
-        torch.empty_like(t) if need and t is not None else a.new_empty(0) for t, need in zip(shapes, needs)
-    )
-
-
-def _down_setup_context(ctx, inputs, output) -> None:
-    a, row_token, row_slot, offsets, weights, w2, b2, config = inputs
-    ctx.save_for_backward(a, row_token, row_slot, offsets, weights, w2, b2)
-    ctx.config = config
-
-
-def _down_backward(ctx, grad_out):
-    a, row_token, row_slot, offsets, weights, w2, b2 = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    wanted = [needs[0], needs[4], needs[5], needs[6] and b2 is not None]
-    if not any(wanted):
-        return (None,) * 8
-    grad_a, grad_weights, grad_w2, grad_b2 = experts_down_backward(
-        grad_out.contiguous(), a, row_token, row_slot, offsets, weights, w2, b2, ctx.config, wanted
-    )
-    pick = [g if want else None for g, want in zip((grad_a, grad_weights, grad_w2, grad_b2), wanted)]
-    return pick[0], None, None, None, pick[1], pick[2], pick[3], None
-
-
-experts_down.register_autograd(_down_backward, setup_context=_down_setup_context)
+experts_down_backward.register_fake(_grouped_backward_fake)
+experts_down.register_autograd(_grouped_backward(experts_down_backward), setup_context=_grouped_setup_context)
 
 
 def split_experts(x, ids, weights, w1, w2, b1, b2, config: str) -> torch.Tensor:

@@ -18,11 +18,9 @@ tokens that keep fewer experts cost nothing.  The activations follow
 
 from __future__ import annotations
 
-import math
-
 from moepass.lowering.activations import lifted_program
 from moepass.lowering.onnx.builder import BOOL, FLOAT, INT64, NodeBuilder
-from moepass.lowering.onnx.program import program_nodes
+from moepass.lowering.onnx.program import program_nodes, unary_nodes
 from onnx import helper
 
 from moepass.spec import ExpertsSpec
@@ -35,7 +33,7 @@ def activation(b: NodeBuilder, h: str, spec: ExpertsSpec, elem_type: int) -> str
     if spec.activation == "lifted":
         return program_nodes(b, h, lifted_program(spec.program), elem_type)
     if not spec.gated:
-        return _unary(b, spec.activation, h, elem_type)
+        return unary_nodes(b, spec.activation, h, elem_type)
     inter = spec.intermediate_size
     if spec.gate_up_layout == "interleaved":
         gate = b.slice(h, [0], [2 * inter], [1], [2])
@@ -49,24 +47,7 @@ def activation(b: NodeBuilder, h: str, spec: ExpertsSpec, elem_type: int) -> str
         up = b.op("Clip", up, b.const(-limit, elem_type), b.const(limit, elem_type))
         glu = b.op("Mul", gate, b.op("Sigmoid", b.op("Mul", gate, b.const(spec.swiglu_alpha, elem_type))))
         return b.op("Mul", b.op("Add", up, b.const(1.0, elem_type)), glu)
-    return b.op("Mul", _unary(b, spec.activation, gate, elem_type), up)
-
-
-def _unary(b: NodeBuilder, name: str, x: str, elem_type: int) -> str:
-    if name == "silu":
-        return b.op("Mul", x, b.op("Sigmoid", x))
-    if name == "relu":
-        return b.op("Relu", x)
-    half = b.op("Mul", x, b.const(0.5, elem_type))
-    if name == "gelu":
-        erf = b.op("Erf", b.op("Mul", x, b.const(1.0 / math.sqrt(2.0), elem_type)))
-        return b.op("Mul", half, b.op("Add", erf, b.const(1.0, elem_type)))
-    if name == "gelu_tanh":
-        cube = b.op("Mul", b.op("Mul", x, x), x)
-        inner = b.op("Add", x, b.op("Mul", cube, b.const(0.044715, elem_type)))
-        tanh = b.op("Tanh", b.op("Mul", inner, b.const(math.sqrt(2.0 / math.pi), elem_type)))
-        return b.op("Mul", half, b.op("Add", tanh, b.const(1.0, elem_type)))
-    raise ValueError(f"no ONNX form for activation {name!r}")
+    return b.op("Mul", unary_nodes(b, spec.activation, gate, elem_type), up)
 
 
 def portable_experts(

@@ -23,7 +23,7 @@ from onnx import TensorProto
 
 from moepass.lifted import ElementwiseProgram
 
-__all__ = ["program_nodes"]
+__all__ = ["program_nodes", "unary_nodes"]
 
 _ELEM = {"float32": TensorProto.FLOAT, "float64": TensorProto.DOUBLE, "bfloat16": TensorProto.BFLOAT16,
          "float16": TensorProto.FLOAT16}
@@ -69,13 +69,14 @@ def program_nodes(b: NodeBuilder, h: str, program: ElementwiseProgram, elem_type
             values.append(b.op(_BINARY.get(name, "Sub"), left, right))
             types.append(types[tensor_side[1]])
         else:
-            values.append(_unary(b, name, values[first], types[first]))
+            values.append(unary_nodes(b, name, values[first], types[first]))
             types.append(types[first])
     out = values[-1]
     return out if types[-1] == elem_type else b.cast(out, elem_type)
 
 
-def _unary(b: NodeBuilder, name: str, x: str, elem_type: int) -> str:
+def unary_nodes(b: NodeBuilder, name: str, x: str, elem_type: int) -> str:
+    """One unary activation (silu, relu, gelu in its erf form, gelu_tanh, tanh, ...) of ``x`` as ONNX nodes."""
     if name in _SIMPLE_UNARY:
         return b.op(_SIMPLE_UNARY[name], x)
     if name == "silu":

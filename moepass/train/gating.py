@@ -33,7 +33,6 @@ import argparse
 import copy
 import json
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from moepass.progress import progress
+from moepass.train.lm import learning_rate
 
 __all__ = ["GatingConfig", "FinetuneResult", "finetune_through_pass", "compare", "main"]
 
@@ -81,14 +81,6 @@ class FinetuneResult:
     seconds: float = 0.0
 
 
-def _learning_rate(config: GatingConfig, step: int) -> float:
-    if step < config.warmup:
-        return config.lr * (step + 1) / config.warmup
-    progress_ = (step - config.warmup) / max(1, config.steps - config.warmup)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(progress_, 1.0)))
-    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
-
-
 def finetune_through_pass(model, options: dict, config: GatingConfig, show_progress: bool = True) -> FinetuneResult:
     """Fine-tune a copy of ``model`` with the backend (``options``) in the training loop.
 
@@ -110,7 +102,7 @@ def finetune_through_pass(model, options: dict, config: GatingConfig, show_progr
     label = options.get("policy", "static")
     for step in progress(range(config.steps), f"fine-tune through the pass ({label})", enabled=show_progress):
         for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(config, step)
+            group["lr"] = learning_rate(config, step)
         ids = corpus.random_windows(stream, config.seq_len, config.batch_size, generator)
         out = compiled(input_ids=ids, use_cache=False, output_router_logits=True)
         lm_loss = F.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.shape[-1]), ids[:, 1:].reshape(-1))

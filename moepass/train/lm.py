@@ -181,7 +181,11 @@ def unigram_nats(train_stream: torch.Tensor, heldout_stream: torch.Tensor) -> fl
     return float(-log_p[heldout_bytes].mean())
 
 
-def _learning_rate(config: TrainConfig, step: int) -> float:
+def learning_rate(config, step: int) -> float:
+    """Linear warm-up over ``config.warmup`` steps, then cosine decay to ``lr · min_lr_ratio``.
+
+    ``config`` needs ``lr``, ``warmup``, ``steps`` and ``min_lr_ratio``.
+    """
     if step < config.warmup:
         return config.lr * (step + 1) / config.warmup
     progress_ = (step - config.warmup) / max(1, config.steps - config.warmup)
@@ -227,7 +231,7 @@ def train_lm(
     running_loss, running_aux, running_n = 0.0, 0.0, 0
     for step in progress(range(config.steps), "train bundled model", enabled=show_progress):
         for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(config, step)
+            group["lr"] = learning_rate(config, step)
         ids = corpus.random_windows(train_stream, config.seq_len, config.batch_size, generator)
         out = model(input_ids=ids, use_cache=False, output_router_logits=True)
         lm_loss = F.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.shape[-1]), ids[:, 1:].reshape(-1))
@@ -245,7 +249,7 @@ def train_lm(
             running_loss, running_aux, running_n = 0.0, 0.0, 0
             logger.info(
                 "step %d: train loss %.4f, aux %.4f, lr %.2e, %.0f s",
-                step + 1, curve[-1][1], curve[-1][2], _learning_rate(config, step), time.perf_counter() - started,
+                step + 1, curve[-1][1], curve[-1][2], learning_rate(config, step), time.perf_counter() - started,
             )
     model.eval()
     # the shipped weights are bf16: report the losses of exactly those
