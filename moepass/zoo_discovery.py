@@ -320,7 +320,8 @@ _LAYER_COUNT = re.compile(r"^(num_hidden_layers|num_layers|n_layers|encoder_laye
 _MOE_FROM_ZERO = re.compile(r"^(first_k_dense_replace|num_dense_layers|moe_layer_start_index|expert_layer_offset)$")
 _MOE_EVERY_LAYER = re.compile(r"^(decoder_sparse_step|encoder_sparse_step|interleave_moe_layer_step|moe_layer_interval|expert_layer_period)$")
 _DENSE_LAYER_LIST = re.compile(r"(mlp_only_layers|dense_layers)$")
-_MOE_LAYER_VALUE = re.compile(r"^(sparse|moe)$")
+#: Per-layer kinds that are MoE layers (``sparse``, ``moe``, and variants such as ``hash_moe``).
+_MOE_LAYER_VALUE = re.compile(r"^(sparse|(\w+_)?moe)$")
 _SHARED_COUNT = re.compile(r"^(n|num|moe_num)_shared_experts$")
 _INTERMEDIATE = re.compile(r"(intermediate|ffn_dim|^d_ff$|ffn_hidden_size|share_expert_dim|mlp_dim|moe_hidden_size)")
 _HEAD_DIM = re.compile(r"(head_dim|^d_kv$|^kv_channels$|^mamba_d_head$)")
@@ -341,9 +342,9 @@ def _is_int(value: Any) -> bool:
 def _resize_per_layer(name: str, values: list, layers: int) -> list:
     """A per-layer list of the default depth, cut to ``layers`` with every layer MoE."""
     if all(isinstance(v, str) for v in values):
-        moe = [v for v in values if _MOE_LAYER_VALUE.match(v)]
-        if moe:
-            return [moe[0]] * layers
+        moe = list(dict.fromkeys(v for v in values if _MOE_LAYER_VALUE.match(v)))
+        if moe:  # every layer MoE, each MoE variant (e.g. hash-routed) while there is room
+            return [moe[i % len(moe)] for i in range(layers)]
         distinct = list(dict.fromkeys(values))  # keep every kind of layer while there is room
         return [distinct[i % len(distinct)] for i in range(layers)]
     return [values[i % len(values)] for i in range(layers)]

@@ -191,10 +191,20 @@ def _expert_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def moe_blocks_that_ran(model: nn.Module, inputs: dict[str, Any]) -> list[str]:
-    """Module paths of the MoE blocks (parents of routed-expert modules) that ran on ``inputs``."""
+    """Module paths of the MoE blocks (parents of routed-expert modules) that ran on ``inputs``.
+
+    Blocks whose experts share their weights with an earlier block (an
+    encoder and a decoder tied together) count once: the report names a
+    block by its weights.
+    """
     ran: set[str] = set()
     handles = []
+    seen_weights: set[int] = set()
     for name, module in _expert_modules(model).items():
+        weights = {id(p) for p in module.parameters()}
+        if weights and weights <= seen_weights:
+            continue
+        seen_weights |= weights
         block = name.rsplit(".", 1)[0] if "." in name else ""
         handles.append(module.register_forward_hook(lambda *_, block=block: ran.add(block)))
         # a ModuleList container is never called itself: hook its members
@@ -203,7 +213,7 @@ def moe_blocks_that_ran(model: nn.Module, inputs: dict[str, Any]) -> list[str]:
                 handles.append(child.register_forward_hook(lambda *_, block=block: ran.add(block)))
     try:
         with torch.no_grad():
-            model(**inputs)
+            _seeded(model, inputs)
     finally:
         for handle in handles:
             handle.remove()
