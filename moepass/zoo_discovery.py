@@ -3,7 +3,10 @@
 The families come from transformers itself, not from a hand-kept list, so a
 release that adds a MoE model is picked up without a code change:
 
-1. every config class of ``CONFIG_MAPPING`` is instantiated with its defaults;
+1. every config class of ``CONFIG_MAPPING`` whose configuration source (or
+   that of a sub-config it names) mentions experts is instantiated with its
+   defaults (the text scan only saves importing ~500 unrelated modules:
+   ``discover_moe_families(prefilter=False)`` instantiates all, same result);
 2. a config (or one of its sub-configs: ``text_config``, ``thinker_config``,
    ``ffn_config`` …) is *MoE* when it has an expert-count attribute
    (:data:`EXPERT_COUNT`: ``num_experts``, ``num_local_experts``,
@@ -23,9 +26,16 @@ release that adds a MoE model is picked up without a code change:
    family of its own: its parent covers it.
 
 :func:`tiny_config` shrinks a family's default config generically, by
-attribute name (:func:`_shrink`): hidden 64, 2 layers that are *both* MoE, 8
-experts, top-2, small heads, vocab 128.  :data:`FAMILY_OVERRIDES` holds the
-few per-family settings no name rule can derive, each with the reason.
+attribute name (:func:`_shrink`): hidden 64, 2 layers that are *both* MoE
+(dense-first counts, sparse steps and per-layer kind lists rewritten), 8
+experts, top-2 (group-limited routing: 4 groups, top-2 groups), expert
+intermediate 32, heads 4 / kv heads 2 / head dim 16, vocab 128 with the
+special token ids moved inside it.  A few relations between sizes that the
+models check are kept (:func:`_keep_relations`: multi-head stays multi-head,
+MLA head dims, Mamba heads × head dim), and multimodal RoPE sections are
+sized to the rotary dim, also where the modeling code falls back to a default
+the config does not name.  :data:`FAMILY_OVERRIDES` holds the few per-family
+settings no rule can derive, each with the reason.
 """
 
 from __future__ import annotations

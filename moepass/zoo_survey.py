@@ -73,6 +73,9 @@ class BlockOutcome:
 
     path: str
     rewritten: bool
+    #: how the experts were dispatched (``grouped_mm`` …; ``eager_loop``: the
+    #: experts loop graph-broke and only the router was seen)
+    dispatch: str = ""
     #: one of :data:`moepass.report.REASON_CODES` ("" when rewritten)
     reason_code: str = ""
     reason: str = ""
@@ -230,6 +233,7 @@ def _block_outcomes(report) -> list[BlockOutcome]:
             BlockOutcome(
                 path=entry.display_path,
                 rewritten=entry.rewritten,
+                dispatch=entry.dispatch,
                 reason_code="" if entry.rewritten else classify_reason(entry.reason),
                 reason=entry.reason,
                 inserted_ops=inserted,

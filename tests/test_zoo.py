@@ -60,6 +60,8 @@ def _problems(outcome: FamilyOutcome) -> list[str]:
         if block.rewritten:
             if "moepass::route" not in block.inserted_ops:
                 problems.append(f"{block.path}: rewritten without a moepass::route op ({block.inserted_ops})")
+            if block.dispatch != "eager_loop" and "moepass::experts" not in block.inserted_ops:
+                problems.append(f"{block.path}: experts rewritten without a moepass::experts op ({block.inserted_ops})")
         elif block.reason_code not in REASON_CODES or block.reason_code == "unclassified":
             problems.append(f"{block.path}: left alone with an unclassified reason: {block.reason!r}")
     return problems
