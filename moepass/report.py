@@ -10,6 +10,7 @@ of a given (compiled or original) model.
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 import threading
 import weakref
@@ -21,7 +22,71 @@ import torch
 from moepass.spec import MoEBlockSpec
 from moepass.stats import BlockStats, routing_stats
 
-__all__ = ["BlockReport", "Report", "last_report", "report", "record_graph"]
+__all__ = ["BlockReport", "Report", "REASON_CODES", "classify_reason", "last_report", "report", "record_graph"]
+
+#: Why a block was left as it was, one code per cause a user can act on:
+#:
+#: - ``not_topk_routing``: the router selects experts without a top-k
+#:   (phimoe's sparsemixer, product-key lookups); only top-k routers are rewritten.
+#: - ``unsupported_router``: a top-k router whose scoring, weights or
+#:   selection (group limits, gathers, renormalisation) is not one moepass models.
+#: - ``unsupported_activation``: the ops between the two expert GEMMs are not a
+#:   supported activation.
+#: - ``unsupported_experts``: the expert weights' layout, biases or per-expert
+#:   arrangement is not one moepass models.
+#: - ``region_not_closed``: the block's output depends on values computed
+#:   outside it, or it mutates or aliases outside state, so it cannot be
+#:   replaced as a unit.
+#: - ``graph_break``: the block reached the backend in pieces (its experts
+#:   loop graph-broke), and the piece seen cannot be rewritten alone.
+#: - ``validation_failed``: the planned rewrite did not reproduce the block on
+#:   a random input (or could not be run), so the block was kept.
+#: - ``random_in_training``: the block draws random numbers inside (router
+#:   noise, dropout) in training mode; it is rewritten in eval mode.
+#: - ``unclassified``: a reason :func:`classify_reason` does not know yet (a bug
+#:   to fix there: every reason must map to one of the codes above).
+REASON_CODES = (
+    "not_topk_routing",
+    "unsupported_router",
+    "unsupported_activation",
+    "unsupported_experts",
+    "region_not_closed",
+    "graph_break",
+    "validation_failed",
+    "random_in_training",
+    "unclassified",
+)
+
+# (code, pattern over the reason text), first match wins.  Interim: the
+# detectors produce free text today; this one table maps it to a code until
+# the producers set the code themselves.
+_REASON_PATTERNS = (
+    ("validation_failed", r"^rewrite does not reproduce|^validation could not run|^could not run the block"),
+    ("random_in_training", r"draws random numbers"),
+    ("not_topk_routing", r"no top-k expert selection|sparsemixer|not an expert selection"),
+    ("graph_break", r"graph-broke|could not find where the experts' outputs are combined"),
+    ("region_not_closed", r"computed outside it|lives outside the block|view made before|the block's output \S+ has shape"),
+    ("unsupported_activation", r"unsupported expert activation|uses \S+, others|some experts are gated"),
+    (
+        "unsupported_router",
+        r"^router not supported|no supported top-k router|routing weights|topk with a non-constant k|"
+        r"not the expert dim|router weight|router bias|router input|group-limited|selected (expert ids|logits)|"
+        r"not passed through sigmoid|not a router linear|no router linear",
+    ),
+    (
+        "unsupported_experts",
+        r"expert weight|expert linear|expert bias|stacked expert|expert projections|experts of different|"
+        r"per-expert|projection has|GEMM does not consume|orientations|cannot tell",
+    ),
+)
+
+
+def classify_reason(reason: str) -> str:
+    """The code (one of :data:`REASON_CODES`) of a not-rewritten block's reason text."""
+    for code, pattern in _REASON_PATTERNS:
+        if re.search(pattern, reason):
+            return code
+    return "unclassified"
 
 
 @dataclass
@@ -54,6 +119,14 @@ class BlockReport:
     #: that frame, and :func:`report` recovers its full path from the model.
     anchor: Any = field(default=None, repr=False, compare=False)
     anchor_name: str = ""
+
+    @property
+    def reason_code(self) -> str:
+        """Why the block was left alone, as one of :data:`REASON_CODES` ("" when rewritten).
+
+        Derived from :attr:`reason` by :func:`classify_reason` for now.
+        """
+        return "" if self.rewritten else classify_reason(self.reason)
 
     @property
     def display_path(self) -> str:
@@ -116,6 +189,7 @@ class Report:
                     "top_k": b.top_k,
                     "rewritten": b.rewritten,
                     "reason": b.reason,
+                    "reason_code": b.reason_code,
                     "shared_experts": b.shared_experts,
                     "policy": b.policy,
                     "validation_error": b.validation_error,

@@ -1,7 +1,11 @@
 """Tiny MoE models built from real transformers classes, for tests, demos and docs.
 
 Every model here is randomly initialised from a small config: nothing is
-downloaded.  :func:`tiny_model` builds one by family name;
+downloaded.  :func:`tiny_model` builds one by family name: the hand-written
+configs below for the families the pass has always supported, and, for any
+other MoE family of the installed transformers, the generic tiny config of
+:mod:`moepass.zoo_discovery`.  :func:`survey` runs every discovered family
+through the backend (:mod:`moepass.zoo_survey`);
 :class:`ReferenceMoE` is a hand-written MoE in the common reference style
 (nn.ModuleList of expert MLPs, a softmax/top-k router, a Python loop over
 experts with ``torch.where`` and ``index_add_``).
@@ -20,6 +24,7 @@ __all__ = [
     "UNSUPPORTED_FAMILIES",
     "tiny_config",
     "tiny_model",
+    "survey",
     "randomize_weights",
     "ReferenceMoE",
     "ExpertMLP",
@@ -86,8 +91,17 @@ def tiny_config(family: str, experts_implementation: str | None = None, **overri
         extra = UNSUPPORTED_FAMILIES[family]
     elif family == "llama":
         extra = {}
+    elif _is_discovered(family):
+        from moepass import zoo_discovery
+
+        if experts_implementation is not None:
+            overrides["experts_implementation"] = experts_implementation
+        return zoo_discovery.tiny_config(family, **overrides)
     else:
-        raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES + tuple(UNSUPPORTED_FAMILIES))}, llama")
+        raise ValueError(
+            f"unknown family {family!r}; known: {', '.join(FAMILIES + tuple(UNSUPPORTED_FAMILIES))}, llama, "
+            "or any MoE family of the installed transformers (moepass.zoo_discovery.discover_moe_families())"
+        )
     kwargs = {**_COMMON, **extra, **overrides}
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     if experts_implementation is not None:
@@ -102,14 +116,39 @@ def tiny_model(
     dtype: torch.dtype = torch.float32,
     **overrides: Any,
 ) -> nn.Module:
-    """A randomly initialised causal LM of ``family`` in eval mode."""
+    """A randomly initialised model of ``family`` in eval mode.
+
+    A causal LM for the hand-configured families; for the other discovered
+    families the model class of :func:`moepass.zoo_discovery.tiny_family_model`
+    (multimodal and encoder–decoder ones included).
+    """
     from transformers import AutoModelForCausalLM
 
+    if family not in _FAMILY_CONFIGS and family not in UNSUPPORTED_FAMILIES and family != "llama":
+        if _is_discovered(family):
+            from moepass.zoo_discovery import tiny_family_model
+
+            if experts_implementation is not None:
+                overrides["experts_implementation"] = experts_implementation
+            return tiny_family_model(family, seed=seed, dtype=dtype, **overrides)
     config = tiny_config(family, experts_implementation, **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     randomize_weights(model, seed)
     return model.eval()
+
+
+def _is_discovered(family: str) -> bool:
+    from moepass.zoo_discovery import discover_moe_families
+
+    return any(f.name == family for f in discover_moe_families())
+
+
+def survey(families=None, lengths=(8, 13), progress=None):
+    """Every discovered MoE family through the backend: see :func:`moepass.zoo_survey.survey`."""
+    from moepass.zoo_survey import survey as run
+
+    return run(families, lengths, progress)
 
 
 def randomize_weights(model: nn.Module, seed: int = 0, scale: float = 0.1) -> nn.Module:

@@ -1,0 +1,60 @@
+"""Every MoE family of the installed transformers through the backend, as a markdown table.
+
+    python benchmarks/zoo_table.py                 # all discovered families
+    python benchmarks/zoo_table.py mixtral dbrx    # some
+    python benchmarks/zoo_table.py --json out.json # also the raw outcomes
+
+Tiny random models (hidden 64, 2 layers both MoE, 8 experts, top-2), static
+policy, inner compiler eager, logits against eager at [2, 8] and [2, 13].
+See moepass/zoo_survey.py for the outcome definitions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import warnings
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("families", nargs="*", help="family names (transformers model_type); default: all")
+    parser.add_argument("--json", help="also write the outcomes as JSON to this file")
+    args = parser.parse_args(argv)
+
+    warnings.filterwarnings("ignore")
+    logging.basicConfig(level=logging.ERROR)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    from moepass.zoo_survey import markdown_table, survey
+
+    started = time.perf_counter()
+    outcomes = survey(
+        args.families or None,
+        progress=lambda o: print(f"{o.family}: {o.outcome} ({o.seconds:.1f}s)", file=sys.stderr, flush=True),
+    )
+    print(markdown_table(outcomes))
+    counts = {}
+    for o in outcomes:
+        counts[o.outcome] = counts.get(o.outcome, 0) + 1
+    summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+    print(f"\n{len(outcomes)} families: {summary} ({time.perf_counter() - started:.0f}s)")
+    if args.json:
+        folder = os.path.dirname(os.path.abspath(args.json))
+        with tempfile.NamedTemporaryFile("w", dir=folder, delete=False, suffix=".tmp") as handle:
+            json.dump([dataclasses.asdict(o) for o in outcomes], handle, indent=1)
+        os.replace(handle.name, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
