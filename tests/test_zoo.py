@@ -27,15 +27,10 @@ DISCOVERED = discover_moe_families()
 _LOOP = "the experts loop graph-breaks (nonzero() / .item() over the hit experts)"
 #: Families that fail this test today, and why (see notes/zoo-survey.md).
 KNOWN_GAPS: dict[str, str] = {
-    "dbrx": f"{_LOOP}; the router graph matches but the report lists no block and no reason",
-    "longcat_flash": f"{_LOOP}; zero-computation experts; the report lists no block and no reason",
     "switch_transformers": f"{_LOOP} of a ModuleDict; argmax capacity router; the report lists no block",
     "nllb-moe": f"{_LOOP} of a ModuleDict; two-argmax capacity router; the report lists no block",
     "jetmoe": ".tolist() graph break in the experts; MoA attention experts are routed too; "
     "the report has one entry ('experts') for four blocks",
-    "openai_privacy_filter": f"eager experts by default: {_LOOP}; both router-only entries get the "
-    "path '' and the report keeps one",
-    "step3p7": f"{_LOOP}; both router-only rewrites get the path '' and the report keeps one",
     "doge": "product-key experts (embedding rows, no experts module); the report lists no block",
     "llama4": "transformers 5.24: Llama4ForConditionalGeneration's text-only forward reads "
     "outputs.image_outputs, which the text model does not return",

@@ -25,9 +25,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+import torch
 import torch.fx as fx
 
-from moepass.dataflow import Dataflow, op_name, tensor_shape
+from moepass.dataflow import Dataflow, example_value, op_name, tensor_shape
 from moepass.detect.common import (
     Mismatch,
     arg,
@@ -36,6 +37,7 @@ from moepass.detect.common import (
     ndim,
     resolve_param,
     same_numel,
+    source_path,
 )
 from moepass.detect.experts import ExpertsMatch, match_experts
 from moepass.detect.lifted_router import match_lifted_router
@@ -305,7 +307,7 @@ def find_moe_blocks(gm: fx.GraphModule, flow: Dataflow | None = None) -> list[Bl
         )
         results.append(BlockMatch(spec=spec, router=router, experts=experts, region=region, shared=shared))
         claimed |= {n for n in region.inputs if n.op in ("placeholder", "get_attr")} | router.param_nodes
-    results.extend(_unclaimed_experts(gm.graph, claimed, results, router_failures))
+    results.extend(_unclaimed_experts(gm.graph, claimed, results, router_failures, flow))
     return results
 
 
@@ -375,11 +377,30 @@ def _router_block_of(anchor: fx.Node) -> str | None:
     return _parent(module_path_of_param(weight)) if weight is not None else None
 
 
+def _lookup_table(params: list[fx.Node], flow: Dataflow) -> fx.Node | None:
+    """An integer [V, k] buffer the experts' dispatch reads (DeepSeek-V4's token-id → experts table), if any."""
+    for param in params:
+        gemms = [n for n in flow.sorted(flow.descendants(param))[:8] if len(n.all_input_nodes) > 1]
+        for gemm in gemms:
+            for source in flow.ancestors(gemm):
+                value = example_value(source)
+                if (
+                    source.op in ("placeholder", "get_attr")
+                    and isinstance(value, torch.Tensor)
+                    and not value.dtype.is_floating_point
+                    and value.dim() == 2
+                    and "." in (source_path(source) or "")  # a module's buffer, not the model's input ids
+                ):
+                    return source
+    return None
+
+
 def _unclaimed_experts(
     graph: fx.Graph,
     claimed: set[fx.Node],
     results: list[BlockMatch | BlockRejection],
     router_failures: dict[str, str],
+    flow: Dataflow,
 ) -> list[BlockRejection]:
     """Stacked expert weights no matched router reached: blocks left alone."""
     known = {r.path for r in results}
@@ -401,7 +422,13 @@ def _unclaimed_experts(
             for node in p.users:
                 ops.add(op_name(node))
         router_ops = _router_ops_near(graph, path, num_experts)
-        if router_ops & _SPARSEMIXER_OPS and "topk" not in router_ops:
+        table = _lookup_table(params, flow)
+        if table is not None:
+            reason = (
+                f"no top-k expert selection: the experts are chosen by a table lookup ({source_path(table)}, hash routing "
+                "by token id); only top-k routers are supported"
+            )
+        elif {"max", "masked_fill"} <= router_ops and "topk" not in router_ops:
             reason = (
                 "no top-k expert selection: the router is a sparsemixer "
                 f"({', '.join(sorted(router_ops & _SPARSEMIXER_OPS))}); only top-k routers are supported"

@@ -95,6 +95,19 @@ def routing_set(linear: fx.Node, x_base: fx.Node, flow: Dataflow, token_dims: tu
     return members
 
 
+def _viewed_parameter(node: fx.Node) -> fx.Node | None:
+    """The parameter ``node`` is a view or cast of (through single-input ops), if any."""
+    for _ in range(8):
+        if node.op in ("placeholder", "get_attr"):
+            return node
+        if op_name(node) not in CAST_OPS | SHAPE_OPS | {"squeeze", "expand", "expand_as"} or not node.args:
+            return None
+        if not isinstance(node.args[0], fx.Node):
+            return None
+        node = node.args[0]
+    return None
+
+
 def _formula(nodes: list[fx.Node]) -> str:
     names = []
     for node in nodes:
@@ -153,8 +166,14 @@ def match_lifted_router(anchor: fx.Node, flow: Dataflow) -> RouterMatch:
     params = {weight} | ({bias} if bias is not None else set())
     for node in formula_nodes:  # parameters read directly or through views of them (a squeezed bias)
         for source in node.all_input_nodes:
-            if source not in members and source is not x_base:
-                params |= {a for a in flow.ancestors(source) | {source} if a.op in ("placeholder", "get_attr")}
+            if source in members or source is x_base:
+                continue
+            if source.op in ("placeholder", "get_attr"):
+                params.add(source)  # a parameter, or a float attribute made an input (dynamic=True)
+                continue
+            viewed = _viewed_parameter(source)  # a squeezed or cast parameter (Ernie's bias)
+            if viewed is not None:
+                params.add(viewed)
     spec = RouterSpec(
         kind="lifted",
         num_experts=num_experts,
