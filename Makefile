@@ -12,11 +12,13 @@ install:
 demo: install
 	$(PYTHON) -m moepass.cli demo
 
+# Two workers (one per core, one intra-op thread each): most of the suite's time
+# is dynamo tracing, which is single-threaded Python.
 test: install
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n 2 --dist loadfile
 
 test-fast:
-	$(PYTHON) -m pytest -q -m "not inductor and not slow"
+	$(PYTHON) -m pytest -q -n 2 --dist loadfile -m "not inductor and not slow"
 
 bench:
 	$(PYTHON) benchmarks/moe_block_cpu.py

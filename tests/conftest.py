@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -9,6 +11,11 @@ import moepass
 from moepass.backend import optimize_graph
 from moepass.dataflow import op_name
 from moepass.options import BackendOptions
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # parallel test workers (make test runs two): one intra-op thread each, so
+    # two busy processes do not fight over the two cores
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -174,6 +174,8 @@ def match_lifted_router(anchor: fx.Node, flow: Dataflow) -> RouterMatch:
             viewed = _viewed_parameter(source)  # a squeezed or cast parameter (Ernie's bias)
             if viewed is not None:
                 params.add(viewed)
+            elif _is_scalar(source):  # a scale read from an input (dynamic=True makes float attributes inputs)
+                params |= {a for a in source.all_input_nodes if a.op in ("placeholder", "get_attr")}
     spec = RouterSpec(
         kind="lifted",
         num_experts=num_experts,
