@@ -44,7 +44,10 @@ logger = logging.getLogger(__name__)
 
 def _block_report(item: BlockMatch | BlockRejection, policy: str, env: dict | None = None) -> BlockReport:
     if isinstance(item, BlockRejection):
+        weight = (env or {}).get(item.anchor) if item.anchor is not None else None
         return BlockReport(
+            anchor=weakref.ref(weight) if isinstance(weight, torch.Tensor) else None,
+            anchor_name=source_path(item.anchor) or "" if item.anchor is not None else "",
             path=item.path,
             router=item.router_kind,
             dispatch=item.dispatch,

@@ -348,7 +348,12 @@ def _resolve_paths(report_: Report, module: torch.nn.Module) -> None:
                 twin.notes = [*entry.notes, f"runs the graph compiled for {entry.path}"]
                 report_.blocks.append(twin)
     if changed:
-        report_.blocks.sort(key=lambda b: _natural_key(b.path))
+        unique: dict[str, BlockReport] = {}
+        for entry in report_.blocks:  # two frames may name one block: keep its first entry, rewritten first
+            kept = unique.get(entry.path)
+            if kept is None or (entry.rewritten and not kept.rewritten):
+                unique[entry.path] = entry
+        report_.blocks = sorted(unique.values(), key=lambda b: _natural_key(b.path))
 
 
 def _natural_key(path: str) -> list:

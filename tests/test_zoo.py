@@ -27,8 +27,6 @@ DISCOVERED = discover_moe_families()
 _LOOP = "the experts loop graph-breaks (nonzero() / .item() over the hit experts)"
 #: Families that fail this test today, and why (see notes/zoo-survey.md).
 KNOWN_GAPS: dict[str, str] = {
-    "switch_transformers": f"{_LOOP} of a ModuleDict; argmax capacity router; the report lists no block",
-    "nllb-moe": f"{_LOOP} of a ModuleDict; two-argmax capacity router; the report lists no block",
     "jetmoe": ".tolist() graph break in the experts; MoA attention experts are routed too; "
     "the report has one entry ('experts') for four blocks",
     "doge": "product-key experts (embedding rows, no experts module); the report lists no block",

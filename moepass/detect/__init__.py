@@ -80,6 +80,8 @@ class BlockRejection:
     num_experts: int | None = None
     top_k: int | None = None
     notes: list[str] = field(default_factory=list)
+    #: The router's weight parameter, when known (names a block compiled in a frame of its own).
+    anchor: fx.Node | None = None
 
 
 def layer_index_of(path: str) -> int:
@@ -307,6 +309,7 @@ def find_moe_blocks(gm: fx.GraphModule, flow: Dataflow | None = None) -> list[Bl
         )
         results.append(BlockMatch(spec=spec, router=router, experts=experts, region=region, shared=shared))
         claimed |= {n for n in region.inputs if n.op in ("placeholder", "get_attr")} | router.param_nodes
+    results.extend(_argmax_routers(gm.graph, flow, {r.path for r in results}))
     results.extend(_unclaimed_experts(gm.graph, claimed, results, router_failures, flow))
     return results
 
@@ -375,6 +378,37 @@ def _router_block_of(anchor: fx.Node) -> str | None:
         return None
     weight = resolve_param(arg(linear, 1, "weight"))
     return _parent(module_path_of_param(weight)) if weight is not None else None
+
+
+def _argmax_routers(graph: fx.Graph, flow: Dataflow, known: set[str]) -> list[BlockRejection]:
+    """Routers that pick experts by argmax (Switch Transformers, NLLB-MoE: top-1/top-2 with a capacity)."""
+    found = []
+    for node in graph.nodes:
+        if op_name(node) != "argmax" or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        try:
+            linear, _ = find_router_linear(node.args[0])
+        except Mismatch:
+            continue
+        weight = resolve_param(arg(linear, 1, "weight"))
+        shape = tensor_shape(weight) if weight is not None else None
+        module = module_path_of_param(weight) if weight is not None else None
+        if shape is None or len(shape) != 2 or shape[0] > shape[1] or not _ROUTER_NAME.search(module or ""):
+            continue
+        path = _router_block(module) or ""
+        if path in known or any(r.path == path for r in found):
+            continue
+        found.append(
+            BlockRejection(
+                path=path,
+                reason="no top-k expert selection: the router picks experts by argmax with an expert capacity "
+                "(tokens over capacity skip the experts); only top-k routers are supported",
+                router_kind="argmax",
+                num_experts=int(shape[0]),
+                anchor=weight,
+            )
+        )
+    return found
 
 
 def _lookup_table(params: list[fx.Node], flow: Dataflow) -> fx.Node | None:

@@ -63,7 +63,7 @@ def source_path(node: fx.Node) -> str | None:
     parts = []
     for quoted, attr, index in _SOURCE_TOKEN.findall(rest):
         token = quoted or attr or index
-        if token in ("_modules", "_parameters", "_buffers"):
+        if token in ("_modules", "_parameters", "_buffers", "__dict__"):
             continue
         parts.append(token)
     return ".".join(parts)
