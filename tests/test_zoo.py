@@ -24,7 +24,6 @@ from moepass.zoo_survey import TOLERANCE, FamilyOutcome, run_family
 
 DISCOVERED = discover_moe_families()
 
-_LOOP = "the experts loop graph-breaks (nonzero() / .item() over the hit experts)"
 #: Families that fail this test today, and why (see notes/zoo-survey.md).
 KNOWN_GAPS: dict[str, str] = {
     "jetmoe": ".tolist() graph break in the experts; MoA attention experts are routed too; "
