@@ -192,16 +192,19 @@ def weigh_experts(
             # softmax over the surviving logits == full softmax renormalised over them
             weights = torch.softmax(ranked.values.masked_fill(~keep, float("-inf")), dim=-1)
             # a token with no expert has a row of -inf: softmax gives NaN; it gets zeros
-            return torch.where(keep, weights, zeros)
+            return _scaled(torch.where(keep, weights, zeros), router)
         if router.kind == "topk_sigmoid":
-            return torch.where(keep, torch.sigmoid(ranked.values), zeros)
+            return _scaled(torch.where(keep, torch.sigmoid(ranked.values), zeros), router)
         renormalize = router.renormalize
     weights = torch.where(keep, _natural_weights(ranked, router), zeros)
     if renormalize:
         weights = _normalise(weights, router.renormalize_eps)
-    if router.scaling_factor != 1.0:
-        weights = weights * router.scaling_factor
-    return weights
+    return _scaled(weights, router)
+
+
+def _scaled(weights: torch.Tensor, router: RouterSpec) -> torch.Tensor:
+    """The router's constant scale on the final weights (DeepSeek's routed_scaling_factor, a ÷ k)."""
+    return weights * router.scaling_factor if router.scaling_factor != 1.0 else weights
 
 
 KRule = Callable[[RoutingContext], torch.Tensor]

@@ -354,15 +354,17 @@ def _router_only(router: RouterMatch, flow: Dataflow, sentinel_safe: bool) -> Bl
 def _expert_evidence(anchor: fx.Node, flow: Dataflow) -> str | None:
     """Module path of expert-like weights the anchor's ids reach, if any (else it is not an MoE)."""
     ids = [u for u in anchor.users if op_name(u) == "getitem" and u.args[1] == 1]
-    if not ids:
+    scores = tensor_shape(anchor.args[0]) if anchor.args and isinstance(anchor.args[0], fx.Node) else None
+    if not ids or not scores:
         return None
+    candidates = scores[-1]  # what the top-k picks among: experts have one weight slice each
     seen = 0
     for node in flow.sorted(flow.descendants(ids[0])):
         seen += 1
         if seen > 200:
             break
         for source in node.all_input_nodes:
-            if source.op in ("placeholder", "get_attr") and ndim(source) == 3:
+            if source.op in ("placeholder", "get_attr") and ndim(source) == 3 and tensor_shape(source)[0] == candidates:
                 return _parent(module_path_of_param(source)) or ""
     return None
 

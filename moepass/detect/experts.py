@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from moepass.dataflow import Dataflow, op_name, tensor_shape
+from moepass.dataflow import Dataflow, example_value, op_name, tensor_shape
 from moepass.detect.common import (
     CAST_OPS,
     Mismatch,
@@ -233,21 +233,39 @@ def _same_function(program: ElementwiseProgram, spec: ExpertsSpec, width: int) -
     return bool((expected - actual).abs().max() / scale <= 1e-6)
 
 
-def _experts_input(region: Region, router: RouterMatch, gemm1: fx.Node, flow: Dataflow, hidden: int) -> fx.Node:
-    """The last per-token [.., H] value before the experts gather their rows (not routing-dependent)."""
+#: Ops the tokens pass on their way to the first GEMM: gathers by slot, casts, views, copies per slot.
+_TOKEN_PLUMBING = CAST_OPS | {
+    "getitem", "index_select", "view", "reshape", "unsqueeze", "squeeze", "repeat_interleave", "repeat", "expand",
+    "contiguous", "flatten", "mul", "imul",
+}
+
+
+def _experts_input(region: Region, router: RouterMatch, gemm1: fx.Node, weight: fx.Node, flow: Dataflow, hidden: int):
+    """The tokens the experts read: the first GEMM's data operand, followed back through gathers and casts.
+
+    The walk takes, at each step, the operand that is not the routing (ids,
+    weights) and not the expert weight, and stops at the first per-token
+    [.., H] value of the block's size: the block input, or a transform of it
+    the router does not see (Gemma 4's pre-norm of the experts).
+    """
     routed = flow.descendants(router.linear) | {router.linear}
-    candidates = [
-        n
-        for n in flow.ancestors(gemm1) | {region.x_base}
-        if (n is region.x_base or n in region.nodes)
-        and n not in routed
-        and tensor_shape(n) is not None
-        and tensor_shape(n)[-1] == hidden
-        and same_numel(n, region.x_base)
-    ]
-    if not candidates:
-        raise Mismatch(f"cannot find the tokens {gemm1.name} reads")
-    return max(candidates, key=flow.position.__getitem__)
+    node = next(
+        (a for a in gemm1.all_input_nodes if a is not weight and weight not in flow.ancestors(a)
+         and isinstance(example_value(a), torch.Tensor) and example_value(a).dtype.is_floating_point),
+        None,
+    )
+    for _ in range(32):
+        if node is None:
+            break
+        shape = tensor_shape(node)
+        if node not in routed and shape is not None and shape[-1] == hidden and same_numel(node, region.x_base):
+            return node
+        if op_name(node) not in _TOKEN_PLUMBING:
+            break
+        data = [a for a in node.all_input_nodes if a not in routed or a is node.args[0]]
+        data = [a for a in data if isinstance(example_value(a), torch.Tensor) and example_value(a).dtype.is_floating_point]
+        node = data[0] if data else None
+    raise Mismatch(f"cannot find the tokens {gemm1.name} reads")
 
 
 def _weight_on_input(router: RouterMatch, gemm1: fx.Node, flow: Dataflow) -> bool:
@@ -342,7 +360,7 @@ def _match_stacked(region, router, flow, stacked, stacked_bias, hidden) -> Exper
         swiglu_limit=limit,
         program=program,
     )
-    x_input = _experts_input(region, router, gemm1, flow, hidden)
+    x_input = _experts_input(region, router, gemm1, w1, flow, hidden)
     return ExpertsMatch(spec, w1, w2, b1, b2, module_path=module_path_of_param(w1), x_input=x_input)
 
 
@@ -460,6 +478,6 @@ def _match_module_loop(region, router, flow, params, hidden) -> ExpertsMatch:
         program=lifted or "",
     )
     module = common_module_path(module_path_of_param(w) for w in w2)
-    x_input = _experts_input(region, router, first_gemm, flow, hidden)
+    x_input = _experts_input(region, router, first_gemm, resolve_param(arg(first_gemm, 1, "weight")), flow, hidden)
     return ExpertsMatch(spec, w1, w2, b1, b2, module_path=module, x_input=x_input)
 
