@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -12,10 +13,18 @@ from moepass.backend import optimize_graph
 from moepass.dataflow import op_name
 from moepass.options import BackendOptions
 
-if os.environ.get("PYTEST_XDIST_WORKER"):
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if _WORKER:
     # parallel test workers (make test runs two): one intra-op thread each, so
     # two busy processes do not fight over the two cores
     torch.set_num_threads(1)
+    # and an Inductor cache each: two workers compiling the same kernel at once
+    # into one shared cache can load each other's half-written .so ("file too
+    # short", seen in CI)
+    os.environ.setdefault(
+        "TORCHINDUCTOR_CACHE_DIR",
+        os.path.join(tempfile.gettempdir(), f"moepass-inductor-{os.getuid()}-{_WORKER}"),
+    )
 
 
 @pytest.fixture(autouse=True)
