@@ -66,10 +66,10 @@ def machine_description() -> str:
     return f"{model}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
 
 
-def gemm_rate(m: int = 1024, k: int = 1024, n: int = 5632) -> float:
-    """Measured float32 GEMM rate in FLOP/s for [m, k] @ [k, n]."""
-    a, b = torch.randn(m, k), torch.randn(k, n)
-    out = torch.empty(m, n)
+def gemm_rate(m: int = 1024, k: int = 1024, n: int = 5632, dtype: torch.dtype = torch.float32) -> float:
+    """Measured GEMM rate in FLOP/s for [m, k] @ [k, n] in ``dtype`` (float32 by default)."""
+    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+    out = torch.empty(m, n, dtype=dtype)
     seconds = time_it(lambda: torch.mm(a, b, out=out), repeat=10)
     return 2 * m * k * n / seconds
 
