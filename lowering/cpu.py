@@ -73,9 +73,40 @@ class SlotPlan:
         return self.row_token.shape[0]
 
 
+#: Up to this many slots the plan is made in Python lists: for decode-sized
+#: routings eight tensor ops cost more than the sort itself.
+_LIST_PLAN_MAX_SLOTS = 256
+
+
+def _plan_in_lists(ids: torch.Tensor, num_experts: int) -> SlotPlan:
+    num_tokens, slots = ids.shape
+    flat = ids.reshape(-1).tolist()
+    keys = [e if 0 <= e < num_experts else num_experts for e in flat]
+    order = sorted(range(len(keys)), key=keys.__getitem__)  # stable
+    counts = [0] * (num_experts + 1)
+    for key in keys:
+        counts[key] += 1
+    live = len(keys) - counts[num_experts]
+    slot_row = [0] * len(keys)
+    for row, slot in enumerate(order):
+        slot_row[slot] = min(row, live)
+    row_slot = order[:live]
+    device = ids.device
+    return SlotPlan(
+        torch.tensor([slot // slots for slot in row_slot], dtype=torch.long, device=device),
+        torch.tensor(row_slot, dtype=torch.long, device=device),
+        counts[:num_experts],
+        torch.tensor(slot_row, dtype=torch.long, device=device),
+        num_tokens,
+        slots,
+    )
+
+
 def plan_slots(ids: torch.Tensor, num_experts: int) -> SlotPlan:
     """Sort the non-empty slots of ``ids`` [T, K] by expert (stably); ids outside [0, E) are empty."""
     num_tokens, slots = ids.shape
+    if ids.numel() <= _LIST_PLAN_MAX_SLOTS:
+        return _plan_in_lists(ids, num_experts)
     flat = ids.reshape(-1)
     flat = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)
     order = torch.sort(flat, stable=True)[1]

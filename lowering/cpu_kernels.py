@@ -18,8 +18,9 @@ file holds, per dtype and projection shape measured (``python
 benchmarks/cpu_kernels.py`` writes it), the fastest kernel at each row count;
 :func:`choose_kernel` takes the entry of the nearest shape and the largest
 measured row count not above the rows at hand.  Dtypes the table does not
-cover, and [in, out] weights (the table measures [out, in] ones), run
-token-major — the GEMM transformers' ``grouped_mm`` runs.
+cover, row counts above its largest (where the GEMMs are compute-bound and
+both forms reach the GEMM rate), and [in, out] weights (the table measures
+[out, in] ones) run token-major — the GEMM transformers' ``grouped_mm`` runs.
 
 Every kernel writes ``out`` in token-major layout, so the activation between
 the two projections runs on the same layout whichever kernels ran.
@@ -137,6 +138,8 @@ def choose_kernel(rows: int, weight_shape, dtype: torch.dtype, transposed: bool)
     if transposed:  # the table measures [out, in] weights only
         return "token_major"
     counts, kernels = _choices(dtype, weight_shape[0], weight_shape[1])
+    if rows > counts[-1]:  # beyond the table the GEMMs are compute-bound: both forms run at the GEMM rate
+        return "token_major"
     kernel = kernels[max(bisect.bisect_right(counts, rows) - 1, 0)]
     if kernel == "gemv" and rows != 1:
         return "token_major"

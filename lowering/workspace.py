@@ -9,8 +9,9 @@ token-ordered rows of the combine) are therefore taken from per-thread
 buffers that live across calls; only the op's output is freshly allocated.
 
 Buffers are per thread (two threads running the op never share one) and are
-kept only up to :data:`MAX_KEPT_BYTES` each; larger requests get a fresh
-tensor.  :func:`release_workspace` frees the calling thread's buffers.
+kept only from :data:`MIN_KEPT_BYTES` (smaller ones come from the heap
+without faults) up to :data:`MAX_KEPT_BYTES` each; other requests get a
+fresh tensor.  :func:`release_workspace` frees the calling thread's buffers.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ __all__ = ["scratch", "release_workspace", "MAX_KEPT_BYTES"]
 
 #: Buffers larger than this are not kept between calls (allocated fresh each time).
 MAX_KEPT_BYTES = 512 << 20
+#: Below this a fresh tensor comes from the allocator's heap, without page
+#: faults, and is cheaper than slicing a kept buffer.
+MIN_KEPT_BYTES = 1 << 20
 
 _local = threading.local()
 
@@ -43,7 +47,7 @@ def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tens
     """
     numel = math.prod(shape)
     size = numel * dtype.itemsize
-    if size > MAX_KEPT_BYTES:
+    if size < MIN_KEPT_BYTES or size > MAX_KEPT_BYTES:
         return torch.empty(shape, dtype=dtype)
     buffers = _buffers()
     key = (name, dtype)
