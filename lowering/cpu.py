@@ -138,25 +138,28 @@ def expert_outputs(hidden: int, plan: SlotPlan, dtype: torch.dtype) -> torch.Ten
     return y
 
 
+def token_ordered(rows: torch.Tensor, slot_row: torch.Tensor, num_tokens: int, slots: int) -> torch.Tensor:
+    """rows[slot_row] as [T, K, H], in a scratch buffer: each token's slots side by side."""
+    ordered = scratch("combine", (num_tokens * slots, rows.shape[1]), rows.dtype, rows.device)
+    torch.index_select(rows, 0, slot_row, out=ordered)
+    return ordered.view(num_tokens, slots, rows.shape[1])
+
+
 def combine_rows(y: torch.Tensor, weights: torch.Tensor, plan: SlotPlan, spec: ExpertsSpec) -> torch.Tensor:
     """out [T, H] = Σ over each token's slots of weight · y[row] (no weight for weight-on-input experts).
 
     ``y`` [S + 1, H] is :func:`expert_outputs`'s buffer.  The rows are put in
     token order and reduced in one batched product per call, accumulating in
-    float32 (the batched GEMM's accumulator for 16-bit inputs).
+    float32 (the batched GEMM's accumulator for 16-bit inputs), in slot order.
     """
     num_tokens, slots, hidden = plan.num_tokens, plan.slots, y.shape[1]
-    ordered = scratch("combine", (num_tokens * slots, hidden), y.dtype)
-    torch.index_select(y, 0, plan.slot_row, out=ordered)
-    ordered = ordered.view(num_tokens, slots, hidden)
+    ordered = token_ordered(y, plan.slot_row, num_tokens, slots)
     if spec.weight_on_input:
-        if slots == 1:
-            return ordered[:, 0].clone()
-        return ordered.sum(dim=1)
+        return ordered.sum(dim=1) if slots > 1 else ordered[:, 0].clone()
     if weights.dtype == y.dtype:
-        return torch.bmm(weights.view(num_tokens, 1, slots), ordered).view(num_tokens, hidden)
+        return torch.bmm(weights.reshape(num_tokens, 1, slots), ordered).view(num_tokens, hidden)
     acc = accumulation_dtype(y.dtype)
-    out = torch.bmm(weights.to(acc).view(num_tokens, 1, slots), ordered.to(acc))
+    out = torch.bmm(weights.to(acc).reshape(num_tokens, 1, slots), ordered.to(acc))
     return out.view(num_tokens, hidden).to(y.dtype)
 
 

@@ -39,16 +39,17 @@ def _buffers() -> dict:
     return buffers
 
 
-def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised contiguous CPU tensor of ``shape``, reusing this thread's buffer ``name``.
+def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:
+    """An uninitialised contiguous tensor of ``shape``, reusing this thread's CPU buffer ``name``.
 
     The tensor is valid until the next ``scratch`` call with the same name on
-    this thread; never return it (or a view of it) from an op.
+    this thread; never return it (or a view of it) from an op.  Off the CPU
+    (where the caching allocator already reuses memory) it is a fresh tensor.
     """
     numel = math.prod(shape)
     size = numel * dtype.itemsize
-    if size < MIN_KEPT_BYTES or size > MAX_KEPT_BYTES:
-        return torch.empty(shape, dtype=dtype)
+    if (device is not None and torch.device(device).type != "cpu") or size < MIN_KEPT_BYTES or size > MAX_KEPT_BYTES:
+        return torch.empty(shape, dtype=dtype, device=device)
     buffers = _buffers()
     key = (name, dtype)
     buffer = buffers.get(key)
