@@ -110,3 +110,4 @@ def test_slot_plan_in_lists_equals_the_tensor_plan(tokens, slots, monkeypatch):
     live = ids.flatten()
     live = live[(live >= 0) & (live < 8)]
     assert small.counts == torch.bincount(live, minlength=8).tolist()
+
