@@ -3,18 +3,19 @@
 For each dtype and projection shape (the first and second projections of the
 Mixtral-, OLMoE- and Qwen3-30B-A3B-shaped experts of ``moe_block_cpu.py``,
 [out, in] weights) and each row count, it runs the projection with each
-kernel of :mod:`moepass.lowering.cpu_kernels` (token-major, weight-major, and
-gemv at one row) expert after expert, over enough experts that their weights
+kernel of :mod:`moepass.lowering.cpu_kernels` (token-major, weight-major,
+gemv at one row, and on pre-packed weights for bfloat16) expert after expert, over enough experts that their weights
 come from memory, not cache (as in a real block, whose lowering runs all first
 projections, then all second ones), and times the kernels interleaved (A, B,
 C, A, B, C … medians).  The fastest at each row count goes into
-``lowering/cpu_kernels.json``, which the lowering reads.  A kernel must be
+``lowering/cpu_kernels.json``, which the lowering reads: column ``kernels``
+without packed weights, ``kernels_packed`` with them.  A kernel must be
 faster by ``--margin`` (default 10%) to displace token-major, the default
 (and what transformers' ``grouped_mm`` runs), so noise does not pick it.
 
 Usage::
 
-    python benchmarks/cpu_kernels.py [--dtypes float32 bfloat16] [--rows 1 2 3 4 6 8 12 16 24 32 48 64]
+    python benchmarks/cpu_kernels.py [--dtypes float32 bfloat16] [--rows 1 2 3 4 6 8 12 16 24 32 48 64 128 256]
         [--rounds 5] [--out lowering/cpu_kernels.json] [--dry-run]
 """
 
@@ -32,6 +33,7 @@ import torch
 from _common import machine_description, today
 from moe_block_cpu import SHAPES
 from moepass.lowering.cpu_kernels import KERNELS, TABLE_PATH, project
+from moepass.lowering.cpu_packed import PACKED_DTYPES
 
 #: Weights touched per timed pass: well past the last-level cache.
 PASS_BYTES = 192 << 20
@@ -55,18 +57,19 @@ def measure(name: str, out_features: int, in_features: int, dtype: torch.dtype, 
     experts = max(4, PASS_BYTES // matrix_bytes)
     g = torch.Generator().manual_seed(0)
     weights = (torch.randn(experts, out_features, in_features, generator=g) * 0.02).to(dtype)
+    packed = [torch.ops.mkldnn._reorder_linear_weight(w) for w in weights] if dtype in PACKED_DTYPES else None
     results = {}
     for rows in rows_list:
         # each expert its own input and output rows, as in a block (rows sorted by expert)
         xs = torch.randn(experts, rows, in_features, generator=g).to(dtype)
         out = torch.empty(experts, rows, out_features, dtype=dtype)
-        kernels = [k for k in KERNELS if k != "gemv" or rows == 1]
+        kernels = [k for k in KERNELS if (k != "gemv" or rows == 1) and (k != "packed" or packed is not None)]
         # past a few dozen rows the GEMMs are compute-bound: fewer experts keep a pass short
         passes = max(2, min(experts, int(PASS_FLOPS // (2 * rows * out_features * in_features))))
 
         def run_all(kernel):
             for e in range(passes):
-                project(kernel, xs[e], out[e], weights[e], None, False)
+                project(kernel, xs[e], out[e], weights[e], None, False, packed[e] if kernel == "packed" else None)
 
         samples = {k: [] for k in kernels}
         for k in kernels:
@@ -87,8 +90,9 @@ def measure(name: str, out_features: int, in_features: int, dtype: torch.dtype, 
     return results
 
 
-def pick(times: dict[str, float], margin: float) -> str:
-    """The fastest kernel, unless token-major is within ``margin`` of it."""
+def pick(times: dict[str, float], margin: float, with_packed: bool = False) -> str:
+    """The fastest kernel (packed only ``with_packed``), unless token-major is within ``margin`` of it."""
+    times = {k: t for k, t in times.items() if with_packed or k != "packed"}
     best = min(times, key=times.get)
     if best != "token_major" and times["token_major"] <= times[best] * (1 + margin):
         return "token_major"
@@ -99,7 +103,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--margin", type=float, default=0.10)
     parser.add_argument("--out", type=Path, default=TABLE_PATH)
@@ -119,6 +123,7 @@ def main() -> None:
                     "out": out_features,
                     "in": in_features,
                     "kernels": {str(r): pick(t, args.margin) for r, t in times.items()},
+                    "kernels_packed": {str(r): pick(t, args.margin, with_packed=True) for r, t in times.items()},
                     "microseconds": {str(r): {k: round(v * 1e6, 1) for k, v in t.items()} for r, t in times.items()},
                 }
             )

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 from moepass.lowering.cpu_kernels import activate_inplace, choose_kernel, project
+from moepass.lowering.cpu_packed import packed_matrix, packing_allowed
 from moepass.lowering.grouped import accumulation_dtype
 from moepass.lowering.workspace import scratch
 
@@ -163,38 +164,47 @@ def combine_rows(y: torch.Tensor, weights: torch.Tensor, plan: SlotPlan, spec: E
     return out.view(num_tokens, hidden).to(y.dtype)
 
 
-def first_projection(xs, counts, w1, b1, spec: ExpertsSpec) -> torch.Tensor:
+def _project_experts(inputs, outputs, counts, weight, bias, spec: ExpertsSpec, prepack: str, note: bool) -> None:
+    """outputs[rows of e] = inputs[rows of e] W[e]ᵀ (+ b[e]) for every expert e with rows."""
+    packed = not spec.transposed and packing_allowed(weight, prepack)
+    start = 0
+    for expert, count in enumerate(counts):
+        if count:
+            kernel = choose_kernel(count, weight.shape[1:], weight.dtype, spec.transposed, packed)
+            rows = slice(start, start + count)
+            matrix = packed_matrix(weight, expert) if kernel == "packed" else None
+            project(
+                kernel, inputs[rows], outputs[rows], weight[expert], None if bias is None else bias[expert],
+                spec.transposed, matrix,
+            )
+            if note:
+                note_gemm_rows(count)
+            start += count
+
+
+def first_projection(xs, counts, w1, b1, spec: ExpertsSpec, prepack: str = "off") -> torch.Tensor:
     """h [S, N1]: every row's first projection, expert by expert (a scratch buffer)."""
     n1 = w1.shape[2] if spec.transposed else w1.shape[1]
     h = scratch("h", (xs.shape[0], n1), xs.dtype)
-    start = 0
-    for expert, count in enumerate(counts):
-        if count:
-            kernel = choose_kernel(count, w1.shape[1:], w1.dtype, spec.transposed)
-            rows = slice(start, start + count)
-            project(kernel, xs[rows], h[rows], w1[expert], None if b1 is None else b1[expert], spec.transposed)
-            start += count
+    _project_experts(xs, h, counts, w1, b1, spec, prepack, note=False)
     return h
 
 
-def second_projection(a, y, counts, w2, b2, spec: ExpertsSpec) -> None:
+def second_projection(a, y, counts, w2, b2, spec: ExpertsSpec, prepack: str = "off") -> None:
     """y[rows of e] = a[rows of e] W2[e]ᵀ (+ b2[e]) for every expert with rows; notes each expert's rows."""
-    start = 0
-    for expert, count in enumerate(counts):
-        if count:
-            kernel = choose_kernel(count, w2.shape[1:], w2.dtype, spec.transposed)
-            rows = slice(start, start + count)
-            project(kernel, a[rows], y[rows], w2[expert], None if b2 is None else b2[expert], spec.transposed)
-            note_gemm_rows(count)
-            start += count
+    _project_experts(a, y, counts, w2, b2, spec, prepack, note=True)
 
 
-def experts_forward(x, ids, weights, w1, w2, b1, b2, spec: ExpertsSpec) -> torch.Tensor:
-    """The experts op on CPU tensors (any float dtype; combine accumulates in float32)."""
+def experts_forward(x, ids, weights, w1, w2, b1, b2, spec: ExpertsSpec, prepack: str = "auto") -> torch.Tensor:
+    """The experts op on CPU tensors (any float dtype; combine accumulates in float32).
+
+    ``prepack``: whether bfloat16 expert weights run on copies pre-packed for
+    oneDNN (``auto`` | ``on`` | ``off``, see :mod:`moepass.lowering.cpu_packed`).
+    """
     plan = plan_slots(ids, spec.num_experts)
     xs = gather_rows(x, weights, plan, spec)
-    h = first_projection(xs, plan.counts, w1, b1, spec)
+    h = first_projection(xs, plan.counts, w1, b1, spec, prepack)
     a = activate_inplace(h, spec)
     y = expert_outputs(x.shape[1], plan, x.dtype)
-    second_projection(a, y, plan.counts, w2, b2, spec)
+    second_projection(a, y, plan.counts, w2, b2, spec, prepack)
     return combine_rows(y, weights, plan, spec)

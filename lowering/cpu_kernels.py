@@ -6,6 +6,8 @@
     weight_major  outᵀ = W xsᵀ, then transposed     [out, in] @ [in, rows]
     gemv          one row: out = W x, through ATen's own matrix-vector kernel
                   (oneDNN switched off around the call)
+    packed        out = xs Wᵀ on a copy of W pre-packed for oneDNN (bfloat16 inference,
+                  lowering/cpu_packed.py: costs the weight's memory again)
 
 All three compute the same rows; which is fastest depends on the rows, the
 dtype and the projection's size, and not the same way for each.  On the
@@ -17,10 +19,12 @@ rows on, oneDNN wins.  So the choice is data: ``cpu_kernels.json`` beside this
 file holds, per dtype and projection shape measured (``python
 benchmarks/cpu_kernels.py`` writes it), the fastest kernel at each row count;
 :func:`choose_kernel` takes the entry of the nearest shape and the largest
-measured row count not above the rows at hand.  Dtypes the table does not
-cover, row counts above its largest (where the GEMMs are compute-bound and
-both forms reach the GEMM rate), and [in, out] weights (the table measures
-[out, in] ones) run token-major — the GEMM transformers' ``grouped_mm`` runs.
+measured row count not above the rows at hand; with pre-packed weights it
+reads the ``kernels_packed`` column (the fastest of all four).  Dtypes the
+table does not cover, row counts above its largest (where the GEMMs are
+compute-bound and both unpacked forms reach the GEMM rate; packed stays packed
+if it won at the largest), and [in, out] weights (the table measures [out, in]
+ones) run token-major — the GEMM transformers' ``grouped_mm`` runs.
 
 Every kernel writes ``out`` in token-major layout, so the activation between
 the two projections runs on the same layout whichever kernels ran.
@@ -45,7 +49,7 @@ __all__ = ["KERNELS", "project", "choose_kernel", "kernel_table", "TABLE_PATH", 
 
 logger = logging.getLogger(__name__)
 
-KERNELS = ("token_major", "weight_major", "gemv")
+KERNELS = ("token_major", "weight_major", "gemv", "packed")
 
 #: The measured table (see the module docstring).
 TABLE_PATH = Path(__file__).with_name("cpu_kernels.json")
@@ -72,11 +76,12 @@ def activate_inplace(h: torch.Tensor, spec: ExpertsSpec) -> torch.Tensor:
     return unary_activation(spec.activation, gate).mul_(up)
 
 
-def project(kernel: str, xs: torch.Tensor, out: torch.Tensor, weight: torch.Tensor, bias, transposed: bool) -> None:
+def project(kernel: str, xs: torch.Tensor, out: torch.Tensor, weight: torch.Tensor, bias, transposed: bool,
+            packed: torch.Tensor | None = None) -> None:
     """``out`` [rows, out_features] = xs Wᵀ + bias with ``kernel``.
 
     ``weight`` is one expert's matrix as stored: [out, in], or [in, out] when
-    ``transposed``.
+    ``transposed``; ``packed`` its pre-packed copy (kernel ``packed`` only).
     """
     if kernel == "token_major":
         operand = weight if transposed else weight.t()
@@ -99,6 +104,8 @@ def project(kernel: str, xs: torch.Tensor, out: torch.Tensor, weight: torch.Tens
                 torch.addmv(bias, matrix, xs[0], out=out[0])
         finally:
             torch._C._set_mkldnn_enabled(enabled)
+    elif kernel == "packed":
+        out.copy_(torch.ops.mkldnn._linear_pointwise(xs, packed, bias, "none", [], ""))
     else:
         raise ValueError(f"unknown CPU kernel {kernel!r}; expected one of {KERNELS}")
 
@@ -114,7 +121,7 @@ def kernel_table() -> dict:
 
 
 @functools.lru_cache(maxsize=256)
-def _choices(dtype: torch.dtype, out_features: int, in_features: int) -> tuple[tuple[int, ...], tuple[str, ...]]:
+def _choices(dtype: torch.dtype, out_features: int, in_features: int, packed: bool) -> tuple[tuple[int, ...], tuple[str, ...]]:
     """(row counts, kernel at each) of the table entry nearest to this projection shape."""
     name = str(dtype).removeprefix("torch.")
     entries = [e for e in kernel_table().get("entries", []) if e["dtype"] == name]
@@ -125,21 +132,23 @@ def _choices(dtype: torch.dtype, out_features: int, in_features: int) -> tuple[t
         return abs(math.log(entry["out"] / out_features)) + abs(math.log(entry["in"] / in_features))
 
     best = min(entries, key=distance)
-    rows = sorted((int(r), k) for r, k in best["kernels"].items())
+    column = best.get("kernels_packed", best["kernels"]) if packed else best["kernels"]
+    rows = sorted((int(r), k) for r, k in column.items())
     return tuple(r for r, _ in rows), tuple(k for _, k in rows)
 
 
-def choose_kernel(rows: int, weight_shape, dtype: torch.dtype, transposed: bool) -> str:
+def choose_kernel(rows: int, weight_shape, dtype: torch.dtype, transposed: bool, packed: bool = False) -> str:
     """The kernel the measured table gives for a projection of ``rows`` rows by one expert's weight.
 
     ``weight_shape`` is the expert's matrix shape as stored ([out, in], or
-    [in, out] when ``transposed``).
+    [in, out] when ``transposed``); ``packed``: whether a pre-packed copy may
+    be used (the table's ``kernels_packed`` column, else ``kernels``).
     """
     if transposed:  # the table measures [out, in] weights only
         return "token_major"
-    counts, kernels = _choices(dtype, weight_shape[0], weight_shape[1])
-    if rows > counts[-1]:  # beyond the table the GEMMs are compute-bound: both forms run at the GEMM rate
-        return "token_major"
+    counts, kernels = _choices(dtype, weight_shape[0], weight_shape[1], packed)
+    if rows > counts[-1]:  # beyond the table the GEMMs are compute-bound: token-major, or packed if it won last
+        return "packed" if kernels[-1] == "packed" else "token_major"
     kernel = kernels[max(bisect.bisect_right(counts, rows) - 1, 0)]
     if kernel == "gemv" and rows != 1:
         return "token_major"
