@@ -6,6 +6,8 @@
     weight_major  outᵀ = W xsᵀ, then transposed     [out, in] @ [in, rows]
     gemv          one row: out = W x, through ATen's own matrix-vector kernel
                   (oneDNN switched off around the call)
+    onednn        out = xs Wᵀ through oneDNN's linear on W as stored (float32: ``torch.mm``
+                  runs MKL, which on the AMD CI machine reaches about half oneDNN's rate)
     packed        out = xs Wᵀ on a copy of W pre-packed for oneDNN (bfloat16 inference,
                   lowering/cpu_packed.py: costs the weight's memory again)
 
@@ -45,14 +47,25 @@ from moepass.lowering.activations import apply_activation, split_gate_up, unary_
 
 from moepass.spec import ExpertsSpec
 
-__all__ = ["KERNELS", "project", "choose_kernel", "kernel_table", "TABLE_PATH", "activate_inplace"]
+__all__ = ["KERNELS", "project", "choose_kernel", "kernel_table", "onednn_available", "TABLE_PATH", "activate_inplace"]
 
 logger = logging.getLogger(__name__)
 
-KERNELS = ("token_major", "weight_major", "gemv", "packed")
+KERNELS = ("token_major", "weight_major", "gemv", "onednn", "packed")
 
 #: The measured table (see the module docstring).
 TABLE_PATH = Path(__file__).with_name("cpu_kernels.json")
+
+
+@functools.lru_cache(maxsize=1)
+def onednn_available() -> bool:
+    """Whether this torch has the oneDNN linear ops the ``onednn`` and ``packed`` kernels call."""
+    try:
+        return torch.backends.mkldnn.is_available() and all(
+            hasattr(torch.ops.mkldnn, name) for name in ("_linear_pointwise", "_reorder_linear_weight")
+        )
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def activate_inplace(h: torch.Tensor, spec: ExpertsSpec) -> torch.Tensor:
@@ -104,6 +117,8 @@ def project(kernel: str, xs: torch.Tensor, out: torch.Tensor, weight: torch.Tens
                 torch.addmv(bias, matrix, xs[0], out=out[0])
         finally:
             torch._C._set_mkldnn_enabled(enabled)
+    elif kernel == "onednn":  # [out, in] weights only (the table's scope)
+        out.copy_(torch.ops.mkldnn._linear_pointwise(xs, weight, bias, "none", [], ""))
     elif kernel == "packed":
         out.copy_(torch.ops.mkldnn._linear_pointwise(xs, packed, bias, "none", [], ""))
     else:
@@ -148,8 +163,8 @@ def choose_kernel(rows: int, weight_shape, dtype: torch.dtype, transposed: bool,
         return "token_major"
     counts, kernels = _choices(dtype, weight_shape[0], weight_shape[1], packed)
     if rows > counts[-1]:  # beyond the table the GEMMs are compute-bound: token-major, or packed if it won last
-        return "packed" if kernels[-1] == "packed" else "token_major"
+        return "packed" if kernels[-1] == "packed" and onednn_available() else "token_major"
     kernel = kernels[max(bisect.bisect_right(counts, rows) - 1, 0)]
-    if kernel == "gemv" and rows != 1:
+    if (kernel == "gemv" and rows != 1) or (kernel in ("onednn", "packed") and not onednn_available()):
         return "token_major"
     return kernel

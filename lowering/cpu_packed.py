@@ -86,7 +86,9 @@ def _decide(weight: torch.Tensor, mode: str) -> bool:
     """Whether ``weight``'s experts may be packed (``_lock`` held)."""
     if mode == "off" or weight.dtype not in PACKED_DTYPES or weight.device.type != "cpu":
         return False
-    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    from moepass.lowering.cpu_kernels import onednn_available
+
+    if not onednn_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return False
     nbytes = weight.numel() * weight.element_size()
     if mode == "on":

@@ -38,6 +38,7 @@ VARIANTS = {
     "relu-plain": dict(activation="relu", gated=False, gate_up_layout="none"),
     "swiglu-oss": dict(activation="swiglu_clamp", gate_up_layout="interleaved", transposed=True, has_bias=True),
     "weight-on-input": dict(activation="silu", transposed=True, weight_on_input=True),
+    "silu-biases": dict(activation="silu", has_bias=True),
 }
 
 
@@ -136,9 +137,9 @@ def forced_kernel(monkeypatch):
     cpu_kernels._choices.cache_clear()
 
 
-@pytest.mark.parametrize("kernel", ["token_major", "weight_major", "gemv", "packed"])
+@pytest.mark.parametrize("kernel", ["token_major", "weight_major", "gemv", "onednn", "packed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("variant", ["silu-concat", "relu-plain", "gelu"])
+@pytest.mark.parametrize("variant", ["silu-concat", "relu-plain", "gelu", "silu-biases"])
 def test_every_kernel_matches_the_reference(kernel, dtype, variant, forced_kernel):
     from moepass.lowering import cpu_packed
 
