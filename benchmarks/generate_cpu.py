@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import gc
 import os
 import statistics
@@ -107,7 +108,9 @@ def compile_forward(model: torch.nn.Module, tag: str, **options) -> torch.nn.Mod
     namespace: dict = {"base_forward": cls.forward}
     source = "def forward(self, *args, **kwargs):\n    return base_forward(self, *args, **kwargs)\n"
     exec(compile(source, f"<generate variant {tag}>", "exec"), namespace)
-    model.__class__ = type(f"{cls.__name__}_{tag}", (cls,), {"forward": namespace["forward"]})
+    # the class's signature: generate() passes logits_to_keep only to a forward that declares it
+    forward = functools.wraps(cls.forward)(namespace["forward"])
+    model.__class__ = type(f"{cls.__name__}_{tag}", (cls,), {"forward": forward})
     model.forward = torch.compile(model.forward, **options)
     return model
 
