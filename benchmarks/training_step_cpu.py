@@ -23,7 +23,7 @@ import copy
 
 import torch
 from _common import interleaved_medians, machine_description, markdown_table, today, write_section
-from moe_block_cpu import HIDDEN, INTER, TOP_K, make_block
+from moe_block_cpu import HIDDEN, INTER, TOP_K, compiled, make_block
 
 import moepass
 import moepass.stats
@@ -53,9 +53,9 @@ def main() -> None:
     grouped = make_block("grouped_mm").train()
     calibration = [torch.randn(1, 512, HIDDEN, generator=torch.Generator().manual_seed(1))]
     policy = moepass.calibrate(grouped, calibration, "top_p", target_avg_k=args.target_k, show_progress=False)
-    static = torch.compile(copy.deepcopy(grouped), backend="adaptive_moe", options={"inner": args.inner})
-    adaptive = torch.compile(
-        copy.deepcopy(grouped), backend="adaptive_moe", options={"policy": policy, "stats": True, "inner": args.inner}
+    static = compiled(copy.deepcopy(grouped), "static", backend="adaptive_moe", options={"inner": args.inner})
+    adaptive = compiled(
+        copy.deepcopy(grouped), "adaptive", backend="adaptive_moe", options={"policy": policy, "stats": True, "inner": args.inner}
     )
     rows, adaptive_rows = [], []
     for tokens in args.tokens:

@@ -32,7 +32,9 @@ def run_experts(x, ids, weights, w1, w2, b1, b2, cfg):
     lowering = resolve_lowering(cfg.lowering, x.device)
     if lowering == "cpu":
         from moepass.lowering.cpu import experts_forward
-    elif lowering == "reference":
+
+        return experts_forward(x, ids, weights, w1, w2, b1, b2, cfg.spec, cfg.cpu_prepack)
+    if lowering == "reference":
         from moepass.lowering.reference import experts_forward
     elif lowering == "triton":
         from moepass.lowering.triton import experts_forward

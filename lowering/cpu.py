@@ -2,142 +2,209 @@
 
 ::
 
-    ids [T,K] ──► bucket tokens by k, take every bucket's slots, sort them by expert
-    x [T,H]   ──► gather rows      xs [S,H]           S = non-empty slots
-                  for each expert e with rows:        (GEMMs in place, no copies
-                      h  = xs[e] @ w1[e]ᵀ (+ b1[e])    of weights: w[e]ᵀ is a
-                      a  = act(h)   (in place)         strided view BLAS reads)
-                      y[e] = a @ w2[e]ᵀ (+ b2[e])
-                  y *= weight (per row)
-                  add each row into its token's output (float32)
+    ids [T,K] ──► plan_slots       non-empty slots sorted by expert (stable): token and
+                                    slot of each row, rows per expert, row of each slot
+    x [T,H]   ──► gather rows      xs [S,H]                        S = non-empty slots
+                  h[rows of e] = xs[rows of e] W1[e]ᵀ     for every expert e with rows, then
+                  a = act(h)                              once over all rows (in place), then
+                  y[rows of e] = a[rows of e] W2[e]ᵀ     for every expert e with rows
+                                    (each projection token-major, weight-major or gemv:
+                                    lowering/cpu_kernels.py picks from a measured table
+                                    by rows, dtype and shape)
+                  y[S] = 0          the row every empty slot reads
+                  g = y[row of each slot]                           [T, K, H], token order
+                  out[t] = Σ_j w[t,j] · g[t,j]                      one batched product,
+                                                                    float32 accumulation
 
-Empty slots cost no GEMM work: each GEMM processes exactly the rows routed to
-its expert (see :func:`moepass.stats.count_gemm_rows`).
+The projections run phase by phase (all first projections, then all second
+ones) rather than expert by expert: in float32 on the CI machine, alternating
+the two GEMM shapes made the same GEMMs about 5% slower.  Empty slots cost no
+GEMM work: each GEMM processes exactly the rows routed to
+its expert (see :func:`moepass.stats.count_gemm_rows`); in the combine an
+empty slot reads a row of zeros.  The intermediates (xs, h, y, g) live in
+per-thread buffers reused across calls (:mod:`moepass.lowering.workspace`):
+only the output is allocated per call.
 """
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-from moepass.lowering.activations import apply_activation, split_gate_up, unary_activation
-from moepass.lowering.grouped import accumulation_dtype
+from dataclasses import dataclass
 
-from moepass.bucketing import bucket_by_k
+import torch
+from moepass.lowering.cpu_kernels import activate_inplace, choose_kernel, project
+from moepass.lowering.cpu_packed import packed_matrix, packing_allowed
+from moepass.lowering.grouped import accumulation_dtype
+from moepass.lowering.workspace import scratch
+
 from moepass.spec import ExpertsSpec
 from moepass.stats import note_gemm_rows
 
-__all__ = ["experts_forward", "expert_slots"]
+__all__ = [
+    "SlotPlan",
+    "plan_slots",
+    "gather_rows",
+    "first_projection",
+    "expert_outputs",
+    "second_projection",
+    "combine_rows",
+    "experts_forward",
+]
 
 
-def expert_slots(ids: torch.Tensor, weights: torch.Tensor, num_experts: int):
-    """The non-empty slots of a routing, as the union of its k-buckets, sorted by expert.
+@dataclass
+class SlotPlan:
+    """Where every non-empty slot of a routing goes, rows grouped by expert.
 
-    The buckets' fixed-k problems (see :mod:`moepass.bucketing`) all use the
-    same expert weights, so on CPU they run fused: every bucket's slots go
-    through one GEMM pair per expert — fewer, larger GEMMs than bucket by
-    bucket, and still no row for an empty slot.
-
-    Returns (token per row, weight per row, rows per expert), rows grouped by expert.
+    ``row_token`` [S] and ``row_slot`` [S] give the token and the flat slot
+    index (t·K + j) of each row; rows of expert e are the ``counts[e]`` rows
+    after those of experts 0 … e−1, in slot order.  ``slot_row`` [T·K] is the
+    row of each slot, ``S`` for an empty slot.
     """
-    plan = bucket_by_k(ids, weights, num_experts)
-    if not plan.buckets:
-        empty = ids.new_empty(0)
-        return empty, weights.new_empty(0), [0] * num_experts
-    tokens = torch.cat([b.tokens.repeat_interleave(b.k) for b in plan.buckets])
-    experts = torch.cat([b.ids.reshape(-1) for b in plan.buckets])
-    slot_weights = torch.cat([b.weights.reshape(-1) for b in plan.buckets])
-    order = torch.sort(experts, stable=True)[1]
-    counts = torch.bincount(experts, minlength=num_experts).tolist()
-    return tokens[order], slot_weights[order], counts
+
+    row_token: torch.Tensor
+    row_slot: torch.Tensor
+    counts: list[int]
+    slot_row: torch.Tensor
+    num_tokens: int
+    slots: int
+
+    @property
+    def rows(self) -> int:
+        """S: the non-empty slots."""
+        return self.row_token.shape[0]
 
 
-def _activate_inplace(h: torch.Tensor, spec: ExpertsSpec, dim: int = -1) -> torch.Tensor:
-    """act(h) reusing ``h``'s storage where the math allows; features along ``dim``."""
-    if spec.activation == "lifted":
-        return apply_activation(h, spec, dim)
-    if not spec.gated:
-        if spec.activation == "silu":
-            return F.silu(h, inplace=True)
-        if spec.activation == "relu":
-            return h.relu_()
-        return unary_activation(spec.activation, h)
-    gate, up = split_gate_up(h, spec, dim)
-    if spec.activation == "swiglu_clamp":
-        limit = spec.swiglu_limit
-        gate = gate.clamp(max=limit)
-        glu = gate * torch.sigmoid(gate * spec.swiglu_alpha)
-        return up.clamp_(min=-limit, max=limit).add_(1).mul_(glu)
-    if spec.activation == "silu":
-        return F.silu(gate, inplace=True).mul_(up)
-    return unary_activation(spec.activation, gate).mul_(up)
+#: Up to this many slots the plan is made in Python lists: for decode-sized
+#: routings eight tensor ops cost more than the sort itself.
+_LIST_PLAN_MAX_SLOTS = 256
 
 
-#: Up to this many rows per expert the GEMMs run weight-major (W @ xᵀ): for a
-#: handful of tokens the work is a matrix-vector product that streams the
-#: weights, and MKL streams a row-major [N, K] weight about twice as fast as
-#: A [M, K] @ Wᵀ when M is small (measured on the CI machine: 13.7 ms against
-#: 27.5 ms for 2 tokens on a Mixtral-shaped block).
-_WEIGHT_MAJOR_MAX_ROWS = 16
+def _plan_in_lists(ids: torch.Tensor, num_experts: int) -> SlotPlan:
+    num_tokens, slots = ids.shape
+    flat = ids.reshape(-1).tolist()
+    keys = [e if 0 <= e < num_experts else num_experts for e in flat]
+    order = sorted(range(len(keys)), key=keys.__getitem__)  # stable
+    counts = [0] * (num_experts + 1)
+    for key in keys:
+        counts[key] += 1
+    live = len(keys) - counts[num_experts]
+    slot_row = [0] * len(keys)
+    for row, slot in enumerate(order):
+        slot_row[slot] = min(row, live)
+    row_slot = order[:live]
+    device = ids.device
+    return SlotPlan(
+        torch.tensor([slot // slots for slot in row_slot], dtype=torch.long, device=device),
+        torch.tensor(row_slot, dtype=torch.long, device=device),
+        counts[:num_experts],
+        torch.tensor(slot_row, dtype=torch.long, device=device),
+        num_tokens,
+        slots,
+    )
 
 
-def _expert_token_major(xs, out, expert, w1, w2, b1, b2, spec: ExpertsSpec, buffer) -> None:
-    """out = expert(xs) with GEMMs of shape [rows, K] @ [K, N]."""
-    n1 = w1.shape[2] if spec.transposed else w1.shape[1]
-    h = buffer.view(xs.shape[0], n1)
-    first = w1[expert] if spec.transposed else w1[expert].t()
-    if b1 is None:
-        torch.mm(xs, first, out=h)
-    else:
-        torch.addmm(b1[expert], xs, first, out=h)
-    a = _activate_inplace(h, spec)
-    second = w2[expert] if spec.transposed else w2[expert].t()
-    if b2 is None:
-        torch.mm(a, second, out=out)
-    else:
-        torch.addmm(b2[expert], a, second, out=out)
+def plan_slots(ids: torch.Tensor, num_experts: int) -> SlotPlan:
+    """Sort the non-empty slots of ``ids`` [T, K] by expert (stably); ids outside [0, E) are empty."""
+    num_tokens, slots = ids.shape
+    if ids.numel() <= _LIST_PLAN_MAX_SLOTS:
+        return _plan_in_lists(ids, num_experts)
+    flat = ids.reshape(-1)
+    flat = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)
+    order = torch.sort(flat, stable=True)[1]
+    counts = torch.bincount(flat, minlength=num_experts + 1).tolist()
+    live = flat.numel() - counts[num_experts]
+    row_slot = order[:live]
+    row_token = torch.div(row_slot, slots, rounding_mode="floor")
+    slot_row = torch.empty_like(order)
+    slot_row[order] = torch.arange(order.numel(), device=ids.device)
+    slot_row.clamp_(max=live)
+    return SlotPlan(row_token, row_slot, counts[:num_experts], slot_row, num_tokens, slots)
 
 
-def _expert_weight_major(xs, out, expert, w1, w2, b1, b2, spec: ExpertsSpec, buffer) -> None:
-    """out = expert(xs) with GEMMs of shape [N, K] @ [K, rows] (weights [E, out, in])."""
-    n1 = w1.shape[1]
-    h_t = buffer.view(n1, xs.shape[0])
-    if b1 is None:
-        torch.mm(w1[expert], xs.t(), out=h_t)
-    else:
-        torch.addmm(b1[expert].unsqueeze(1), w1[expert], xs.t(), out=h_t)
-    a_t = _activate_inplace(h_t, spec, dim=0)  # [I, rows]: contiguous rows of h_t for the concat layout
-    y_t = torch.mm(w2[expert], a_t)
-    if b2 is not None:
-        y_t += b2[expert].unsqueeze(1)
-    out.copy_(y_t.t())
-
-
-def experts_forward(x, ids, weights, w1, w2, b1, b2, spec: ExpertsSpec) -> torch.Tensor:
-    """The experts op on CPU tensors (any float dtype; accumulation in float32)."""
-    num_tokens, hidden = x.shape
-    token, slot_weights, counts = expert_slots(ids, weights, spec.num_experts)
-    acc = accumulation_dtype(x.dtype)
-    slot_weights = slot_weights.to(acc).unsqueeze(1)
-    xs = x.index_select(0, token)
+def gather_rows(x: torch.Tensor, weights: torch.Tensor, plan: SlotPlan, spec: ExpertsSpec) -> torch.Tensor:
+    """xs [S, H]: each row's token (times its routing weight for weight-on-input experts); a scratch buffer."""
+    xs = scratch("xs", (plan.rows, x.shape[1]), x.dtype)
+    torch.index_select(x, 0, plan.row_token, out=xs)
     if spec.weight_on_input:
-        xs = (xs.to(acc) * slot_weights).to(x.dtype)
-    n1 = w1.shape[2] if spec.transposed else w1.shape[1]
-    y = torch.empty(token.numel(), hidden, dtype=x.dtype, device=x.device)
-    h_buffer = torch.empty(max(counts, default=0) * n1, dtype=x.dtype, device=x.device)
+        acc = accumulation_dtype(x.dtype)
+        row_weights = weights.reshape(-1).index_select(0, plan.row_slot).to(acc).unsqueeze(1)
+        xs.copy_(xs.to(acc) * row_weights)
+    return xs
+
+
+def expert_outputs(hidden: int, plan: SlotPlan, dtype: torch.dtype) -> torch.Tensor:
+    """y [S + 1, H] for the experts to write rows 0 … S−1 into; row S (read by empty slots) is zero."""
+    y = scratch("y", (plan.rows + 1, hidden), dtype)
+    y[plan.rows].zero_()
+    return y
+
+
+def token_ordered(rows: torch.Tensor, slot_row: torch.Tensor, num_tokens: int, slots: int) -> torch.Tensor:
+    """rows[slot_row] as [T, K, H], in a scratch buffer: each token's slots side by side."""
+    ordered = scratch("combine", (num_tokens * slots, rows.shape[1]), rows.dtype, rows.device)
+    torch.index_select(rows, 0, slot_row, out=ordered)
+    return ordered.view(num_tokens, slots, rows.shape[1])
+
+
+def combine_rows(y: torch.Tensor, weights: torch.Tensor, plan: SlotPlan, spec: ExpertsSpec) -> torch.Tensor:
+    """out [T, H] = Σ over each token's slots of weight · y[row] (no weight for weight-on-input experts).
+
+    ``y`` [S + 1, H] is :func:`expert_outputs`'s buffer.  The rows are put in
+    token order and reduced in one batched product per call, accumulating in
+    float32 (the batched GEMM's accumulator for 16-bit inputs), in slot order.
+    """
+    num_tokens, slots, hidden = plan.num_tokens, plan.slots, y.shape[1]
+    ordered = token_ordered(y, plan.slot_row, num_tokens, slots)
+    if spec.weight_on_input:
+        return ordered.sum(dim=1) if slots > 1 else ordered[:, 0].clone()
+    if weights.dtype == y.dtype:
+        return torch.bmm(weights.reshape(num_tokens, 1, slots), ordered).view(num_tokens, hidden)
+    acc = accumulation_dtype(y.dtype)
+    out = torch.bmm(weights.to(acc).reshape(num_tokens, 1, slots), ordered.to(acc))
+    return out.view(num_tokens, hidden).to(y.dtype)
+
+
+def _project_experts(inputs, outputs, counts, weight, bias, spec: ExpertsSpec, prepack: str, note: bool) -> None:
+    """outputs[rows of e] = inputs[rows of e] W[e]ᵀ (+ b[e]) for every expert e with rows."""
+    packed = not spec.transposed and packing_allowed(weight, prepack)
     start = 0
     for expert, count in enumerate(counts):
-        if count == 0:
-            continue
-        rows = slice(start, start + count)
-        if count <= _WEIGHT_MAJOR_MAX_ROWS and not spec.transposed:
-            _expert_weight_major(xs[rows], y[rows], expert, w1, w2, b1, b2, spec, h_buffer[: count * n1])
-        else:
-            _expert_token_major(xs[rows], y[rows], expert, w1, w2, b1, b2, spec, h_buffer[: count * n1])
-        note_gemm_rows(count)
-        start += count
-    weighted = y.to(acc)
-    if not spec.weight_on_input:
-        weighted = weighted.mul_(slot_weights)
-    out = torch.zeros(num_tokens, hidden, dtype=weighted.dtype, device=x.device)
-    out.index_add_(0, token, weighted)
-    return out.to(x.dtype)
+        if count:
+            kernel = choose_kernel(count, weight.shape[1:], weight.dtype, spec.transposed, packed)
+            rows = slice(start, start + count)
+            matrix = packed_matrix(weight, expert) if kernel == "packed" else None
+            project(
+                kernel, inputs[rows], outputs[rows], weight[expert], None if bias is None else bias[expert],
+                spec.transposed, matrix,
+            )
+            if note:
+                note_gemm_rows(count)
+            start += count
+
+
+def first_projection(xs, counts, w1, b1, spec: ExpertsSpec, prepack: str = "off") -> torch.Tensor:
+    """h [S, N1]: every row's first projection, expert by expert (a scratch buffer)."""
+    n1 = w1.shape[2] if spec.transposed else w1.shape[1]
+    h = scratch("h", (xs.shape[0], n1), xs.dtype)
+    _project_experts(xs, h, counts, w1, b1, spec, prepack, note=False)
+    return h
+
+
+def second_projection(a, y, counts, w2, b2, spec: ExpertsSpec, prepack: str = "off") -> None:
+    """y[rows of e] = a[rows of e] W2[e]ᵀ (+ b2[e]) for every expert with rows; notes each expert's rows."""
+    _project_experts(a, y, counts, w2, b2, spec, prepack, note=True)
+
+
+def experts_forward(x, ids, weights, w1, w2, b1, b2, spec: ExpertsSpec, prepack: str = "auto") -> torch.Tensor:
+    """The experts op on CPU tensors (any float dtype; combine accumulates in float32).
+
+    ``prepack``: whether bfloat16 expert weights run on copies pre-packed for
+    oneDNN (``auto`` | ``on`` | ``off``, see :mod:`moepass.lowering.cpu_packed`).
+    """
+    plan = plan_slots(ids, spec.num_experts)
+    xs = gather_rows(x, weights, plan, spec)
+    h = first_projection(xs, plan.counts, w1, b1, spec, prepack)
+    a = activate_inplace(h, spec)
+    y = expert_outputs(x.shape[1], plan, x.dtype)
+    second_projection(a, y, plan.counts, w2, b2, spec, prepack)
+    return combine_rows(y, weights, plan, spec)

@@ -32,6 +32,8 @@ Backward formulas, per expert e and its rows (g = ∂L/∂out, dy = w · g[token
 from __future__ import annotations
 
 import torch
+from moepass.lowering.cpu_kernels import onednn_available
+from moepass.lowering.workspace import scratch
 
 from moepass.spec import ExpertsSpec
 from moepass.stats import note_gemm_rows
@@ -103,6 +105,26 @@ def _slot_weights(weights: torch.Tensor, row_slot: torch.Tensor, live: int, dtyp
     return weights.reshape(-1).index_select(0, row_slot[:live]).to(accumulation_dtype(dtype)).unsqueeze(1)
 
 
+def _gemm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    """out = a @ b (+ bias).
+
+    float32 CPU tensors go through oneDNN's linear (on b's transpose, a view):
+    on the AMD CI machine MKL, which ``torch.mm`` runs for float32, reached
+    60–90% of its speed on every GEMM form of the forward and backward here
+    (one thread, 16 and 128 rows, Mixtral-shaped experts).  Other dtypes and
+    devices use ``torch.mm``.  Only for outputs of a few rows: the linear
+    returns a new tensor, and copying a weight-sized gradient out of it (plus
+    the page faults of two fresh weight-sized buffers) cost more than the
+    GEMM saved, so the weight gradients stay ``torch.mm(..., out=)``.
+    """
+    if a.dtype == torch.float32 and a.device.type == "cpu" and onednn_available():
+        out.copy_(torch.ops.mkldnn._linear_pointwise(a, b.t(), bias, "none", [], ""))
+    elif bias is None:
+        torch.mm(a, b, out=out)
+    else:
+        torch.addmm(bias, a, b, out=out)
+
+
 def _first(w1: torch.Tensor, expert: int, spec: ExpertsSpec) -> torch.Tensor:
     """W1[e] as a [H, N1] operand (a strided view; no copy)."""
     return w1[expert] if spec.transposed else w1[expert].t()
@@ -114,11 +136,39 @@ def _second(w2: torch.Tensor, expert: int, spec: ExpertsSpec) -> torch.Tensor:
 
 
 def _gathered_input(x, row_token, row_slot, weights, live, spec: ExpertsSpec) -> torch.Tensor:
-    xs = x.index_select(0, row_token[:live])
+    """xs [live, H]: each live row's token (times its weight, weight on input), in a scratch buffer."""
+    xs = scratch("up_xs", (live, x.shape[1]), x.dtype, x.device)
+    torch.index_select(x, 0, row_token[:live], out=xs)
     if spec.weight_on_input:
         acc = accumulation_dtype(x.dtype)
-        xs = (xs.to(acc) * _slot_weights(weights, row_slot, live, x.dtype)).to(x.dtype)
+        xs.copy_(xs.to(acc) * _slot_weights(weights, row_slot, live, x.dtype))
     return xs
+
+
+def _slot_rows(row_slot: torch.Tensor, live: int) -> torch.Tensor:
+    """The row of each slot [T·K]: its place in the expert order, ``live`` (a zero row) for empty slots."""
+    slot_row = torch.empty_like(row_slot)
+    slot_row[row_slot] = torch.arange(row_slot.shape[0], device=row_slot.device)
+    return slot_row.clamp_(max=live)
+
+
+def _sum_rows_per_token(rows: torch.Tensor, weights, slot_row, num_tokens: int, slots: int) -> torch.Tensor:
+    """out [T, H] = Σ_j w[t,j] · rows[slot_row[t,j]] (no weight when ``weights`` is None).
+
+    ``rows`` [live + 1, H] ends with a zero row, which empty slots read.  The
+    rows are put in token order and reduced in one batched product (float32
+    accumulation), in slot order — the same order whatever the experts.
+    """
+    from moepass.lowering.cpu import token_ordered
+
+    ordered = token_ordered(rows, slot_row, num_tokens, slots)
+    if weights is None:
+        return ordered.sum(dim=1) if slots > 1 else ordered[:, 0].clone()
+    acc = accumulation_dtype(rows.dtype)
+    if weights.dtype == rows.dtype:
+        return torch.bmm(weights.reshape(num_tokens, 1, slots), ordered).view(num_tokens, -1)
+    out = torch.bmm(weights.to(acc).reshape(num_tokens, 1, slots), ordered.to(acc))
+    return out.view(num_tokens, -1).to(rows.dtype)
 
 
 def up_forward(x, row_token, row_slot, offsets, weights, w1, b1, spec: ExpertsSpec) -> torch.Tensor:
@@ -131,39 +181,41 @@ def up_forward(x, row_token, row_slot, offsets, weights, w1, b1, spec: ExpertsSp
     for expert, start, end in _runs(offsets):
         rows = slice(start, end)
         if b1 is None:
-            torch.mm(xs[rows], _first(w1, expert, spec), out=h[rows])
+            _gemm(h[rows], xs[rows], _first(w1, expert, spec))
         else:
-            torch.addmm(b1[expert], xs[rows], _first(w1, expert, spec), out=h[rows])
+            _gemm(h[rows], xs[rows], _first(w1, expert, spec), b1[expert])
         note_gemm_rows(end - start)
     return h
 
 
 def down_forward(a, row_token, row_slot, offsets, weights, w2, b2, spec: ExpertsSpec) -> torch.Tensor:
     """out [T, H] = Σ over each token's slots of w · (a W2ᵀ + b2) (or without w, weight on input)."""
-    num_tokens = weights.shape[0]
+    num_tokens, slots = weights.shape
     hidden = hidden_size_of(w2, spec)
     live = int(offsets[-1])
-    y = a.new_empty(live, hidden)
+    y = scratch("down_y", (live + 1, hidden), a.dtype, a.device)
+    y[live].zero_()
     for expert, start, end in _runs(offsets):
         rows = slice(start, end)
         if b2 is None:
-            torch.mm(a[rows], _second(w2, expert, spec), out=y[rows])
+            _gemm(y[rows], a[rows], _second(w2, expert, spec))
         else:
-            torch.addmm(b2[expert], a[rows], _second(w2, expert, spec), out=y[rows])
-    acc = accumulation_dtype(a.dtype)
-    weighted = y.to(acc)
-    if not spec.weight_on_input:
-        weighted = weighted * _slot_weights(weights, row_slot, live, a.dtype)
-    out = torch.zeros(num_tokens, hidden, dtype=acc, device=a.device)
-    out.index_add_(0, row_token[:live], weighted)
-    return out.to(a.dtype)
+            _gemm(y[rows], a[rows], _second(w2, expert, spec), b2[expert])
+    slot_weights = None if spec.weight_on_input else weights
+    return _sum_rows_per_token(y, slot_weights, _slot_rows(row_slot, live), num_tokens, slots)
 
 
 def down_backward(grad_out, a, row_token, row_slot, offsets, weights, w2, b2, spec: ExpertsSpec, needs):
-    """Gradients of :func:`down_forward` for (a, weights, w2, b2); None where ``needs`` is False."""
+    """Gradients of :func:`down_forward` for (a, weights, w2, b2); None where ``needs`` is False.
+
+    Phase by phase over the experts (all ∂a GEMMs, then all ∂W2 GEMMs), as
+    the forward runs its projections.
+    """
     need_a, need_weights, need_w2, need_b2 = needs
     live = int(offsets[-1])
-    g = grad_out.index_select(0, row_token[:live])  # [live, H]
+    hidden = grad_out.shape[1]
+    g = scratch("down_g", (live, hidden), grad_out.dtype, grad_out.device)
+    torch.index_select(grad_out, 0, row_token[:live], out=g)  # [live, H]
     on_output = not spec.weight_on_input
     acc = accumulation_dtype(a.dtype)
     sw = _slot_weights(weights, row_slot, live, a.dtype) if on_output else None
@@ -171,74 +223,88 @@ def down_backward(grad_out, a, row_token, row_slot, offsets, weights, w2, b2, sp
     grad_a = torch.zeros_like(a) if need_a else None
     grad_w2 = _expert_grad_buffer(w2, runs) if need_w2 else None
     grad_b2 = torch.zeros_like(b2) if (need_b2 and b2 is not None) else None
-    row_grad_weight = torch.zeros(live, dtype=acc, device=a.device) if (need_weights and on_output) else None
-    for expert, start, end in runs:
-        rows = slice(start, end)
-        g_rows = g[rows]
-        dy = (g_rows.to(acc) * sw[rows]).to(g.dtype) if on_output else g_rows
-        if need_a or row_grad_weight is not None:
-            u = g_rows @ _second(w2, expert, spec).t()  # [rows, I] = g W2[e]
-            if need_a:
-                grad_a[rows] = (u.to(acc) * sw[rows]).to(a.dtype) if on_output else u
-            if row_grad_weight is not None:
-                contribution = (u.to(acc) * a[rows].to(acc)).sum(dim=1)
-                if b2 is not None:
-                    contribution += g_rows.to(acc) @ b2[expert].to(acc)
-                row_grad_weight[rows] = contribution
-        if need_w2:
-            if spec.transposed:  # w2[e] is [I, H]: ∂ = aᵀ dy
-                torch.mm(a[rows].t(), dy, out=grad_w2[expert])
-            else:  # [H, I]: ∂ = dyᵀ a
-                torch.mm(dy.t(), a[rows], out=grad_w2[expert])
-        if grad_b2 is not None:
-            grad_b2[expert] = dy.sum(dim=0)
-        note_gemm_rows(end - start)
+    want_weights = need_weights and on_output
     grad_weights = None
-    if need_weights:
+    if need_a or want_weights:
+        u = scratch("down_u", (live, a.shape[1]), a.dtype, a.device)  # g W2[e]: [live, I]
+        for expert, start, end in runs:
+            rows = slice(start, end)
+            _gemm(u[rows], g[rows], _second(w2, expert, spec).t())
+        if need_a:
+            if on_output:
+                grad_a[:live] = (u.to(acc) * sw).to(a.dtype)
+            else:
+                grad_a[:live] = u
+        if want_weights:
+            row_grad = (u.to(acc) * a[:live].to(acc)).sum(dim=1)
+            if b2 is not None:
+                for expert, start, end in runs:
+                    row_grad[start:end] += g[start:end].to(acc) @ b2[expert].to(acc)
+            grad_weights = torch.zeros(weights.numel(), dtype=acc, device=a.device)
+            grad_weights.index_copy_(0, row_slot[:live], row_grad)
+    if need_w2 or grad_b2 is not None:
+        dy = (g.to(acc) * sw).to(g.dtype) if on_output else g
+        for expert, start, end in runs:
+            rows = slice(start, end)
+            if need_w2:
+                if spec.transposed:  # w2[e] is [I, H]: ∂ = aᵀ dy
+                    torch.mm(a[rows].t(), dy[rows], out=grad_w2[expert])
+                else:  # [H, I]: ∂ = dyᵀ a
+                    torch.mm(dy[rows].t(), a[rows], out=grad_w2[expert])
+            if grad_b2 is not None:
+                grad_b2[expert] = dy[rows].sum(dim=0)
+    for _, start, end in runs:
+        note_gemm_rows(end - start)
+    if need_weights and grad_weights is None:
         grad_weights = torch.zeros(weights.numel(), dtype=acc, device=a.device)
-        if row_grad_weight is not None:
-            grad_weights.index_copy_(0, row_slot[:live], row_grad_weight)
+    if grad_weights is not None:
         grad_weights = grad_weights.view(weights.shape).to(weights.dtype)
     return grad_a, grad_weights, grad_w2, grad_b2
 
 
 def up_backward(grad_h, x, row_token, row_slot, offsets, weights, w1, b1, spec: ExpertsSpec, needs):
-    """Gradients of :func:`up_forward` for (x, weights, w1, b1); None where ``needs`` is False."""
+    """Gradients of :func:`up_forward` for (x, weights, w1, b1); None where ``needs`` is False.
+
+    Phase by phase over the experts (all ∂xs GEMMs, then all ∂W1 GEMMs).
+    """
     need_x, need_weights, need_w1, need_b1 = needs
     live = int(offsets[-1])
+    num_tokens, slots = weights.shape
     on_input = spec.weight_on_input
     need_xs_grad = need_x or (need_weights and on_input)
-    xs = _gathered_input(x, row_token, row_slot, weights, live, spec) if need_w1 else None
-    grad_xs = x.new_empty(live, x.shape[1]) if need_xs_grad else None
     runs = _runs(offsets)
     grad_w1 = _expert_grad_buffer(w1, runs) if need_w1 else None
     grad_b1 = torch.zeros_like(b1) if (need_b1 and b1 is not None) else None
-    for expert, start, end in runs:
-        rows = slice(start, end)
-        dh = grad_h[rows]
-        if need_xs_grad:
-            torch.mm(dh, _first(w1, expert, spec).t(), out=grad_xs[rows])
-        if need_w1:
-            if spec.transposed:  # w1[e] is [H, N1]: ∂ = xsᵀ dh
-                torch.mm(xs[rows].t(), dh, out=grad_w1[expert])
-            else:  # [N1, H]: ∂ = dhᵀ xs
-                torch.mm(dh.t(), xs[rows], out=grad_w1[expert])
-        if grad_b1 is not None:
-            grad_b1[expert] = dh.sum(dim=0)
+    grad_xs = None
+    if need_xs_grad:
+        grad_xs = scratch("up_grad_xs", (live + 1, x.shape[1]), x.dtype, x.device)  # row `live`: zero, read by empty slots
+        grad_xs[live].zero_()
+        for expert, start, end in runs:
+            rows = slice(start, end)
+            _gemm(grad_xs[rows], grad_h[rows], _first(w1, expert, spec).t())
+    if need_w1 or grad_b1 is not None:
+        xs = _gathered_input(x, row_token, row_slot, weights, live, spec) if need_w1 else None
+        for expert, start, end in runs:
+            rows = slice(start, end)
+            dh = grad_h[rows]
+            if need_w1:
+                if spec.transposed:  # w1[e] is [H, N1]: ∂ = xsᵀ dh
+                    torch.mm(xs[rows].t(), dh, out=grad_w1[expert])
+                else:  # [N1, H]: ∂ = dhᵀ xs
+                    torch.mm(dh.t(), xs[rows], out=grad_w1[expert])
+            if grad_b1 is not None:
+                grad_b1[expert] = dh.sum(dim=0)
+    for _, start, end in runs:
         note_gemm_rows(end - start)
     grad_x = grad_weights = None
-    tokens = row_token[:live]
     acc = accumulation_dtype(x.dtype)
     if need_weights:
         grad_weights = torch.zeros(weights.numel(), dtype=acc, device=x.device)
         if on_input:
-            x_rows = x.index_select(0, tokens).to(acc)
-            grad_weights.index_copy_(0, row_slot[:live], (grad_xs.to(acc) * x_rows).sum(dim=1))
+            x_rows = x.index_select(0, row_token[:live]).to(acc)
+            grad_weights.index_copy_(0, row_slot[:live], (grad_xs[:live].to(acc) * x_rows).sum(dim=1))
         grad_weights = grad_weights.view(weights.shape).to(weights.dtype)
     if need_x:
-        rows_grad = grad_xs.to(acc)
-        if on_input:
-            rows_grad = rows_grad * _slot_weights(weights, row_slot, live, x.dtype)
-        grad_x = torch.zeros(x.shape, dtype=acc, device=x.device).index_add_(0, tokens, rows_grad)
-        grad_x = grad_x.to(x.dtype)
+        slot_weights = weights if on_input else None
+        grad_x = _sum_rows_per_token(grad_xs, slot_weights, _slot_rows(row_slot, live), num_tokens, slots)
     return grad_x, grad_weights, grad_w1, grad_b1

@@ -131,7 +131,7 @@ def optimize_graph(
         except PolicyError as error:
             raise PolicyError(f"policy {policy_name} does not fit block {entry.display_path}: {error}") from None
         entry.graph_before = _region_graph(item)
-        plan = plan_rewrite(item, resolved, options.lowering, options.stats, env, differentiable)
+        plan = plan_rewrite(item, resolved, options.lowering, options.stats, env, differentiable, options.cpu_prepack)
         if offload is not None:
             plan = offload.plan(item, plan, env, entry)
         if options.validate:

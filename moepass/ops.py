@@ -50,6 +50,7 @@ __all__ = [
     "expert_activation",
     "experts_down",
     "LOWERINGS",
+    "CPU_PREPACK",
     "capture_routes",
     "routes_not_captured",
 ]
@@ -57,6 +58,8 @@ __all__ = [
 #: Implementations of the experts op; "auto" picks triton for CUDA tensors
 #: and cpu otherwise.
 LOWERINGS = ("auto", "cpu", "triton", "reference")
+#: Whether the CPU lowering packs bfloat16 expert weights for oneDNN.
+CPU_PREPACK = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -108,10 +111,15 @@ class ExpertsConfig:
     #: Non-empty when the block's expert weights live in an expert store:
     #: ``"<offload session>|<block path>"`` (see :mod:`moepass.offload`).
     offload: str = ""
+    #: CPU lowering: run bfloat16 experts on weights pre-packed for oneDNN
+    #: (``auto`` | ``on`` | ``off``; see :mod:`moepass.lowering.cpu_packed`).
+    cpu_prepack: str = "auto"
 
     def __post_init__(self) -> None:
         if self.lowering not in LOWERINGS:
             raise ValueError(f"unknown lowering {self.lowering!r}; expected one of {LOWERINGS}")
+        if self.cpu_prepack not in CPU_PREPACK:
+            raise ValueError(f"unknown cpu_prepack {self.cpu_prepack!r}; expected one of {CPU_PREPACK}")
 
     def to_json(self) -> str:
         """Encode for the op's ``config`` argument."""

@@ -16,6 +16,12 @@ stats      record tokens per k per block at run time        ``False``
 offload    expert weights in an expert store, loaded        ``None``
            through a cache with prefetch: a store folder
            or a dict (:mod:`moepass.offload.options`)
+cpu_prepack CPU lowering: run bfloat16 experts on copies     ``"auto"``
+           of their weights pre-packed for oneDNN (faster,
+           as much memory again): ``auto`` (when they fit
+           in half the available memory) | ``on`` | ``off``
+           (or True / False); see
+           :mod:`moepass.lowering.cpu_packed`
 ========== ============================================== ===========
 
 Any other key is a parameter of the named policy (``{"policy": "top_p",
@@ -28,7 +34,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from moepass.ops import LOWERINGS
+from moepass.ops import CPU_PREPACK, LOWERINGS
 from moepass.policies import POLICIES, Policy, PolicyError, make_policy
 
 __all__ = ["BackendOptions", "OptionsError", "INNER_COMPILERS"]
@@ -53,8 +59,10 @@ class BackendOptions:
     mode: str | None = None
     #: Expert offloading (:class:`moepass.offload.OffloadOptions`), or None.
     offload: Any = None
+    #: Pre-packed bfloat16 expert weights on CPU: ``auto`` | ``on`` | ``off``.
+    cpu_prepack: str = "auto"
 
-    _BACKEND_KEYS = ("policy", "inner", "lowering", "validate", "stats", "offload")
+    _BACKEND_KEYS = ("policy", "inner", "lowering", "validate", "stats", "offload", "cpu_prepack")
 
     @classmethod
     def parse(cls, options: Mapping[str, Any] | None, mode: str | None = None) -> "BackendOptions":
@@ -95,6 +103,13 @@ class BackendOptions:
             if flag in backend and not isinstance(backend[flag], bool):
                 raise OptionsError(f"option {flag!r} must be True or False, got {backend[flag]!r}")
         offload = _parse_offload(backend.get("offload"), lowering)
+        cpu_prepack = backend.get("cpu_prepack", "auto")
+        if isinstance(cpu_prepack, bool):
+            cpu_prepack = "on" if cpu_prepack else "off"
+        if cpu_prepack not in CPU_PREPACK:
+            raise OptionsError(
+                f"option 'cpu_prepack' must be one of {', '.join(CPU_PREPACK)} (or True / False), got {cpu_prepack!r}"
+            )
         return cls(
             policy=policy,
             inner=inner,
@@ -103,6 +118,7 @@ class BackendOptions:
             stats=backend.get("stats", False),
             mode=mode,
             offload=offload,
+            cpu_prepack=cpu_prepack,
         )
 
 

@@ -83,6 +83,7 @@ def plan_rewrite(
     collect_stats: bool,
     env: dict[fx.Node, Any],
     differentiable: bool = False,
+    cpu_prepack: str = "auto",
 ) -> BlockRewrite:
     """Resolve configs and weights for ``match`` under a resolved policy.
 
@@ -121,7 +122,7 @@ def plan_rewrite(
     if match.experts is not None:
         experts = match.experts
         experts_config = ExpertsConfig(
-            spec=experts.spec, lowering=lowering, block=match.path, collect_stats=collect_stats
+            spec=experts.spec, lowering=lowering, block=match.path, collect_stats=collect_stats, cpu_prepack=cpu_prepack
         )
         if experts.spec.stacked_from_modules:
             weights = {

@@ -38,6 +38,7 @@ VARIANTS = {
     "relu-plain": dict(activation="relu", gated=False, gate_up_layout="none"),
     "swiglu-oss": dict(activation="swiglu_clamp", gate_up_layout="interleaved", transposed=True, has_bias=True),
     "weight-on-input": dict(activation="silu", transposed=True, weight_on_input=True),
+    "silu-biases": dict(activation="silu", has_bias=True),
 }
 
 
@@ -94,3 +95,124 @@ def test_experts_op_dispatches_to_lowerings():
     ]
     for a, b in itertools.pairwise(results):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("tokens,slots", [(1, 2), (3, 8), (40, 8)])
+def test_slot_plan_in_lists_equals_the_tensor_plan(tokens, slots, monkeypatch):
+    g = torch.Generator().manual_seed(tokens)
+    ids = torch.randint(0, 9, (tokens, slots), generator=g)  # 8 = E: empty slots
+    ids[0, -1] = -1  # out of range: empty too
+    small = cpu.plan_slots(ids, 8)
+    monkeypatch.setattr(cpu, "_LIST_PLAN_MAX_SLOTS", 0)
+    large = cpu.plan_slots(ids, 8)
+    assert small.counts == large.counts
+    for name in ("row_token", "row_slot", "slot_row"):
+        assert torch.equal(getattr(small, name), getattr(large, name)), name
+    live = ids.flatten()
+    live = live[(live >= 0) & (live < 8)]
+    assert small.counts == torch.bincount(live, minlength=8).tolist()
+
+
+
+# --- the kernel table and each kernel -------------------------------------------------
+
+
+@pytest.fixture
+def forced_kernel(monkeypatch):
+    """Make the kernel table give one kernel at every row count (gemv: at one row; token-major above)."""
+    from moepass.lowering import cpu_kernels
+
+    def force(kernel: str) -> None:
+        table = {
+            "entries": [
+                {"dtype": d, "out": 48, "in": 16, "kernels": {"1": kernel if kernel != "packed" else "token_major"},
+                 "kernels_packed": {"1": kernel}}
+                for d in ("float32", "bfloat16")
+            ]
+        }
+        monkeypatch.setattr(cpu_kernels, "kernel_table", lambda: table)
+        cpu_kernels._choices.cache_clear()
+
+    yield force
+    cpu_kernels._choices.cache_clear()
+
+
+@pytest.mark.parametrize("kernel", ["token_major", "weight_major", "gemv", "onednn", "packed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("variant", ["silu-concat", "relu-plain", "gelu", "silu-biases"])
+def test_every_kernel_matches_the_reference(kernel, dtype, variant, forced_kernel):
+    from moepass.lowering import cpu_packed
+
+    forced_kernel(kernel)
+    spec, args = _problem(12, 8, 2, 16, 24, VARIANTS[variant], dtype, empty_fraction=0.3, seed=3)
+    expected = reference.experts_forward(*args, spec)
+    with count_gemm_rows() as rows:
+        actual = cpu.experts_forward(*args, spec, prepack="on")
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=tolerance, atol=tolerance)
+    ids = args[1]
+    assert sum(rows) == int((ids < spec.num_experts).sum())  # empty slots cost no GEMM row
+    packed = kernel == "packed" and dtype == torch.bfloat16  # only bfloat16 weights are packed
+    entry = cpu_packed._entries.get(id(args[3]))
+    assert (entry is not None and any(m is not None for m in entry.matrices)) == packed
+
+
+def test_choose_kernel_reads_the_nearest_shape_and_row_count(monkeypatch):
+    from moepass.lowering import cpu_kernels
+
+    table = {"entries": [
+        {"dtype": "float32", "out": 100, "in": 100, "kernels": {"1": "gemv", "2": "weight_major", "8": "token_major"}},
+        {"dtype": "float32", "out": 5000, "in": 1000, "kernels": {"1": "token_major", "4": "weight_major"},
+         "kernels_packed": {"1": "packed"}},
+    ]}
+    monkeypatch.setattr(cpu_kernels, "kernel_table", lambda: table)
+    cpu_kernels._choices.cache_clear()
+    try:
+        choose = cpu_kernels.choose_kernel
+        assert choose(1, (90, 120), torch.float32, False) == "gemv"
+        assert [choose(r, (90, 120), torch.float32, False) for r in (2, 7, 8)] == ["weight_major"] * 2 + ["token_major"]
+        assert choose(4, (6000, 900), torch.float32, False) == "weight_major"
+        assert choose(6, (6000, 900), torch.float32, False) == "token_major"  # above the table
+        assert choose(64, (6000, 900), torch.float32, False, packed=True) == "packed"  # packed won at the largest
+        assert choose(3, (90, 120), torch.float32, True) == "token_major"  # [in, out] weights
+        assert choose(1, (90, 120), torch.float64, False) == "token_major"  # a dtype the table lacks
+    finally:
+        cpu_kernels._choices.cache_clear()
+
+
+def test_packed_copies_follow_in_place_updates_and_die_with_the_weight(forced_kernel):
+    import gc
+
+    from moepass.lowering import cpu_packed
+
+    forced_kernel("packed")
+    spec, (x, ids, weights, w1, w2, b1, b2) = _problem(10, 8, 2, 16, 24, VARIANTS["silu-concat"], torch.bfloat16, 0.2)
+    before = cpu_packed.packed_bytes()
+    cpu.experts_forward(x, ids, weights, w1, w2, b1, b2, spec, prepack="on")
+    assert cpu_packed.packed_bytes() == before + (w1.numel() + w2.numel()) * 2
+    with torch.no_grad():
+        w1.mul_(-1.5)  # the packed copies are stale now
+    expected = reference.experts_forward(x, ids, weights, w1, w2, b1, b2, spec)
+    actual = cpu.experts_forward(x, ids, weights, w1, w2, b1, b2, spec, prepack="on")
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=3e-2, atol=3e-2)
+    off = cpu.experts_forward(x, ids, weights, w1, w2, b1, b2, spec, prepack="off")
+    torch.testing.assert_close(actual.float(), off.float(), rtol=1e-2, atol=1e-2)
+    del w1, w2
+    gc.collect()
+    assert cpu_packed.packed_bytes() == before
+
+
+def test_auto_prepack_stays_within_the_memory_available(forced_kernel, monkeypatch, caplog):
+    from moepass.lowering import cpu_packed
+
+    forced_kernel("packed")
+    spec, args = _problem(6, 8, 2, 16, 24, VARIANTS["silu-concat"], torch.bfloat16, 0.0, seed=5)
+    monkeypatch.setattr(cpu_packed, "_available_memory", lambda: 1000)  # bytes: far less than the weights
+    with caplog.at_level("INFO", logger="moepass.lowering.cpu_packed"):
+        cpu.experts_forward(*args, spec, prepack="auto")
+    assert not cpu_packed._entries[id(args[3])].allowed
+    assert "not packed" in caplog.text and "cpu_prepack='on'" in caplog.text
+    monkeypatch.setattr(cpu_packed, "_available_memory", lambda: 1 << 40)
+    spec, args = _problem(6, 8, 2, 16, 24, VARIANTS["silu-concat"], torch.bfloat16, 0.0, seed=6)
+    cpu.experts_forward(*args, spec, prepack="auto")
+    assert cpu_packed._entries[id(args[3])].allowed

@@ -63,7 +63,8 @@ def source_path(node: fx.Node) -> str | None:
     parts = []
     for quoted, attr, index in _SOURCE_TOKEN.findall(rest):
         token = quoted or attr or index
-        if token in ("_modules", "_parameters", "_buffers", "__dict__"):
+        # ``__self__``: the receiver of a compiled bound method (``L['fn'].__self__``) is the root module
+        if token in ("_modules", "_parameters", "_buffers", "__dict__", "__self__"):
             continue
         parts.append(token)
     return ".".join(parts)

@@ -2,17 +2,19 @@
 
 ::
 
-    ids [T,K] ──► slots grouped by expert (moepass.lowering.cpu.expert_slots)
+    ids [T,K] ──► slots grouped by expert (moepass.lowering.cpu.plan_slots)
     session.begin_call   prefetch layer l+1's predicted experts; order: resident experts first
     for each expert e hit (resident first, the rest as their loads complete):
         w = cache.acquire(e)          hit, wait for a prefetch, or read now
-        y[rows of e] = expert(x[rows of e]; w)   the CPU lowering's own per-expert GEMMs
+        y[rows of e] = expert(x[rows of e]; w)   the CPU lowering's own projections and activation
         cache.release(e)
     out = Σ weight · y per token (same combine, same row order as the CPU lowering)
 
-Each expert's rows are computed by the same functions, on weights with the
-same bytes and strides, and combined in the same order as the in-memory CPU
-lowering — so the result is bit for bit the in-memory one, whichever experts
+Each expert's rows are computed by the same kernels (chosen from the same
+table by the same rows, dtype and shapes), on weights with the same bytes and
+strides, with the activation on the same token-major layout (the in-memory
+lowering runs it once over all rows, elementwise), and combined in the same
+order as the in-memory CPU lowering — so the result is bit for bit the in-memory one, whichever experts
 happened to be cached or prefetched.  Inference only.
 """
 
@@ -20,7 +22,9 @@ from __future__ import annotations
 
 import torch
 
-from moepass.lowering.cpu import _WEIGHT_MAJOR_MAX_ROWS, _expert_token_major, _expert_weight_major, expert_slots
+from moepass.lowering.cpu import combine_rows, expert_outputs, gather_rows, plan_slots
+from moepass.lowering.cpu_kernels import activate_inplace, choose_kernel, project
+from moepass.lowering.workspace import scratch
 from moepass.offload.session import OffloadError, lookup
 from moepass.stats import note_gemm_rows
 
@@ -45,17 +49,14 @@ def experts_forward(x, ids, weights, spec, key: str) -> torch.Tensor:
     session, path = lookup(key)
     _check_inputs(x, path)
     provider = session.provider(path)
-    num_tokens, hidden = x.shape
-    token, slot_weights, counts = expert_slots(ids, weights, spec.num_experts)
-    slot_weights = slot_weights.float().unsqueeze(1)
-    xs = x.index_select(0, token)
-    if spec.weight_on_input:
-        xs = (xs.float() * slot_weights).to(x.dtype)
+    plan = plan_slots(ids, spec.num_experts)
+    counts = plan.counts
+    xs = gather_rows(x, weights, plan, spec)
+    y = expert_outputs(x.shape[1], plan, x.dtype)
     block = provider.block
-    first = block.tensor("w1")
+    first, second = block.tensor("w1"), block.tensor("w2")  # one expert's shapes and dtype: the kernel choice
     n1 = first.shape[1] if spec.transposed else first.shape[0]
-    y = torch.empty(token.numel(), hidden, dtype=x.dtype, device=x.device)
-    h_buffer = torch.empty(max(counts, default=0) * n1, dtype=x.dtype, device=x.device)
+    h = scratch("h", (plan.rows, n1), x.dtype)
     starts, start = [], 0
     for count in counts:
         starts.append(start)
@@ -67,21 +68,14 @@ def experts_forward(x, ids, weights, spec, key: str) -> torch.Tensor:
             rows = slice(starts[expert], starts[expert] + count)
             views = provider.acquire(expert)
             try:
-                w1, w2 = views["w1"].unsqueeze(0), views["w2"].unsqueeze(0)
-                b1 = views["b1"].unsqueeze(0) if "b1" in views else None
-                b2 = views["b2"].unsqueeze(0) if "b2" in views else None
-                if count <= _WEIGHT_MAJOR_MAX_ROWS and not spec.transposed:
-                    _expert_weight_major(xs[rows], y[rows], 0, w1, w2, b1, b2, spec, h_buffer[: count * n1])
-                else:
-                    _expert_token_major(xs[rows], y[rows], 0, w1, w2, b1, b2, spec, h_buffer[: count * n1])
+                up = choose_kernel(count, first.shape, first.torch_dtype, spec.transposed)
+                project(up, xs[rows], h[rows], views["w1"], views.get("b1"), spec.transposed)
+                a = activate_inplace(h[rows], spec)
+                down = choose_kernel(count, second.shape, second.torch_dtype, spec.transposed)
+                project(down, a, y[rows], views["w2"], views.get("b2"), spec.transposed)
             finally:
                 provider.release(expert)
             note_gemm_rows(count)
     finally:
         provider.end()
-    weighted = y.float() if x.dtype != torch.float32 else y
-    if not spec.weight_on_input:
-        weighted = weighted.mul_(slot_weights)
-    out = torch.zeros(num_tokens, hidden, dtype=weighted.dtype, device=x.device)
-    out.index_add_(0, token, weighted)
-    return out.to(x.dtype)
+    return combine_rows(y, weights, plan, spec)
