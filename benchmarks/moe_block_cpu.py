@@ -192,7 +192,7 @@ def main() -> None:
     read = memory_bandwidths()["read"]
     print(f"GEMM rate {rate_text}; read {read / 1e9:.1f} GB/s")
 
-    ratio_rows, detail_rows = [], []
+    ratio_rows, measured = [], []
     for shape_name in args.shapes:
         shape = SHAPES[shape_name]
         for dtype_name in args.dtypes:
@@ -247,17 +247,7 @@ def main() -> None:
                     + f", adaptive k {k_avg:.2f}: {times['adaptive'] / (ideal * times['static']):.3f}× ideal",
                     flush=True,
                 )
-                detail_rows.append(
-                    [
-                        shape.name,
-                        dtype_name,
-                        str(tokens),
-                        *(f"{times[n] * 1e3:.2f}" if n in times else "—" for n in ("grouped_mm", "batched_mm", "static", "adaptive")),
-                        f"{k_avg:.2f}",
-                        f"{100 * static_rate:.0f}%",
-                        f"{times['static'] / floor:.2f}×",
-                    ]
-                )
+                measured.append((shape, dtype_name, tokens, times, k_avg, floor))
             ratio_rows.append(
                 [
                     shape.label,
@@ -280,6 +270,28 @@ def main() -> None:
             torch._dynamo.reset()
             gc.collect()
 
+    # The GEMM rate again at the end: a shared machine's load can depress one
+    # measurement; the fraction of the rate is taken against the better one.
+    for name in args.dtypes:
+        again = max(gemm_rates(dtype=getattr(torch, name)).values())
+        if again > rates[name]:
+            rates[name] = again
+            rate_text += f"; {name} {again / 1e9:.0f} GFLOP/s at the end (used)"
+    detail_rows = []
+    for shape, dtype_name, tokens, times, k_avg, floor in measured:
+        static_rate = shape.flops(tokens, shape.top_k) / times["static"] / rates[dtype_name]
+        detail_rows.append(
+            [
+                shape.name,
+                dtype_name,
+                str(tokens),
+                *(f"{times[n] * 1e3:.2f}" if n in times else "—" for n in ("grouped_mm", "batched_mm", "static", "adaptive")),
+                f"{k_avg:.2f}",
+                f"{100 * static_rate:.0f}%",
+                # the memory floor bounds decode-sized calls; larger ones are compute-bound
+                f"{times['static'] / floor:.2f}×" if tokens <= 8 else "—",
+            ]
+        )
     minutes = (time.time() - started) / 60
     header = ["shape (E, top-k, hidden, intermediate)", "dtype", *(f"{t} tokens" for t in args.tokens)]
     body = (
