@@ -3,6 +3,7 @@
     python benchmarks/zoo_table.py                 # all discovered families
     python benchmarks/zoo_table.py mixtral dbrx    # some
     python benchmarks/zoo_table.py --json out.json # also the raw outcomes
+    python benchmarks/zoo_table.py --readme        # also replace the README's coverage table
 
 Tiny random models (hidden 64, 2 layers both MoE, 8 experts, top-2), static
 policy, inner compiler eager, logits against eager at [2, 8] and [2, 13].
@@ -24,10 +25,34 @@ import warnings
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 
+README = os.path.join(os.path.dirname(__file__), "..", "README.md")
+START, END = "<!-- zoo-table:start -->", "<!-- zoo-table:end -->"
+
+
+def write_readme_table(table: str, summary: str, transformers_version: str) -> None:
+    """Replace the README's text between the zoo markers with ``table`` (atomically)."""
+    import torch
+
+    with open(README) as handle:
+        text = handle.read()
+    if START not in text or END not in text:
+        raise SystemExit(f"README.md has no {START} … {END} markers to write the table between")
+    block = (
+        f"{START}\n<details><summary>{summary} — transformers {transformers_version}, torch "
+        f"{torch.__version__.split('+')[0]}, {time.strftime('%Y-%m-%d')} (the table "
+        f"<code>python benchmarks/zoo_table.py --readme</code> writes)</summary>\n\n{table}\n\n</details>\n{END}"
+    )
+    text = text[: text.index(START)] + block + text[text.index(END) + len(END) :]
+    with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(README), delete=False, suffix=".tmp") as handle:
+        handle.write(text)
+    os.replace(handle.name, README)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("families", nargs="*", help="family names (transformers model_type); default: all")
     parser.add_argument("--json", help="also write the outcomes as JSON to this file")
+    parser.add_argument("--readme", action="store_true", help="also replace the table between the README's zoo markers")
     args = parser.parse_args(argv)
 
     warnings.filterwarnings("ignore")
@@ -48,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         counts[o.outcome] = counts.get(o.outcome, 0) + 1
     summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
     print(f"\n{len(outcomes)} families: {summary} ({time.perf_counter() - started:.0f}s)")
+    if args.readme:
+        if args.families:
+            parser.error("--readme writes the whole table: give no family names")
+        write_readme_table(markdown_table(outcomes), summary, transformers.__version__)
     if args.json:
         folder = os.path.dirname(os.path.abspath(args.json))
         with tempfile.NamedTemporaryFile("w", dir=folder, delete=False, suffix=".tmp") as handle:
