@@ -48,8 +48,8 @@ from _common import machine_description, markdown_table, today, write_section
 from onnx_cpu import genai_functions
 
 import moepass
-from moepass.export import OnnxExportOptions
-from moepass.genai import MODEL_FILE, export_genai
+from moepass.exports.genai import MODEL_FILE, export_genai
+from moepass.exports.onnx import OnnxExportOptions
 
 try:
     import onnxruntime_genai as og

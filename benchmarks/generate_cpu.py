@@ -49,7 +49,7 @@ from transformers import (
 )
 
 import moepass
-import moepass.stats
+import moepass.runtime.stats
 from moepass import bundled
 
 VOCAB = 32000
@@ -177,7 +177,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 outputs[variant] = generate(m, prompt, 1 + args.new_tokens)
                 print(f"{name} {variant}: first generate {time.perf_counter() - t0:.1f} s", flush=True)
-            moepass.stats.reset_stats()
+            moepass.runtime.stats.reset_stats()
             generate(variants["adaptive"], prompt, 1 + args.new_tokens)
             stats = moepass.report(variants["adaptive"]).stats()
             k_avg = statistics.mean(s.average_k for s in stats.values()) if stats else float("nan")

@@ -44,7 +44,7 @@ from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
 import moepass
-from moepass.mlir_export import MlirExportOptions
+from moepass.exports.mlir import MlirExportOptions
 
 EAGER, ORT_STATIC, ORT_ADAPTIVE = "(a) torch eager", "(b) ORT static", "(b) ORT adaptive"
 IREE_STATIC, IREE_ADAPTIVE, IREE_DENSE = "(c) IREE static", "(c) IREE adaptive", "(d) IREE adaptive dense"

@@ -48,7 +48,7 @@ from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
 import moepass
-import moepass.stats
+import moepass.runtime.stats
 
 # The Mixtral-shaped block of the other CPU benchmarks (onnx_cpu, mlir_cpu, training_step_cpu).
 HIDDEN, INTER, EXPERTS, TOP_K = 1024, 2816, 8, 2
@@ -149,16 +149,16 @@ def experts_hit(block: torch.nn.Module, x: torch.Tensor) -> int:
 
 def average_k(block_with_stats: torch.nn.Module, x: torch.Tensor) -> float:
     """Average k of the adaptive policy on ``x`` (one call of the stats-collecting twin)."""
-    moepass.stats.reset_stats()
+    moepass.runtime.stats.reset_stats()
     with torch.no_grad():
         block_with_stats(x)
-    stats = list(moepass.stats.routing_stats().values())
+    stats = list(moepass.runtime.stats.routing_stats().values())
     return stats[0].average_k if stats else float("nan")
 
 
 def ran_moepass(block: torch.nn.Module, x: torch.Tensor) -> bool:
     """Whether a call of ``block`` went through moepass's experts lowering."""
-    with moepass.stats.count_gemm_rows() as rows, torch.no_grad():
+    with moepass.runtime.stats.count_gemm_rows() as rows, torch.no_grad():
         block(x)
     return sum(rows) > 0
 

@@ -136,7 +136,7 @@ def tuned_or_heuristic(shape: Shape, dtype: torch.dtype, device: torch.device) -
 def run_shape(shape: Shape, token_counts, dtype, device, measure, bandwidth: float, rate: float):
     from moepass.lowering.triton import experts_forward
 
-    from moepass.spec import ExpertsSpec
+    from moepass.compiler.spec import ExpertsSpec
 
     generator = torch.Generator().manual_seed(0)
     w1 = (torch.randn(shape.num_experts, 2 * shape.inter, shape.hidden, generator=generator) * shape.hidden**-0.5).to(device, dtype)

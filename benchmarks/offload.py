@@ -51,11 +51,11 @@ import torch
 from _common import machine_description, markdown_table, today, write_section
 
 import moepass
-import moepass.stats
+import moepass.runtime.stats
 from moepass import bundled
-from moepass.offload import close_all, release_experts, write_model_store, write_store
-from moepass.offload.release import release_tensor
-from moepass.offload.store import BlockWeights, ExpertReader, aligned_buffer, open_store
+from moepass.runtime.offload import close_all, release_experts, write_model_store, write_store
+from moepass.runtime.offload.release import release_tensor
+from moepass.runtime.offload.store import BlockWeights, ExpertReader, aligned_buffer, open_store
 
 CACHES = ("none", "lru", "allocated")
 
@@ -172,7 +172,7 @@ def decode(model, options: dict, tokens: torch.Tensor, prompt: int, warmup: int,
                 session = moepass.report(compiled).offload
                 if session is not None:
                     session.reset_stats()
-                moepass.stats.reset_stats()
+                moepass.runtime.stats.reset_stats()
                 started = time.perf_counter()
             out = compiled(tokens[:, prompt + step : prompt + step + 1], cache=out.past_key_values, use_cache=True)
         elapsed = time.perf_counter() - started
@@ -218,9 +218,9 @@ def adaptive_policy(name: str, make_model, store, args):
     """The bundled sensitivity artefact, or threshold calibrated on the random model's router logits."""
     if name == "bundled":
         return "sensitivity", bundled.load_policy("sensitivity")
-    from moepass.calibrate import RouterRecord, _bisect
-    from moepass.ops import capture_routes
     from moepass.policies import make_policy
+    from moepass.runtime.calibrate import RouterRecord, _bisect
+    from moepass.runtime.ops import capture_routes
 
     records: dict[str, RouterRecord] = {}
 
@@ -241,7 +241,7 @@ def adaptive_policy(name: str, make_model, store, args):
 
 def perplexities(args) -> dict[str, float]:
     """Held-out perplexity per byte of the bundled model's static and sensitivity policies (in memory)."""
-    from moepass.evaluate import evaluate_policy
+    from moepass.bundled.evaluate import evaluate_policy
     from moepass.policies import Static
 
     batches = bundled.heldout_batches(seq_len=256, max_tokens=args.ppl_tokens, batch_size=16)

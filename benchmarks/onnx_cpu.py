@@ -47,8 +47,8 @@ from moe_block_cpu import EXPERTS, HIDDEN, INTER, TOP_K, make_block
 from onnx import TensorProto, helper, numpy_helper
 
 import moepass
-import moepass.stats
-from moepass.export import OnnxExportOptions
+import moepass.runtime.stats
+from moepass.exports.onnx import OnnxExportOptions
 
 PLAIN, GENAI, STATIC, ADAPTIVE = "(a) torch.onnx", "(b) MoE static top-k", "(c) moepass static", "(d) moepass adaptive"
 MASKED = "(d') moepass adaptive, masked MoE"
@@ -154,11 +154,11 @@ def genai_functions(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def average_k(module: torch.nn.Module, policy, args: tuple, kwargs: dict) -> float:
     """Average k the policy gives over every block of ``module`` on ``args`` (torch, stats on)."""
-    moepass.stats.reset_stats()
+    moepass.runtime.stats.reset_stats()
     compiled = torch.compile(module, backend="adaptive_moe", options={"policy": policy, "stats": True, "inner": "eager"})
     with torch.no_grad():
         compiled(*args, **kwargs)
-    stats = list(moepass.stats.routing_stats().values())
+    stats = list(moepass.runtime.stats.routing_stats().values())
     torch._dynamo.reset()
     return sum(s.average_k * s.tokens for s in stats) / sum(s.tokens for s in stats)
 

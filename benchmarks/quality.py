@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from _common import machine_description, markdown_table, today, write_section  # noqa: E402
 
 from moepass import bundled  # noqa: E402
-from moepass.evaluate import (  # noqa: E402
+from moepass.bundled.evaluate import (  # noqa: E402
     PolicyRun,
     evaluate_eager,
     evaluate_policies,

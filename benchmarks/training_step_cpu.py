@@ -26,7 +26,7 @@ from _common import interleaved_medians, machine_description, markdown_table, to
 from moe_block_cpu import HIDDEN, INTER, TOP_K, compiled, make_block
 
 import moepass
-import moepass.stats
+import moepass.runtime.stats
 
 
 def step(block, x):
@@ -65,9 +65,9 @@ def main() -> None:
             "moepass static": step(static, x),
             "moepass adaptive": step(adaptive, x),
         }
-        moepass.stats.reset_stats()
+        moepass.runtime.stats.reset_stats()
         times = interleaved_medians(variants, rounds=args.rounds, warmup=1)
-        average_k = list(moepass.stats.routing_stats().values())[0].average_k
+        average_k = list(moepass.runtime.stats.routing_stats().values())[0].average_k
         base = times["transformers grouped_mm"]
         for name, seconds in times.items():
             rows.append([str(tokens), name, f"{seconds * 1e3:.1f}", f"{base / seconds:.2f}×"])

@@ -3,7 +3,7 @@
     python benchmarks/zoo_regions.py qwen3_next ernie4_5_moe   # some families
     python benchmarks/zoo_regions.py --all > regions.txt        # every discovered family
 
-For each family: the tiny model of moepass.zoo_discovery runs once eagerly;
+For each family: the tiny model of moepass.zoo.discovery runs once eagerly;
 its first MoE block (the parent of the first routed-experts module that ran)
 is compiled *on its own* on the input it received, with a backend that only
 records the graphs.  Printed, per graph of that block:
@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import torch  # noqa: E402
 import torch.fx as fx  # noqa: E402
 
-from moepass.dataflow import example_value  # noqa: E402
+from moepass.compiler.dataflow import example_value  # noqa: E402
 
 _SELECTION = {"topk", "sort", "argsort", "argmax", "max", "kthvalue", "multinomial"}
 _GEMM = {"linear", "matmul", "mm", "bmm", "baddbmm", "einsum", "_grouped_mm", "grouped_mm", "transformers::grouped_mm_fallback"}
@@ -65,7 +65,7 @@ def _fmt_arg(value, names) -> str:
 
 def format_node(node: fx.Node, names: dict) -> str:
     """``name = op(args, k=v) -> shape``."""
-    from moepass.dataflow import op_name, tensor_shape
+    from moepass.compiler.dataflow import op_name, tensor_shape
 
     args = [_fmt_arg(a, names) for a in node.args]
     args += [f"{k}={_fmt_arg(v, names)}" for k, v in node.kwargs.items()]
@@ -76,7 +76,7 @@ def format_node(node: fx.Node, names: dict) -> str:
 
 def _param_names(gm: fx.GraphModule) -> dict:
     """Parameter placeholders named by their module path (``<experts.gate_up_proj>``)."""
-    from moepass.detect.common import source_path
+    from moepass.compiler.detect.common import source_path
 
     names = {}
     for node in gm.graph.nodes:
@@ -95,7 +95,7 @@ def _param_names(gm: fx.GraphModule) -> dict:
 
 def _origin(node: fx.Node, names: dict, depth: int = 5) -> str:
     """Where an input comes from: ``squeeze<-view<-<gate.e_score_correction_bias>``."""
-    from moepass.dataflow import op_name
+    from moepass.compiler.dataflow import op_name
 
     steps = [node.name]
     current = node
@@ -123,7 +123,7 @@ _RESIDUAL_STOP = {"add", "iadd", "cat", "embedding"}
 
 def _input_chain(node: fx.Node, names: dict, limit: int = 14) -> list[fx.Node]:
     """The ops that prepare a router's input (a norm, a scale), back to a residual sum or an input."""
-    from moepass.dataflow import op_name
+    from moepass.compiler.dataflow import op_name
 
     chain = []
     current = node
@@ -140,7 +140,7 @@ def _input_chain(node: fx.Node, names: dict, limit: int = 14) -> list[fx.Node]:
 
 
 def _uses_through_views(node: fx.Node, depth: int = 4) -> list[fx.Node]:
-    from moepass.dataflow import op_name
+    from moepass.compiler.dataflow import op_name
 
     found, frontier = [], [node]
     for _ in range(depth):
@@ -157,7 +157,7 @@ def _uses_through_views(node: fx.Node, depth: int = 4) -> list[fx.Node]:
 
 def describe_graph(gm: fx.GraphModule, num_experts: int) -> list[str]:
     """The sections of one recorded graph of an MoE block."""
-    from moepass.dataflow import Dataflow, example_value, op_name, tensor_shape
+    from moepass.compiler.dataflow import Dataflow, example_value, op_name, tensor_shape
 
     flow = Dataflow(gm.graph)
     names = _param_names(gm)
@@ -254,9 +254,9 @@ def describe_graph(gm: fx.GraphModule, num_experts: int) -> list[str]:
 
 def _detector_view(gm: fx.GraphModule, flow) -> list[str]:
     """What moepass's detector says about this graph of the block compiled alone."""
-    from moepass.detect import BlockMatch, find_moe_blocks
-    from moepass.detect.common import Mismatch
-    from moepass.detect.router import is_topk, match_router
+    from moepass.compiler.detect import BlockMatch, find_moe_blocks
+    from moepass.compiler.detect.common import Mismatch
+    from moepass.compiler.detect.router import is_topk, match_router
 
     lines = []
     for node in gm.graph.nodes:
@@ -277,8 +277,8 @@ def _detector_view(gm: fx.GraphModule, flow) -> list[str]:
 
 def describe_family(name: str) -> str:
     """The report of one family's first MoE block (see the module docstring)."""
-    from moepass.zoo_discovery import moe_family, tiny_family_model
-    from moepass.zoo_survey import _expert_modules, family_inputs
+    from moepass.zoo.discovery import moe_family, tiny_family_model
+    from moepass.zoo.survey import _expert_modules, family_inputs
 
     family = moe_family(name)
     model = tiny_family_model(family)
@@ -342,7 +342,7 @@ def describe_family(name: str) -> str:
 
 def family_config_numbers(model) -> int:
     """The tiny models' number of routed experts."""
-    from moepass.zoo_discovery import EXPERTS
+    from moepass.zoo.discovery import EXPERTS
 
     return EXPERTS
 
@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    from moepass.zoo_discovery import discover_moe_families
+    from moepass.zoo.discovery import discover_moe_families
 
     names = [f.name for f in discover_moe_families()] if args.all else args.families
     for name in names:

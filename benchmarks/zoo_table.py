@@ -7,7 +7,7 @@
 
 Tiny random models (hidden 64, 2 layers both MoE, 8 experts, top-2), static
 policy, inner compiler eager, logits against eager at [2, 8] and [2, 13].
-See moepass/zoo_survey.py for the outcome definitions.
+See moepass/zoo/survey.py for the outcome definitions.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    from moepass.zoo_survey import markdown_table, survey
+    from moepass.zoo.survey import markdown_table, survey
 
     started = time.perf_counter()
     outcomes = survey(

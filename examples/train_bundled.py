@@ -1,4 +1,4 @@
-"""Train the bundled Mixtral byte LM and write it to moepass/data/bundled/.
+"""Train the bundled Mixtral byte LM and write it to moepass/bundled/data/.
 
     python examples/train_bundled.py                 # the shipped checkpoint (~20 min, 1 thread)
     python examples/train_bundled.py --steps 50 --out /tmp/tiny   # a quick try
@@ -24,15 +24,15 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from moepass import corpus  # noqa: E402
-from moepass.train.lm import ModelShape, TrainConfig, config_dict, save_checkpoint, train_lm  # noqa: E402
+from moepass.bundled import corpus  # noqa: E402
+from moepass.bundled.train.lm import ModelShape, TrainConfig, config_dict, save_checkpoint, train_lm  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     defaults = TrainConfig()
     shape = ModelShape()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(REPO / "moepass" / "data" / "bundled"), help="checkpoint directory")
+    parser.add_argument("--out", default=str(REPO / "moepass" / "bundled" / "data"), help="checkpoint directory")
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--seq-len", type=int, default=defaults.seq_len)

@@ -28,7 +28,7 @@ from moepass.kernels.config_store import tile_config_space
 
 __all__ = ["gate_up_kernel", "gate_up_config_space", "ACTIVATION_CODES"]
 
-#: Activation names (moepass.spec.ACTIVATIONS) to the kernels' ACTIVATION constexpr.
+#: Activation names (moepass.compiler.spec.ACTIVATIONS) to the kernels' ACTIVATION constexpr.
 #: ``identity`` stores the projection as it is (a lifted activation then runs
 #: as a separate elementwise pass before the down kernel).
 ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "swiglu_clamp": 4, "identity": 5}

@@ -12,7 +12,7 @@ Each op checks its inputs, allocates its outputs, computes the grid and
 launches (``cap`` = :func:`~moepass.kernels.align.slot_capacity`).  None
 mutates its inputs (``mutates_args=()``); each has a fake implementation so
 graphs holding them trace with fake tensors.  Static attributes travel as
-JSON strings: the :class:`~moepass.spec.ExpertsSpec` and the
+JSON strings: the :class:`~moepass.compiler.spec.ExpertsSpec` and the
 :class:`~moepass.kernels.config_store.MoEKernelConfig`.
 
 On a CPU tensor the kernels run only in Triton's interpreter
@@ -34,7 +34,7 @@ from moepass.kernels.config_store import GemmConfig, parse_config_json
 from moepass.kernels.down import combine_slots_kernel, down_kernel
 from moepass.kernels.gate_up import ACTIVATION_CODES, gate_up_kernel
 
-from moepass.spec import ExpertsSpec
+from moepass.compiler.spec import ExpertsSpec
 
 __all__ = [
     "TritonUnavailableError",

@@ -52,8 +52,8 @@ from moepass.kernels.down import down_config_space, down_kernel
 from moepass.kernels.gate_up import gate_up_config_space, gate_up_kernel
 from moepass.kernels.launch import align_slots, check_launchable, launch_down, launch_gate_up, new_slot_rows
 
-from moepass.progress import progress
-from moepass.spec import ExpertsSpec
+from moepass.compiler.spec import ExpertsSpec
+from moepass.runtime.progress import progress
 
 __all__ = [
     "ExpertShape",

@@ -26,7 +26,7 @@ def resolve_lowering(requested: str, device: torch.device) -> str:
 def run_experts(x, ids, weights, w1, w2, b1, b2, cfg):
     """Dispatch one experts call to the configured lowering."""
     if cfg.offload:  # weights in an expert store: read through its cache (CPU)
-        from moepass.offload.experts import experts_forward as offloaded_forward
+        from moepass.runtime.offload.experts import experts_forward as offloaded_forward
 
         return offloaded_forward(x, ids, weights, cfg.spec, cfg.offload)
     lowering = resolve_lowering(cfg.lowering, x.device)

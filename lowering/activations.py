@@ -7,15 +7,15 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from moepass.spec import ExpertsSpec
+from moepass.compiler.spec import ExpertsSpec
 
 __all__ = ["split_gate_up", "apply_activation", "unary_activation", "lifted_program"]
 
 
 @functools.lru_cache(maxsize=256)
 def lifted_program(text: str):
-    """The parsed :class:`~moepass.lifted.ElementwiseProgram` of a lifted activation (cached)."""
-    from moepass.lifted import ElementwiseProgram
+    """The parsed :class:`~moepass.compiler.lifted.ElementwiseProgram` of a lifted activation (cached)."""
+    from moepass.compiler.lifted import ElementwiseProgram
 
     return ElementwiseProgram.from_json(text)
 

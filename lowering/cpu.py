@@ -20,7 +20,7 @@ The projections run phase by phase (all first projections, then all second
 ones) rather than expert by expert: in float32 on the CI machine, alternating
 the two GEMM shapes made the same GEMMs about 5% slower.  Empty slots cost no
 GEMM work: each GEMM processes exactly the rows routed to
-its expert (see :func:`moepass.stats.count_gemm_rows`); in the combine an
+its expert (see :func:`moepass.runtime.stats.count_gemm_rows`); in the combine an
 empty slot reads a row of zeros.  The intermediates (xs, h, y, g) live in
 per-thread buffers reused across calls (:mod:`moepass.lowering.workspace`):
 only the output is allocated per call.
@@ -36,8 +36,8 @@ from moepass.lowering.cpu_packed import packed_matrix, packing_allowed
 from moepass.lowering.grouped import accumulation_dtype
 from moepass.lowering.workspace import scratch
 
-from moepass.spec import ExpertsSpec
-from moepass.stats import note_gemm_rows
+from moepass.compiler.spec import ExpertsSpec
+from moepass.runtime.stats import note_gemm_rows
 
 __all__ = [
     "SlotPlan",

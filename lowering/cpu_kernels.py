@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from moepass.lowering.activations import apply_activation, split_gate_up, unary_activation
 
-from moepass.spec import ExpertsSpec
+from moepass.compiler.spec import ExpertsSpec
 
 __all__ = ["KERNELS", "project", "choose_kernel", "kernel_table", "onednn_available", "TABLE_PATH", "activate_inplace"]
 

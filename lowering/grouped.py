@@ -10,7 +10,7 @@ be differentiable (training, or inference in grad mode)::
                                      Inductor see it, any elementwise form works)
     a         ──► down_forward       out[t] = Σ_{r of t} w(r) · (a[r] W2[e]ᵀ + b2[e])  [T, H]
 
-Each function notes its rows per expert (:func:`moepass.stats.count_gemm_rows`):
+Each function notes its rows per expert (:func:`moepass.runtime.stats.count_gemm_rows`):
 the forward counts once per expert (as the fused op does), each backward once.
 ``S = T · K`` rows are allocated; rows of empty slots (id ``E``) sort last,
 after every expert's rows, and no GEMM touches them — forward or backward —
@@ -35,8 +35,8 @@ import torch
 from moepass.lowering.cpu_kernels import onednn_available
 from moepass.lowering.workspace import scratch
 
-from moepass.spec import ExpertsSpec
-from moepass.stats import note_gemm_rows
+from moepass.compiler.spec import ExpertsSpec
+from moepass.runtime.stats import note_gemm_rows
 
 __all__ = [
     "expert_rows",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from moepass.lowering.activations import apply_activation
 
-from moepass.spec import ExpertsSpec
+from moepass.compiler.spec import ExpertsSpec
 
 __all__ = ["experts_forward", "expert_mlp"]
 

@@ -10,7 +10,7 @@
 
 Four launches, no host synchronisation (grids are sized by the worst case and
 idle programs exit at once), so the path is CUDA-graph friendly.  Variable k
-needs no token bucketing (:mod:`moepass.bucketing`) here: the alignment
+needs no token bucketing (:mod:`moepass.runtime.bucketing`) here: the alignment
 already gives empty slots no row, in one pass, whereas buckets would need
 their sizes on the host (a synchronisation) and one set of launches each.  Tile sizes
 come from :func:`moepass.kernels.config_store.lookup_config`: a tuned file for
@@ -32,7 +32,7 @@ import json
 import torch
 from moepass.lowering.activations import apply_activation
 
-from moepass.spec import ExpertsSpec
+from moepass.compiler.spec import ExpertsSpec
 
 __all__ = ["experts_forward"]
 

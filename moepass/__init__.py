@@ -27,17 +27,17 @@ if _os.path.isfile(_os.path.join(_source_root, "lowering", "__init__.py")) and n
 ):
     __path__.append(_source_root)  # noqa: F821  (the package's own __path__)
 
-from moepass import ops as _ops  # noqa: F401  (registers torch.ops.moepass.*)
 from moepass import policies
-from moepass.calibrate import calibrate
-from moepass.export import OnnxExport, OnnxExportError, OnnxExportOptions, export_onnx
-from moepass.genai import GenaiExport, export_genai
-from moepass.inspection import InspectionReport, inspect
-from moepass.mlir_export import MlirExport, MlirExportError, MlirExportOptions, export_mlir
-from moepass.options import BackendOptions, OptionsError
+from moepass.compiler.options import BackendOptions, OptionsError
+from moepass.compiler.spec import ExpertsSpec, MoEBlockSpec, RouterSpec, SharedExpertSpec
+from moepass.exports.genai import GenaiExport, export_genai
+from moepass.exports.mlir import MlirExport, MlirExportError, MlirExportOptions, export_mlir
+from moepass.exports.onnx import OnnxExport, OnnxExportError, OnnxExportOptions, export_onnx
 from moepass.policies import Policy, PolicyError
-from moepass.report import BlockReport, Report, last_report, report
-from moepass.spec import ExpertsSpec, MoEBlockSpec, RouterSpec, SharedExpertSpec
+from moepass.reports.inspection import InspectionReport, inspect
+from moepass.runtime import ops as _ops  # noqa: F401  (registers torch.ops.moepass.*)
+from moepass.runtime.calibrate import calibrate
+from moepass.runtime.report import BlockReport, Report, last_report, report
 
 __version__ = "0.1.0"
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import moepass
-from moepass.backend import optimize_graph
-from moepass.dataflow import op_name
-from moepass.options import BackendOptions
+from moepass.compiler.backend import optimize_graph
+from moepass.compiler.dataflow import op_name
+from moepass.compiler.options import BackendOptions
 
 _WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 if _WORKER:

@@ -1,7 +1,7 @@
 """A plain per-token Python reference of every router kind and routing rule.
 
 Written from the papers' and the models' definitions with Python floats and
-loops, independently of moepass.routing; tests compare the two.  Every
+loops, independently of moepass.runtime.routing; tests compare the two.  Every
 function returns the decision margins it saw, so tests can skip inputs that
 sit on a threshold (where float32 and float64 may rightly disagree).
 """

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from conftest import Recorder, rel_err, token_ids
 
 import moepass
-from moepass.ops import ExpertsConfig, split_experts
-from moepass.spec import ExpertsSpec
-from moepass.stats import count_gemm_rows
+from moepass.compiler.spec import ExpertsSpec
+from moepass.runtime.ops import ExpertsConfig, split_experts
+from moepass.runtime.stats import count_gemm_rows
 from moepass.zoo import FAMILIES, tiny_model
 
 SPLIT_OPS = {"moepass::expert_rows", "moepass::experts_up", "moepass::expert_activation", "moepass::experts_down"}
@@ -107,7 +107,7 @@ def test_every_mode_runs_and_matches_eager(inner, mode, train):
 
     def backend(gm, example_inputs):
         graphs.append(gm)
-        return moepass.backend.adaptive_moe(gm, example_inputs, options={"inner": inner})
+        return moepass.compiler.backend.adaptive_moe(gm, example_inputs, options={"inner": inner})
 
     fast = torch.compile(model, backend=backend)
     context = {"grad": torch.enable_grad, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}[mode]
@@ -262,7 +262,7 @@ def test_adaptive_policy_gradients_equal_the_reference_rule():
     compiled_model = tiny_model("mixtral")  # grouped_mm experts, same weights
     fast = torch.compile(compiled_model, backend="adaptive_moe",
                          options={"policy": "threshold", "T": threshold, "inner": "eager", "stats": True})
-    moepass.stats.reset_stats()
+    moepass.runtime.stats.reset_stats()
     logits = fast(input_ids, use_cache=False).logits
     assert rel_err(logits, expected_logits) <= 1e-5
     _loss(logits).backward()
@@ -281,7 +281,7 @@ def test_generate_with_compiled_forward():
 
     def backend(gm, example_inputs):
         graphs.append(gm)
-        return moepass.backend.adaptive_moe(gm, example_inputs, options={"inner": "eager"})
+        return moepass.compiler.backend.adaptive_moe(gm, example_inputs, options={"inner": "eager"})
 
     model.forward = torch.compile(model.forward, backend=backend)
     out = model.generate(prompt, max_new_tokens=64, do_sample=False, pad_token_id=0)
@@ -295,7 +295,7 @@ def test_generate_with_compiled_forward():
     adaptive.forward = torch.compile(
         adaptive.forward, backend="adaptive_moe", options={"policy": "top_p", "p": 0.4, "inner": "eager", "stats": True}
     )
-    moepass.stats.reset_stats()
+    moepass.runtime.stats.reset_stats()
     out = adaptive.generate(prompt, max_new_tokens=32, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 6 + 32)
     assert all(s.average_k < 2 for s in moepass.report(adaptive).stats().values())

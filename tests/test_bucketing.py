@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from moepass.lowering import reference
 
-from moepass.bucketing import bucket_by_k, compact_slots
-from moepass.spec import ExpertsSpec
+from moepass.compiler.spec import ExpertsSpec
+from moepass.runtime.bucketing import bucket_by_k, compact_slots
 
 
 def test_buckets_group_tokens_stably_by_k():

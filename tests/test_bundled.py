@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from moepass import bundled, corpus
-from moepass.evaluate import evaluate_eager, evaluate_policies, evaluate_policy, format_table
+from moepass import bundled
+from moepass.bundled import corpus
+from moepass.bundled.evaluate import evaluate_eager, evaluate_policies, evaluate_policy, format_table
+from moepass.bundled.train.routed import routed_policy
 from moepass.policies import Allocator, NullExperts, Sensitivity, SkipRatio, Static, TopP
-from moepass.train.routed import routed_policy
 
 DATA = Path(bundled.__file__).resolve().parent / "data"
 
@@ -50,17 +51,17 @@ def test_checkpoint_loads_as_a_transformers_mixtral(model, info):
 
 def test_bundled_data_stays_small():
     total = sum(f.stat().st_size for f in DATA.rglob("*") if f.is_file())
-    assert total < 15 * 2**20, f"moepass/data holds {total / 2**20:.1f} MiB"
+    assert total < 15 * 2**20, f"moepass/bundled/data holds {total / 2**20:.1f} MiB"
     assert (bundled.BUNDLED_DIR / "model.safetensors").stat().st_size < 10.5 * 2**20
 
 
 def test_tokenizer_files_encode_bytes_as_the_model_reads_them(model):
-    """tokenizer.json gives id = byte value (and 256 for the boundary), as moepass.corpus.encode does."""
+    """tokenizer.json gives id = byte value (and 256 for the boundary), as moepass.bundled.corpus.encode does."""
     import json
 
     from tokenizers import Tokenizer
 
-    from moepass.train.tokenizer import tokenizer_files
+    from moepass.bundled.train.tokenizer import tokenizer_files
 
     for name, content in tokenizer_files().items():  # the shipped files are what the recipe writes
         assert json.loads((bundled.BUNDLED_DIR / name).read_text(encoding="utf-8")) == content
@@ -164,7 +165,7 @@ def test_eager_routed_allocator_matches_compiled(model, batches):
 
 
 def test_eval_command(capsys, batches):
-    from moepass.cli import main
+    from moepass.cli.main import main
 
     assert main(["eval", "static", "threshold:T=0.2", "--tokens", "512", "--seq-len", "128"]) == 0
     out = capsys.readouterr().out

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import moepass
-from moepass.calibrate import average_k, record_router_logits
 from moepass.policies import PolicyError
+from moepass.runtime.calibrate import average_k, record_router_logits
 from moepass.zoo import tiny_model
 
 
@@ -62,7 +62,7 @@ def test_calibration_needs_an_moe():
 
 
 def test_calibrate_command_writes_a_loadable_policy(tmp_path):
-    from moepass.cli import main
+    from moepass.cli.main import main
     from moepass.policies import load_policy
 
     out = tmp_path / "calib"
@@ -74,7 +74,7 @@ def test_calibrate_command_writes_a_loadable_policy(tmp_path):
 
 
 def test_calibrate_command_rejects_bad_input(tmp_path, capsys):
-    from moepass.cli import main
+    from moepass.cli.main import main
 
     assert main(["calibrate", "--model", "zoo:mixtral", "--policy", "allocator", "--out", str(tmp_path)]) == 2
     assert "--policy must be one of threshold, top_p, sensitivity, skip_ratio" in capsys.readouterr().err

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moepass import bundled, demo
+from moepass import bundled
+from moepass.bundled import demo
 from moepass.policies import Static
 
 

@@ -35,9 +35,9 @@ from moepass.lowering.onnx import DEFAULT_ORT_LAYOUTS, DOMAIN, OP_TYPE, default_
 from moepass.lowering.onnx.kv_cache import cache_layout
 
 import moepass
-from moepass.cli import main
-from moepass.export import OnnxExportError, OnnxExportOptions, prepare_export
-from moepass.genai import _move_into_place, export_genai, genai_config
+from moepass.cli.main import main
+from moepass.exports.genai import _move_into_place, export_genai, genai_config
+from moepass.exports.onnx import OnnxExportError, OnnxExportOptions, prepare_export
 from moepass.zoo import tiny_model
 
 try:

@@ -23,12 +23,12 @@ import torch
 from conftest import token_ids
 
 import moepass
-from moepass import charts, graphview
-from moepass.cli import main, parse_policy_params
-from moepass.graphview import draw, readable_code, to_networkx
-from moepass.html_report import REPORT_FILES, render_html, write_report
-from moepass.inspection import BlockRun, InspectionReport
-from moepass.report import Report
+from moepass.cli.main import main, parse_policy_params
+from moepass.reports import charts, graphview
+from moepass.reports.graphview import draw, readable_code, to_networkx
+from moepass.reports.html_report import REPORT_FILES, render_html, write_report
+from moepass.reports.inspection import BlockRun, InspectionReport
+from moepass.runtime.report import Report
 from moepass.zoo import tiny_config, tiny_model
 
 TOKENS = (2, 12)

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from conftest import Recorder, rel_err, token_ids
 
 import moepass
-from moepass.lifted import ElementwiseProgram, LiftError
-from moepass.ops import ExpertsConfig
-from moepass.spec import ExpertsSpec
+from moepass.compiler.lifted import ElementwiseProgram, LiftError
+from moepass.compiler.spec import ExpertsSpec
+from moepass.runtime.ops import ExpertsConfig
 from moepass.zoo import tiny_model
 
 

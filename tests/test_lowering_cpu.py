@@ -8,8 +8,8 @@ import pytest
 import torch
 from moepass.lowering import cpu, reference
 
-from moepass.spec import ExpertsSpec
-from moepass.stats import count_gemm_rows
+from moepass.compiler.spec import ExpertsSpec
+from moepass.runtime.stats import count_gemm_rows
 
 
 def _problem(tokens, experts, slots, hidden, inter, spec_kwargs, dtype, empty_fraction, seed=0):
@@ -86,7 +86,7 @@ def test_all_tokens_on_one_expert():
 
 
 def test_experts_op_dispatches_to_lowerings():
-    from moepass.ops import ExpertsConfig
+    from moepass.runtime.ops import ExpertsConfig
 
     spec, args = _problem(6, 4, 2, 8, 12, VARIANTS["silu-concat"], torch.float32, 0.3)
     results = [

@@ -38,10 +38,10 @@ from moepass.lowering.mlir import (
 from moepass.lowering.reference import experts_forward
 
 import moepass
-from moepass.cli import main
-from moepass.mlir_export import MlirExportError, MlirExportOptions, export_mlir
+from moepass.cli.main import main
+from moepass.compiler.spec import ExpertsSpec
+from moepass.exports.mlir import MlirExportError, MlirExportOptions, export_mlir
 from moepass.policies import Allocator, NullExperts
-from moepass.spec import ExpertsSpec
 from moepass.zoo import FAMILIES, tiny_model
 
 TOLERANCE = 1e-4
@@ -203,7 +203,7 @@ def test_learned_null_experts(export):
     policy = NullExperts(k=3, router_rows={"0": rows})
     exported = export(("olmoe", "null_experts"), build, policy=policy)
     _check_family(exported, "olmoe")
-    moepass.stats.reset_stats()
+    moepass.runtime.stats.reset_stats()
     counted = torch.compile(exported.model, backend="adaptive_moe",
                             options={"policy": policy, "inner": "eager", "stats": True})
     with torch.no_grad():

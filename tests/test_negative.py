@@ -6,9 +6,9 @@ import torch
 import torch.nn as nn
 from conftest import Recorder, rel_err, token_ids
 
-from moepass.backend import optimize_graph
-from moepass.dataflow import op_name
-from moepass.options import BackendOptions
+from moepass.compiler.backend import optimize_graph
+from moepass.compiler.dataflow import op_name
+from moepass.compiler.options import BackendOptions
 from moepass.zoo import tiny_model
 
 
@@ -84,7 +84,7 @@ def test_phimoe_is_reported_with_its_reason_and_left_alone():
 
 def test_failed_validation_leaves_the_block_exactly_as_it_was(monkeypatch):
     """A rewrite that would change the numbers is not applied, and says why."""
-    import moepass.backend as backend
+    import moepass.compiler.backend as backend
 
     monkeypatch.setattr(backend, "validate_rewrite", lambda *args: 0.5)
     model = tiny_model("mixtral")

@@ -10,9 +10,9 @@ import torch
 
 import moepass
 from moepass import bundled
-from moepass.offload import OffloadError, close_all, is_released, release_experts, write_model_store
-from moepass.offload.session import lookup
-from moepass.offload.store import ExpertStoreError, open_store
+from moepass.runtime.offload import OffloadError, close_all, is_released, release_experts, write_model_store
+from moepass.runtime.offload.session import lookup
+from moepass.runtime.offload.store import ExpertStoreError, open_store
 
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 
@@ -176,7 +176,7 @@ def test_a_store_file_truncated_while_running_fails_with_its_name(store, prompt,
 
 
 def test_cli_writes_a_store(tmp_path, capsys):
-    from moepass.cli import main
+    from moepass.cli.main import main
 
     out = tmp_path / "experts"
     assert main(["offload", "--model", "bundled", "--out", str(out), "--tokens", "8"]) == 0

@@ -11,11 +11,12 @@ import threading
 import pytest
 import torch
 
-from moepass.offload import allocation
-from moepass.offload.cache import LayerCache
-from moepass.offload.options import OffloadOptions, OffloadOptionsError
-from moepass.offload.prefetch import Prefetcher
-from moepass.offload.store import (
+from moepass.compiler.options import BackendOptions, OptionsError
+from moepass.runtime.offload import allocation
+from moepass.runtime.offload.cache import LayerCache
+from moepass.runtime.offload.options import OffloadOptions, OffloadOptionsError
+from moepass.runtime.offload.prefetch import Prefetcher
+from moepass.runtime.offload.store import (
     ALIGNMENT,
     BlockWeights,
     ExpertReader,
@@ -25,7 +26,6 @@ from moepass.offload.store import (
     open_store,
     write_store,
 )
-from moepass.options import BackendOptions, OptionsError
 
 
 def _block(path: str, experts: int = 5, hidden: int = 24, inter: int = 20, dtype=torch.float32, bias=True, seed=0):

@@ -24,8 +24,8 @@ from conftest import token_ids
 from moepass.lowering.onnx import DOMAIN, OP_TYPE
 
 import moepass
-from moepass.cli import main
-from moepass.export import (
+from moepass.cli.main import main
+from moepass.exports.onnx import (
     OnnxExportError,
     export_onnx,
     prepare_export,
@@ -261,7 +261,7 @@ def test_learned_policies_export(policy):
     else:
         chosen = Allocator(weights={"0": torch.randn(hidden, 2, generator=generator)})
     exported = Case("olmoe", {"policy": chosen}, model)
-    moepass.stats.reset_stats()
+    moepass.runtime.stats.reset_stats()
     counted = torch.compile(model, backend="adaptive_moe", options={"policy": chosen, "inner": "eager", "stats": True})
     with torch.no_grad():
         counted(*exported.example, use_cache=False)
@@ -307,9 +307,9 @@ def test_unrewritten_block_fails_naming_it(tmp_path):
 
 def test_undetected_block_is_caught_by_the_backstop(monkeypatch):
     """Even if detection missed a block entirely, its expert weights still in the graph stop the export."""
-    import moepass.backend
+    import moepass.compiler.backend
 
-    monkeypatch.setattr(moepass.backend, "find_moe_blocks", lambda gm, flow: [])
+    monkeypatch.setattr(moepass.compiler.backend, "find_moe_blocks", lambda gm, flow: [])
     with pytest.raises(OnnxExportError, match=r"block model\.layers\.0\.mlp: its expert weights are still read"):
         prepare_export(tiny_model("olmoe", num_hidden_layers=1), (token_ids(2, 8),), policy="top_p", p=0.4)
 

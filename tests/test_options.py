@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import token_ids
 
-from moepass.options import BackendOptions, OptionsError
+from moepass.compiler.options import BackendOptions, OptionsError
 from moepass.policies import Static
 from moepass.zoo import tiny_model
 
@@ -56,7 +56,7 @@ def test_cpu_prepack_reaches_the_experts_config():
     model = tiny_model("mixtral")
     fast = torch.compile(model, backend="adaptive_moe", options={"cpu_prepack": "off", "inner": "eager"})
     configs = []
-    from moepass import ops
+    from moepass.runtime import ops
 
     original = ops.parse_experts_config
 

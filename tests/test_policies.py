@@ -9,7 +9,8 @@ import torch
 from conftest import token_ids
 
 import moepass
-from moepass.options import BackendOptions, OptionsError
+from moepass.compiler.options import BackendOptions, OptionsError
+from moepass.compiler.spec import MoEBlockSpec, RouterSpec
 from moepass.policies import (
     Allocator,
     NullExperts,
@@ -21,8 +22,7 @@ from moepass.policies import (
     TopP,
     load_policy,
 )
-from moepass.spec import MoEBlockSpec, RouterSpec
-from moepass.stats import reset_stats
+from moepass.runtime.stats import reset_stats
 from moepass.zoo import tiny_model
 
 

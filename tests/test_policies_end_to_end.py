@@ -17,7 +17,7 @@ from conftest import rel_err, token_ids
 from reference_routing import Router, route_token
 
 import moepass
-from moepass.stats import reset_stats
+from moepass.runtime.stats import reset_stats
 from moepass.zoo import tiny_model
 
 #: the router each family's config defines, written out independently of detection

@@ -62,7 +62,7 @@ def workdir(tmp_path_factory):
     model = bundled.load_model()
     batches = bundled.heldout_batches(seq_len=64, max_tokens=1024, batch_size=4)
     moepass.calibrate(model, batches, "sensitivity", target_avg_k=1.5, show_progress=False).save(folder / "calib")
-    from moepass.cli import main as cli
+    from moepass.cli.main import main as cli
 
     assert cli(["offload", "--model", "bundled", "--out", str(folder / "experts")]) == 0
     moepass.export_genai(bundled.load_model(), folder / "bundled-genai", policy="top_p", p=0.65)

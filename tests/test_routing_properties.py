@@ -9,9 +9,9 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from reference_routing import Router, route_token
 
+from moepass.compiler.spec import RouterSpec
 from moepass.policies.rules import get_rule
-from moepass.routing import num_candidates, route
-from moepass.spec import RouterSpec
+from moepass.runtime.routing import num_candidates, route
 
 RULES = ("static", "threshold", "top_p", "sensitivity", "skip_ratio", "null_experts", "allocator")
 HIDDEN = 3

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from moepass.detect.common import source_path
+from moepass.compiler.detect.common import source_path
 
 
 def _placeholder(source_name: str) -> fx.Node:

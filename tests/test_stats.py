@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from conftest import token_ids
 
-from moepass.stats import reset_stats, routing_stats
+from moepass.runtime.stats import reset_stats, routing_stats
 from moepass.zoo import tiny_model
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moepass import corpus
+from moepass.bundled import corpus
+from moepass.bundled.train.adak import AdaKConfig, ppo, pseudo_labels, warm_start
+from moepass.bundled.train.adamoe import AdaMoEConfig, finetune_null_experts, null_balance_loss, tiled_null_rows
+from moepass.bundled.train.lm import ModelShape, TrainConfig, build_model, next_byte_loss, train_lm, unigram_nats
+from moepass.bundled.train.routed import moe_layers, routed, routed_policy
 from moepass.policies import Allocator, NullExperts, TopP
-from moepass.train.adak import AdaKConfig, ppo, pseudo_labels, warm_start
-from moepass.train.adamoe import AdaMoEConfig, finetune_null_experts, null_balance_loss, tiled_null_rows
-from moepass.train.lm import ModelShape, TrainConfig, build_model, next_byte_loss, train_lm, unigram_nats
-from moepass.train.routed import moe_layers, routed, routed_policy
 
 TINY = ModelShape(hidden=32, intermediate=32, layers=2, heads=2, kv_heads=2, experts=4, top_k=2, max_positions=128)
 

@@ -37,7 +37,7 @@ from moepass.kernels.config_store import (  # noqa: E402
 )
 from moepass.lowering import triton as triton_lowering  # noqa: E402
 
-from moepass.spec import ExpertsSpec  # noqa: E402
+from moepass.compiler.spec import ExpertsSpec  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
@@ -265,7 +265,7 @@ def test_non_contiguous_weights_need_no_copy():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_lifted_activation_runs_between_the_gemm_kernels(dtype):
     """A lifted activation: the gate/up kernel stores the raw projection, the program runs, then the down kernel."""
-    from moepass.lifted import ElementwiseProgram
+    from moepass.compiler.lifted import ElementwiseProgram
 
     gated, (x, ids, weights, w1, w2, b1, b2) = make_problem(33, 8, 2, "gelu_tanh-bias", dtype, (40, 24), "variable_k")
     inter = gated.intermediate_size
@@ -359,7 +359,7 @@ def test_kernel_ops_schemas_and_fake_implementations():
 
 
 def test_cpu_tensors_without_interpreter_raise_a_clear_error(monkeypatch):
-    from moepass.ops import ExpertsConfig
+    from moepass.runtime.ops import ExpertsConfig
 
     monkeypatch.delenv("TRITON_INTERPRET")
     spec, args = make_problem(3, 4, 2, "silu", torch.float32, (16, 16), "variable_k")
@@ -459,7 +459,7 @@ def test_tune_reads_shapes_from_configs_without_downloading(tmp_path):
 
 
 def test_tune_writes_a_file_that_lookup_uses(tmp_path, monkeypatch):
-    from moepass.cli import main
+    from moepass.cli.main import main
 
     monkeypatch.setenv("MOEPASS_PROGRESS", "0")
     monkeypatch.setenv("MOEPASS_TRITON_CONFIG_DIR", str(tmp_path))

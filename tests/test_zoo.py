@@ -1,11 +1,11 @@
 """Every MoE family of the installed transformers, discovered from its config classes.
 
-Each family's tiny model (moepass.zoo_discovery) is compiled with
+Each family's tiny model (moepass.zoo.discovery) is compiled with
 ``backend="adaptive_moe"`` (static policy, inner compiler eager) and must be
 either rewritten exactly — every MoE block that ran rewritten into
 ``moepass::route`` (+ ``moepass::experts``), logits equal to eager to 1e-5
 relative — or left alone with a reason from the fixed set
-``moepass.report.REASON_CODES`` for every block it left.  A wrong answer, a
+``moepass.runtime.report.REASON_CODES`` for every block it left.  A wrong answer, a
 crash, or an MoE block the report does not mention at all fails.
 
 One sequence length per family keeps this fast (``benchmarks/zoo_table.py``
@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import pytest
 
-from moepass.report import REASON_CODES, classify_reason
+from moepass.runtime.report import REASON_CODES, classify_reason
 from moepass.zoo import FAMILIES, UNSUPPORTED_FAMILIES
-from moepass.zoo_discovery import EXPERTS, discover_moe_families, tiny_config
-from moepass.zoo_survey import TOLERANCE, FamilyOutcome, run_family
+from moepass.zoo.discovery import EXPERTS, discover_moe_families, tiny_config
+from moepass.zoo.survey import TOLERANCE, FamilyOutcome, run_family
 
 DISCOVERED = discover_moe_families()
 

@@ -2,7 +2,7 @@
 
 ::
 
-    model ─► capture + rewrite + fuse   shared with the ONNX export (moepass.export.rewrite_for_export):
+    model ─► capture + rewrite + fuse   shared with the ONNX export (moepass.exports.onnx.rewrite_for_export):
                                         one moepass.moe_block per block, tagged with its path
           ─► torch.export + decompose   moe_block → moepass.route's aten ops + the experts in aten
                                         ("grouped": rows per expert, dropped slots cost nothing;

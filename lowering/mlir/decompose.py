@@ -42,8 +42,8 @@ from typing import Callable, Optional
 import torch
 from moepass.lowering.activations import apply_activation
 
-from moepass.ops import parse_experts_config, parse_route_config
-from moepass.spec import ExpertsSpec
+from moepass.compiler.spec import ExpertsSpec
+from moepass.runtime.ops import parse_experts_config, parse_route_config
 
 __all__ = ["FORMS", "decomposition_table", "experts_dense", "experts_grouped", "moe_block_aten", "topk_by_argmax"]
 

@@ -18,8 +18,8 @@ import torch
 from moepass.lowering.mlir.decompose import decomposition_table
 from moepass.lowering.mlir.importer import BLOCK_KEY, LoweringFailure, import_program, prepare_program
 
-from moepass.mlir_export import MlirExportError
-from moepass.ops import parse_route_config
+from moepass.exports.mlir import MlirExportError
+from moepass.runtime.ops import parse_route_config
 
 __all__ = ["tag_blocks", "to_mlir"]
 

@@ -3,7 +3,7 @@
 ::
 
     model ─► capture      one torch-level graph (torch._dynamo.export), the model's parameter names
-          ─► rewrite      moepass.backend.optimize_graph: detect, validate, route + experts ops
+          ─► rewrite      moepass.compiler.backend.optimize_graph: detect, validate, route + experts ops
           ─► fuse         route + experts → one opaque moepass.moe_block per block
           ─► translate    torch.export → torch.onnx; moe_block ↦ moepass.AdaptiveMoE node
           ─► functions    each node defined by a model-local function for the target:
@@ -25,7 +25,7 @@ from moepass.lowering.onnx.layouts import (
 )
 from moepass.lowering.onnx.translate import DOMAIN, OP_TYPE, to_onnx
 
-from moepass.export import OnnxExportError
+from moepass.exports.onnx import OnnxExportError
 
 __all__ = [
     "DEFAULT_ORT_LAYOUTS",

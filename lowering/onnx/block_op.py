@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from moepass.ops import parse_route_config
+from moepass.runtime.ops import parse_route_config
 
 __all__ = ["moe_block"]
 
@@ -43,8 +43,8 @@ def moe_block(
         logits: [T, E] router logits.
         route_tensors: the route op's tensors (correction bias, policy tensors).
         w1, w2, b1, b2: the experts' weights, as the experts op takes them.
-        route_config: :class:`moepass.ops.RouteConfig` as JSON.
-        experts_config: :class:`moepass.ops.ExpertsConfig` as JSON.
+        route_config: :class:`moepass.runtime.ops.RouteConfig` as JSON.
+        experts_config: :class:`moepass.runtime.ops.ExpertsConfig` as JSON.
 
     Returns:
         [T, H] in ``x.dtype``.

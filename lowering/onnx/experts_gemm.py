@@ -33,7 +33,7 @@ from __future__ import annotations
 from moepass.lowering.onnx.builder import FLOAT, INT64, NodeBuilder
 from moepass.lowering.onnx.experts_portable import activation
 
-from moepass.spec import ExpertsSpec
+from moepass.compiler.spec import ExpertsSpec
 
 __all__ = ["gemm_experts"]
 

@@ -55,7 +55,7 @@ from __future__ import annotations
 import numpy as np
 from moepass.lowering.onnx.builder import FLOAT, INT64, NodeBuilder
 
-from moepass.spec import ExpertsSpec
+from moepass.compiler.spec import ExpertsSpec
 
 __all__ = ["MOE_LAYOUTS", "ORT_DOMAIN", "moe_attributes", "ort_experts", "unsupported_reason"]
 

@@ -23,7 +23,7 @@ from moepass.lowering.onnx.builder import BOOL, FLOAT, INT64, NodeBuilder
 from moepass.lowering.onnx.program import program_nodes, unary_nodes
 from onnx import helper
 
-from moepass.spec import ExpertsSpec
+from moepass.compiler.spec import ExpertsSpec
 
 __all__ = ["activation", "portable_experts"]
 

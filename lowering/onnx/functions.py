@@ -37,9 +37,9 @@ from moepass.lowering.onnx.routing_graph import routing_graph, splice
 from moepass.lowering.onnx.translate import DOMAIN, OP_TYPE
 from onnx import helper
 
-from moepass.export import OnnxExportError
-from moepass.ops import RouteConfig, parse_experts_config, parse_route_config
-from moepass.spec import ExpertsSpec
+from moepass.compiler.spec import ExpertsSpec
+from moepass.exports.onnx import OnnxExportError
+from moepass.runtime.ops import RouteConfig, parse_experts_config, parse_route_config
 
 __all__ = ["FALLBACKS", "ORT_LAYOUTS", "PROVIDERS", "TARGETS", "BlockFunction", "block_nodes", "define_blocks"]
 
@@ -114,7 +114,7 @@ def _without_block(route: RouteConfig) -> str:
 
 
 def _k_bounds(route: RouteConfig) -> tuple[int, int]:
-    """(k_min, k_max) as :func:`moepass.routing.route` applies them."""
+    """(k_min, k_max) as :func:`moepass.runtime.routing.route` applies them."""
     k_min = route.k_min if route.k_min is not None else (route.depth if route.rule == "static" else 0)
     return k_min, route.depth
 

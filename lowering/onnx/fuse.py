@@ -28,9 +28,9 @@ import torch
 from moepass.lowering.onnx import block_op  # noqa: F401  (registers moepass::moe_block)
 from torch import fx
 
-from moepass.dataflow import example_value
-from moepass.export import OnnxExportError
-from moepass.ops import parse_experts_config, parse_route_config
+from moepass.compiler.dataflow import example_value
+from moepass.exports.onnx import OnnxExportError
+from moepass.runtime.ops import parse_experts_config, parse_route_config
 
 __all__ = ["FusedBlock", "fuse_blocks", "unrewritten_experts"]
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 from moepass.lowering.onnx.builder import FLOAT
 from moepass.lowering.onnx.experts_ort import MOE_LAYOUTS
 
-from moepass.spec import ExpertsSpec
+from moepass.compiler.spec import ExpertsSpec
 
 __all__ = ["DEFAULT_ORT_LAYOUTS", "GEMM_MIN_EXPERT_BYTES", "ORT_LAYOUTS", "PROVIDERS", "default_ort_layout",
            "expert_bytes"]

@@ -1,4 +1,4 @@
-"""A lifted elementwise program (:class:`moepass.lifted.ElementwiseProgram`) as ONNX nodes.
+"""A lifted elementwise program (:class:`moepass.compiler.lifted.ElementwiseProgram`) as ONNX nodes.
 
 Each instruction becomes one or a few standard ONNX ops on the value ``h``
 [R, N] (features on the last axis), so a lifted expert activation runs inside
@@ -21,7 +21,7 @@ import math
 from moepass.lowering.onnx.builder import NodeBuilder
 from onnx import TensorProto
 
-from moepass.lifted import ElementwiseProgram
+from moepass.compiler.lifted import ElementwiseProgram
 
 __all__ = ["program_nodes", "unary_nodes"]
 

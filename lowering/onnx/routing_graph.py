@@ -8,7 +8,7 @@
         ▼  renamed under a prefix, initializers → Constant nodes
     nodes spliced into the AdaptiveMoE function body
 
-Exporting the very code the compiled model runs (``moepass.routing.route``
+Exporting the very code the compiled model runs (``moepass.runtime.routing.route``
 with the block's k-rule) keeps ONNX routing identical to torch routing for
 every router kind × rule, instead of a second hand-written copy that could
 drift.  Graphs are cached per configuration: the blocks of a model usually
@@ -26,8 +26,8 @@ import torch
 from moepass.lowering.onnx.translate import root_cause
 from onnx import helper
 
-from moepass.export import OnnxExportError
-from moepass.ops import parse_route_config
+from moepass.exports.onnx import OnnxExportError
+from moepass.runtime.ops import parse_route_config
 
 __all__ = ["RoutingGraph", "routing_graph", "splice"]
 

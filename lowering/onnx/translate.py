@@ -23,8 +23,8 @@ import onnxscript
 import torch
 from onnx.defs import OpSchema
 
-from moepass.export import OnnxExportError
-from moepass.ops import parse_route_config
+from moepass.exports.onnx import OnnxExportError
+from moepass.runtime.ops import parse_route_config
 
 __all__ = ["DOMAIN", "OP_TYPE", "root_cause", "to_onnx"]
 

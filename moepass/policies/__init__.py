@@ -2,7 +2,7 @@
 
 See :mod:`moepass.policies.base` for the interface,
 :mod:`moepass.policies.builtin` for the policies and
-:mod:`moepass.routing` for how every policy composes with every router kind.
+:mod:`moepass.runtime.routing` for how every policy composes with every router kind.
 """
 
 from __future__ import annotations

@@ -22,8 +22,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from moepass.routing import num_candidates
-from moepass.spec import MoEBlockSpec
+from moepass.compiler.spec import MoEBlockSpec
+from moepass.runtime.routing import num_candidates
 
 __all__ = ["Policy", "ResolvedPolicy", "PolicyError", "POLICIES", "register_policy", "load_policy", "per_block"]
 

@@ -21,8 +21,8 @@ from typing import ClassVar
 
 import torch
 
+from moepass.compiler.spec import MoEBlockSpec
 from moepass.policies.base import Policy, PolicyError, ResolvedPolicy, block_name, per_block, register_policy
-from moepass.spec import MoEBlockSpec
 
 __all__ = ["Static", "Threshold", "TopP", "Sensitivity", "SkipRatio", "NullExperts", "Allocator"]
 

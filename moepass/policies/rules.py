@@ -1,8 +1,8 @@
 """Per-token k-rules: the run-time half of each routing policy.
 
-A rule maps a :class:`moepass.routing.RoutingContext` to k per token ([T]
+A rule maps a :class:`moepass.runtime.routing.RoutingContext` to k per token ([T]
 int64).  Every rule keeps a *prefix* of the model's own ranking, so it
-composes with every router kind (see :mod:`moepass.routing` for how the
+composes with every router kind (see :mod:`moepass.runtime.routing` for how the
 probabilities ``p_1 ≥ p_2 ≥ ...`` are formed for each kind).  Rules are looked
 up by name from the ``moepass.route`` op's config, with the scalar parameters
 the policy resolved for that block.
@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 import torch
 
-from moepass.routing import RoutingContext
+from moepass.runtime.routing import RoutingContext
 
 __all__ = ["RULES", "get_rule", "register_rule"]
 

@@ -1,0 +1,1 @@
+"""The ``moepass`` command line (:mod:`moepass.cli.main`)."""

@@ -1,0 +1,440 @@
+"""The ``moepass`` command line.
+
+Subcommands print to the terminal (this module is the only one that prints);
+each fails with one clear line and a non-zero exit code on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _print_table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    for row in [header, ["-" * w for w in widths], *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import torch
+
+    import moepass
+    from moepass import bundled
+    from moepass.bundled import demo
+
+    started = time.perf_counter()
+    config = demo.DemoConfig(eval_tokens=args.eval_tokens, out=args.out)
+    model = bundled.load_model()
+    info = bundled.training_info()["results"]
+    params = sum(p.numel() for p in model.parameters())
+    cfg = model.config
+    print(
+        f"moepass {moepass.__version__} demo — the bundled model: a transformers Mixtral, {cfg.num_hidden_layers} layers, "
+        f"{cfg.num_local_experts} experts, top-{cfg.num_experts_per_tok}, {params / 1e6:.2f} M parameters, trained on "
+        f"the Python standard library (held-out {info['heldout_bits_per_byte']:.3f} bits/byte; unigram "
+        f"{info['unigram_bits_per_byte']:.3f})"
+    )
+    batch = bundled.heldout_batches(seq_len=config.seq_len, max_tokens=config.seq_len * config.batch_size,
+                                    batch_size=config.batch_size)[0]
+
+    print("\n[1/4] torch.compile(model, backend='adaptive_moe'): what the pass found and rewrote")
+    report, error = demo.compile_and_report(model, batch)
+    print(report)
+    print(f"static policy against eager transformers: max relative error {error:.1e}")
+
+    print(f"\n[2/4] quality against expert compute, {config.eval_tokens} held-out bytes, through the compiled model")
+    header, rows, _ = demo.quality_table(model, config)
+    _print_table(header, rows)
+
+    print(f"\n[3/4] speed on a [{config.batch_size}, {config.seq_len}] batch (median of 5 runs)")
+    adaptive = bundled.load_policy(config.adaptive)
+    _print_table(["model", "ms", "speed vs eager"], demo.speed_table(model, batch, adaptive))
+
+    print(f"\n[4/4] inspection report of the {adaptive.name} policy")
+    target = demo.write_inspection(model, batch[:2], adaptive, config.out)
+    print(f"wrote {target / 'index.html'} (open it in a browser), report.txt and report.json")
+    print(f"\ndemo finished in {time.perf_counter() - started:.0f} s")
+    torch._dynamo.reset()
+    return 0
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from moepass import bundled
+    from moepass.bundled import evaluate
+
+    torch.set_num_threads(args.threads)
+    model = bundled.load_model()
+    batches = bundled.heldout_batches(seq_len=args.seq_len, max_tokens=args.tokens)
+    runs = bundled.policy_runs(args.policies or None)
+    print(f"bundled model, {sum(b.numel() for b in batches)} held-out tokens, {len(runs)} policies (compiled, inner {args.inner})")
+    results = evaluate.evaluate_policies(model, runs, batches, inner=args.inner)
+    header, rows = evaluate.format_table(results)
+    print(" | ".join(header))
+    for row in rows:
+        print(" | ".join(row))
+    return 0
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from moepass.kernels.tune import tune_command_lines
+
+    for line in tune_command_lines(args.model, args.tokens, args.dtype, args.out, args.quick):
+        print(line)
+    return 0
+
+
+def _parse_value(text: str):
+    """A policy parameter from the command line: int, float, bool, none, else the text."""
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_policy_params(words: list[str]) -> dict:
+    """``["--p", "0.4", "--k-max=2"]`` → ``{"p": 0.4, "k_max": 2}``; raise ValueError on anything else."""
+    params = {}
+    index = 0
+    while index < len(words):
+        word = words[index]
+        if not word.startswith("--") or len(word) == 2:
+            raise ValueError(f"unexpected argument {word!r}: policy parameters are given as --name value")
+        name, equals, value = word[2:].partition("=")
+        if not equals:
+            if index + 1 >= len(words) or (words[index + 1].startswith("--") and not _is_number(words[index + 1])):
+                raise ValueError(f"policy parameter --{name} needs a value")
+            value = words[index + 1]
+            index += 1
+        params[name.replace("-", "_")] = _parse_value(value)
+        index += 1
+    return params
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _load_policy_file(directory: str):
+    from moepass.policies import Policy
+
+    path = Path(directory)
+    if not path.exists():
+        raise ValueError(f"policy file {path} does not exist")
+    load = getattr(Policy, "load", None)
+    if load is None:
+        raise ValueError("loading a saved policy (--policy-file) is not available in this build")
+    try:
+        return load(path)
+    except Exception as error:  # whatever the file holds, the user gets one line
+        first = (str(error).strip().splitlines() or [""])[0] or type(error).__name__
+        where = "" if str(path) in first else f" {path}"  # the policy's own errors name the file already
+        raise ValueError(f"cannot load the policy file{where}: {first}") from None
+
+
+def _policy_from_args(args: argparse.Namespace):
+    """(policy name or loaded Policy, extra policy parameters) from --policy, --policy-file and --NAME VALUE."""
+    params = parse_policy_params(args.policy_params)
+    policy = _load_policy_file(args.policy_file) if args.policy_file else args.policy
+    if args.policy_file and args.policy != "static" and policy.name != args.policy:
+        raise ValueError(f"--policy {args.policy} does not match the policy file's {policy.name!r}; give one of them")
+    if args.policy_file and params:
+        raise ValueError(
+            f"--{next(iter(params))}: a saved policy carries its own parameters; change them in {args.policy_file}"
+        )
+    return policy, params
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    import torch
+
+    from moepass.cli.modelspec import example_for, load_model
+    from moepass.compiler.options import BackendOptions
+    from moepass.reports.html_report import check_output_dir
+    from moepass.reports.inspection import inspect
+
+    out = check_output_dir(args.out)  # before the long part: a bad --out fails at once
+    policy, params = _policy_from_args(args)
+    BackendOptions.parse({"policy": policy, "inner": args.inner, **params})  # bad options fail before loading
+    started = time.perf_counter()
+    loaded = load_model(args.model, seed=args.seed)
+    example = example_for(args.model, loaded, args.tokens, args.batch, args.seed)
+    print(f"loaded {loaded.source} in {time.perf_counter() - started:.1f} s; compiling and running the example",
+          file=sys.stderr)
+    torch.manual_seed(args.seed)
+    inspection = inspect(loaded.model, example, policy, inner=args.inner, **params)
+    print(inspection)
+    target = inspection.save(out)
+    print(f"\nwrote {target / 'index.html'} (open it in a browser), report.txt and report.json")
+    return 0
+
+
+def _export_format_options(args: argparse.Namespace) -> tuple[str, str]:
+    """(what to print, the option value) for --format; a flag of the other format is an error."""
+    if args.format in ("onnx", "genai"):
+        if args.output_type is not None:
+            raise ValueError("--output-type is for --format mlir; ONNX exports take --target ort|portable")
+        target = args.target or "ort"
+        kind = "ONNX" if args.format == "onnx" else "an onnxruntime-genai folder"
+        return f"{kind} (target {target})", target
+    if args.target is not None:
+        raise ValueError("--target is for --format onnx; MLIR exports take --output-type")
+    output_type = args.output_type or "linalg-on-tensors"
+    return f"MLIR ({output_type}, verified in IREE)", output_type
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from moepass.cli.modelspec import example_for, load_model
+    from moepass.compiler.options import BackendOptions
+
+    out = Path(args.out)
+    if out.is_dir() and args.format != "genai":
+        raise ValueError(f"--out {out} is a folder; give the path of the .{args.format} file to write")
+    what, choice = _export_format_options(args)
+    policy, params = _policy_from_args(args)
+    BackendOptions.parse({"policy": policy, **params})  # bad options fail before loading
+    loaded = load_model(args.model, seed=args.seed)
+    print(f"loaded {loaded.source}; exporting to {what}", file=sys.stderr)
+    started = time.perf_counter()
+    if args.format == "genai":
+        from moepass.exports.genai import export_genai
+
+        folder = Path(args.model)  # a model folder's tokenizer files go along
+        tokenizer = folder if folder.is_dir() and (folder / "tokenizer.json").is_file() else None
+        result = export_genai(loaded.model, out, policy, target=choice, tokenizer=tokenizer, **params)
+    elif args.format == "onnx":
+        from moepass.exports.onnx import export_onnx
+
+        example = example_for(args.model, loaded, args.tokens, args.batch, args.seed)
+        result = export_onnx(loaded.model, example, out, policy, target=choice, **params)
+    else:
+        from moepass.exports.mlir import export_mlir
+
+        example = example_for(args.model, loaded, args.tokens, args.batch, args.seed)
+        result = export_mlir(loaded.model, example, out, policy, output_type=choice, **params)
+    print(result)
+    print(f"exported in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+def _calibration_batches(spec: str, model, count: int, tokens: int, batch: int, seed: int):
+    """Token batches to calibrate on: the bundled training split, else random ids."""
+    if spec == "bundled":
+        from moepass import bundled
+
+        return list(bundled.train_batches(seq_len=tokens, batch_size=batch, max_batches=count))
+    from moepass.cli.modelspec import example_input_ids
+
+    print("note: calibrating on random token ids (only the bundled model has calibration text)", file=sys.stderr)
+    return [example_input_ids(model, tokens, batch, seed + i)["input_ids"] for i in range(count)]
+
+
+def _save_policy(policy, out: Path) -> None:
+    """Write the policy into a temporary folder beside ``out``, then move its files in."""
+    import shutil
+    import tempfile
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        policy.save(staging)
+        out.mkdir(exist_ok=True)
+        for name in ("policy.json", "policy.safetensors"):
+            if (staging / name).exists():
+                os.replace(staging / name, out / name)
+            elif (out / name).exists():
+                (out / name).unlink()
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from moepass.cli.modelspec import load_model
+    from moepass.reports.html_report import check_output_dir
+    from moepass.runtime.calibrate import CALIBRATABLE, calibrate
+
+    if args.policy not in CALIBRATABLE:
+        raise ValueError(f"--policy must be one of {', '.join(CALIBRATABLE)}, got {args.policy!r}")
+    params = parse_policy_params(args.policy_params)
+    out = check_output_dir(args.out)
+    loaded = load_model(args.model, seed=args.seed)
+    batches = _calibration_batches(args.model, loaded.model, args.batches, args.tokens, args.batch, args.seed)
+    started = time.perf_counter()
+    policy = calibrate(
+        loaded.model, batches, args.policy, target_avg_k=args.target_avg_k, flops_budget=args.flops_budget, **params
+    )
+    _save_policy(policy, out)
+    print(f"calibrated {policy.describe()} on {len(batches)} batches in {time.perf_counter() - started:.1f} s")
+    print(f"wrote {out / 'policy.json'}; use it with options={{'policy': moepass.policies.load_policy({str(out)!r})}}")
+    return 0
+
+
+def _cmd_offload(args: argparse.Namespace) -> int:
+    import json
+
+    from moepass.cli.modelspec import example_for, load_model
+    from moepass.runtime.offload import write_model_store
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {out} already exists; remove it or pass --overwrite")
+    loaded = load_model(args.model, seed=args.seed)
+    example = example_for(args.model, loaded, args.tokens, args.batch, args.seed)
+    started = time.perf_counter()
+    manifest, skipped = write_model_store(loaded.model, example, out, overwrite=args.overwrite, source=loaded.source)
+    for note in skipped:
+        print(f"skipped {note}", file=sys.stderr)
+    block = manifest.blocks[0]
+    print(
+        f"wrote {len(manifest.blocks)} blocks × {block.num_experts} experts ({manifest.nbytes / 1e6:.1f} MB, "
+        f"{block.expert_nbytes / 1e6:.2f} MB per expert) to {out} in {time.perf_counter() - started:.1f} s"
+    )
+    print(f'use it with options={{"offload": {{"store": {json.dumps(str(out))}, "cache_gb": ..., "prefetch": True}}}}')
+    return 0
+
+
+_MODEL_HELP = "a transformers config.json (random weights), module.py:factory, 'bundled', or zoo:<family>"
+
+
+def _add_model_arguments(sub: argparse.ArgumentParser, tokens: int, batch: int, what: str = "example") -> None:
+    """--model, --tokens, --batch and --seed, shared by the commands that load a model."""
+    sub.add_argument("--model", required=True, help=_MODEL_HELP)
+    sub.add_argument("--tokens", type=int, default=tokens, help=f"{what} tokens per sequence (default {tokens})")
+    sub.add_argument("--batch", type=int, default=batch, help=f"{what} sequences (default {batch})")
+    sub.add_argument("--seed", type=int, default=0, help="seed of the random weights and token ids")
+
+
+def _add_policy_arguments(sub: argparse.ArgumentParser) -> None:
+    """--policy and --policy-file, shared by inspect and export."""
+    sub.add_argument("--policy", default="static", help="routing policy name (default static)")
+    sub.add_argument("--policy-file", metavar="DIR", help="a saved policy folder (policy.json beside its tensors)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``moepass`` command."""
+    # no abbreviations: `--p 0.4` is top_p's parameter, not a prefix of --policy
+    parser = argparse.ArgumentParser(prog="moepass", description="Adaptive-k routing for MoE models.", allow_abbrev=False)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the pass does")
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("demo", help="the bundled model: report, quality/FLOPs table, speed, inspection page")
+    demo.add_argument("--out", default="moepass-demo", metavar="DIR", help="folder for the inspection report")
+    demo.add_argument("--eval-tokens", type=int, default=16384, help="held-out bytes for the quality table")
+    demo.set_defaults(run=_cmd_demo)
+    ev = commands.add_parser("eval", help="held-out quality against expert FLOPs of routing policies, bundled model")
+    ev.add_argument("policies", nargs="*", help="bundled artefact or policy name, or name:key=value,key=value (default: all)")
+    ev.add_argument("--tokens", type=int, default=65536, help="held-out tokens")
+    ev.add_argument("--seq-len", type=int, default=256)
+    ev.add_argument("--inner", default="eager", choices=["inductor", "aot_eager", "eager"])
+    ev.add_argument("--threads", type=int, default=1)
+    ev.set_defaults(run=_cmd_eval)
+    inspect = commands.add_parser(
+        "inspect",
+        allow_abbrev=False,
+        help="show what the pass does to a model: text, JSON and an HTML report with graphs and charts",
+        description="Compile a model with the adaptive_moe backend, run an example, and write a report. "
+        "Further --name value pairs are the policy's parameters (e.g. --p 0.4).",
+        usage="moepass inspect --model SPEC [--policy NAME] [--NAME VALUE ...] [--policy-file DIR] --out DIR "
+        "[--tokens N]",
+    )
+    _add_model_arguments(inspect, tokens=64, batch=1)
+    _add_policy_arguments(inspect)
+    inspect.add_argument("--out", required=True, metavar="DIR", help="folder for index.html, report.txt, report.json")
+    inspect.add_argument("--inner", default="eager", choices=["inductor", "aot_eager", "eager"],
+                         help="compiler for the rest of the graph (default eager: fast)")
+    inspect.set_defaults(run=_cmd_inspect, allows_extra=True)
+    export = commands.add_parser(
+        "export",
+        allow_abbrev=False,
+        help="export a model with its MoE blocks under a routing policy to ONNX, onnxruntime-genai or MLIR",
+        description="Rewrite the model's MoE blocks under the policy and write an ONNX model (one moepass.AdaptiveMoE "
+        "node per block, defined by a local function), a folder onnxruntime-genai loads (the same ONNX with the KV "
+        "cache, genai_config.json and tokenizer files) or an MLIR module (torch-mlir, each block's ops located by its "
+        "path, compiled and run in IREE before it is written). Further --name value pairs are the policy's parameters.",
+        usage="moepass export --model SPEC [--policy NAME] [--NAME VALUE ...] [--policy-file DIR] --out PATH "
+        "[--format onnx|genai|mlir] [--target ort|portable] [--output-type linalg-on-tensors|stablehlo|tosa|torch]",
+    )
+    _add_model_arguments(export, tokens=16, batch=2)
+    _add_policy_arguments(export)
+    export.add_argument("--out", required=True, metavar="PATH",
+                        help="the .onnx or .mlir file to write (--format genai: the folder)")
+    export.add_argument("--format", default="onnx", choices=["onnx", "genai", "mlir"],
+                        help="onnx: one .onnx file (no KV cache); genai: a folder onnxruntime-genai loads, with the KV "
+                        "cache and genai_config.json; mlir: an MLIR module verified in IREE (default onnx)")
+    export.add_argument("--target", default=None, choices=["ort", "portable"],
+                        help="ONNX and genai: ort (experts run by com.microsoft.MoE, k per token) or portable "
+                        "(standard ONNX ops); default ort")
+    export.add_argument("--output-type", default=None, choices=["linalg-on-tensors", "stablehlo", "tosa", "torch"],
+                        help="MLIR: the dialect to lower to (default linalg-on-tensors; linalg-on-tensors and "
+                        "stablehlo are run in IREE, tosa and torch are parsed and verified)")
+    export.set_defaults(run=_cmd_export, allows_extra=True)
+    calibrate = commands.add_parser(
+        "calibrate",
+        allow_abbrev=False,
+        help="fit a training-free policy's parameters to a target average k or FLOPs budget",
+        description="Run the model on calibration batches and fit the policy (threshold T, top-p p, AdapMoE "
+        "sensitivities F_l and T, or skip-ratio beta_l) to hit the target. Further --name value pairs are fixed "
+        "policy parameters (e.g. --k-max 2).",
+    )
+    _add_model_arguments(calibrate, tokens=128, batch=4, what="calibration")
+    calibrate.add_argument("--policy", required=True, help="threshold, top_p, sensitivity or skip_ratio")
+    target = calibrate.add_mutually_exclusive_group()
+    target.add_argument("--target-avg-k", type=float, help="average experts per token to aim for")
+    target.add_argument("--flops-budget", type=float, help="expert FLOPs as a fraction of static (0.75 = 25%% fewer)")
+    calibrate.add_argument("--out", required=True, metavar="DIR", help="folder for policy.json (+ tensors)")
+    calibrate.add_argument("--batches", type=int, default=16, help="calibration batches (default 16)")
+    calibrate.set_defaults(run=_cmd_calibrate, allows_extra=True)
+    offload = commands.add_parser(
+        "offload",
+        help="write a model's expert weights to an expert store (for options={'offload': ...})",
+        description="Find the model's MoE blocks as the backend does (one forward on an example) and write every "
+        "expert's weights to DIR: one safetensors file per block, each expert one 4096-aligned range.",
+    )
+    _add_model_arguments(offload, tokens=16, batch=1)
+    offload.add_argument("--out", required=True, metavar="DIR", help="the store folder to write")
+    offload.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
+    offload.set_defaults(run=_cmd_offload)
+    tune = commands.add_parser("tune", help="tune the Triton experts kernels for a model's shapes (GPU)")
+    tune.add_argument("model", help="E,H,I,K; a transformers config.json or model folder; or zoo:<family>")
+    tune.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 128, 1024, 4096], help="token counts to tune at")
+    tune.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    tune.add_argument("--out", default=None, help="folder for the JSON (default: the package's kernels/configs)")
+    tune.add_argument("--quick", action="store_true", help="a few configs only (smoke runs)")
+    tune.set_defaults(run=_cmd_tune)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``moepass`` command."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "allows_extra", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.policy_params = extra
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        return args.run(args)
+    except (ValueError, OSError, LookupError) as error:
+        print(f"moepass {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

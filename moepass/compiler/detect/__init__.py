@@ -1,0 +1,499 @@
+"""Find the MoE blocks of a torch-level FX graph.
+
+For every ``topk`` that selects experts (helpers of a group-limited selection
+excluded) the detector:
+
+1. matches the router (:mod:`moepass.compiler.detect.router`);
+2. walks the post-dominators of the ``topk`` to the first node with the size
+   of the block input whose region contains an expert GEMM — the *combine*
+   node, the value the block hands back to the model;
+3. checks the region is closed and safe (:mod:`moepass.compiler.detect.region`) and
+   matches the routed experts in it (:mod:`moepass.compiler.detect.experts`);
+4. names any shared experts (:mod:`moepass.compiler.detect.shared`).
+
+When no combine node exists because the experts loop graph-broke (transformers'
+``eager`` experts, a hand-written loop compiled without ``fullgraph``), the
+router alone is matched: its ids and weights leave the graph and the loop that
+consumes them skips the sentinel id ``E``.
+
+Stacked expert weights that no matched router reaches are reported as blocks
+that were not rewritten, with the reason.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from moepass.compiler.dataflow import Dataflow, example_value, op_name, tensor_shape
+from moepass.compiler.detect.common import (
+    Mismatch,
+    arg,
+    common_module_path,
+    module_path_of_param,
+    ndim,
+    resolve_param,
+    same_numel,
+    source_path,
+)
+from moepass.compiler.detect.experts import ExpertsMatch, match_experts
+from moepass.compiler.detect.lifted_router import match_lifted_router
+from moepass.compiler.detect.region import ForeignInputs, Region, block_region
+from moepass.compiler.detect.router import RouterMatch, find_router_linear, is_topk, match_router
+from moepass.compiler.detect.shared import match_shared_experts
+from moepass.compiler.spec import MoEBlockSpec, SharedExpertSpec
+
+__all__ = ["BlockMatch", "BlockRejection", "find_moe_blocks", "Mismatch", "layer_index_of"]
+
+
+@dataclass
+class BlockMatch:
+    """A block the pass can rewrite."""
+
+    spec: MoEBlockSpec
+    router: RouterMatch
+    experts: ExpertsMatch | None
+    #: The nodes the rewrite replaces: up to the combine node, or (router
+    #: only) up to the router's ids and weights.
+    region: Region
+    shared: tuple[SharedExpertSpec, ...] = ()
+    #: Router only: whether the consumer of the ids is seen to skip the sentinel id E.
+    sentinel_safe: bool = True
+
+    @property
+    def path(self) -> str:
+        """Module path of the block."""
+        return self.spec.path
+
+
+@dataclass
+class BlockRejection:
+    """An MoE-looking block the pass leaves exactly as it was, and why."""
+
+    path: str
+    reason: str
+    router_kind: str = "?"
+    dispatch: str = "?"
+    num_experts: int | None = None
+    top_k: int | None = None
+    notes: list[str] = field(default_factory=list)
+    #: The router's weight parameter, when known (names a block compiled in a frame of its own).
+    anchor: fx.Node | None = None
+
+
+def layer_index_of(path: str) -> int:
+    """The last integer component of a module path (``model.layers.7.mlp`` → 7), else 0."""
+    numbers = [int(p) for p in path.split(".") if p.isdigit()]
+    return numbers[-1] if numbers else 0
+
+
+def _block_path(*paths: str | None) -> str:
+    return common_module_path(p for p in paths if p is not None)
+
+
+def _parent(path: str | None) -> str | None:
+    if path is None:
+        return None
+    return path.rsplit(".", 1)[0] if "." in path else ""
+
+
+def _selection_anchors(graph: fx.Graph, flow: Dataflow) -> list[fx.Node]:
+    """The expert-selecting topk per router linear (group-selection helpers dropped)."""
+    by_linear: dict[fx.Node, list[fx.Node]] = {}
+    loose = []
+    for node in graph.nodes:
+        if not is_topk(node) or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        try:
+            linear, _ = find_router_linear(node.args[0])
+        except Mismatch:
+            loose.append(node)
+            continue
+        by_linear.setdefault(linear, []).append(node)
+    anchors = [max(group, key=flow.position.__getitem__) for group in by_linear.values()]
+    # a topk over derived scores (DeepSeek's group selection) that feeds an
+    # anchor of the same router is part of that router, not a selection
+    helpers = {
+        node
+        for node in loose
+        for linear, group in by_linear.items()
+        if node in flow.descendants(linear) and any(node in flow.ancestors(a) for a in group)
+    }
+    return flow.sorted(anchors + [n for n in loose if n not in helpers])
+
+
+def _has_expert_gemm(region: Region, router: RouterMatch) -> bool:
+    """Whether the region multiplies by expert weights (stacked, or per-expert linears)."""
+    for source in region.inputs:
+        if source.op in ("placeholder", "get_attr") and source not in router.param_nodes and ndim(source) == 3:
+            return True
+    for node in region.nodes:
+        if op_name(node) == "linear":
+            weight = resolve_param(arg(node, 1, "weight"))
+            if weight is not None and weight not in router.param_nodes:
+                return True
+    return False
+
+
+_ROUTER_NAME = re.compile(r"(^|[._])(gate|router|gating|routing|switch)([._]|$)")
+
+
+def _expert_loop_consumer(router: RouterMatch, flow: Dataflow) -> str | None:
+    """How the ids leave through an expert loop: "skips_sentinel", "leaves_graph" or None.
+
+    "skips_sentinel": in this graph the ids feed ``one_hot(ids, E + 1)`` or
+    ``ids == e`` comparisons, which never select id E.  "leaves_graph": the
+    loop graph-broke before using them; the ids and weights are graph outputs,
+    the router looks like one (E ≤ hidden size) and its weight lives in a
+    module named like a router (the hint), so a top-k used for sampling is
+    never taken for one.  What consumes them then cannot be checked.
+    """
+    num_experts = router.spec.num_experts
+    frontier = [router.ids]
+    leaves_graph = False
+    for _ in range(4):
+        next_frontier = []
+        for node in frontier:
+            for user in node.users:
+                name = op_name(user)
+                if name == "one_hot" and arg(user, 1, "num_classes") == num_experts + 1:
+                    return "skips_sentinel"
+                if name in ("eq", "__eq__") and any(isinstance(a, int) for a in user.args):
+                    return "skips_sentinel"
+                if name == "output":
+                    leaves_graph = True
+                if name in ("to", "long", "int", "view", "reshape"):
+                    next_frontier.append(user)
+        frontier = next_frontier
+    if not leaves_graph or router.weights_end is None:
+        return None
+    weights_leave = any(op_name(u) == "output" for u in router.weights_end.users)
+    hidden = tensor_shape(router.weight)[1]
+    if weights_leave and num_experts <= hidden and _ROUTER_NAME.search(router.module_path or ""):
+        return "leaves_graph"
+    return None
+
+
+def _router_block(module_path: str | None) -> str | None:
+    """The block owning a router whose linear lives at ``module_path``.
+
+    The linear is the router (``mlp.gate``) or sits inside a router module
+    (``ffn.router.layer``, ``router.classifier``): the block is the parent of
+    the innermost component named like a router, else the linear's parent.
+    """
+    if module_path is None:
+        return None
+    parts = module_path.split(".")
+    for index in range(len(parts) - 1, -1, -1):
+        if _ROUTER_NAME.search(parts[index]):
+            return ".".join(parts[:index])
+    return _parent(module_path)
+
+
+def _find_combine(router: RouterMatch, flow: Dataflow) -> tuple[fx.Node, Region] | tuple[None, str | None]:
+    """The combine node and its region, or (None, reason-if-an-MoE-was-seen)."""
+    x_base = router.x_base
+    last_reason = None
+    for candidate in flow.post_dominators(router.anchor):
+        if candidate.op in ("placeholder", "output") or tensor_shape(candidate) is None:
+            continue
+        if not same_numel(candidate, x_base):
+            continue
+        try:
+            region = _closed_region(flow, candidate, x_base)
+        except Mismatch as error:
+            last_reason = str(error)
+            break
+        if not _has_expert_gemm(region, router):
+            continue
+        return candidate, region
+    return None, last_reason
+
+
+def _closed_region(flow: Dataflow, combine: fx.Node, x_base: fx.Node) -> Region:
+    """The region of ``combine``, starting at the router's input or at an earlier common source.
+
+    The router and the experts may each transform a shared input first (Gemma 4
+    normalises and scales the router's input, and normalises the experts'
+    separately): the block then starts at that shared input, an ancestor of the
+    router's input of the same size, and both transforms are inside it.
+    """
+    for _ in range(4):
+        try:
+            return block_region(flow, combine, x_base)
+        except ForeignInputs as error:
+            earlier = [
+                n for n in error.nodes
+                if n in flow.ancestors(x_base) and tensor_shape(n) is not None and same_numel(n, x_base)
+            ]
+            if len(earlier) != 1 or len(error.nodes) != 1:
+                raise
+            x_base = earlier[0]
+    return block_region(flow, combine, x_base)
+
+
+def _combine_shape_ok(combine: fx.Node, x_base: fx.Node, hidden: int) -> bool:
+    shape = tensor_shape(combine)
+    if shape is None:
+        return False
+    if len(shape) == 2 and shape[-1] == hidden:
+        return True
+    return tensor_shape(x_base) == shape
+
+
+def find_moe_blocks(gm: fx.GraphModule, flow: Dataflow | None = None) -> list[BlockMatch | BlockRejection]:
+    """Every MoE block of ``gm``: matches to rewrite and rejections to report."""
+    flow = flow or Dataflow(gm.graph)
+    results: list[BlockMatch | BlockRejection] = []
+    claimed: set[fx.Node] = set()
+    #: why the router of a block (by path) did not match, for blocks found later by their weights
+    router_failures: dict[str, str] = {}
+    for anchor in _selection_anchors(gm.graph, flow):
+        try:
+            router = _match_any_router(anchor, flow)
+        except Mismatch as error:
+            evidence = _expert_evidence(anchor, flow)
+            if evidence is not None:
+                results.append(BlockRejection(path=evidence, reason=f"router not supported: {error}"))
+            else:
+                block = _router_block_of(anchor)
+                if block is not None:
+                    router_failures.setdefault(block, f"router not supported: {error}")
+            continue
+        combine, region_or_reason = _find_combine(router, flow)
+        router_block = _router_block(router.module_path)
+        if combine is None:
+            consumer = _expert_loop_consumer(router, flow)
+            if consumer is not None:
+                results.append(_router_only(router, flow, sentinel_safe=consumer == "skips_sentinel"))
+                claimed |= router.param_nodes
+            elif region_or_reason is not None or _expert_evidence(anchor, flow) is not None:
+                results.append(
+                    BlockRejection(
+                        path=router_block or "",
+                        reason=region_or_reason or "could not find where the experts' outputs are combined",
+                        router_kind=router.spec.kind,
+                        num_experts=router.spec.num_experts,
+                        top_k=router.spec.top_k,
+                    )
+                )
+            continue
+        region = region_or_reason
+        hidden = tensor_shape(router.weight)[1]
+        try:
+            if not _combine_shape_ok(combine, region.x_base, hidden):
+                raise Mismatch(f"the block's output {combine.name} has shape {tensor_shape(combine)}")
+            experts = match_experts(region, router, flow)
+        except Mismatch as error:
+            results.append(
+                BlockRejection(
+                    path=router_block or "",
+                    reason=str(error),
+                    router_kind=router.spec.kind,
+                    num_experts=router.spec.num_experts,
+                    top_k=router.spec.top_k,
+                )
+            )
+            continue
+        path = _block_path(router_block, _parent(experts.module_path) if experts.spec.dispatch != "module_loop" else experts.module_path)
+        shared = match_shared_experts(flow, combine, region.x_base)
+        spec = MoEBlockSpec(
+            path=path,
+            router=router.spec,
+            experts=experts.spec,
+            shared_experts=shared,
+            layer_index=layer_index_of(path),
+        )
+        results.append(BlockMatch(spec=spec, router=router, experts=experts, region=region, shared=shared))
+        claimed |= {n for n in region.inputs if n.op in ("placeholder", "get_attr")} | router.param_nodes
+    results.extend(_argmax_routers(gm.graph, flow, {r.path for r in results}))
+    results.extend(_unclaimed_experts(gm.graph, claimed, results, router_failures, flow))
+    return results
+
+
+def _match_any_router(anchor: fx.Node, flow: Dataflow) -> RouterMatch:
+    """A named router kind when the router is one (fused fast paths), else the lifted general case."""
+    try:
+        return match_router(anchor, flow)
+    except Mismatch as named:
+        try:
+            return match_lifted_router(anchor, flow)
+        except Mismatch as general:
+            raise Mismatch(f"{general} (as a named kind: {named})") from None
+
+
+def _router_only(router: RouterMatch, flow: Dataflow, sentinel_safe: bool) -> BlockMatch | BlockRejection:
+    path = _router_block(router.module_path) or ""
+    if router.weights_end is None:
+        return BlockRejection(
+            path=path,
+            reason="the experts graph-broke and this router's weights are dense scores; nothing to rewrite",
+            router_kind=router.spec.kind,
+            dispatch="eager_loop",
+            num_experts=router.spec.num_experts,
+            top_k=router.spec.top_k,
+        )
+    try:
+        region = block_region(flow, router.weights_end, router.x_base, router.ids)
+    except Mismatch as error:
+        return BlockRejection(
+            path=path,
+            reason=str(error),
+            router_kind=router.spec.kind,
+            dispatch="eager_loop",
+            num_experts=router.spec.num_experts,
+            top_k=router.spec.top_k,
+        )
+    spec = MoEBlockSpec(path=path, router=router.spec, experts=None, layer_index=layer_index_of(path))
+    return BlockMatch(spec=spec, router=router, experts=None, region=region, sentinel_safe=sentinel_safe)
+
+
+def _expert_evidence(anchor: fx.Node, flow: Dataflow) -> str | None:
+    """Module path of expert-like weights the anchor's ids reach, if any (else it is not an MoE)."""
+    ids = [u for u in anchor.users if op_name(u) == "getitem" and u.args[1] == 1]
+    scores = tensor_shape(anchor.args[0]) if anchor.args and isinstance(anchor.args[0], fx.Node) else None
+    if not ids or not scores:
+        return None
+    candidates = scores[-1]  # what the top-k picks among: experts have one weight slice each
+    seen = 0
+    for node in flow.sorted(flow.descendants(ids[0])):
+        seen += 1
+        if seen > 200:
+            break
+        for source in node.all_input_nodes:
+            if source.op in ("placeholder", "get_attr") and ndim(source) == 3 and tensor_shape(source)[0] == candidates:
+                return _parent(module_path_of_param(source)) or ""
+    return None
+
+
+_SPARSEMIXER_OPS = {"max", "masked_fill", "softmax", "gather", "abs", "clamp"}
+
+
+def _router_block_of(anchor: fx.Node) -> str | None:
+    """The block path of the router linear behind ``anchor``, when one is found."""
+    try:
+        linear, _ = find_router_linear(anchor.args[0])
+    except Mismatch:
+        return None
+    weight = resolve_param(arg(linear, 1, "weight"))
+    return _parent(module_path_of_param(weight)) if weight is not None else None
+
+
+def _argmax_routers(graph: fx.Graph, flow: Dataflow, known: set[str]) -> list[BlockRejection]:
+    """Routers that pick experts by argmax (Switch Transformers, NLLB-MoE: top-1/top-2 with a capacity)."""
+    found = []
+    for node in graph.nodes:
+        if op_name(node) != "argmax" or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        try:
+            linear, _ = find_router_linear(node.args[0])
+        except Mismatch:
+            continue
+        weight = resolve_param(arg(linear, 1, "weight"))
+        shape = tensor_shape(weight) if weight is not None else None
+        module = module_path_of_param(weight) if weight is not None else None
+        if shape is None or len(shape) != 2 or shape[0] > shape[1] or not _ROUTER_NAME.search(module or ""):
+            continue
+        path = _router_block(module) or ""
+        if path in known or any(r.path == path for r in found):
+            continue
+        found.append(
+            BlockRejection(
+                path=path,
+                reason="no top-k expert selection: the router picks experts by argmax with an expert capacity "
+                "(tokens over capacity skip the experts); only top-k routers are supported",
+                router_kind="argmax",
+                num_experts=int(shape[0]),
+                anchor=weight,
+            )
+        )
+    return found
+
+
+def _lookup_table(params: list[fx.Node], flow: Dataflow) -> fx.Node | None:
+    """An integer [V, k] buffer the experts' dispatch reads (DeepSeek-V4's token-id → experts table), if any."""
+    for param in params:
+        gemms = [n for n in flow.sorted(flow.descendants(param))[:8] if len(n.all_input_nodes) > 1]
+        for gemm in gemms:
+            for source in flow.ancestors(gemm):
+                value = example_value(source)
+                if (
+                    source.op in ("placeholder", "get_attr")
+                    and isinstance(value, torch.Tensor)
+                    and not value.dtype.is_floating_point
+                    and value.dim() == 2
+                    and "." in (source_path(source) or "")  # a module's buffer, not the model's input ids
+                ):
+                    return source
+    return None
+
+
+def _unclaimed_experts(
+    graph: fx.Graph,
+    claimed: set[fx.Node],
+    results: list[BlockMatch | BlockRejection],
+    router_failures: dict[str, str],
+    flow: Dataflow,
+) -> list[BlockRejection]:
+    """Stacked expert weights no matched router reached: blocks left alone."""
+    known = {r.path for r in results}
+    groups: dict[str, list[fx.Node]] = {}
+    for node in graph.nodes:
+        if node.op not in ("placeholder", "get_attr") or node in claimed or ndim(node) != 3:
+            continue
+        path = module_path_of_param(node)
+        if path is None or not re.search(r"expert", path):
+            continue
+        groups.setdefault(_parent(path) or "", []).append(node)
+    rejections = []
+    for path, params in groups.items():
+        if path in known:
+            continue
+        num_experts = tensor_shape(params[0])[0]
+        ops = set()
+        for p in params:
+            for node in p.users:
+                ops.add(op_name(node))
+        router_ops = _router_ops_near(graph, path, num_experts)
+        table = _lookup_table(params, flow)
+        if table is not None:
+            reason = (
+                f"no top-k expert selection: the experts are chosen by a table lookup ({source_path(table)}, hash routing "
+                "by token id); only top-k routers are supported"
+            )
+        elif {"max", "masked_fill"} <= router_ops and "topk" not in router_ops:
+            reason = (
+                "no top-k expert selection: the router is a sparsemixer "
+                f"({', '.join(sorted(router_ops & _SPARSEMIXER_OPS))}); only top-k routers are supported"
+            )
+        elif path in router_failures:
+            reason = router_failures[path]
+        else:
+            reason = "no supported top-k router reaches these stacked experts"
+        rejections.append(BlockRejection(path=path, reason=reason, num_experts=int(num_experts)))
+    return rejections
+
+
+def _router_ops_near(graph: fx.Graph, block_path: str, num_experts: int) -> set[str]:
+    """Op names applied to the output of an [E, H] linear inside ``block_path``."""
+    ops: set[str] = set()
+    for node in graph.nodes:
+        if op_name(node) != "linear":
+            continue
+        weight = node.args[1] if len(node.args) > 1 else None
+        if not isinstance(weight, fx.Node) or weight.op not in ("placeholder", "get_attr"):
+            continue
+        shape = tensor_shape(weight)
+        path = module_path_of_param(weight) or ""
+        if shape and shape[0] == num_experts and path.startswith(block_path):
+            frontier = list(node.users)
+            for _ in range(3):
+                next_frontier = []
+                for user in frontier:
+                    ops.add(op_name(user))
+                    next_frontier.extend(user.users)
+                frontier = next_frontier
+    return ops

@@ -1,0 +1,202 @@
+"""Match any top-k router by what it computes, keeping the model's own math in the graph.
+
+When a router is none of the named kinds (:mod:`moepass.compiler.detect.router`), the
+general case applies: moepass owns only the selection of how many experts a
+token keeps; everything else the model computes stays as it is::
+
+    x ─► linear(W_r) ─► [the model's scoring ops] ─► S ─► topk(S, k) ─┬► ids ─────────────┐
+              │                                                       └► [the model's weight ops,
+              └──────────────────────────────────────────────────────────  gathers, renorms] ─► w
+                                                                                              │
+    rewrite:  topk(S, k, sorted=True)   (the same picks, best first)                          ▼
+              ids', w' = moepass.route(logits, x, [ids, w, …], config{kind: lifted})   k per token
+
+The *routing set* grows forward from the router linear: a node belongs to it
+when it reads only routing nodes, parameters, constants and sizes, and keeps
+the per-token layout (its leading axes are the tokens').  The weights are the
+float routing value of the selection's size that leaves the routing set (to
+the experts' dispatch, or out of the graph when the experts loop
+graph-broke).  Validation then proves the rewrite reproduces the block.
+"""
+
+from __future__ import annotations
+
+import sympy
+import torch
+import torch.fx as fx
+
+from moepass.compiler.dataflow import Dataflow, example_value, op_name, tensor_shape
+from moepass.compiler.detect.common import CAST_OPS, SHAPE_OPS, Mismatch, arg, module_path_of_param, resolve_param
+from moepass.compiler.detect.router import RouterMatch, _check_last_dim, _getitem_users, _topk_k, _x_base
+from moepass.compiler.spec import RouterSpec
+
+__all__ = ["match_lifted_router", "routing_set"]
+
+#: Ops that only plumb values; left out of the formula shown to users.
+_QUIET = CAST_OPS | SHAPE_OPS | {"getitem", "squeeze", "expand", "expand_as", "contiguous"}
+
+
+def _expr(size) -> sympy.Expr:
+    return size.node.expr if isinstance(size, torch.SymInt) else sympy.Integer(int(size))
+
+
+def _same(a, b) -> bool:
+    return sympy.simplify(_expr(a) - _expr(b)) == 0
+
+
+def _router_linear(scores: fx.Node, flow: Dataflow, num_experts: int) -> fx.Node:
+    """The latest linear behind ``scores`` whose weight is an [E', H] parameter with E' ≥ E.
+
+    E' > E: the router scores more than the routed experts (Inkling's rows for
+    its shared experts) and the selection reads E of its columns.
+    """
+    found = []
+    for node in flow.ancestors(scores) | {scores}:
+        if op_name(node) != "linear":
+            continue
+        weight = resolve_param(arg(node, 1, "weight"))
+        shape = tensor_shape(weight) if weight is not None else None
+        if shape is not None and len(shape) == 2 and isinstance(shape[0], int) and shape[0] >= num_experts:
+            found.append(node)
+    if not found:
+        raise Mismatch(
+            f"no router linear with {num_experts} outputs behind the scores {scores.name} selects from "
+            "(a router that is not a linear of the block input)"
+        )
+    return max(found, key=flow.position.__getitem__)
+
+
+def _is_scalar(node: fx.Node) -> bool:
+    return isinstance(example_value(node), (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool))
+
+
+def _per_token(node: fx.Node, token_dims: tuple) -> bool:
+    value = example_value(node)
+    if isinstance(value, (tuple, list)):  # topk / sort / max results: judged by their getitems
+        return True
+    if not isinstance(value, torch.Tensor):
+        return _is_scalar(node)
+    shape = tuple(value.shape)
+    return len(shape) > len(token_dims) and all(_same(a, b) for a, b in zip(shape, token_dims))
+
+
+def routing_set(linear: fx.Node, x_base: fx.Node, flow: Dataflow, token_dims: tuple) -> set[fx.Node]:
+    """Nodes computed from the router's logits alone (plus parameters), in per-token layout."""
+    from_input = flow.descendants(x_base) | {x_base}
+    members = {linear}
+    for node in flow.sorted(flow.descendants(linear)):
+        if node.op != "call_function" and node.op != "call_method":
+            continue
+        sources = node.all_input_nodes
+        if not all(s in members or s not in from_input or _is_scalar(s) for s in sources):
+            continue
+        if _per_token(node, token_dims):
+            members.add(node)
+    return members
+
+
+def _viewed_parameter(node: fx.Node) -> fx.Node | None:
+    """The parameter ``node`` is a view or cast of (through single-input ops), if any."""
+    for _ in range(8):
+        if node.op in ("placeholder", "get_attr"):
+            return node
+        if op_name(node) not in CAST_OPS | SHAPE_OPS | {"squeeze", "expand", "expand_as"} or not node.args:
+            return None
+        if not isinstance(node.args[0], fx.Node):
+            return None
+        node = node.args[0]
+    return None
+
+
+def _formula(nodes: list[fx.Node]) -> str:
+    names = []
+    for node in nodes:
+        name = op_name(node)
+        if name in _QUIET or (names and names[-1] == name):
+            continue
+        names.append(name)
+    return "→".join(names)
+
+
+def match_lifted_router(anchor: fx.Node, flow: Dataflow) -> RouterMatch:
+    """Match the router whose selection is ``anchor`` by what it computes (see the module docstring)."""
+    k = _topk_k(anchor)
+    _check_last_dim(anchor, arg(anchor, 2, "dim", -1), "topk")
+    if arg(anchor, 3, "largest", True) is not True:
+        raise Mismatch(f"{anchor.name}: topk(largest=False) is not an expert selection")
+    scores = anchor.args[0]
+    score_shape = tensor_shape(scores)
+    if score_shape is None or not isinstance(score_shape[-1], int):
+        raise Mismatch(f"{anchor.name}: selects from {scores.name}, whose last axis is not a fixed expert count")
+    num_experts = score_shape[-1]
+    linear = _router_linear(scores, flow, num_experts)
+    weight = resolve_param(arg(linear, 1, "weight"))
+    hidden = tensor_shape(weight)[1]
+    raw_bias = arg(linear, 2, "bias")
+    bias = resolve_param(raw_bias)
+    if raw_bias is not None and bias is None:
+        raise Mismatch(f"{linear.name}: router bias is not a parameter")
+    x_input = arg(linear, 0, "input")
+    if (tensor_shape(x_input) or (None,))[-1] != hidden:
+        raise Mismatch(f"{linear.name}: router input is not [.., {hidden}]")
+    x_base = _x_base(x_input)
+    token_dims = tuple(tensor_shape(linear)[:-1])
+    members = routing_set(linear, x_base, flow, token_dims)
+    if anchor not in members:
+        raise Mismatch(f"{anchor.name}: the scores it selects from depend on more than the router's logits")
+    outputs = _getitem_users(anchor)
+    if 1 not in outputs:
+        raise Mismatch(f"{anchor.name}: the selected expert ids are never used")
+    ids = outputs[1]
+    selection = flow.descendants(anchor)
+    candidates = []
+    for node in members & selection:
+        value = example_value(node)
+        if not isinstance(value, torch.Tensor) or not value.dtype.is_floating_point:
+            continue
+        trailing = tuple(value.shape)[len(token_dims):]
+        if not all(isinstance(size, int) for size in trailing) or sympy.prod(trailing) != k:
+            continue
+        if any(user not in members for user in node.users):
+            candidates.append(node)
+    if not candidates:
+        raise Mismatch(f"{anchor.name}: no routing weights of the selection's size leave the router")
+    weights_end = max(candidates, key=flow.position.__getitem__)
+    formula_nodes = flow.sorted((flow.ancestors(weights_end) | flow.ancestors(anchor) | {weights_end}) & members)
+    params = {weight} | ({bias} if bias is not None else set())
+    for node in formula_nodes:  # parameters read directly or through views of them (a squeezed bias)
+        for source in node.all_input_nodes:
+            if source in members or source is x_base:
+                continue
+            if source.op in ("placeholder", "get_attr"):
+                params.add(source)  # a parameter, or a float attribute made an input (dynamic=True)
+                continue
+            viewed = _viewed_parameter(source)  # a squeezed or cast parameter (Ernie's bias)
+            if viewed is not None:
+                params.add(viewed)
+            elif _is_scalar(source):  # a scale read from an input (dynamic=True makes float attributes inputs)
+                params |= {a for a in source.all_input_nodes if a.op in ("placeholder", "get_attr")}
+    spec = RouterSpec(
+        kind="lifted",
+        num_experts=num_experts,
+        top_k=k,
+        linear_has_bias=bias is not None,
+        hidden_size=hidden,
+        formula=_formula(formula_nodes),
+    )
+    return RouterMatch(
+        spec=spec,
+        anchor=anchor,
+        linear=linear,
+        x_input=x_input,
+        x_base=x_base,
+        weight=weight,
+        bias=bias,
+        correction_bias=None,
+        ids=ids,
+        weights_start=weights_end,
+        weights_end=weights_end,
+        module_path=module_path_of_param(weight),
+        param_nodes=params,
+    )
+

@@ -1,0 +1,136 @@
+"""The backend's options: parsing, defaults and the errors users see.
+
+``torch.compile(model, backend="adaptive_moe", options={...})`` keys:
+
+========== ============================================== ===========
+key        meaning                                         default
+========== ============================================== ===========
+policy     policy name or a :class:`~moepass.policies.Policy`  ``"static"``
+inner      compiler for the rest of the graph:             ``"inductor"``
+           ``inductor`` | ``aot_eager`` | ``eager``
+lowering   experts implementation:                          ``"auto"``
+           ``auto`` | ``cpu`` | ``triton`` | ``reference``
+validate   check each rewrite against the original block    ``True``
+           on random inputs before committing it
+stats      record tokens per k per block at run time        ``False``
+offload    expert weights in an expert store, loaded        ``None``
+           through a cache with prefetch: a store folder
+           or a dict (:mod:`moepass.runtime.offload.options`)
+cpu_prepack CPU lowering: run bfloat16 experts on copies     ``"auto"``
+           of their weights pre-packed for oneDNN (faster,
+           as much memory again): ``auto`` (when they fit
+           in half the available memory) | ``on`` | ``off``
+           (or True / False); see
+           :mod:`moepass.lowering.cpu_packed`
+========== ============================================== ===========
+
+Any other key is a parameter of the named policy (``{"policy": "top_p",
+"p": 0.4}``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from moepass.policies import POLICIES, Policy, PolicyError, make_policy
+from moepass.runtime.ops import CPU_PREPACK, LOWERINGS
+
+__all__ = ["BackendOptions", "OptionsError", "INNER_COMPILERS"]
+
+INNER_COMPILERS = ("inductor", "aot_eager", "eager")
+
+
+class OptionsError(ValueError):
+    """Bad backend options; the message lists what is valid."""
+
+
+@dataclass
+class BackendOptions:
+    """Parsed, validated backend options."""
+
+    policy: Policy = field(default_factory=lambda: POLICIES["static"]())
+    inner: str = "inductor"
+    lowering: str = "auto"
+    validate: bool = True
+    stats: bool = False
+    #: torch.compile's ``mode`` (forwarded to Inductor).
+    mode: str | None = None
+    #: Expert offloading (:class:`moepass.runtime.offload.OffloadOptions`), or None.
+    offload: Any = None
+    #: Pre-packed bfloat16 expert weights on CPU: ``auto`` | ``on`` | ``off``.
+    cpu_prepack: str = "auto"
+
+    _BACKEND_KEYS = ("policy", "inner", "lowering", "validate", "stats", "offload", "cpu_prepack")
+
+    @classmethod
+    def parse(cls, options: Mapping[str, Any] | None, mode: str | None = None) -> "BackendOptions":
+        """Validate a user's options dict; raise :class:`OptionsError` naming the problem."""
+        options = dict(options or {})
+        policy = options.pop("policy", "static")
+        backend = {key: options.pop(key) for key in list(options) if key in cls._BACKEND_KEYS}
+        if isinstance(policy, Policy):
+            if options:
+                raise OptionsError(
+                    f"unknown option(s) {', '.join(map(repr, sorted(options)))}: a policy object carries its own "
+                    f"parameters; valid options: {', '.join(cls._BACKEND_KEYS)}"
+                )
+        elif isinstance(policy, str):
+            if policy not in POLICIES:
+                raise OptionsError(f"unknown policy {policy!r}; valid policies: {', '.join(sorted(POLICIES))}")
+            valid_params = {f.name for f in dataclasses.fields(POLICIES[policy]) if f.init}
+            unknown = sorted(set(options) - valid_params)
+            if unknown:
+                raise OptionsError(
+                    f"unknown option(s) {', '.join(map(repr, unknown))} for policy {policy!r}; valid options: "
+                    f"{', '.join(cls._BACKEND_KEYS)}"
+                    + (f" and the policy's parameters {', '.join(sorted(valid_params))}" if valid_params else "")
+                )
+            try:
+                policy = make_policy(policy, **options)
+            except PolicyError as error:
+                raise OptionsError(str(error)) from None
+        else:
+            raise OptionsError(f"option 'policy' must be a policy name or a Policy object, got {type(policy).__name__}")
+        inner = backend.get("inner", "inductor")
+        if inner not in INNER_COMPILERS:
+            raise OptionsError(f"unknown inner compiler {inner!r}; valid: {', '.join(INNER_COMPILERS)}")
+        lowering = backend.get("lowering", "auto")
+        if lowering not in LOWERINGS:
+            raise OptionsError(f"unknown lowering {lowering!r}; valid: {', '.join(LOWERINGS)}")
+        for flag in ("validate", "stats"):
+            if flag in backend and not isinstance(backend[flag], bool):
+                raise OptionsError(f"option {flag!r} must be True or False, got {backend[flag]!r}")
+        offload = _parse_offload(backend.get("offload"), lowering)
+        cpu_prepack = backend.get("cpu_prepack", "auto")
+        if isinstance(cpu_prepack, bool):
+            cpu_prepack = "on" if cpu_prepack else "off"
+        if cpu_prepack not in CPU_PREPACK:
+            raise OptionsError(
+                f"option 'cpu_prepack' must be one of {', '.join(CPU_PREPACK)} (or True / False), got {cpu_prepack!r}"
+            )
+        return cls(
+            policy=policy,
+            inner=inner,
+            lowering=lowering,
+            validate=backend.get("validate", True),
+            stats=backend.get("stats", False),
+            mode=mode,
+            offload=offload,
+            cpu_prepack=cpu_prepack,
+        )
+
+
+def _parse_offload(value: Any, lowering: str) -> Any:
+    """The ``offload`` option parsed (None when absent); offloaded experts run the CPU lowering."""
+    if value is None:
+        return None
+    from moepass.runtime.offload.options import OffloadOptions, OffloadOptionsError
+
+    if lowering not in ("auto", "cpu"):
+        raise OptionsError(f"option 'offload' runs the experts on the cpu lowering; lowering={lowering!r} cannot")
+    try:
+        return OffloadOptions.parse(value)
+    except OffloadOptionsError as error:
+        raise OptionsError(str(error)) from None

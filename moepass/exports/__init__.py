@@ -1,0 +1,1 @@
+"""Exports of a model with adaptive-k routing: ONNX, onnxruntime-genai, MLIR."""

@@ -1,0 +1,1 @@
+"""Inspection and reports: what the pass found in a model, as text, JSON and HTML."""

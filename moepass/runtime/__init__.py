@@ -1,0 +1,1 @@
+"""What runs after compile: the moepass ops, routing, statistics, calibration, offloading."""

@@ -1,0 +1,467 @@
+"""The ``torch.ops.moepass`` operators a rewritten MoE block is made of.
+
+::
+
+    logits ─► moepass.route(logits, x, tensors, config) ─► ids [T,k_max], weights [T,k_max]
+                                                              │
+    x ──────► moepass.experts(x, ids, weights, w1, w2, b1, b2, config) ─► out [T,H]
+
+``route`` is a composite of standard torch ops (so Inductor compiles it,
+autograd differentiates it and exporters decompose it); ``experts`` is an
+opaque custom op with a fake implementation, lowered at run time to the CPU
+path, the Triton kernels or the plain reference.  Static attributes travel as
+a JSON string (parsed once and cached); per-layer tensors of a policy travel
+in ``tensors``.
+
+When the compiled graph must be differentiable (grad mode with trainable
+inputs) the experts are written in their *split* form instead, whose pieces
+each have an autograd formula (see :mod:`moepass.lowering.grouped`)::
+
+    ids ─► moepass.expert_rows ─► row_token, row_slot, offsets      (composite)
+    x   ─► moepass.experts_up        ─► h [T·K, N1]                  (custom op + autograd)
+    h   ─► moepass.expert_activation ─► a [T·K, I]                   (composite: autograd, Inductor fuse it)
+    a   ─► moepass.experts_down      ─► out [T, H]                   (custom op + autograd)
+
+``experts`` itself is differentiable too (its backward re-runs the split
+form), so the op is usable on its own in eager code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Iterator, Optional
+
+import torch
+from torch._subclasses.fake_tensor import is_fake
+
+from moepass.compiler.spec import ExpertsSpec, RouterSpec
+
+__all__ = [
+    "RouteConfig",
+    "ExpertsConfig",
+    "route",
+    "experts",
+    "expert_rows",
+    "experts_up",
+    "expert_activation",
+    "experts_down",
+    "LOWERINGS",
+    "CPU_PREPACK",
+    "capture_routes",
+    "routes_not_captured",
+]
+
+#: Implementations of the experts op; "auto" picks triton for CUDA tensors
+#: and cpu otherwise.
+LOWERINGS = ("auto", "cpu", "triton", "reference")
+#: Whether the CPU lowering packs bfloat16 expert weights for oneDNN.
+CPU_PREPACK = ("auto", "on", "off")
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    """Static attributes of one ``moepass.route`` call."""
+
+    router: RouterSpec
+    #: Name of the k-rule (a policy's per-token rule); "static" keeps native k.
+    rule: str = "static"
+    #: The rule's scalar parameters, already resolved for this block.
+    params: dict[str, Any] = field(default_factory=dict)
+    k_min: int | None = None
+    k_max: int | None = None
+    #: What each entry of the op's ``tensors`` argument is: "correction_bias",
+    #: "selected_ids" / "selected_weights" (a lifted router's own selection)
+    #: or a rule tensor name.
+    tensor_roles: tuple[str, ...] = ()
+    #: Whether ``x`` is passed (rules such as the allocator need it).
+    uses_x: bool = False
+    #: None follows the model's renormalisation; True/False forces it.
+    renormalize: bool | None = None
+    #: Module path of the block, for calibration capture.
+    block: str = ""
+    #: How empty slots are written: "sentinel" (id E, weight 0: consumers skip
+    #: them) or "repeat_first" (the token's first expert, weight 0: for
+    #: consumers outside the graph that may not know the sentinel).
+    empty_slots: str = "sentinel"
+
+    def to_json(self) -> str:
+        """Encode for the op's ``config`` argument."""
+        data = dataclasses.asdict(self)
+        return json.dumps(data, sort_keys=True)
+
+    @property
+    def depth(self) -> int:
+        """The number of slots per token (k_max, or native k)."""
+        return self.router.top_k if self.k_max is None else self.k_max
+
+
+@dataclass(frozen=True)
+class ExpertsConfig:
+    """Static attributes of one ``moepass.experts`` call."""
+
+    spec: ExpertsSpec
+    lowering: str = "auto"
+    #: Module path of the block, for run-time statistics.
+    block: str = ""
+    collect_stats: bool = False
+    #: Non-empty when the block's expert weights live in an expert store:
+    #: ``"<offload session>|<block path>"`` (see :mod:`moepass.runtime.offload`).
+    offload: str = ""
+    #: CPU lowering: run bfloat16 experts on weights pre-packed for oneDNN
+    #: (``auto`` | ``on`` | ``off``; see :mod:`moepass.lowering.cpu_packed`).
+    cpu_prepack: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.lowering not in LOWERINGS:
+            raise ValueError(f"unknown lowering {self.lowering!r}; expected one of {LOWERINGS}")
+        if self.cpu_prepack not in CPU_PREPACK:
+            raise ValueError(f"unknown cpu_prepack {self.cpu_prepack!r}; expected one of {CPU_PREPACK}")
+
+    def to_json(self) -> str:
+        """Encode for the op's ``config`` argument."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+
+@lru_cache(maxsize=4096)
+def parse_route_config(text: str) -> RouteConfig:
+    """Decode (and cache) a ``route`` config string."""
+    data = json.loads(text)
+    data["router"] = RouterSpec(**data["router"])
+    data["tensor_roles"] = tuple(data.get("tensor_roles", ()))
+    return RouteConfig(**data)
+
+
+@lru_cache(maxsize=4096)
+def parse_experts_config(text: str) -> ExpertsConfig:
+    """Decode (and cache) an ``experts`` config string."""
+    data = json.loads(text)
+    data["spec"] = ExpertsSpec(**data["spec"])
+    return ExpertsConfig(**data)
+
+
+# --- moepass::route ---------------------------------------------------------
+
+_lib = torch.library.Library("moepass", "FRAGMENT")
+_lib.define("route(Tensor logits, Tensor? x, Tensor[] tensors, str config) -> (Tensor, Tensor)")
+
+
+def _route_composite(
+    logits: torch.Tensor, x: Optional[torch.Tensor], tensors: list[torch.Tensor], config: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from moepass.policies.rules import get_rule
+    from moepass.runtime import routing
+
+    cfg = parse_route_config(config)
+    if _capture_hooks and not _capture_suspended and not is_fake(logits):
+        for hook in list(_capture_hooks):
+            hook(cfg, logits, x)
+    named = dict(zip(cfg.tensor_roles, tensors))
+    rule = get_rule(cfg.rule, cfg.params) if cfg.rule != "static" else None
+    rule_tensors = [t for role, t in zip(cfg.tensor_roles, tensors) if role not in _ROUTER_ROLES]
+    selected = None
+    if "selected_ids" in named:
+        selected = (named["selected_ids"].reshape(logits.shape[0], -1), named["selected_weights"].reshape(logits.shape[0], -1))
+    ids, weights = routing.route(
+        logits,
+        cfg.router,
+        rule,
+        k_min=cfg.k_min,
+        k_max=cfg.k_max,
+        x=x,
+        correction_bias=named.get("correction_bias"),
+        tensors=rule_tensors,
+        renormalize=cfg.renormalize,
+        selected=selected,
+    )
+    if cfg.empty_slots == "repeat_first":
+        num_experts = cfg.router.num_experts
+        first = torch.where(ids[:, :1] < num_experts, ids[:, :1], torch.zeros_like(ids[:, :1]))
+        ids = torch.where(ids < num_experts, ids, first)
+    return ids, weights
+
+
+#: Route tensor roles that describe the router itself (not a policy's tensors).
+_ROUTER_ROLES = ("correction_bias", "selected_ids", "selected_weights")
+
+#: Callables run on each real (not fake, not validation) ``route`` call with
+#: (config, logits, x): how calibration sees every block's router logits.
+_capture_hooks: list = []
+_capture_suspended: list = []
+
+
+@contextlib.contextmanager
+def capture_routes(hook) -> Iterator[None]:
+    """Call ``hook(config, logits, x)`` on every eager ``moepass.route`` call inside the block."""
+    _capture_hooks.append(hook)
+    try:
+        yield
+    finally:
+        _capture_hooks.remove(hook)
+
+
+@contextlib.contextmanager
+def routes_not_captured() -> Iterator[None]:
+    """Hide ``route`` calls from capture hooks (validation runs on random inputs)."""
+    _capture_suspended.append(True)
+    try:
+        yield
+    finally:
+        _capture_suspended.pop()
+
+
+_lib.impl("route", _route_composite, "CompositeImplicitAutograd")
+route = torch.ops.moepass.route
+
+
+# --- moepass::experts --------------------------------------------------------
+
+
+@torch.library.custom_op("moepass::experts", mutates_args=())
+def experts(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    b1: Optional[torch.Tensor],
+    b2: Optional[torch.Tensor],
+    config: str,
+) -> torch.Tensor:
+    """Run the routed experts of one block.
+
+    Args:
+        x: [T, H] tokens.
+        ids: [T, K] int64 expert per slot; ``E`` marks an empty slot.
+        weights: [T, K] float routing weight per slot (0 for empty slots).
+        w1: [E, N1, H] gate+up (or up) weights, or [E, H, N1] if transposed.
+        w2: [E, H, I] down weights, or [E, I, H] if transposed.
+        b1: [E, N1] or None.  b2: [E, H] or None.
+        config: :class:`ExpertsConfig` as JSON.
+
+    Returns:
+        [T, H] in ``x.dtype``: Σ_slots weight · expert(x) (or expert(weight · x)).
+    """
+    from moepass.lowering import run_experts
+    from moepass.runtime.stats import record_routing
+
+    cfg = parse_experts_config(config)
+    if cfg.collect_stats:
+        record_routing(cfg.block, ids, cfg.spec.num_experts)
+    return run_experts(x, ids, weights, w1, w2, b1, b2, cfg)
+
+
+@experts.register_fake
+def _experts_fake(x, ids, weights, w1, w2, b1, b2, config):
+    return torch.empty_like(x)
+
+
+def _experts_setup_context(ctx, inputs, output) -> None:
+    x, ids, weights, w1, w2, b1, b2, config = inputs
+    ctx.save_for_backward(x, ids, weights, w1, w2, b1, b2)
+    ctx.config = config
+
+
+def _experts_backward(ctx, grad_out):
+    """Re-run the block in its split form with autograd on, and differentiate that.
+
+    The compiled graph never needs this (the rewrite inserts the split form
+    when it must be differentiable); it makes the fused op correct on its own.
+    """
+    saved = ctx.saved_tensors
+    differentiable = (0, 2, 3, 4, 5, 6)  # x, weights, w1, w2, b1, b2
+    leaves = list(saved)
+    wanted = [i for i in differentiable if ctx.needs_input_grad[i] and saved[i] is not None]
+    with torch.enable_grad():
+        for i in wanted:
+            leaves[i] = saved[i].detach().requires_grad_(True)
+        x, ids, weights, w1, w2, b1, b2 = leaves
+        out = split_experts(x, ids, weights, w1, w2, b1, b2, ctx.config)
+        grads = torch.autograd.grad(out, [leaves[i] for i in wanted], grad_out, allow_unused=True)
+    result: list[Optional[torch.Tensor]] = [None] * 8
+    for i, grad in zip(wanted, grads):
+        result[i] = grad
+    return tuple(result)
+
+
+experts.register_autograd(_experts_backward, setup_context=_experts_setup_context)
+
+
+# --- the split form: expert_rows, experts_up, expert_activation, experts_down --
+
+_lib.define("expert_rows(Tensor ids, int num_experts) -> (Tensor, Tensor, Tensor)")
+
+
+def _expert_rows_composite(ids: torch.Tensor, num_experts: int):
+    from moepass.lowering.grouped import expert_rows as rows
+
+    return rows(ids, num_experts)
+
+
+_lib.impl("expert_rows", _expert_rows_composite, "CompositeImplicitAutograd")
+expert_rows = torch.ops.moepass.expert_rows
+
+_lib.define("expert_activation(Tensor h, str config) -> Tensor")
+
+
+def _expert_activation_composite(h: torch.Tensor, config: str) -> torch.Tensor:
+    from moepass.lowering.activations import apply_activation
+
+    return apply_activation(h, parse_experts_config(config).spec)
+
+
+_lib.impl("expert_activation", _expert_activation_composite, "CompositeImplicitAutograd")
+expert_activation = torch.ops.moepass.expert_activation
+
+
+def _spec_of(config: str) -> ExpertsSpec:
+    return parse_experts_config(config).spec
+
+
+@torch.library.custom_op("moepass::experts_up", mutates_args=())
+def experts_up(
+    x: torch.Tensor,
+    row_token: torch.Tensor,
+    row_slot: torch.Tensor,
+    offsets: torch.Tensor,
+    weights: torch.Tensor,
+    w1: torch.Tensor,
+    b1: Optional[torch.Tensor],
+    config: str,
+) -> torch.Tensor:
+    """First projection of every non-empty slot, rows sorted by expert: h [T·K, N1].
+
+    Rows of empty slots (after ``offsets[E]``) are 0 and cost no GEMM work.
+    """
+    from moepass.lowering.grouped import up_forward
+    from moepass.runtime.stats import record_k
+
+    cfg = parse_experts_config(config)
+    if cfg.collect_stats:
+        tokens, slots = weights.shape
+        live_tokens = torch.div(row_slot[: int(offsets[-1])], slots, rounding_mode="floor")
+        record_k(cfg.block, torch.bincount(live_tokens, minlength=tokens), slots, cfg.spec.num_experts)
+    return up_forward(x, row_token, row_slot, offsets, weights, w1, b1, cfg.spec)
+
+
+@experts_up.register_fake
+def _experts_up_fake(x, row_token, row_slot, offsets, weights, w1, b1, config):
+    from moepass.lowering.grouped import first_projection_width
+
+    return x.new_empty(row_token.shape[0], first_projection_width(w1, _spec_of(config)))
+
+
+@torch.library.custom_op("moepass::experts_up_backward", mutates_args=())
+def experts_up_backward(
+    grad_h: torch.Tensor,
+    x: torch.Tensor,
+    row_token: torch.Tensor,
+    row_slot: torch.Tensor,
+    offsets: torch.Tensor,
+    weights: torch.Tensor,
+    w1: torch.Tensor,
+    b1: Optional[torch.Tensor],
+    config: str,
+    needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``experts_up`` for (x, weights, w1, b1); an empty tensor where not needed."""
+    from moepass.lowering.grouped import up_backward
+
+    grads = up_backward(grad_h, x, row_token, row_slot, offsets, weights, w1, b1, _spec_of(config), needs)
+    return tuple(g if g is not None else x.new_empty(0) for g in grads)
+
+
+def _grouped_backward_fake(grad, data, row_token, row_slot, offsets, weights, w, b, config, needs):
+    """Both backward ops return gradients shaped like (data, weights, w, b), empty where not needed."""
+    return tuple(
+        torch.empty_like(t) if need and t is not None else data.new_empty(0) for t, need in zip((data, weights, w, b), needs)
+    )
+
+
+experts_up_backward.register_fake(_grouped_backward_fake)
+
+
+def _grouped_setup_context(ctx, inputs, output) -> None:
+    """experts_up and experts_down take (data, row_token, row_slot, offsets, weights, w, b, config)."""
+    *tensors, config = inputs
+    ctx.save_for_backward(*tensors)
+    ctx.config = config
+
+
+def _grouped_backward(backward_op):
+    """The autograd formula of experts_up/experts_down: their backward op for (data, weights, w, b)."""
+
+    def backward(ctx, grad):
+        data, row_token, row_slot, offsets, weights, w, b = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        wanted = [needs[0], needs[4], needs[5], needs[6] and b is not None]
+        if not any(wanted):
+            return (None,) * 8
+        grads = backward_op(grad.contiguous(), data, row_token, row_slot, offsets, weights, w, b, ctx.config, wanted)
+        grad_data, grad_weights, grad_w, grad_b = (g if want else None for g, want in zip(grads, wanted))
+        return grad_data, None, None, None, grad_weights, grad_w, grad_b, None
+
+    return backward
+
+
+experts_up.register_autograd(_grouped_backward(experts_up_backward), setup_context=_grouped_setup_context)
+
+
+@torch.library.custom_op("moepass::experts_down", mutates_args=())
+def experts_down(
+    a: torch.Tensor,
+    row_token: torch.Tensor,
+    row_slot: torch.Tensor,
+    offsets: torch.Tensor,
+    weights: torch.Tensor,
+    w2: torch.Tensor,
+    b2: Optional[torch.Tensor],
+    config: str,
+) -> torch.Tensor:
+    """Second projection of every non-empty slot, weighted and summed per token: out [T, H]."""
+    from moepass.lowering.grouped import down_forward
+
+    return down_forward(a, row_token, row_slot, offsets, weights, w2, b2, _spec_of(config))
+
+
+@experts_down.register_fake
+def _experts_down_fake(a, row_token, row_slot, offsets, weights, w2, b2, config):
+    from moepass.lowering.grouped import hidden_size_of
+
+    return a.new_empty(weights.shape[0], hidden_size_of(w2, _spec_of(config)))
+
+
+@torch.library.custom_op("moepass::experts_down_backward", mutates_args=())
+def experts_down_backward(
+    grad_out: torch.Tensor,
+    a: torch.Tensor,
+    row_token: torch.Tensor,
+    row_slot: torch.Tensor,
+    offsets: torch.Tensor,
+    weights: torch.Tensor,
+    w2: torch.Tensor,
+    b2: Optional[torch.Tensor],
+    config: str,
+    needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``experts_down`` for (a, weights, w2, b2); an empty tensor where not needed."""
+    from moepass.lowering.grouped import down_backward
+
+    grads = down_backward(grad_out, a, row_token, row_slot, offsets, weights, w2, b2, _spec_of(config), needs)
+    return tuple(g if g is not None else a.new_empty(0) for g in grads)
+
+
+experts_down_backward.register_fake(_grouped_backward_fake)
+experts_down.register_autograd(_grouped_backward(experts_down_backward), setup_context=_grouped_setup_context)
+
+
+def split_experts(x, ids, weights, w1, w2, b1, b2, config: str) -> torch.Tensor:
+    """``experts`` computed through its split form (differentiable piece by piece)."""
+    num_experts = _spec_of(config).num_experts
+    row_token, row_slot, offsets = expert_rows(ids, num_experts)
+    h = experts_up(x, row_token, row_slot, offsets, weights, w1, b1, config)
+    a = expert_activation(h, config)
+    return experts_down(a, row_token, row_slot, offsets, weights, w2, b2, config)
