@@ -28,6 +28,7 @@ if _os.path.isfile(_os.path.join(_source_root, "lowering", "__init__.py")) and n
     __path__.append(_source_root)  # noqa: F821  (the package's own __path__)
 
 from moepass import policies
+from moepass._version import __version__ as __version__
 from moepass.compiler.options import BackendOptions, OptionsError
 from moepass.compiler.spec import ExpertsSpec, MoEBlockSpec, RouterSpec, SharedExpertSpec
 from moepass.exports.genai import GenaiExport, export_genai
@@ -38,8 +39,6 @@ from moepass.reports.inspection import InspectionReport, inspect
 from moepass.runtime import ops as _ops  # noqa: F401  (registers torch.ops.moepass.*)
 from moepass.runtime.calibrate import calibrate
 from moepass.runtime.report import BlockReport, Report, last_report, report
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BackendOptions",

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import io
 import logging
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from moepass.reports.inspection import BlockRun
+if TYPE_CHECKING:  # a view of the report: inspection.py imports this module, not the other way
+    from moepass.reports.inspection import BlockRun
 
 __all__ = ["matplotlib_available", "k_distribution_png", "layers_png"]
 

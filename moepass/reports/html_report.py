@@ -23,13 +23,16 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import moepass
+from moepass._version import __version__
 from moepass.reports.charts import k_distribution_png, layers_png, matplotlib_available
 from moepass.reports.graphview import Drawing, draw, graphviz_available, readable_code, to_networkx
-from moepass.reports.inspection import InspectionReport
 from moepass.runtime.progress import progress
 from moepass.runtime.report import BlockReport
+
+if TYPE_CHECKING:  # InspectionReport.save() imports this module, not the other way
+    from moepass.reports.inspection import InspectionReport
 
 __all__ = ["ReportWriteError", "REPORT_FILES", "check_output_dir", "render_html", "write_report"]
 
@@ -273,7 +276,7 @@ def render_html(inspection: InspectionReport, show_progress: bool = True) -> str
         + (legend if inspection.blocks else "")
         + "".join(sections)
         + f'<details><summary>text report</summary><pre class="text-report">{html.escape(str(inspection))}</pre></details>'
-        + f"<footer>moepass {html.escape(moepass.__version__)}</footer></main></body></html>\n"
+        + f"<footer>moepass {html.escape(__version__)}</footer></main></body></html>\n"
     )
 
 
