@@ -18,7 +18,7 @@ import torch
 from moepass.lowering.mlir.decompose import decomposition_table
 from moepass.lowering.mlir.importer import BLOCK_KEY, LoweringFailure, import_program, prepare_program
 
-from moepass.exports.mlir import MlirExportError
+from moepass.exports.errors import MlirExportError
 from moepass.runtime.ops import parse_route_config
 
 __all__ = ["tag_blocks", "to_mlir"]

@@ -25,7 +25,7 @@ from moepass.lowering.onnx.layouts import (
 )
 from moepass.lowering.onnx.translate import DOMAIN, OP_TYPE, to_onnx
 
-from moepass.exports.onnx import OnnxExportError
+from moepass.exports.errors import OnnxExportError
 
 __all__ = [
     "DEFAULT_ORT_LAYOUTS",

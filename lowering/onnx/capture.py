@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import fx
 
-from moepass.exports.onnx import OnnxExportError
+from moepass.exports.errors import OnnxExportError
 
 __all__ = ["CapturedModel", "capture_model", "default_dynamic_shapes"]
 

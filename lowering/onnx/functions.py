@@ -38,7 +38,7 @@ from moepass.lowering.onnx.translate import DOMAIN, OP_TYPE
 from onnx import helper
 
 from moepass.compiler.spec import ExpertsSpec
-from moepass.exports.onnx import OnnxExportError
+from moepass.exports.errors import OnnxExportError
 from moepass.runtime.ops import RouteConfig, parse_experts_config, parse_route_config
 
 __all__ = ["FALLBACKS", "ORT_LAYOUTS", "PROVIDERS", "TARGETS", "BlockFunction", "block_nodes", "define_blocks"]

@@ -29,7 +29,7 @@ from moepass.lowering.onnx import block_op  # noqa: F401  (registers moepass::mo
 from torch import fx
 
 from moepass.compiler.dataflow import example_value
-from moepass.exports.onnx import OnnxExportError
+from moepass.exports.errors import OnnxExportError
 from moepass.runtime.ops import parse_experts_config, parse_route_config
 
 __all__ = ["FusedBlock", "fuse_blocks", "unrewritten_experts"]

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from moepass.lowering.onnx.capture import CapturedModel, _first_lines, _with_model_names
 
-from moepass.exports.onnx import OnnxExportError
+from moepass.exports.errors import OnnxExportError
 
 __all__ = ["CacheLayout", "GENAI_NAMES", "cache_layout", "capture_with_cache", "genai_dim_names"]
 

@@ -26,7 +26,7 @@ import torch
 from moepass.lowering.onnx.translate import root_cause
 from onnx import helper
 
-from moepass.exports.onnx import OnnxExportError
+from moepass.exports.errors import OnnxExportError
 from moepass.runtime.ops import parse_route_config
 
 __all__ = ["RoutingGraph", "routing_graph", "splice"]

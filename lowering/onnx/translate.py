@@ -23,7 +23,7 @@ import onnxscript
 import torch
 from onnx.defs import OpSchema
 
-from moepass.exports.onnx import OnnxExportError
+from moepass.exports.errors import OnnxExportError
 from moepass.runtime.ops import parse_route_config
 
 __all__ = ["DOMAIN", "OP_TYPE", "root_cause", "to_onnx"]

@@ -27,7 +27,8 @@ from typing import Any, Iterator
 
 import torch
 
-from moepass.exports.onnx import OnnxExportError, _relative_error, _staged, rewrite_for_export
+from moepass.exports.errors import MlirExportError, OnnxExportError
+from moepass.exports.onnx import _relative_error, _staged, rewrite_for_export
 from moepass.runtime.ops import parse_route_config
 
 __all__ = ["MlirBlock", "MlirExport", "MlirExportError", "MlirExportOptions", "PreparedMlir", "export_mlir",
@@ -39,10 +40,6 @@ logger = logging.getLogger(__name__)
 OUTPUT_TYPES = ("linalg-on-tensors", "stablehlo", "tosa", "torch")
 #: Output types IREE compiles and runs (the others are parsed and verified).
 EXECUTED = ("linalg-on-tensors", "stablehlo")
-
-
-class MlirExportError(ValueError):
-    """The model cannot be exported to MLIR faithfully; the message names the block (if any) and why."""
 
 
 @dataclass

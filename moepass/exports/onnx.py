@@ -29,6 +29,7 @@ import torch
 
 from moepass.compiler.backend import optimize_graph
 from moepass.compiler.options import BackendOptions
+from moepass.exports.errors import OnnxExportError
 from moepass.runtime.report import BlockReport
 
 __all__ = [
@@ -43,9 +44,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-
-class OnnxExportError(ValueError):
-    """The model cannot be exported faithfully; the message names the block (if any) and why."""
 
 #: Protobuf cannot serialise a model of 2 GiB or more: keep weights beside it.
 _EXTERNAL_DATA_BYTES = 1 << 30
