@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from moepass.lowering.cpu_kernels import activate_inplace, choose_kernel, project
 from moepass.lowering.cpu_packed import packed_matrix, packing_allowed
-from moepass.lowering.grouped import accumulation_dtype
+from moepass.lowering.grouped import accumulation_dtype, token_ordered
 from moepass.lowering.workspace import scratch
 
 from moepass.compiler.spec import ExpertsSpec
@@ -137,13 +137,6 @@ def expert_outputs(hidden: int, plan: SlotPlan, dtype: torch.dtype) -> torch.Ten
     y = scratch("y", (plan.rows + 1, hidden), dtype)
     y[plan.rows].zero_()
     return y
-
-
-def token_ordered(rows: torch.Tensor, slot_row: torch.Tensor, num_tokens: int, slots: int) -> torch.Tensor:
-    """rows[slot_row] as [T, K, H], in a scratch buffer: each token's slots side by side."""
-    ordered = scratch("combine", (num_tokens * slots, rows.shape[1]), rows.dtype, rows.device)
-    torch.index_select(rows, 0, slot_row, out=ordered)
-    return ordered.view(num_tokens, slots, rows.shape[1])
 
 
 def combine_rows(y: torch.Tensor, weights: torch.Tensor, plan: SlotPlan, spec: ExpertsSpec) -> torch.Tensor:

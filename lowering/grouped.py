@@ -152,6 +152,13 @@ def _slot_rows(row_slot: torch.Tensor, live: int) -> torch.Tensor:
     return slot_row.clamp_(max=live)
 
 
+def token_ordered(rows: torch.Tensor, slot_row: torch.Tensor, num_tokens: int, slots: int) -> torch.Tensor:
+    """rows[slot_row] as [T, K, H], in a scratch buffer: each token's slots side by side."""
+    ordered = scratch("combine", (num_tokens * slots, rows.shape[1]), rows.dtype, rows.device)
+    torch.index_select(rows, 0, slot_row, out=ordered)
+    return ordered.view(num_tokens, slots, rows.shape[1])
+
+
 def _sum_rows_per_token(rows: torch.Tensor, weights, slot_row, num_tokens: int, slots: int) -> torch.Tensor:
     """out [T, H] = Σ_j w[t,j] · rows[slot_row[t,j]] (no weight when ``weights`` is None).
 
@@ -159,8 +166,6 @@ def _sum_rows_per_token(rows: torch.Tensor, weights, slot_row, num_tokens: int, 
     rows are put in token order and reduced in one batched product (float32
     accumulation), in slot order — the same order whatever the experts.
     """
-    from moepass.lowering.cpu import token_ordered
-
     ordered = token_ordered(rows, slot_row, num_tokens, slots)
     if weights is None:
         return ordered.sum(dim=1) if slots > 1 else ordered[:, 0].clone()

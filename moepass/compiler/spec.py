@@ -257,3 +257,9 @@ class MoEBlockSpec:
     def from_json(cls, text: str) -> MoEBlockSpec:
         """Inverse of :meth:`to_json`."""
         return cls.from_dict(json.loads(text))
+
+
+def layer_index_of(path: str) -> int:
+    """The last integer component of a module path (``model.layers.7.mlp`` → 7), else 0."""
+    numbers = [int(p) for p in path.split(".") if p.isdigit()]
+    return numbers[-1] if numbers else 0

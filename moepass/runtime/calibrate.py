@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from moepass.compiler.spec import MoEBlockSpec, RouterSpec
+from moepass.compiler.spec import MoEBlockSpec, RouterSpec, layer_index_of
 from moepass.policies import Policy, PolicyError, make_policy
 from moepass.policies.rules import get_rule
 from moepass.runtime import ops
@@ -101,8 +101,6 @@ def _correction_bias(model: torch.nn.Module, path: str) -> torch.Tensor | None:
 
 
 def _block_spec(path: str, record: RouterRecord) -> MoEBlockSpec:
-    from moepass.compiler.detect import layer_index_of
-
     return MoEBlockSpec(path=path, router=record.router, experts=None, layer_index=layer_index_of(path))
 
 

@@ -28,17 +28,17 @@ form), so the op is usable on its own in eager code.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from moepass.compiler.spec import ExpertsSpec, RouterSpec
+from moepass.runtime.route_capture import call_capture_hooks, capture_routes, routes_not_captured  # noqa: F401  (callers use ops.*)
 
 __all__ = [
     "RouteConfig",
@@ -156,9 +156,8 @@ def _route_composite(
     from moepass.runtime import routing
 
     cfg = parse_route_config(config)
-    if _capture_hooks and not _capture_suspended and not is_fake(logits):
-        for hook in list(_capture_hooks):
-            hook(cfg, logits, x)
+    if not is_fake(logits):
+        call_capture_hooks(cfg, logits, x)
     named = dict(zip(cfg.tensor_roles, tensors))
     rule = get_rule(cfg.rule, cfg.params) if cfg.rule != "static" else None
     rule_tensors = [t for role, t in zip(cfg.tensor_roles, tensors) if role not in _ROUTER_ROLES]
@@ -186,32 +185,6 @@ def _route_composite(
 
 #: Route tensor roles that describe the router itself (not a policy's tensors).
 _ROUTER_ROLES = ("correction_bias", "selected_ids", "selected_weights")
-
-#: Callables run on each real (not fake, not validation) ``route`` call with
-#: (config, logits, x): how calibration sees every block's router logits.
-_capture_hooks: list = []
-_capture_suspended: list = []
-
-
-@contextlib.contextmanager
-def capture_routes(hook) -> Iterator[None]:
-    """Call ``hook(config, logits, x)`` on every eager ``moepass.route`` call inside the block."""
-    _capture_hooks.append(hook)
-    try:
-        yield
-    finally:
-        _capture_hooks.remove(hook)
-
-
-@contextlib.contextmanager
-def routes_not_captured() -> Iterator[None]:
-    """Hide ``route`` calls from capture hooks (validation runs on random inputs)."""
-    _capture_suspended.append(True)
-    try:
-        yield
-    finally:
-        _capture_suspended.pop()
-
 
 _lib.impl("route", _route_composite, "CompositeImplicitAutograd")
 route = torch.ops.moepass.route

@@ -44,7 +44,7 @@ from moepass.compiler.detect.lifted_router import match_lifted_router
 from moepass.compiler.detect.region import ForeignInputs, Region, block_region
 from moepass.compiler.detect.router import RouterMatch, find_router_linear, is_topk, match_router
 from moepass.compiler.detect.shared import match_shared_experts
-from moepass.compiler.spec import MoEBlockSpec, SharedExpertSpec
+from moepass.compiler.spec import MoEBlockSpec, SharedExpertSpec, layer_index_of
 
 __all__ = ["BlockMatch", "BlockRejection", "find_moe_blocks", "Mismatch", "layer_index_of"]
 
@@ -82,12 +82,6 @@ class BlockRejection:
     notes: list[str] = field(default_factory=list)
     #: The router's weight parameter, when known (names a block compiled in a frame of its own).
     anchor: fx.Node | None = None
-
-
-def layer_index_of(path: str) -> int:
-    """The last integer component of a module path (``model.layers.7.mlp`` → 7), else 0."""
-    numbers = [int(p) for p in path.split(".") if p.isdigit()]
-    return numbers[-1] if numbers else 0
 
 
 def _block_path(*paths: str | None) -> str:

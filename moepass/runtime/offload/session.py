@@ -272,7 +272,7 @@ def predict_experts(router: NextRouter, x: torch.Tensor) -> list[int]:
     experts each token needs) on its gate applied to ``x``; the global RNG
     is left untouched (a sampling policy must not shift the model's draws).
     """
-    from moepass.runtime.ops import routes_not_captured
+    from moepass.runtime.route_capture import routes_not_captured
 
     num_experts = router.weight.shape[0]
     with torch.no_grad(), routes_not_captured(), torch.random.fork_rng(devices=[]):
