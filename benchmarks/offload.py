@@ -53,7 +53,8 @@ from _common import machine_description, markdown_table, today, write_section
 import moepass
 import moepass.runtime.stats
 from moepass import bundled
-from moepass.runtime.offload import close_all, release_experts, write_model_store, write_store
+from moepass.exports.expert_store import write_model_store
+from moepass.runtime.offload import close_all, release_experts, write_store
 from moepass.runtime.offload.release import release_tensor
 from moepass.runtime.offload.store import BlockWeights, ExpertReader, aligned_buffer, open_store
 

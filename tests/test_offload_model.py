@@ -10,7 +10,8 @@ import torch
 
 import moepass
 from moepass import bundled
-from moepass.runtime.offload import OffloadError, close_all, is_released, release_experts, write_model_store
+from moepass.exports.expert_store import write_model_store
+from moepass.runtime.offload import OffloadError, close_all, is_released, release_experts
 from moepass.runtime.offload.session import lookup
 from moepass.runtime.offload.store import ExpertStoreError, open_store
 

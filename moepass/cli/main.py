@@ -291,7 +291,7 @@ def _cmd_offload(args: argparse.Namespace) -> int:
     import json
 
     from moepass.cli.modelspec import example_for, load_model
-    from moepass.runtime.offload import write_model_store
+    from moepass.exports.expert_store import write_model_store
 
     out = Path(args.out)
     if out.exists() and not args.overwrite and (not out.is_dir() or any(out.iterdir())):

@@ -2,7 +2,7 @@
 
 AdapMoE's system half (Zhong et al. 2024) on top of adaptive-k routing::
 
-    moepass offload --model bundled --out experts/          # write the store (moepass.runtime.offload.store)
+    moepass offload --model bundled --out experts/          # write the store (moepass.exports.expert_store)
 
     fast = torch.compile(model, backend="adaptive_moe", options={
         "policy": moepass.bundled.load_policy("sensitivity"),
@@ -33,7 +33,6 @@ model and policy with every expert in memory.
 
 from moepass.runtime.offload.allocation import allocate_slots, even_split
 from moepass.runtime.offload.cache import LayerStats
-from moepass.runtime.offload.capture import capture_expert_weights, write_model_store
 from moepass.runtime.offload.options import OffloadOptions, OffloadOptionsError
 from moepass.runtime.offload.release import is_released, release_experts
 from moepass.runtime.offload.session import OffloadError, OffloadSession, close_all, session_for, sessions
@@ -49,7 +48,6 @@ __all__ = [
     "OffloadSession",
     "StoreManifest",
     "allocate_slots",
-    "capture_expert_weights",
     "close_all",
     "even_split",
     "is_released",
@@ -57,6 +55,5 @@ __all__ = [
     "release_experts",
     "session_for",
     "sessions",
-    "write_model_store",
     "write_store",
 ]

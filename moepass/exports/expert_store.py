@@ -1,5 +1,9 @@
 """Writing a model's expert store: find its MoE blocks the way the backend does, save their experts.
 
+An export (it runs the compiler's detection on a model and writes files), so it
+lives here rather than in :mod:`moepass.runtime.offload`, which reads the store
+back at run time and never imports the compiler.
+
 ::
 
     model, example ──► torch.compile(model, backend=<capture>)(example)   (one forward, nothing rewritten)
