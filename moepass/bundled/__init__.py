@@ -14,6 +14,13 @@
 standard library and checks it against the fingerprint recorded at training
 time, so a different Python version fails with a clear error instead of
 giving silently different numbers.  Nothing here touches the network.
+
+The package also holds the corpus (:mod:`~moepass.bundled.corpus`), the
+quality evaluation (:mod:`~moepass.bundled.evaluate`), the demo
+(:mod:`~moepass.bundled.demo`) and the training of the model and its policy
+artefacts (:mod:`moepass.bundled.train`).  May import :mod:`moepass.compiler`,
+:mod:`moepass.runtime`, :mod:`moepass.policies` and the ``moepass`` package
+itself (``tests/test_layout.py``).
 """
 
 from __future__ import annotations

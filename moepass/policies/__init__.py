@@ -3,6 +3,11 @@
 See :mod:`moepass.policies.base` for the interface,
 :mod:`moepass.policies.builtin` for the policies and
 :mod:`moepass.runtime.routing` for how every policy composes with every router kind.
+
+A new policy goes in :mod:`moepass.policies.builtin` (``@register_policy``).
+May import: :mod:`moepass.runtime.routing` and the compiler's contract
+(``moepass.compiler.spec``); the run-time ops import the policies, not the
+other way round (``tests/test_layout.py``).
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ through the backend (:mod:`moepass.zoo.survey`);
 :class:`ReferenceMoE` is a hand-written MoE in the common reference style
 (nn.ModuleList of expert MLPs, a softmax/top-k router, a Python loop over
 experts with ``torch.where`` and ``index_add_``).
+
+May import anything but :mod:`moepass.cli` (``tests/test_layout.py``).
 """
 
 from __future__ import annotations
