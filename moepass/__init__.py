@@ -68,3 +68,16 @@ __all__ = [
     "policies",
     "report",
 ]
+
+#: Subpackages reached as attributes without their own import (``moepass.bundled.load_model()``
+#: after ``import moepass``), imported on first use: the bundled model's data and the zoo are
+#: not needed to compile a model.
+_LAZY_SUBPACKAGES = ("bundled", "zoo")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBPACKAGES:
+        import importlib
+
+        return importlib.import_module(f"moepass.{name}")
+    raise AttributeError(f"module 'moepass' has no attribute {name!r}")
