@@ -54,7 +54,7 @@ class GatingConfig:
 
     #: The gate's threshold on p1 − p2 (the paper's 0.1).
     T: float = 0.1
-    steps: int = 300
+    steps: int = 150
     lr: float = 5e-4
     min_lr_ratio: float = 0.1
     warmup: int = 20
