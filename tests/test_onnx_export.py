@@ -175,6 +175,23 @@ def test_family_exports_and_matches_torch(family, adaptive):
         assert not any(n.domain == ORT_DOMAIN for n in model.graph.node)  # only inside the functions
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
+def test_static_export_lets_ort_route_from_the_logits_where_it_can(family):
+    """Static policy on a softmax→top-k router: one MoE call on the model's own logits, no routing subgraph
+    (what onnxruntime-genai's builder writes); routers MoE cannot compute keep moepass's routing."""
+    exported = case(family, False)
+    model, _ = exported.check("ort")
+    moe_nodes = [n for f in model.functions for n in f.node if n.op_type == "MoE"]
+    routing_ops = {op for _, op in function_ops(model)} & {"TopK", "Softmax", "ScatterElements", "Sigmoid"}
+    router = exported.prepared.blocks[0].spec.router
+    if family == "deepseek_v3":  # sigmoid scores, a correction bias and groups: moepass routes
+        assert router.kind == "sigmoid_group_topk" and routing_ops
+        return
+    assert not routing_ops, routing_ops
+    normalize = {a.i for n in moe_nodes for a in n.attribute if a.name == "normalize_routing_weights"}
+    assert normalize == {int(router.renormalize or router.kind == "topk_softmax")}
+
+
 def test_adaptive_export_differs_from_static():
     """The policy is really applied in ONNX: top-p and static give different logits."""
     static, adaptive = case("mixtral", False), case("mixtral", True)
@@ -206,7 +223,12 @@ def test_ort_layouts_are_exact(layout, ks):
 
 
 def gemm_count(model) -> int:
-    return sum(n.op_type == "Gemm" for f in model.functions for n in f.node)
+    """Gemm nodes in the model's functions, If branches included."""
+    return sum(op == "Gemm" for _, op in function_ops(model))
+
+
+def if_count(model) -> int:
+    return sum(op == "If" for _, op in function_ops(model))
 
 
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "llama4_text"])
@@ -217,6 +239,8 @@ def test_gemm_layout_is_exact(family):
     model, blocks = exported.check("ort", layout="gemm")
     experts = exported.prepared.blocks[0].spec.experts.num_experts
     assert gemm_count(model) == 2 * experts * len(model.functions)
+    # each expert's pair runs only when a slot picked it (an If on its row count)
+    assert if_count(model) == experts * len(model.functions)
     assert not any(domain == ORT_DOMAIN for domain, _ in function_ops(model))
     assert not any(o.domain == ORT_DOMAIN for f in model.functions for o in f.opset_import)
     assert all(b.experts == "Gemm pair per expert (weights pre-packed once)" and not b.fallback_reason for b in blocks)

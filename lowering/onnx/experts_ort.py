@@ -32,7 +32,11 @@ round-off (``normalize_routing_weights`` = 0).  Three layouts, all exact:
 
     Only kept slots become rows, on every provider.
 
-A static policy is one fixed-k call in every layout.  Target ``ort`` has a
+A static policy is one fixed-k call in every layout; where the model's own
+router is what ORT's MoE computes from logits (softmax → top-k, renormalised
+or not: Mixtral, Qwen-MoE, OLMoE …) it gets the model's logits directly
+(:func:`native_routing_experts`), exactly as the static MoE model
+onnxruntime-genai's builder writes, with no routing subgraph of its own.  Target ``ort`` has a
 fourth layout that does without this op, ``gemm`` (:mod:`.experts_gemm`);
 :mod:`.layouts` says which one each provider and expert size gets by default.  Llama 4 scales the
 expert *input* by the weight, which MoE cannot do per slot within k > 1: it
@@ -121,6 +125,38 @@ def _moe_weights(b: NodeBuilder, w1: str, w2: str, b1: str | None, b2: str | Non
 def _moe(b: NodeBuilder, x: str, logits: str, weights: tuple, k: int, attrs: dict) -> str:
     fc1, fc1_bias, fc2, fc2_bias = weights
     return b.op("MoE", x, logits, fc1, fc1_bias, fc2, fc2_bias, domain=ORT_DOMAIN, k=k, **attrs)
+
+
+def native_routing_reason(router, rule: str, spec: ExpertsSpec) -> str | None:
+    """Why ORT's MoE cannot route this block from the model's logits itself (None when it can).
+
+    It can for the static rule on a softmax→top-k router (renormalised or not)
+    or a top-k→softmax one, with no bias on the selection, no group limit, no
+    constant scale and no epsilon in the renormalisation, and experts that
+    weigh their outputs (not their input).
+    """
+    if rule != "static":
+        return f"policy {rule!r} chooses k per token"
+    if router.kind not in ("softmax_topk", "topk_softmax"):
+        return f"router {router.kind!r} is not softmax and top-k"
+    if router.has_correction_bias or router.n_group > 1 or router.scaling_factor != 1.0 or router.renormalize_eps:
+        return "the router biases, groups or scales its selection"
+    if spec.weight_on_input:
+        return "the routing weight scales the experts' input"
+    return None
+
+
+def native_routing_experts(b: NodeBuilder, x: str, logits: str, w1: str, w2: str, b1: str | None, b2: str | None,
+                           spec: ExpertsSpec, router) -> str:
+    """``com.microsoft.MoE(x, logits, k=top_k)``: ORT's MoE routes from the model's own logits.
+
+    Only where :func:`native_routing_reason` is None: softmax over the E
+    logits, the top k, renormalised when the model renormalises (top-k →
+    softmax is the renormalised form).
+    """
+    attrs = moe_attributes(spec)
+    attrs["normalize_routing_weights"] = int(router.kind == "topk_softmax" or router.renormalize)
+    return _moe(b, x, logits, _moe_weights(b, w1, w2, b1, b2, spec), router.top_k, attrs)
 
 
 def _absent_logits(b: NodeBuilder, rows_like: str, num_experts: int, elem_type: int) -> str:

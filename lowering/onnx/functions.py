@@ -30,7 +30,14 @@ from dataclasses import dataclass
 import onnx
 from moepass.lowering.onnx.builder import FLOAT, NodeBuilder
 from moepass.lowering.onnx.experts_gemm import gemm_experts
-from moepass.lowering.onnx.experts_ort import MOE_LAYOUTS, ORT_DOMAIN, ort_experts, unsupported_reason
+from moepass.lowering.onnx.experts_ort import (
+    MOE_LAYOUTS,
+    ORT_DOMAIN,
+    native_routing_experts,
+    native_routing_reason,
+    ort_experts,
+    unsupported_reason,
+)
 from moepass.lowering.onnx.experts_portable import portable_experts
 from moepass.lowering.onnx.layouts import ORT_LAYOUTS, PROVIDERS, default_ort_layout
 from moepass.lowering.onnx.routing_graph import routing_graph, splice
@@ -221,6 +228,11 @@ class _Definer:
     def _function(self, overload, route: RouteConfig, spec: ExpertsSpec, roles, how: str, x_type, logits_type,
                   tensor_specs) -> onnx.FunctionProto:
         b = NodeBuilder(overload)
+        if how in MOE_LAYOUTS and logits_type == x_type and native_routing_reason(route.router, route.rule, spec) is None:
+            # the static MoE model onnxruntime-genai's builder writes: ORT routes from the logits itself
+            out = native_routing_experts(b, "x", "logits", "w1", "w2", "b1" if "b1" in roles else None,
+                                         "b2" if "b2" in roles else None, spec, route.router)
+            return self._finish(b, overload, route, spec, roles, how, out)
         graph = routing_graph(_without_block(route), logits_type, x_type, spec.hidden_size, tensor_specs, self.opset)
         tensor_roles = [r for r in roles if r not in ("x", "logits", "w1", "w2", "b1", "b2")]
         route_inputs = ["logits", *(["x"] if route.uses_x else []), *tensor_roles]
@@ -237,6 +249,11 @@ class _Definer:
             out = gemm_experts(b, "x", ids, weights, "w1", "w2", b1, b2, spec, x_type)
         else:
             out = portable_experts(b, "x", ids, weights, "w1", "w2", b1, b2, spec, x_type)
+        return self._finish(b, overload, route, spec, roles, how, out)
+
+    def _finish(self, b: NodeBuilder, overload, route: RouteConfig, spec: ExpertsSpec, roles, how: str,
+                out: str) -> onnx.FunctionProto:
+        """The block's function from the nodes in ``b`` whose output is ``out``."""
         b.nodes.append(helper.make_node("Identity", [out], ["y"], name=f"{overload}/output"))
         imports = [helper.make_opsetid("", self.opset)]
         if how in MOE_LAYOUTS:
