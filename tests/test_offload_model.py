@@ -200,7 +200,8 @@ def test_other_expert_layouts_and_routers(tmp_path, family):
     reference, _ = _decode(tiny_model(family), policy, ids, steps=3)
     torch._dynamo.reset()
     model = tiny_model(family)
-    offload = {"store": str(tmp_path / "experts"), "cache_bytes": 3 * manifest.blocks[0].stride, "cache": "lru"}
+    offload = {"store": str(tmp_path / "experts"), "cache_bytes": 3 * manifest.blocks[0].stride, "cache": "lru",
+               "prefetch": True}
     logits, compiled = _decode(model, {**policy, "offload": offload}, ids, steps=3)
     assert all(torch.equal(a, b) for a, b in zip(logits, reference))
     stats = moepass.report(compiled).offload.stats()

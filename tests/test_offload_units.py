@@ -320,6 +320,10 @@ def test_offload_options():
     parsed = BackendOptions.parse({"offload": {"store": "s/", "cache_gb": 0.5, "prefetch": False}}).offload
     assert parsed == OffloadOptions("s/", cache_bytes=500_000_000, prefetch=False)
     assert BackendOptions.parse({"offload": "s/"}).offload == OffloadOptions("s/")
+    # prefetch defaults on without a cache budget, off with one (what the offload benchmark measured)
+    assert BackendOptions.parse({"offload": "s/"}).offload.prefetch
+    assert not BackendOptions.parse({"offload": {"store": "s/", "cache_gb": 1.0}}).offload.prefetch
+    assert BackendOptions.parse({"offload": {"store": "s/", "cache_gb": 1.0, "prefetch": True}}).offload.prefetch
     assert BackendOptions.parse({}).offload is None
     for bad, message in [
         ({"cache_gb": 1}, "needs 'store'"),

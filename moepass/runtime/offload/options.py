@@ -16,7 +16,11 @@ cache          how the budget is split over layers: ``allocated`` (AdapMoE:     
                ``none`` (no cache; with prefetch each layer keeps top-k slots
                for the prefetched experts)
 allocation     explicit slots per block, in store order (overrides the split)   —
-prefetch       read layer l+1's predicted experts while layer l computes        ``True``
+prefetch       read layer l+1's predicted experts while layer l computes        on without a
+               (default: on without a cache budget, off with one — measured    cache, off
+               on the 2-core CPU, the worker's extra reads and the core it     with one
+               takes cost more than the waits it hides once a cache keeps the
+               hot experts: benchmarks/RESULTS.md, offload_cpu)
 profile_calls  calls of the first block (a decode step is one) run with the    32
                even split before ``allocated`` measures and re-splits
 io             ``auto`` | ``direct`` (O_DIRECT) | ``drop_cache`` (read, then    ``auto``
@@ -115,7 +119,7 @@ class OffloadOptions:
             cache_bytes=cache_bytes,
             cache=cache,
             allocation=allocation,
-            prefetch=data.get("prefetch", True),
+            prefetch=data.get("prefetch", cache_bytes == 0 and allocation is None),
             profile_calls=calls,
             io=io,
             verify=data.get("verify", False),
