@@ -5,26 +5,36 @@ from __future__ import annotations
 import os
 import tempfile
 
-import pytest
-import torch
+#: An Inductor cache directory the user chose, read before torch or moepass
+#: touch it (Inductor writes its default into the environment on first use)
+#: and passed on to the xdist workers, which inherit the controller's environment.
+_USER_INDUCTOR_CACHE = os.environ.setdefault(
+    "MOEPASS_TESTS_USER_INDUCTOR_CACHE", os.environ.get("TORCHINDUCTOR_CACHE_DIR", "")
+)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 import moepass
 from moepass.compiler.backend import optimize_graph
 from moepass.compiler.dataflow import op_name
 from moepass.compiler.options import BackendOptions
 
-_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
-if _WORKER:
-    # parallel test workers (make test runs two): one intra-op thread each, so
-    # two busy processes do not fight over the two cores
+
+def pytest_configure(config):
+    """Parallel test workers (``make test`` runs two): one intra-op thread each, so two busy
+    processes do not fight over the two cores, and an Inductor cache each — two workers
+    compiling the same kernel at once into one shared cache can load each other's
+    half-written .so ("file too short", seen in CI).  (A hook, not module code: pytest can
+    import this file before xdist has told the worker who it is.)"""
+    worker = getattr(config, "workerinput", {}).get("workerid")
+    if not worker:
+        return
     torch.set_num_threads(1)
-    # and an Inductor cache each: two workers compiling the same kernel at once
-    # into one shared cache can load each other's half-written .so ("file too
-    # short", seen in CI)
-    os.environ.setdefault(
-        "TORCHINDUCTOR_CACHE_DIR",
-        os.path.join(tempfile.gettempdir(), f"moepass-inductor-{os.getuid()}-{_WORKER}"),
-    )
+    if not _USER_INDUCTOR_CACHE:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+            tempfile.gettempdir(), f"moepass-inductor-{os.getuid()}-{worker}"
+        )
 
 
 @pytest.fixture(autouse=True)
