@@ -38,9 +38,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from moepass.bundled.train.lm import learning_rate
+from moepass.bundled.train.lm import optimisation_step
 from moepass.runtime.progress import progress
 
 __all__ = ["GatingConfig", "FinetuneResult", "finetune_through_pass", "compare", "main"]
@@ -101,17 +100,9 @@ def finetune_through_pass(model, options: dict, config: GatingConfig, show_progr
     curve, running, count = [], 0.0, 0
     label = options.get("policy", "static")
     for step in progress(range(config.steps), f"fine-tune through the pass ({label})", enabled=show_progress):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(config, step)
         ids = corpus.random_windows(stream, config.seq_len, config.batch_size, generator)
-        out = compiled(input_ids=ids, use_cache=False, output_router_logits=True)
-        lm_loss = F.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.shape[-1]), ids[:, 1:].reshape(-1))
-        loss = lm_loss + config.aux_coef * out.aux_loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        running += float(lm_loss.detach())
+        lm_loss, _ = optimisation_step(compiled, model, optimizer, ids, config, step)
+        running += float(lm_loss)
         count += 1
         if (step + 1) % 50 == 0 or step == config.steps - 1:
             curve.append((step + 1, running / count))
@@ -171,9 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     config = GatingConfig(T=args.T, steps=args.steps, lr=args.lr, eval_tokens=args.eval_tokens)
     rows, results = compare(config)
     header, table = format_table(rows)
-    print(" | ".join(header))
-    for row in table:
-        print(" | ".join(row))
+    for line in (header, *table):
+        logger.info(" | ".join(line))
     if args.out:
         path = Path(args.out)
         tmp = path.with_suffix(path.suffix + ".tmp")

@@ -193,6 +193,22 @@ def learning_rate(config, step: int) -> float:
     return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
 
 
+def optimisation_step(forward, model, optimizer: torch.optim.Optimizer, ids: torch.Tensor, config, step: int):
+    """One training step of a causal LM: next-byte cross-entropy + ``config.aux_coef`` × the router
+    load-balancing loss through ``forward`` (the model, or a compile of it), then a clipped AdamW step on
+    ``model``'s parameters at :func:`learning_rate`; returns (lm_loss, aux_loss), detached."""
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(config, step)
+    out = forward(input_ids=ids, use_cache=False, output_router_logits=True)
+    lm_loss = F.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.shape[-1]), ids[:, 1:].reshape(-1))
+    loss = lm_loss + config.aux_coef * out.aux_loss
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+    optimizer.step()
+    return lm_loss.detach(), out.aux_loss.detach()
+
+
 def _optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:
     # no weight decay on norms (1-D) and the router (keeps routing sharp)
     decay, no_decay = [], []
@@ -230,18 +246,10 @@ def train_lm(
     curve: list[tuple[int, float, float]] = []
     running_loss, running_aux, running_n = 0.0, 0.0, 0
     for step in progress(range(config.steps), "train bundled model", enabled=show_progress):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(config, step)
         ids = corpus.random_windows(train_stream, config.seq_len, config.batch_size, generator)
-        out = model(input_ids=ids, use_cache=False, output_router_logits=True)
-        lm_loss = F.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.shape[-1]), ids[:, 1:].reshape(-1))
-        loss = lm_loss + config.aux_coef * out.aux_loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        running_loss += float(lm_loss.detach())
-        running_aux += float(out.aux_loss.detach())
+        lm_loss, aux_loss = optimisation_step(model, model, optimizer, ids, config, step)
+        running_loss += float(lm_loss)
+        running_aux += float(aux_loss)
         running_n += 1
         last = step == config.steps - 1
         if (config.eval_every and (step + 1) % config.eval_every == 0) or last:

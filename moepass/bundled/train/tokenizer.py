@@ -13,6 +13,7 @@ exported with :func:`moepass.export_genai` encodes and decodes text itself::
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 __all__ = ["BOUNDARY_TOKEN", "byte_characters", "tokenizer_files", "write_tokenizer"]
@@ -20,6 +21,8 @@ __all__ = ["BOUNDARY_TOKEN", "byte_characters", "tokenizer_files", "write_tokeni
 #: The text of the file-boundary token (id 256, also the model's EOS and BOS).
 BOUNDARY_TOKEN = "<|file|>"
 
+
+logger = logging.getLogger(__name__)
 
 def byte_characters() -> dict[int, str]:
     """Byte value → the printable character byte-level tokenizers stand it in for.
@@ -80,8 +83,9 @@ def write_tokenizer(folder: str | Path) -> list[Path]:
 def main() -> None:
     from moepass.bundled import BUNDLED_DIR
 
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     for path in write_tokenizer(BUNDLED_DIR):
-        print(f"wrote {path}")
+        logger.info("wrote %s", path)
 
 
 if __name__ == "__main__":
