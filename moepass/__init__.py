@@ -9,6 +9,7 @@
     moepass.export_onnx(model, (input_ids,), "model.onnx", policy="top_p", p=0.4)  # ONNX Runtime
     moepass.export_mlir(model, (input_ids,), "model.mlir", policy="top_p", p=0.4)  # torch-mlir, run in IREE
     moepass.export_genai(model, "model-genai/", policy="top_p", p=0.4)  # onnxruntime-genai, with the KV cache
+    moepass.make_traceable(model)   # before compiling: experts loops that graph-break (LongCat-Flash) become moepass ops
 
 Importing this package registers the ``torch.ops.moepass`` operators; the
 backend itself is found by torch through the ``torch_dynamo_backends`` entry
@@ -31,6 +32,7 @@ from moepass import policies
 from moepass._version import __version__ as __version__
 from moepass.compiler.options import BackendOptions, OptionsError
 from moepass.compiler.spec import ExpertsSpec, MoEBlockSpec, RouterSpec, SharedExpertSpec
+from moepass.compiler.traceable import TraceableError, make_traceable
 from moepass.exports.genai import GenaiExport, export_genai
 from moepass.exports.mlir import MlirExport, MlirExportError, MlirExportOptions, export_mlir
 from moepass.exports.onnx import OnnxExport, OnnxExportError, OnnxExportOptions, export_onnx
@@ -65,6 +67,8 @@ __all__ = [
     "SharedExpertSpec",
     "inspect",
     "last_report",
+    "make_traceable",
+    "TraceableError",
     "policies",
     "report",
 ]

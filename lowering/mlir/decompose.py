@@ -175,7 +175,11 @@ def moe_block_aten(
     uses_x = parse_route_config(route_config).uses_x
     ids, weights = torch.ops.moepass.route(logits, x if uses_x else None, route_tensors, route_config)
     spec = parse_experts_config(experts_config).spec
-    return _EXPERTS[form](x, ids, weights, w1, w2, b1, b2, spec)
+    out = _EXPERTS[form](x, ids, weights, w1, w2, b1, b2, spec)
+    if spec.zero_compute:  # a composite of aten ops: identity slots add w·x, no GEMM
+        kinds = ",".join(spec.zero_compute)
+        out = out + torch.ops.moepass.zero_compute_experts(x, ids, weights, spec.num_experts, kinds, None)
+    return out
 
 
 def topk_by_argmax(x: torch.Tensor, k: int, dim: int = -1, largest: bool = True, sorted: bool = True):

@@ -4,6 +4,7 @@
 
     moepass.moe_block(x, logits, route_tensors, w1, w2, b1, b2, route_config, experts_config)
         == moepass.experts(x, *moepass.route(logits, x?, route_tensors, route_config), w1, w2, b1, b2, experts_config)
+           (+ moepass.zero_compute_experts(x, ids, weights, E, kinds, None) for a block with zero-computation experts)
 
 ``moepass.route`` is a composite op, so ``torch.export`` would decompose it
 into a few dozen aten ops spread over the graph.  Fused into this opaque op
@@ -19,9 +20,9 @@ from typing import Optional
 
 import torch
 
-from moepass.runtime.ops import parse_route_config
+from moepass.runtime.ops import parse_experts_config, parse_route_config
 
-__all__ = ["moe_block"]
+__all__ = ["moe_block", "zero_compute_term"]
 
 
 @torch.library.custom_op("moepass::moe_block", mutates_args=())
@@ -51,7 +52,18 @@ def moe_block(
     """
     uses_x = parse_route_config(route_config).uses_x
     ids, weights = torch.ops.moepass.route(logits, x if uses_x else None, route_tensors, route_config)
-    return torch.ops.moepass.experts(x, ids, weights, w1, w2, b1, b2, experts_config)
+    out = torch.ops.moepass.experts(x, ids, weights, w1, w2, b1, b2, experts_config)
+    return out + zero_compute_term(x, ids, weights, experts_config) if _has_zero_compute(experts_config) else out
+
+
+def _has_zero_compute(experts_config: str) -> bool:
+    return bool(parse_experts_config(experts_config).spec.zero_compute)
+
+
+def zero_compute_term(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts_config: str) -> torch.Tensor:
+    """What the block's zero-computation experts add (see ``moepass.zero_compute_experts``)."""
+    spec = parse_experts_config(experts_config).spec
+    return torch.ops.moepass.zero_compute_experts(x, ids, weights, spec.num_experts, ",".join(spec.zero_compute), None)
 
 
 @moe_block.register_fake

@@ -143,6 +143,8 @@ def native_routing_reason(router, rule: str, spec: ExpertsSpec) -> str | None:
         return "the router biases, groups or scales its selection"
     if spec.weight_on_input:
         return "the routing weight scales the experts' input"
+    if spec.zero_compute:
+        return "some experts are zero-computation experts"
     return None
 
 
@@ -191,6 +193,8 @@ def ort_experts(
         raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(MOE_LAYOUTS)}")
     attrs = moe_attributes(spec)
     moe_weights = _moe_weights(b, w1, w2, b1, b2, spec)
+    if spec.zero_compute:  # slots on zero-computation experts (ids ≥ E) are not this call's: weight 0 here
+        weights = b.op("Where", b.op("Less", ids, b.const(spec.num_experts, INT64)), weights, b.const(0.0, FLOAT))
     if spec.weight_on_input or (layout == "slots" and k_min != k_max):
         return _slots(b, x, ids, weights, moe_weights, spec, attrs, elem_type)
     log_weights = b.op("Log", b.op("Max", weights, b.const(_FLOOR, FLOAT)))

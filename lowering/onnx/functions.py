@@ -28,7 +28,7 @@ import logging
 from dataclasses import dataclass
 
 import onnx
-from moepass.lowering.onnx.builder import FLOAT, NodeBuilder
+from moepass.lowering.onnx.builder import FLOAT, INT64, NodeBuilder
 from moepass.lowering.onnx.experts_gemm import gemm_experts
 from moepass.lowering.onnx.experts_ort import (
     MOE_LAYOUTS,
@@ -152,6 +152,45 @@ def _describe_experts(route: RouteConfig, spec: ExpertsSpec, how: str) -> str:
     return f"com.microsoft.MoE (k={max(k_min, 1)}..{k_max} buckets)"
 
 
+def _route_tensor_shape(shown: str, role: str, dims) -> tuple[int, ...]:
+    """A route tensor's shape for the routing export: -1 for a per-token (symbolic) first axis.
+
+    Policy tensors are static; a lifted router's own selection
+    (``selected_ids`` / ``selected_weights``) is [tokens, k].
+    """
+    shape = []
+    for axis, dim in enumerate(dims):
+        try:
+            shape.append(int(dim))
+        except (TypeError, ValueError):
+            if axis != 0:
+                raise OnnxExportError(
+                    f"block {shown}: route tensor {role!r} has a symbolic size on axis {axis} ({dim}); "
+                    "only the token axis may be dynamic"
+                ) from None
+            shape.append(-1)
+    return tuple(shape)
+
+
+def zero_compute_term(b: NodeBuilder, x: str, ids: str, weights: str, spec: ExpertsSpec, x_type: int) -> str:
+    """What the zero-computation experts add, [T, H] in ``x_type``: Σ over identity slots of w·x.
+
+    Zero experts add nothing; constant experts never reach an export (the
+    rewrite only writes ones without constants).  No Gemm: the slots on
+    these experts cost a masked sum and one multiply.
+    """
+    if "constant" in spec.zero_compute:
+        raise OnnxExportError("constant zero-computation experts do not export yet")
+    first, count = spec.num_experts, len(spec.zero_compute)
+    relative = b.op("Sub", ids, b.const(first, INT64))
+    routed = b.op("And", b.op("GreaterOrEqual", relative, b.const(0, INT64)), b.op("Less", relative, b.const(count, INT64)))
+    flags = b.const([float(k == "identity") for k in spec.zero_compute])
+    flag = b.op("Gather", flags, b.op("Clip", relative, b.const(0, INT64), b.const(count - 1, INT64)))
+    slot_weight = b.op("Mul", b.op("Mul", b.cast(weights, FLOAT), flag), b.cast(routed, FLOAT))
+    weight = b.reduce_sum(slot_weight, [1], keepdims=1)  # [T, 1]
+    return b.cast(b.op("Mul", weight, b.cast(x, FLOAT)), x_type)
+
+
 class _Definer:
     """Builds (and shares) the function of each block variant."""
 
@@ -186,7 +225,7 @@ class _Definer:
         logits_type, _ = _type_of(self.types, node.input[1], node)
         how, fallback_reason = self._how(shown, spec, x_type)
         tensor_specs = tuple(
-            (tuple(int(d) for d in _type_of(self.types, name, node)[1]), _type_of(self.types, name, node)[0])
+            (_route_tensor_shape(shown, role, _type_of(self.types, name, node)[1]), _type_of(self.types, name, node)[0])
             for name, role in zip(node.input, roles)
             if role not in ("x", "logits", "w1", "w2", "b1", "b2")
         )
@@ -249,6 +288,8 @@ class _Definer:
             out = gemm_experts(b, "x", ids, weights, "w1", "w2", b1, b2, spec, x_type)
         else:
             out = portable_experts(b, "x", ids, weights, "w1", "w2", b1, b2, spec, x_type)
+        if spec.zero_compute:
+            out = b.op("Add", out, zero_compute_term(b, "x", ids, weights, spec, x_type))
         return self._finish(b, overload, route, spec, roles, how, out)
 
     def _finish(self, b: NodeBuilder, overload, route: RouteConfig, spec: ExpertsSpec, roles, how: str,

@@ -5,9 +5,10 @@
     pattern      r   = moepass.route(logits, x?, tensors, route_config)
                  ids = r[0];  w = r[1]
                  y   = moepass.experts(x, ids, w, w1, w2, b1, b2, experts_config)
+                 (z  = moepass.zero_compute_experts(x, ids, w, E, kinds, None);  y' = y + z)
     check        r has no other reader; route and experts see the same x
     replacement  y   = moepass.moe_block(x, logits, tensors, w1, w2, b1, b2,
-                                         route_config, experts_config)
+                                         route_config, experts_config)     (y' too: the block op adds z)
 
 A route op without its experts op (a router-only rewrite: the experts loop
 graph-broke) cannot be exported as one block and is refused, naming the block.
@@ -39,6 +40,7 @@ logger = logging.getLogger(__name__)
 _ROUTE = torch.ops.moepass.route.default
 _EXPERTS = torch.ops.moepass.experts.default
 _BLOCK = torch.ops.moepass.moe_block.default
+_ZERO_COMPUTE = torch.ops.moepass.zero_compute_experts.default
 
 
 @dataclass(frozen=True)
@@ -65,12 +67,31 @@ def _route_of(experts: fx.Node) -> fx.Node:
     if weights.args[0] is not route:
         raise OnnxExportError(f"block {block}: ids and weights come from different route ops")
     readers = {user for out in route.users for user in out.users} | set(route.users)
-    if readers - {ids, weights, experts}:
+    zero = _zero_compute_of(experts)
+    if readers - {ids, weights, experts, *zero}:
         raise OnnxExportError(f"block {block}: its routing is also read outside the block, so it cannot be fused")
     uses_x = parse_route_config(route.args[3]).uses_x
     if uses_x and route.args[1] is not experts.args[0]:
         raise OnnxExportError(f"block {block}: the router and the experts see different inputs")
     return route
+
+
+def _zero_compute_of(experts: fx.Node) -> list[fx.Node]:
+    """The block's ``zero_compute_experts`` node and the add of its term (empty without zero-computation experts).
+
+    Only in the form the rewrite writes: same x, ids and weights, its term
+    added to the experts' output and read nowhere else.
+    """
+    if not parse_experts_config(experts.args[7]).spec.zero_compute:
+        return []
+    x, ids, weights = experts.args[:3]
+    for zero in ids.users:
+        if zero.target is _ZERO_COMPUTE and zero.args[:3] == (x, ids, weights) and len(zero.users) == 1:
+            (add,) = zero.users
+            if add.target is operator.add and set(add.args) == {experts, zero} and len(experts.users) == 1:
+                return [zero, add]
+    block = parse_experts_config(experts.args[7]).block or "<root>"
+    raise OnnxExportError(f"block {block}: its zero-computation experts are not added to its experts' output")
 
 
 def fuse_blocks(gm: fx.GraphModule) -> list[FusedBlock]:
@@ -85,6 +106,12 @@ def fuse_blocks(gm: fx.GraphModule) -> list[FusedBlock]:
             args = (x, logits, tensors, w1, w2, b1, b2, route_config, experts_config)
             node = graph.create_node("call_function", _BLOCK, args, {}, name=experts.name.replace("moe_out", "moe_block", 1))
         node.meta.update(experts.meta)
+        zero = _zero_compute_of(experts)
+        if zero:  # the block op adds the zero-computation term itself
+            zero_node, add = zero
+            add.replace_all_uses_with(node)
+            graph.erase_node(add)
+            graph.erase_node(zero_node)
         experts.replace_all_uses_with(node)
         for dead in (experts, ids, weights, route):
             graph.erase_node(dead)

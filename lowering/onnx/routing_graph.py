@@ -89,9 +89,11 @@ def _export(config: str, logits_type: int, x_type: int, hidden: int, tensor_spec
         names.append("x")
         shapes.append({0: shapes[0][0]})
     for index, (shape, elem_type) in enumerate(tensor_specs):
-        args.append(torch.zeros(shape, dtype=_torch_dtype(elem_type)))
+        per_token = bool(shape) and shape[0] == -1  # a lifted router's own selection: [tokens, k]
+        concrete = (tokens, *shape[1:]) if per_token else shape
+        args.append(torch.zeros(concrete, dtype=_torch_dtype(elem_type)))
         names.append(f"tensor{index}")
-        shapes.append(None)
+        shapes.append({0: shapes[0][0]} if per_token else None)
     module = _Route(config, cfg.uses_x)
     try:
         # *rest takes one nested entry, and none when empty

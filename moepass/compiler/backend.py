@@ -33,11 +33,19 @@ from moepass.compiler.detect.common import Mismatch, source_path
 from moepass.compiler.options import BackendOptions
 from moepass.compiler.rewrite import apply_rewrite, plan_rewrite, probe_renormalisation, validate_rewrite
 from moepass.compiler.subgraph import extract
+from moepass.compiler.traceable import TRACEABLE_CLASSES
 from moepass.compiler.validate import example_env, tolerance_for
 from moepass.policies import PolicyError
 from moepass.runtime.report import BlockReport, Report, record_graph
 
 __all__ = ["adaptive_moe", "optimize_graph", "compile_inner", "graph_needs_gradients"]
+
+
+#: What makes a graph-broken experts loop traceable, as the report says it.
+_WHOLE_BLOCK_HINT = (
+    "to rewrite the experts too: experts_implementation='grouped_mm' where the model offers it, "
+    f"or moepass.make_traceable(model) before torch.compile for {', '.join(TRACEABLE_CLASSES)}"
+)
 
 logger = logging.getLogger(__name__)
 
@@ -161,12 +169,12 @@ def optimize_graph(
         if item.experts is None:
             entry.notes.append(
                 "router only: the experts loop graph-broke, so its GEMMs run in eager PyTorch "
-                "(use experts_implementation='grouped_mm' where the model offers it)"
+                f"({_WHOLE_BLOCK_HINT})"
             )
             if not item.sentinel_safe and resolved.rule != "static":
                 entry.notes.append(
                     "empty slots get weight 0 and a repeated expert id (the loop outside this graph may not "
-                    "skip id E), so they save no compute: use experts_implementation='grouped_mm'"
+                    f"skip id E), so they save no compute ({_WHOLE_BLOCK_HINT})"
                 )
         elif item.spec.experts.stacked_from_modules:
             entry.notes.append("expert weights stacked at compile time (a snapshot)")

@@ -9,6 +9,8 @@ Full block (pattern → check → replacement)::
                  to round-off (see :mod:`moepass.compiler.validate`)
     replacement  ids, w = moepass.route(logits, x, tensors, route_config)
                  C'     = moepass.experts(x, ids, w, w1, w2, b1, b2, experts_config)
+                          (+ moepass.zero_compute_experts(x, ids, w, E, kinds, None) when the
+                          block has zero-computation experts: ids E… cost no GEMM row)
 
 Router only (the experts loop graph-broke)::
 
@@ -179,6 +181,12 @@ def validate_rewrite(gm: fx.GraphModule, flow: Dataflow, plan: BlockRewrite, env
         quiet = dataclasses.replace(plan.experts_config, collect_stats=False)  # random inputs are not traffic
         run = split_experts if plan.differentiable else torch.ops.moepass.experts
         out = run(x2d, ids, weights, w["w1"], w["w2"], w["b1"], w["b2"], quiet.to_json())
+        zero_compute = match.spec.experts.zero_compute
+        if zero_compute:
+            spec = match.spec.experts
+            out = out + torch.ops.moepass.zero_compute_experts(
+                x2d, ids, weights, spec.num_experts, ",".join(zero_compute), None
+            )
     expected = local[region.combine]
     return relative_error(out.reshape(expected.shape).float(), expected.float())
 
@@ -322,6 +330,15 @@ def apply_rewrite(gm: fx.GraphModule, flow: Dataflow, plan: BlockRewrite) -> lis
             (x2d, ids, weights_node, weights["w1"], weights["w2"], weights["b1"], weights["b2"], experts_json),
             f"moe_out_{tag}",
         )
+    spec = match.spec.experts
+    if spec.zero_compute:  # slots on zero-computation experts: no GEMM row, their term added beside
+        zero = inserter.call(
+            "call_function",
+            torch.ops.moepass.zero_compute_experts.default,
+            (x2d, ids, weights_node, spec.num_experts, ",".join(spec.zero_compute), None),
+            f"moe_zero_compute_{tag}",
+        )
+        out = inserter.call("call_function", operator.add, (out, zero), f"moe_out_all_{tag}")
     expected_shape = tensor_shape(combine)
     if expected_shape is not None and len(expected_shape) != 2:
         shaped_like = match.region.x_base if tensor_shape(match.region.x_base) == expected_shape else x_experts

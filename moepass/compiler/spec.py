@@ -19,6 +19,7 @@ __all__ = [
     "ROUTER_KINDS",
     "DISPATCH_KINDS",
     "ACTIVATIONS",
+    "ZERO_COMPUTE_KINDS",
     "RouterSpec",
     "ExpertsSpec",
     "SharedExpertSpec",
@@ -55,7 +56,14 @@ DISPATCH_KINDS = (
     "dense_bmm",  # every expert on every token, scaled by dense scores (Llama 4)
     "module_loop",  # nn.ModuleList of expert MLPs and a Python loop over experts
     "eager_loop",  # transformers eager experts: the loop graph-breaks, router only
+    "moepass_op",  # already moepass.experts (moepass.make_traceable replaced a graph-breaking loop)
 )
+
+#: Zero-computation experts (LongCat-Flash, MoE++): expert ids E … E+Z−1 after
+#: the E GEMM experts, each one of these kinds.  A slot routed to one costs no
+#: GEMM row: ``identity`` adds w·x, ``zero`` adds nothing, ``constant`` adds w·c
+#: (c a learned vector).
+ZERO_COMPUTE_KINDS = ("identity", "zero", "constant")
 
 #: Expert activations the lowerings implement.  ``lifted`` is any elementwise
 #: function between the two GEMMs, carried as a program lifted from the
@@ -163,8 +171,16 @@ class ExpertsSpec:
     #: For ``activation="lifted"``: the program's JSON (``gated`` is False and
     #: ``gate_up_layout`` "none": the program does its own splitting).
     program: str = ""
+    #: Zero-computation experts after the ``num_experts`` GEMM experts: the
+    #: kind (:data:`ZERO_COMPUTE_KINDS`) of ids E, E+1, …  Empty for most models.
+    zero_compute: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if isinstance(self.zero_compute, list):  # from JSON
+            object.__setattr__(self, "zero_compute", tuple(self.zero_compute))
+        unknown = [k for k in self.zero_compute if k not in ZERO_COMPUTE_KINDS]
+        if unknown:
+            raise ValueError(f"unknown zero-computation expert kind(s) {unknown}; expected {ZERO_COMPUTE_KINDS}")
         if self.dispatch not in DISPATCH_KINDS:
             raise ValueError(f"unknown dispatch {self.dispatch!r}; expected one of {DISPATCH_KINDS}")
         if self.activation not in ACTIVATIONS:
@@ -190,6 +206,9 @@ class ExpertsSpec:
             parts.append("biases")
         if self.weight_on_input:
             parts.append("weight on input")
+        if self.zero_compute:
+            counts = {k: self.zero_compute.count(k) for k in ZERO_COMPUTE_KINDS if k in self.zero_compute}
+            parts.append("+ " + ", ".join(f"{n} {k}" for k, n in counts.items()) + " zero-computation")
         return ", ".join(parts)
 
 

@@ -24,6 +24,15 @@ each have an autograd formula (see :mod:`moepass.lowering.grouped`)::
 
 ``experts`` itself is differentiable too (its backward re-runs the split
 form), so the op is usable on its own in eager code.
+
+Zero-computation experts (ids E … E+Z−1, LongCat-Flash's identity experts,
+MoE++'s zero/constant experts) never reach the experts op's GEMMs (it treats
+every id ≥ E as empty); their contribution is added beside it::
+
+    x ──────► moepass.zero_compute_experts(x, ids, weights, first_id, kinds, constants) ─► + out
+
+a composite of torch ops (Σ over those slots of w·x, 0 or w·c), so autograd,
+Inductor and the exporters see plain ops.
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ __all__ = [
     "experts_up",
     "expert_activation",
     "experts_down",
+    "zero_compute_experts",
     "LOWERINGS",
     "CPU_PREPACK",
     "capture_routes",
@@ -223,7 +233,7 @@ def experts(
 
     cfg = parse_experts_config(config)
     if cfg.collect_stats:
-        record_routing(cfg.block, ids, cfg.spec.num_experts)
+        record_routing(cfg.block, ids, cfg.spec.num_experts, len(cfg.spec.zero_compute))
     return run_experts(x, ids, weights, w1, w2, b1, b2, cfg)
 
 
@@ -261,6 +271,55 @@ def _experts_backward(ctx, grad_out):
 
 
 experts.register_autograd(_experts_backward, setup_context=_experts_setup_context)
+
+
+# --- moepass::zero_compute_experts -------------------------------------------
+
+_lib.define(
+    "zero_compute_experts(Tensor x, Tensor ids, Tensor weights, int first_id, str kinds, Tensor? constants) -> Tensor"
+)
+
+
+def _zero_compute_composite(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    first_id: int,
+    kinds: str,
+    constants: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """Σ over the slots routed to zero-computation experts of their output, [T, H] in ``x.dtype``.
+
+    ``kinds`` names the experts ``first_id``, ``first_id + 1``, … (comma
+    separated, :data:`moepass.compiler.spec.ZERO_COMPUTE_KINDS`): an identity
+    expert adds w·x, a zero expert nothing, a constant expert w·c with c its
+    row of ``constants`` [Z, H] (rows of other kinds are ignored).  Slots with
+    other ids (GEMM experts, the empty-slot sentinel) add nothing.
+    """
+    names = kinds.split(",") if kinds else []
+    relative = ids - first_id
+
+    def slots_of(kind: str) -> torch.Tensor:  # [T, K] bool: slots on experts of this kind
+        positions = [i for i, name in enumerate(names) if name == kind]
+        if len(positions) == len(names):  # the common case (LongCat: all identity)
+            return (relative >= 0) & (relative < len(names))
+        mask = torch.zeros_like(relative, dtype=torch.bool)
+        for position in positions:  # no lookup table: a constant tensor would not export functionally
+            mask = mask | (relative == position)
+        return mask
+
+    accumulate = torch.promote_types(x.dtype, torch.float32)
+    weight = torch.where(slots_of("identity"), weights.to(accumulate), 0.0).sum(dim=1, keepdim=True)
+    out = weight * x.to(accumulate)
+    if constants is not None and "constant" in names:
+        slot_weight = torch.where(slots_of("constant"), weights.to(accumulate), 0.0)
+        index = relative.clamp(0, len(names) - 1)
+        out = out + torch.einsum("tk,tkh->th", slot_weight, constants.to(accumulate)[index])
+    return out.to(x.dtype)
+
+
+_lib.impl("zero_compute_experts", _zero_compute_composite, "CompositeImplicitAutograd")
+zero_compute_experts = torch.ops.moepass.zero_compute_experts
 
 
 # --- the split form: expert_rows, experts_up, expert_activation, experts_down --

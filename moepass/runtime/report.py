@@ -211,6 +211,8 @@ class Report:
                 per_k = "/".join(str(n) for n in s.tokens_per_k)
                 flops = f", expert FLOPs {100 * s.average_k / b.top_k:.0f}% of static" if b.top_k else ""
                 why = (why + "; " if why else "") + f"avg k {s.average_k:.2f} (tokens per k {per_k}){flops}"
+                if s.zero_compute_slots:
+                    why += f"; {s.zero_compute_slots} slots went to zero-computation experts (no GEMM row)"
             rows.append(
                 (
                     b.display_path,

@@ -28,8 +28,12 @@ class BlockStats:
     """Tokens routed through one block, by how many experts each got."""
 
     num_experts: int
-    #: tokens_per_k[k] = number of tokens that kept k experts.
+    #: tokens_per_k[k] = number of tokens that kept k GEMM experts (the ones that cost compute).
     tokens_per_k: list[int] = field(default_factory=list)
+    #: Slots routed to zero-computation experts (identity, zero, constant: no
+    #: GEMM row).  Counted by the fused experts op; the training (split) form
+    #: counts GEMM slots only.
+    zero_compute_slots: int = 0
 
     @property
     def tokens(self) -> int:
@@ -42,9 +46,17 @@ class BlockStats:
         return sum(k * n for k, n in enumerate(self.tokens_per_k)) / max(self.tokens, 1)
 
 
-def record_routing(block: str, ids: torch.Tensor, num_experts: int) -> None:
-    """Add one call's per-token k (non-empty slots of ``ids``) to ``block``'s counters."""
+def record_routing(block: str, ids: torch.Tensor, num_experts: int, num_zero_compute: int = 0) -> None:
+    """Add one call's per-token k (slots of ``ids`` on GEMM experts) to ``block``'s counters.
+
+    Ids ``num_experts`` … ``num_experts + num_zero_compute - 1`` are
+    zero-computation experts: counted apart, not in k.
+    """
     record_k(block, ((ids >= 0) & (ids < num_experts)).sum(dim=1), ids.shape[1], num_experts)
+    if num_zero_compute:
+        zero = int(((ids >= num_experts) & (ids < num_experts + num_zero_compute)).sum())
+        with _lock:
+            _stats[block].zero_compute_slots += zero
 
 
 def record_k(block: str, k: torch.Tensor, max_k: int, num_experts: int) -> None:
@@ -61,7 +73,7 @@ def record_k(block: str, k: torch.Tensor, max_k: int, num_experts: int) -> None:
 def routing_stats() -> dict[str, BlockStats]:
     """A copy of the counters, by block path."""
     with _lock:
-        return {name: BlockStats(s.num_experts, list(s.tokens_per_k)) for name, s in _stats.items()}
+        return {name: BlockStats(s.num_experts, list(s.tokens_per_k), s.zero_compute_slots) for name, s in _stats.items()}
 
 
 def reset_stats() -> None:

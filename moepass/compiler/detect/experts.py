@@ -284,6 +284,9 @@ def match_experts(region: Region, router: RouterMatch, flow: Dataflow) -> Expert
         and n not in router.param_nodes
         and tensor_shape(n) is not None
     ]
+    own_ops = [n for n in region.nodes if op_name(n) == "moepass::experts"]
+    if own_ops:
+        return _match_moepass_op(region, router, flow, own_ops, hidden)
     stacked = [p for p in params if ndim(p) == 3 and tensor_shape(p)[0] == num_experts]
     stacked_bias = [p for p in params if ndim(p) == 2 and tensor_shape(p)[0] == num_experts]
     # 1-D parameters (norm weights, scales on the way in) are never an expert's weights
@@ -378,6 +381,70 @@ def _expert_selector_index(node: fx.Node, router: RouterMatch, flow: Dataflow) -
         ):
             return node.args[1]
     return None
+
+
+#: Ops that pass routing ids or weights through unchanged in value.
+_PASS_THROUGH = CAST_OPS | {"view", "reshape", "contiguous"}
+
+
+def _traces_back_to(node: fx.Node, source: fx.Node) -> bool:
+    """Whether ``node`` is ``source`` up to casts and reshapes."""
+    for _ in range(8):
+        if node is source:
+            return True
+        if not isinstance(node, fx.Node) or op_name(node) not in _PASS_THROUGH or not node.args:
+            return False
+        node = node.args[0]
+    return False
+
+
+def _same_value(a: fx.Node, b: fx.Node) -> bool:
+    """Whether ``a`` and ``b`` are one value up to casts and reshapes (either derived from the other)."""
+    return _traces_back_to(a, b) or _traces_back_to(b, a)
+
+
+def _match_moepass_op(region, router, flow, own_ops, hidden) -> ExpertsMatch:
+    """The experts are already ``moepass.experts`` (a loop :func:`moepass.make_traceable` replaced).
+
+    The op's configuration is the spec; its weight operands (parameters, or
+    views of them) are the weights.  Zero-computation experts beside it must
+    read the same tokens, ids and weights.
+    """
+    from moepass.runtime.ops import parse_experts_config
+
+    if len(own_ops) != 1:
+        raise Mismatch(f"{len(own_ops)} moepass.experts calls in one block")
+    node = own_ops[0]
+    x, ids, weights, w1, w2, b1, b2, config = node.args
+    spec = parse_experts_config(config).spec
+    if not _same_value(ids, router.ids) or not _same_value(weights, router.weights_end):
+        raise Mismatch(f"{node.name}: its ids and weights are not the router's selection")
+    zero = [n for n in region.nodes if op_name(n) == "moepass::zero_compute_experts"]
+    if spec.zero_compute:
+        if len(zero) != 1:
+            raise Mismatch(f"{node.name}: zero-computation experts declared but {len(zero)} zero_compute_experts calls")
+        zx, zids, zweights, first, kinds, constants = zero[0].args
+        checks = {
+            "tokens": zx is x,
+            "ids": _same_value(zids, router.ids),
+            "weights": _same_value(zweights, router.weights_end),
+            "first id": first == spec.num_experts,
+            "kinds": tuple(kinds.split(",")) == spec.zero_compute,
+            "constants": constants is None,
+        }
+        wrong = [name for name, ok in checks.items() if not ok]
+        if wrong:
+            raise Mismatch(f"{zero[0].name}: zero-computation experts whose {', '.join(wrong)} differ from {node.name}'s")
+    elif zero:
+        raise Mismatch(f"{zero[0].name}: zero-computation experts the experts op does not declare")
+    if spec.hidden_size != hidden or spec.num_experts + len(spec.zero_compute) != router.spec.num_experts:
+        raise Mismatch(
+            f"{node.name}: {spec.num_experts} experts + {len(spec.zero_compute)} zero-computation ones of width "
+            f"{spec.hidden_size} do not match the router ({router.spec.num_experts} experts, width {hidden})"
+        )
+    weight = resolve_param(w2) or next((p for p in flow.ancestors(w2) if p.op in ("placeholder", "get_attr")), None)
+    module = module_path_of_param(weight) if weight is not None else None
+    return ExpertsMatch(spec, w1, w2, b1, b2, module_path=module, x_input=x)
 
 
 def _match_module_loop(region, router, flow, params, hidden) -> ExpertsMatch:

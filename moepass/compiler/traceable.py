@@ -1,0 +1,163 @@
+"""Make graph-breaking experts loops traceable: ``moepass.make_traceable(model)``.
+
+Some models run their experts in a Python loop over the experts that were hit
+(``for e in expert_hit: int(e.item()) …``: LongCat-Flash and DBRX in
+transformers).  Dynamo cannot trace such a loop (its length and indices are
+data), so it graph-breaks and the backend only ever sees the router: it
+rewrites the router alone, and the loop keeps running in Python.
+
+:func:`make_traceable` replaces, on the model instance (not its class, not its
+weights), the forward of each such experts module with the same computation
+written with moepass's own operators: ``moepass.experts`` for the experts that
+run GEMMs and ``moepass.zero_compute_experts`` for zero-computation experts
+(LongCat-Flash's identity experts).  The new forward has no graph break and no
+data-dependent Python, so ``torch.compile(model, backend="adaptive_moe")``
+sees each block whole and rewrites it with the user's policy.  Without the
+backend the model still runs the same function (eagerly, through the CPU or
+Triton lowering).
+
+Each supported class has an *adapter* that reads its weights' layout and
+activation from the module; a module whose layout does not fit is left as it
+was and named in the log.  :data:`TRACEABLE_CLASSES` lists the classes known.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from moepass.compiler.spec import ExpertsSpec
+from moepass.runtime.ops import ExpertsConfig
+
+__all__ = ["make_traceable", "TRACEABLE_CLASSES", "TraceableError"]
+
+logger = logging.getLogger(__name__)
+
+#: The attribute :func:`make_traceable` sets on a module it changed (its spec, for reports and tests).
+MARK = "_moepass_traceable_spec"
+
+
+class TraceableError(ValueError):
+    """An experts module of a supported class whose weights do not fit its adapter."""
+
+
+def _activation_name(act_fn: nn.Module) -> str:
+    """The moepass activation of a transformers ``ACT2FN`` module (``silu``, ``gelu`` …)."""
+    name = type(act_fn).__name__.lower()
+    if "silu" in name or "swish" in name:
+        return "silu"
+    if "tanh" in name and "gelu" in name or name in ("newgeluactivation", "gelupytorchtanh", "fastgeluactivation"):
+        return "gelu_tanh"
+    if "gelu" in name:
+        return "gelu"
+    if name == "relu":
+        return "relu"
+    raise TraceableError(f"activation {type(act_fn).__name__} is not one the adapter knows (silu, gelu, gelu_tanh, relu)")
+
+
+@dataclass(frozen=True)
+class _Adapter:
+    """How to run one experts class with moepass ops."""
+
+    #: ``type(module).__name__`` of the experts modules this adapter serves.
+    class_name: str
+    #: module → (spec, forward(self, hidden_states, top_k_index, top_k_weights) → [T, H])
+    build: Callable[[nn.Module], tuple[ExpertsSpec, Callable]]
+
+
+def _runner(spec: ExpertsSpec) -> Callable:
+    """``run(x, ids, weights, w1, w2)``: the experts (and zero-computation experts) of ``spec``.
+
+    The configuration strings are made here, once: the forward dynamo traces
+    holds only constants and tensor ops.
+    """
+    config = ExpertsConfig(spec=spec).to_json()
+    kinds = ",".join(spec.zero_compute)
+
+    def run(x, ids, weights, w1, w2) -> torch.Tensor:
+        out = torch.ops.moepass.experts(x, ids, weights.float(), w1, w2, None, None, config)
+        if kinds:
+            out = out + torch.ops.moepass.zero_compute_experts(x, ids, weights, spec.num_experts, kinds, None)
+        return out
+
+    return run
+
+
+def _longcat(module: nn.Module) -> tuple[ExpertsSpec, Callable]:
+    """LongCat-Flash: ``gate_up_proj`` [E+Z, 2I, H] (rows ≥ E unused), ``down_proj`` [E, H, I], identity experts ≥ E."""
+    num_experts = int(module.num_routed_experts)
+    zero = int(module.zero_expert_num or 0)
+    if module.gate_up_proj is None or num_experts == 0:
+        raise TraceableError("no routed experts (every expert is an identity)")
+    gate_up, down = module.gate_up_proj, module.down_proj
+    hidden, inter = int(module.hidden_size), int(module.intermediate_size)
+    if tuple(gate_up.shape[1:]) != (2 * inter, hidden) or tuple(down.shape) != (num_experts, hidden, inter):
+        raise TraceableError(
+            f"gate_up_proj {tuple(gate_up.shape)} and down_proj {tuple(down.shape)} are not "
+            f"[E+Z, 2I, H] and [E, H, I] with E={num_experts}, I={inter}, H={hidden}"
+        )
+    spec = ExpertsSpec(
+        dispatch="moepass_op",
+        num_experts=num_experts,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        activation=_activation_name(module.act_fn),
+        gated=True,
+        gate_up_layout="concat",
+        zero_compute=("identity",) * zero,
+    )
+
+    run = _runner(spec)
+    num_experts = spec.num_experts
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        return run(hidden_states, top_k_index, top_k_weights, self.gate_up_proj[:num_experts], self.down_proj)
+
+    return spec, forward
+
+
+#: DBRX (``DbrxExperts``) also loops in Python, but stores gate and up as two
+#: tensors: running it with one [E, 2I, H] operand would copy both on every
+#: call, so it stays router-only until the experts op takes them apart.
+_ADAPTERS = (_Adapter("LongcatFlashExperts", _longcat),)
+
+#: Experts classes whose graph-breaking loops :func:`make_traceable` replaces.
+TRACEABLE_CLASSES = tuple(a.class_name for a in _ADAPTERS)
+
+
+def make_traceable(model: nn.Module) -> list[str]:
+    """Replace the graph-breaking experts loops of ``model`` by moepass ops; returns the module paths changed.
+
+    Call it before ``torch.compile(model, backend="adaptive_moe", ...)`` on a
+    model whose report says its experts loop graph-broke (only the router was
+    rewritten).  The model computes the same function afterwards (the
+    experts' weights are used where they are; nothing is copied).  Calling it
+    twice changes nothing more; if any module does not fit, none is changed.
+
+    Raises:
+        TraceableError: a module of a supported class whose weights do not
+            fit (names the module and what was found).
+    """
+    adapters = {a.class_name: a for a in _ADAPTERS}
+    planned = []
+    for path, module in model.named_modules():
+        adapter = adapters.get(type(module).__name__)
+        if adapter is None or hasattr(module, MARK):
+            continue
+        try:
+            planned.append((path, module, *adapter.build(module)))
+        except TraceableError as error:  # raised before any module changed: all or nothing
+            raise TraceableError(f"{path or '<root>'} ({type(module).__name__}): {error}") from None
+    changed = []
+    for path, module, spec, forward in planned:
+        module.forward = types.MethodType(forward, module)
+        setattr(module, MARK, spec)
+        changed.append(path)
+    if changed:
+        logger.info("made %d experts loop(s) traceable: %s", len(changed), ", ".join(changed[:4]))
+    return changed

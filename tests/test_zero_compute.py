@@ -1,0 +1,158 @@
+"""Zero-computation experts (LongCat-Flash's identity experts; MoE++ zero/constant experts).
+
+A slot routed to one costs no GEMM row: the experts op skips every id ≥ E and
+``moepass.zero_compute_experts`` adds w·x (identity), nothing (zero) or w·c
+(constant).  LongCat-Flash's experts loop graph-breaks; ``moepass.make_traceable``
+replaces it with moepass ops so the backend sees (and rewrites) the block whole.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import rel_err
+
+import moepass
+from moepass.compiler.dataflow import op_name
+from moepass.runtime import stats
+from moepass.zoo.discovery import tiny_family_model
+from moepass.zoo.survey import family_inputs
+
+
+def _per_slot_reference(x, ids, weights, first, kinds, constants):
+    """Plain loops: Σ over slots on zero-computation experts of their output."""
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(ids.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j]) - first
+            if not 0 <= e < len(kinds):
+                continue
+            w = float(weights[t, j])
+            if kinds[e] == "identity":
+                out[t] += w * x[t].double()
+            elif kinds[e] == "constant":
+                out[t] += w * constants[e].double()
+    return out
+
+
+@pytest.mark.parametrize("kinds", [("identity",), ("identity", "zero", "constant", "identity")])
+def test_zero_compute_op_matches_per_slot_reference_and_gradcheck(kinds):
+    generator = torch.Generator().manual_seed(0)
+    first, num_tokens, depth, hidden = 5, 11, 3, 6
+    x = torch.randn(num_tokens, hidden, generator=generator, dtype=torch.float64)
+    # ids over GEMM experts, zero-computation ones and the empty sentinel
+    ids = torch.randint(0, first + len(kinds) + 1, (num_tokens, depth), generator=generator)
+    weights = torch.rand(num_tokens, depth, generator=generator, dtype=torch.float64)
+    constants = torch.randn(len(kinds), hidden, generator=generator, dtype=torch.float64)
+    text = ",".join(kinds)
+    out = torch.ops.moepass.zero_compute_experts(x, ids, weights, first, text, constants)
+    expected = _per_slot_reference(x, ids, weights, first, kinds, constants)
+    assert (ids >= first).any() and torch.allclose(out.double(), expected, atol=1e-6)
+    leaves = [t.clone().requires_grad_(True) for t in (x, weights, constants)]
+
+    def function(a, w, c):
+        return torch.ops.moepass.zero_compute_experts(a, ids, w, first, text, c)
+
+    assert torch.autograd.gradcheck(function, leaves)
+
+
+def _longcat(seed=0):
+    return tiny_family_model("longcat_flash", seed=seed)
+
+
+def test_make_traceable_keeps_the_function_and_is_idempotent():
+    model = _longcat()
+    inputs = family_inputs(model, 9)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        changed = moepass.make_traceable(model)
+        assert changed == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+        assert moepass.make_traceable(model) == []
+        actual = model(**inputs).logits
+    assert rel_err(actual, expected) <= 1e-5
+
+
+def test_longcat_is_rewritten_whole_and_identity_slots_cost_no_gemm_row():
+    config = _longcat().config
+    num_gemm, num_zero = config.n_routed_experts, config.zero_expert_num
+    reference = _longcat()
+    model = _longcat()
+    moepass.make_traceable(model)
+    inputs = family_inputs(model, 13)
+    compiled = torch.compile(model, backend="adaptive_moe", options={"inner": "eager", "stats": True})
+    with torch.no_grad():
+        compiled(**inputs)  # compile (validation runs the experts on random inputs)
+        expected = reference(**inputs).logits
+        stats.reset_stats()
+        with stats.count_gemm_rows() as rows:
+            actual = compiled(**inputs).logits
+    assert rel_err(actual, expected) <= 1e-5
+    report = moepass.report(compiled)
+    assert report.graphs == 1  # no graph break left
+    assert [b.rewritten for b in report.blocks] == [True, True]
+    for block in report.blocks:
+        assert block.dispatch == "moepass_op" and block.spec.experts.zero_compute == ("identity",) * num_zero
+        ops = [op_name(n) for n in block.graph_after.nodes if n.op == "call_function"]
+        assert {"moepass::route", "moepass::experts", "moepass::zero_compute_experts"} <= set(ops)
+    counted = stats.routing_stats()
+    gemm_slots = sum(k * n for s in counted.values() for k, n in enumerate(s.tokens_per_k))
+    zero_slots = sum(s.zero_compute_slots for s in counted.values())
+    tokens = inputs["input_ids"].numel()
+    assert zero_slots > 0 and gemm_slots + zero_slots == 2 * tokens * config.num_experts_per_tok
+    assert sum(rows) == gemm_slots  # every GEMM row is a slot on a GEMM expert, none for identity slots
+    assert all(s.num_experts == num_gemm for s in counted.values())
+    text = str(report)
+    assert "slots went to zero-computation experts" in text
+
+
+def test_longcat_adaptive_policy_equals_the_models_own_loop_under_the_same_routing():
+    """The full rewrite (GEMM experts + identity term) against LongCat's own Python loop.
+
+    Without make_traceable the backend rewrites the router alone and LongCat's
+    eager loop (identity experts included) runs the slots the policy kept: the
+    model's own semantics under the same adaptive routing.
+    """
+    options = {"policy": "top_p", "p": 0.5, "inner": "eager"}
+    inputs = family_inputs(_longcat(), 11)
+    with torch.no_grad():
+        loop = torch.compile(_longcat(), backend="adaptive_moe", options=options)
+        expected = loop(**inputs).logits
+        report = moepass.report(loop)
+        assert all(b.dispatch == "eager_loop" and "make_traceable" in b.notes[0] for b in report.blocks)
+        torch._dynamo.reset()
+        model = _longcat()
+        moepass.make_traceable(model)
+        whole = torch.compile(model, backend="adaptive_moe", options=options)
+        actual = whole(**inputs).logits
+        static = model(**inputs).logits
+    assert [b.dispatch for b in moepass.report(whole).blocks] == ["moepass_op", "moepass_op"]
+    assert rel_err(actual, expected) <= 1e-5
+    assert rel_err(actual, static) > 1e-4  # the policy did drop slots
+
+
+def test_longcat_gradients_through_the_rewrite_equal_eager():
+    reference = _longcat()
+    model = _longcat()
+    moepass.make_traceable(model)
+    inputs = family_inputs(model, 7)
+    compiled = torch.compile(model, backend="adaptive_moe", options={"inner": "eager"})
+    compiled(**inputs).logits.square().mean().backward()
+    reference(**inputs).logits.square().mean().backward()
+    checked = 0
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        if q.grad is None:
+            continue
+        assert rel_err(p.grad, q.grad) <= 1e-5, name
+        checked += "experts" in name
+    assert checked >= 4  # both layers' gate_up_proj and down_proj
+    ops = [b.graph_after for b in moepass.report(compiled).blocks]
+    assert all(b.rewritten for b in moepass.report(compiled).blocks) and ops
+
+
+def test_make_traceable_names_a_module_whose_weights_do_not_fit_and_changes_none():
+    model = _longcat()
+    experts = model.model.layers[1].mlp.experts
+    experts.down_proj = torch.nn.Parameter(experts.down_proj[:, :, :-1].detach().clone())
+    with pytest.raises(moepass.TraceableError, match=r"model\.layers\.1\.mlp\.experts .*down_proj \(8, 64, 31\)"):
+        moepass.make_traceable(model)
+    assert "forward" not in vars(model.model.layers[0].mlp.experts)  # all or nothing
