@@ -37,7 +37,7 @@ from moepass.compiler.detect import BlockMatch
 from moepass.compiler.detect.common import Mismatch
 from moepass.compiler.detect.region import satellites
 from moepass.compiler.detect.router import _x_base
-from moepass.compiler.validate import concrete_shape, relative_error, run_region
+from moepass.compiler.validate import concrete_shape, kept_readers_error, relative_error, run_region
 from moepass.policies import ResolvedPolicy
 from moepass.runtime.ops import ExpertsConfig, RouteConfig, parse_route_config, routes_not_captured, split_experts
 
@@ -188,7 +188,9 @@ def validate_rewrite(gm: fx.GraphModule, flow: Dataflow, plan: BlockRewrite, env
                 x2d, ids, weights, spec.num_experts, ",".join(zero_compute), None
             )
     expected = local[region.combine]
-    return relative_error(out.reshape(expected.shape).float(), expected.float())
+    error = relative_error(out.reshape(expected.shape).float(), expected.float())
+    selection = router.anchor if router.spec.kind == "lifted" else None  # apply_rewrite sorts a lifted top-k
+    return max(error, kept_readers_error(gm, flow, region, match.kept_readers, selection, local))
 
 
 def _fake_mode(gm: fx.GraphModule):

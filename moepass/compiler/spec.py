@@ -217,8 +217,9 @@ class SharedExpertSpec:
     """An always-on expert beside the routed ones; kept exactly as it was."""
 
     intermediate_size: int
-    #: "none" (added as is, DeepSeek/Llama 4) or "sigmoid" (scaled by
-    #: sigmoid(x @ g), Qwen2-MoE).
+    #: "none" (added as is, DeepSeek/Llama 4), "sigmoid" (scaled by
+    #: sigmoid(x @ g), Qwen2-MoE) or "router" (scaled by a weight the router
+    #: normalises jointly with the routed experts', Inkling).
     gate: str = "none"
 
     @property

@@ -7,6 +7,12 @@ replacement — ``moepass.route`` with the *static* policy, then
 by more than round-off is left exactly as it was and the report gives the
 error.  This turns any detection mistake into "not rewritten, here is why"
 instead of a silently different model.
+
+Values outside the block that read its router and stay in the graph (a
+shared branch weighed by the router, Inkling) are checked too: the rewrite
+makes a lifted router's top-k return its picks best first, so they are
+recomputed with the sorted selection and must equal what the model computed
+(:func:`kept_readers_error`).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import torch.fx as fx
 from moepass.compiler.dataflow import Dataflow, example_value
 from moepass.compiler.detect.region import Region
 
-__all__ = ["run_region", "relative_error", "tolerance_for", "concrete_shape", "example_env"]
+__all__ = ["run_region", "relative_error", "tolerance_for", "concrete_shape", "example_env", "kept_readers_error"]
 
 logger = logging.getLogger(__name__)
 
@@ -87,3 +93,64 @@ def run_region(
             env[node] = interpreter.run_node(node)
     return env
 
+
+
+def _sorted_selection(interpreter: fx.Interpreter, topk: fx.Node) -> Any:
+    """``topk`` evaluated as the rewrite will leave it: the same picks, best first."""
+    args, kwargs = interpreter.fetch_args_kwargs_from_env(topk)
+    if len(args) > 4:
+        args = (*args[:4], True, *args[5:])
+    else:
+        kwargs = {**kwargs, "sorted": True}
+    if topk.op == "call_method":
+        return getattr(args[0], topk.target)(*args[1:], **kwargs)
+    return topk.target(*args, **kwargs)
+
+
+def kept_readers_error(
+    gm: fx.GraphModule,
+    flow: Dataflow,
+    region: Region,
+    readers: tuple[fx.Node, ...],
+    selection: fx.Node | None,
+    env: dict[fx.Node, Any],
+) -> float:
+    """Max relative error of ``readers`` after the rewrite against before it (0.0 when there are none).
+
+    ``readers`` are values outside ``region`` that read its router nodes and
+    stay in the graph; ``env`` holds the region's values (:func:`run_region`
+    ran on it).  The readers are computed from it, then again with the region's
+    nodes downstream of ``selection`` (a lifted router's top-k, which the
+    rewrite sorts; None when the rewrite leaves the router's nodes as they
+    are) recomputed from the sorted selection.
+    """
+    if not readers or selection is None:
+        return 0.0  # nothing outside reads the router, or the rewrite leaves its nodes as they were
+    interpreter = fx.Interpreter(gm)
+    x_base = region.x_base
+    before_x = flow.ancestors(x_base) | {x_base}
+    branch = {
+        node
+        for reader in readers
+        for node in flow.ancestors(reader) | {reader}
+        if node not in region.nodes and node not in before_x and node.op not in ("placeholder", "get_attr")
+    }
+
+    def run(values: dict[fx.Node, Any]) -> dict[fx.Node, Any]:
+        interpreter.env = values
+        with torch.no_grad():
+            for node in flow.sorted(branch):
+                values[node] = interpreter.run_node(node)
+        return values
+
+    before = run(dict(env))
+    after = dict(env)
+    interpreter.env = after
+    with torch.no_grad():
+        after[selection] = _sorted_selection(interpreter, selection)
+        downstream = flow.descendants(selection) & region.nodes
+        for node in flow.sorted(downstream):
+            after[node] = interpreter.run_node(node)
+    after = run(after)
+    errors = [relative_error(after[r].float(), before[r].float()) for r in readers]
+    return max(errors)

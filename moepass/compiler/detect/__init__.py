@@ -9,7 +9,10 @@ excluded) the detector:
    node, the value the block hands back to the model;
 3. checks the region is closed and safe (:mod:`moepass.compiler.detect.region`) and
    matches the routed experts in it (:mod:`moepass.compiler.detect.experts`);
-4. names any shared experts (:mod:`moepass.compiler.detect.shared`).
+4. names any shared experts (:mod:`moepass.compiler.detect.shared`); when the
+   router also weighs the shared experts (Inkling), the first such node is
+   ``routed + shared`` and the combine is the routed operand, the shared
+   branch staying in the graph.
 
 When no combine node exists because the experts loop graph-broke (transformers'
 ``eager`` experts, a hand-written loop compiled without ``fullgraph``), the
@@ -40,10 +43,10 @@ from moepass.compiler.detect.common import (
     source_path,
 )
 from moepass.compiler.detect.experts import ExpertsMatch, match_experts
-from moepass.compiler.detect.lifted_router import match_lifted_router
+from moepass.compiler.detect.lifted_router import match_lifted_router, routing_set
 from moepass.compiler.detect.region import ForeignInputs, Region, block_region
 from moepass.compiler.detect.router import RouterMatch, find_router_linear, is_topk, match_router
-from moepass.compiler.detect.shared import match_shared_experts
+from moepass.compiler.detect.shared import CoupledShared, match_shared_experts, split_coupled_shared
 from moepass.compiler.spec import MoEBlockSpec, SharedExpertSpec, layer_index_of
 
 __all__ = ["BlockMatch", "BlockRejection", "find_moe_blocks", "Mismatch", "layer_index_of"]
@@ -62,6 +65,10 @@ class BlockMatch:
     shared: tuple[SharedExpertSpec, ...] = ()
     #: Router only: whether the consumer of the ids is seen to skip the sentinel id E.
     sentinel_safe: bool = True
+    #: Values outside the region that read its router nodes and stay in the
+    #: graph (a shared branch the router weighs): validation checks the rewrite
+    #: leaves them unchanged.
+    kept_readers: tuple[fx.Node, ...] = ()
 
     @property
     def path(self) -> str:
@@ -187,8 +194,15 @@ def _router_block(module_path: str | None) -> str | None:
     return _parent(module_path)
 
 
-def _find_combine(router: RouterMatch, flow: Dataflow) -> tuple[fx.Node, Region] | tuple[None, str | None]:
-    """The combine node and its region, or (None, reason-if-an-MoE-was-seen)."""
+def _find_combine(
+    router: RouterMatch, flow: Dataflow
+) -> tuple[fx.Node, Region, CoupledShared | None] | tuple[None, str | None, None]:
+    """The combine node and its region, or (None, reason-if-an-MoE-was-seen, None).
+
+    When the first combine is ``routed + shared`` with a shared branch that
+    reads the router (Inkling), the combine is the routed output and the
+    third value names the shared branch left in the graph.
+    """
     x_base = router.x_base
     last_reason = None
     for candidate in flow.post_dominators(router.anchor):
@@ -203,8 +217,20 @@ def _find_combine(router: RouterMatch, flow: Dataflow) -> tuple[fx.Node, Region]
             break
         if not _has_expert_gemm(region, router):
             continue
-        return candidate, region
-    return None, last_reason
+        coupled = _coupled_shared(candidate, region, router, flow)
+        if coupled is not None:
+            return coupled.routed, coupled.region, coupled
+        return candidate, region, None
+    return None, last_reason, None
+
+
+def _coupled_shared(combine: fx.Node, region: Region, router: RouterMatch, flow: Dataflow) -> CoupledShared | None:
+    """The split of ``combine`` into routed experts + a shared branch gated by the router, if it is one."""
+    if op_name(combine) not in ("add", "add_", "iadd"):
+        return None
+    token_dims = tuple(tensor_shape(router.linear)[:-1])
+    routing = routing_set(router.linear, router.x_base, flow, token_dims)
+    return split_coupled_shared(flow, combine, region.x_base, routing, lambda r: _has_expert_gemm(r, router))
 
 
 def _closed_region(flow: Dataflow, combine: fx.Node, x_base: fx.Node) -> Region:
@@ -257,7 +283,7 @@ def find_moe_blocks(gm: fx.GraphModule, flow: Dataflow | None = None) -> list[Bl
                 if block is not None:
                     router_failures.setdefault(block, f"router not supported: {error}")
             continue
-        combine, region_or_reason = _find_combine(router, flow)
+        combine, region_or_reason, coupled = _find_combine(router, flow)
         router_block = _router_block(router.module_path)
         if combine is None:
             consumer = _expert_loop_consumer(router, flow)
@@ -293,7 +319,7 @@ def find_moe_blocks(gm: fx.GraphModule, flow: Dataflow | None = None) -> list[Bl
             )
             continue
         path = _block_path(router_block, _parent(experts.module_path) if experts.spec.dispatch != "module_loop" else experts.module_path)
-        shared = match_shared_experts(flow, combine, region.x_base)
+        shared = (coupled.spec,) if coupled is not None else match_shared_experts(flow, combine, region.x_base)
         spec = MoEBlockSpec(
             path=path,
             router=router.spec,
@@ -301,7 +327,10 @@ def find_moe_blocks(gm: fx.GraphModule, flow: Dataflow | None = None) -> list[Bl
             shared_experts=shared,
             layer_index=layer_index_of(path),
         )
-        results.append(BlockMatch(spec=spec, router=router, experts=experts, region=region, shared=shared))
+        kept = (coupled.shared,) if coupled is not None else ()
+        results.append(
+            BlockMatch(spec=spec, router=router, experts=experts, region=region, shared=shared, kept_readers=kept)
+        )
         claimed |= {n for n in region.inputs if n.op in ("placeholder", "get_attr")} | router.param_nodes
     results.extend(_argmax_routers(gm.graph, flow, {r.path for r in results}))
     results.extend(_unclaimed_experts(gm.graph, claimed, results, router_failures, flow))
