@@ -156,3 +156,34 @@ def test_make_traceable_names_a_module_whose_weights_do_not_fit_and_changes_none
     with pytest.raises(moepass.TraceableError, match=r"model\.layers\.1\.mlp\.experts .*down_proj \(8, 64, 31\)"):
         moepass.make_traceable(model)
     assert "forward" not in vars(model.model.layers[0].mlp.experts)  # all or nothing
+
+
+@pytest.mark.parametrize("target", ["ort", "portable"])
+def test_longcat_exports_to_onnx_with_its_identity_experts(tmp_path, target):
+    """export_onnx checks ONNX Runtime against the rewritten torch model on the example itself."""
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    model = _longcat()
+    moepass.make_traceable(model)
+    example = (family_inputs(model, 9)["input_ids"],)
+    for policy in ({"policy": "static"}, {"policy": "top_p", "p": 0.5}):
+        path = tmp_path / f"{policy['policy']}.onnx"
+        exported = moepass.export_onnx(model, example, str(path), target=target, **policy)
+        assert [b.path for b in exported.blocks] == ["model.layers.0.mlp", "model.layers.1.mlp"]
+        assert exported.max_error is not None and exported.max_error <= 1e-4
+        functions = onnx.load(str(path)).functions
+        ops = {node.op_type for function in functions for node in function.node}
+        assert "GreaterOrEqual" in ops  # the identity experts' masked term, not a Gemm row
+        if target == "ort":
+            assert "MoE" in ops
+
+
+def test_longcat_exports_to_mlir_and_runs_in_iree(tmp_path):
+    pytest.importorskip("torch_mlir")
+    pytest.importorskip("iree.runtime")
+    model = _longcat()
+    moepass.make_traceable(model)
+    example = (family_inputs(model, 9)["input_ids"],)
+    exported = moepass.export_mlir(model, example, str(tmp_path / "m.mlir"), policy="top_p", p=0.5)
+    assert len(exported.blocks) == 2 and exported.max_error <= 1e-4

@@ -74,7 +74,7 @@ def experts_grouped(
     """The experts op with each expert's GEMMs on the rows routed to it (data-dependent row counts)."""
     num_tokens, depth = ids.shape
     hidden = x.shape[1]
-    flat = ids.reshape(-1)
+    flat = ids.reshape(-1).clamp(0, spec.num_experts)  # every id ≥ E (empty, zero-computation) is the sentinel
     num_slots = flat.shape[0]
     slot = torch.arange(num_slots, device=ids.device)
     # slots grouped by expert (the sentinel E last), in slot order within an expert: a counting sort.
@@ -133,7 +133,7 @@ def experts_dense(
     """The experts op with every expert on every token, weighted by a dense [T, E] matrix (static shapes)."""
     num_experts = spec.num_experts
     # one_hot over E + 1 classes: the sentinel E lands in the last column, which is dropped
-    picked = torch.nn.functional.one_hot(ids, num_experts + 1)[..., :num_experts].float()
+    picked = torch.nn.functional.one_hot(ids.clamp(0, num_experts), num_experts + 1)[..., :num_experts].float()
     dense = (picked * weights.float().unsqueeze(-1)).sum(1)  # [T, E]
     gate = dense.t().unsqueeze(-1)  # [E, T, 1]
     first = w1 if spec.transposed else w1.transpose(1, 2)  # [E, H, N1]

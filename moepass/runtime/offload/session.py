@@ -217,7 +217,8 @@ class OffloadSession:
         router = self._routers.get(target) if target is not None else None
         if router is None:
             return
-        experts = predict_experts(router, x)
+        stored = self.caches[target].block.num_experts  # ids past it are zero-computation experts: nothing to read
+        experts = [e for e in predict_experts(router, x) if e < stored]
         self._predicted[target] = frozenset(experts)
         self.prefetcher.submit(self.caches[target], experts)
 
