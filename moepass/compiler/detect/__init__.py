@@ -188,7 +188,59 @@ def _router_block(module_path: str | None) -> str | None:
 
 
 def _find_combine(router: RouterMatch, flow: Dataflow) -> tuple[fx.Node, Region] | tuple[None, str | None]:
-    """The combine node and its region, or (None, reason-if-an-MoE-was-seen)."""
+    """The combine node and its region, or (None, reason-if-an-MoE-was-seen).
+
+    First with the router's input as the block input; failing that, with the
+    router's logits as a second input (:func:`_find_combine_beside_router`).
+    """
+    combine, region_or_reason = _find_combine_from_router_input(router, flow)
+    if combine is not None:
+        return combine, region_or_reason
+    beside, region = _find_combine_beside_router(router, flow)
+    if beside is not None:
+        return beside, region
+    return None, region_or_reason
+
+
+#: How many post-dominators of a selection the search beside the router looks at (a block ends within them).
+_BESIDE_SEARCH = 200
+
+
+def _find_combine_beside_router(router: RouterMatch, flow: Dataflow) -> tuple[fx.Node, Region] | tuple[None, None]:
+    """The combine node of a block whose router computes its logits from more than the block input.
+
+    ZAYA's router is an MLP of its own (down-projection, norm, two GELU
+    layers) that also reads the previous layer's router state: no region from
+    the router linear's input is closed.  The router's computation up to its
+    logits then stays outside the block, and the block is ``f(x, logits)``
+    with ``x`` the one other value it reads, the tokens the experts take.
+    """
+    logits = router.linear
+    outside = flow.ancestors(logits) | {logits}
+    for candidate in flow.post_dominators(router.anchor)[:_BESIDE_SEARCH]:
+        if candidate.op in ("placeholder", "output") or tensor_shape(candidate) is None:
+            continue
+        needed = (flow.ancestors(candidate) | {candidate}) - outside
+        reads = {a for n in needed if n.op not in ("placeholder", "get_attr") for a in n.all_input_nodes} - needed
+        tokens = [
+            a for a in reads
+            if a is not logits and a.op not in ("placeholder", "get_attr") and tensor_shape(a) is not None
+        ]
+        if len(tokens) != 1 or not same_numel(candidate, tokens[0]):
+            continue
+        try:
+            region = block_region(flow, candidate, tokens[0], boundary=(logits,))
+        except Mismatch:
+            continue
+        if _has_expert_gemm(region, router):
+            return candidate, region
+    return None, None
+
+
+def _find_combine_from_router_input(
+    router: RouterMatch, flow: Dataflow
+) -> tuple[fx.Node, Region] | tuple[None, str | None]:
+    """The combine node and its region from the router linear's input, or (None, reason-if-an-MoE-was-seen)."""
     x_base = router.x_base
     last_reason = None
     for candidate in flow.post_dominators(router.anchor):
@@ -225,6 +277,8 @@ def _closed_region(flow: Dataflow, combine: fx.Node, x_base: fx.Node) -> Region:
             ]
             if len(earlier) != 1 or len(error.nodes) != 1:
                 raise
+            if any(op_name(n) == "linear" for n in flow.descendants(earlier[0]) & flow.ancestors(x_base)):
+                raise  # a router with layers of its own (an MLP): it stays outside the block
             x_base = earlier[0]
     return block_region(flow, combine, x_base)
 
@@ -276,7 +330,7 @@ def find_moe_blocks(gm: fx.GraphModule, flow: Dataflow | None = None) -> list[Bl
                 )
             continue
         region = region_or_reason
-        hidden = tensor_shape(router.weight)[1]
+        hidden = tensor_shape(region.x_base)[-1] if region.free_inputs else tensor_shape(router.weight)[1]
         try:
             if not _combine_shape_ok(combine, region.x_base, hidden):
                 raise Mismatch(f"the block's output {combine.name} has shape {tensor_shape(combine)}")
