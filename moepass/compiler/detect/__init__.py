@@ -39,6 +39,7 @@ from moepass.compiler.detect.common import (
     same_numel,
     source_path,
 )
+from moepass.compiler.detect.experts import _GEMMS as _EXPERT_GEMMS
 from moepass.compiler.detect.experts import ExpertsMatch, match_experts
 from moepass.compiler.detect.lifted_router import match_lifted_router
 from moepass.compiler.detect.region import ForeignInputs, Region, block_region
@@ -333,6 +334,7 @@ def find_moe_blocks(gm: fx.GraphModule, flow: Dataflow | None = None) -> list[Bl
         hidden = tensor_shape(region.x_base)[-1] if region.free_inputs else tensor_shape(router.weight)[1]
         try:
             if not _combine_shape_ok(combine, region.x_base, hidden):
+                _explain_per_expert_output(region, router, flow)
                 raise Mismatch(f"the block's output {combine.name} has shape {tensor_shape(combine)}")
             experts = match_experts(region, router, flow)
         except Mismatch as error:
@@ -360,6 +362,48 @@ def find_moe_blocks(gm: fx.GraphModule, flow: Dataflow | None = None) -> list[Bl
     results.extend(_argmax_routers(gm.graph, flow, {r.path for r in results}))
     results.extend(_unclaimed_experts(gm.graph, claimed, results, router_failures, flow))
     return results
+
+
+#: Ops that reduce a row over its features (a norm's mean square, its root).
+_ROW_REDUCTIONS = {"mean", "rsqrt", "norm", "var", "var_mean", "layer_norm", "rms_norm", "linalg_vector_norm"}
+
+
+def _explain_per_expert_output(region: Region, router: RouterMatch, flow: Dataflow) -> None:
+    """Raise the precise reason when each expert's output rows pass through a row norm before their weight.
+
+    Muse Spark normalises every expert's output (an RMSNorm over its
+    features, ``post_expert_norm``) before the routing weight multiplies it,
+    and runs its experts at a latent width between two projections: no
+    value of the block input's size holds the weighted sum, and the experts
+    op could not compute it (it weights the down projection directly).
+    """
+    experts_params = {
+        n for n in region.inputs
+        if n.op in ("placeholder", "get_attr") and n not in router.param_nodes and ndim(n) == 3
+    }
+    gemms = [
+        n for n in region.nodes
+        if len(n.all_input_nodes) > 1 and any(p in flow.ancestors(n) | {n} for p in experts_params)
+        and op_name(n) in _EXPERT_GEMMS
+    ]
+    if len(gemms) < 2:
+        return
+    last = max(gemms, key=flow.position.__getitem__)
+    weights = router.weights_end or router.weights_start
+    after = flow.descendants(last) & region.nodes
+    reductions = sorted(n.name for n in after if op_name(n) in _ROW_REDUCTIONS and weights not in flow.ancestors(n))
+    if not reductions:
+        return
+    width = tensor_shape(last)[-1]
+    hidden = tensor_shape(router.weight)[1]
+    latent = f"; the experts run at width {width}, between projections from and back to hidden {hidden}" if (
+        width != hidden
+    ) else ""
+    raise Mismatch(
+        f"per-expert output norm: each expert's output rows are normalised ({', '.join(reductions[:3])}: a row "
+        f"norm over their {width} features, e.g. post_expert_norm) before the routing weight multiplies them; the "
+        f"moepass experts op weights the down projection directly and has no per-expert output function{latent}"
+    )
 
 
 def _match_any_router(anchor: fx.Node, flow: Dataflow) -> RouterMatch:
@@ -493,7 +537,7 @@ def _unclaimed_experts(
         if node.op not in ("placeholder", "get_attr") or node in claimed or ndim(node) != 3:
             continue
         path = module_path_of_param(node)
-        if path is None or not re.search(r"expert", path):
+        if path is None or not (re.search(r"expert", path) or _split_loop_gemm(node)):
             continue
         groups.setdefault(_parent(path) or "", []).append(node)
     rejections = []
@@ -519,10 +563,42 @@ def _unclaimed_experts(
             )
         elif path in router_failures:
             reason = router_failures[path]
+        elif any(_split_loop_gemm(p) for p in params):
+            reason = _SPLIT_LOOP_REASON
+            if len(params) == 1:
+                reason += (
+                    "; only one of the experts' projections is in this graph (in a mixture-of-attention layer the "
+                    "query and output projections are the experts, with attention between them)"
+                )
         else:
             reason = "no supported top-k router reaches these stacked experts"
-        rejections.append(BlockRejection(path=path, reason=reason, num_experts=int(num_experts)))
+        rejections.append(BlockRejection(path=path, reason=reason, num_experts=int(num_experts), anchor=params[0]))
     return rejections
+
+
+_SPLIT_LOOP_REASON = (
+    "the experts graph-broke away from their router: they run in a graph of their own over rows grouped by "
+    "per-expert counts that arrive as Python ints (x.split(expert_size) with expert_size from a .tolist(), "
+    "JetMoE's ParallelExperts), so the router's top-k and the expert GEMMs never reach the backend together "
+    "(and every new set of counts recompiles); the block needs to be captured whole (a model-side change that "
+    "keeps the counts a tensor)"
+)
+
+
+def _split_loop_gemm(param: fx.Node) -> bool:
+    """Whether ``param`` [E, ., .] is sliced per expert (``param[e]``) into a linear over a ``split`` piece.
+
+    JetMoE's experts: ``[F.linear(x_e, W[e]) for x_e in x.split(sizes)]``
+    with ``sizes`` Python ints taken from a tensor by ``.tolist()``.
+    """
+    for user in param.users:
+        if op_name(user) != "getitem" or not isinstance(user.args[1], int):
+            continue
+        for linear in user.users:
+            data = arg(linear, 0, "input") if op_name(linear) == "linear" else None
+            if isinstance(data, fx.Node) and op_name(data) == "getitem" and op_name(data.args[0]) == "split":
+                return True
+    return False
 
 
 def _router_ops_near(graph: fx.Graph, block_path: str, num_experts: int) -> set[str]:
