@@ -26,8 +26,6 @@ DISCOVERED = discover_moe_families()
 
 #: Families that fail this test today, and why (see notes/zoo-survey.md).
 KNOWN_GAPS: dict[str, str] = {
-    "jetmoe": ".tolist() graph break in the experts; MoA attention experts are routed too; "
-    "the report has one entry ('experts') for four blocks",
     "doge": "product-key experts (embedding rows, no experts module); the report lists no block",
     "llama4": "transformers 5.24: Llama4ForConditionalGeneration's text-only forward reads "
     "outputs.image_outputs, which the text model does not return",
@@ -109,6 +107,8 @@ def test_tiny_configs_make_every_layer_moe(name):
         ("found 3 stacked expert weights; expected 2 (gate_up and down)", "unsupported_experts"),
         ("the block's output depends on values computed outside it (x), not only on its input", "region_not_closed"),
         ("the experts graph-broke and this router's weights are dense scores; nothing to rewrite", "graph_break"),
+        ("the experts graph-broke away from their router: they run in a graph of their own", "graph_break"),
+        ("per-expert output norm: each expert's output rows are normalised (mean_8, rsqrt_3)", "unsupported_experts"),
         ("rewrite does not reproduce the block: max relative error 1.00e+00 > 1e-04 on a random input", "validation_failed"),
         ("something nobody has written yet", "unclassified"),
     ],

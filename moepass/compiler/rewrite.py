@@ -169,6 +169,7 @@ def validate_rewrite(gm: fx.GraphModule, flow: Dataflow, plan: BlockRewrite, env
     region = match.region
     local = run_region(gm, flow, region, local)
     logits = local[router.linear]
+    logits = logits.reshape(-1, logits.shape[-1])  # [B, S, E] logits (ZAYA's router MLP) as [T, E]
     static_tensors = [_value(t, local) for t in plan.static_route_tensors]
     with torch.no_grad(), routes_not_captured():
         ids, weights = torch.ops.moepass.route(logits, None, static_tensors, plan.static_route_config.to_json())
@@ -317,7 +318,7 @@ def apply_rewrite(gm: fx.GraphModule, flow: Dataflow, plan: BlockRewrite) -> lis
     route = inserter.call(
         "call_function",
         torch.ops.moepass.route.default,
-        (router.linear, x_router, tensors, plan.route_config.to_json()),
+        (_logits_2d(inserter, router, tag), x_router, tensors, plan.route_config.to_json()),
         f"moe_route_{tag}",
     )
     ids = inserter.call("call_function", operator.getitem, (route, 0), f"moe_ids_{tag}")
@@ -357,6 +358,14 @@ def apply_rewrite(gm: fx.GraphModule, flow: Dataflow, plan: BlockRewrite) -> lis
     counters["moepass"][f"dispatch_{match.spec.experts.dispatch}"] += 1
     logger.debug("rewrote %s: +%d nodes, -%d nodes", match.path, len(inserter.created), removed)
     return inserter.created
+
+
+def _logits_2d(inserter: _Inserter, router, tag: str) -> fx.Node:
+    """The router's logits as the route op takes them, [T, E] (a [B, S, E] router output is reshaped)."""
+    shape = tensor_shape(router.linear)
+    if shape is None or len(shape) == 2:
+        return router.linear
+    return inserter.call("call_method", "reshape", (router.linear, -1, shape[-1]), f"moe_logits_{tag}")
 
 
 def _insert_split_experts(inserter, x2d, ids, weights_node, weights, experts_json, spec, tag) -> fx.Node:
@@ -399,7 +408,7 @@ def _apply_router_only(gm: fx.GraphModule, flow: Dataflow, plan: BlockRewrite, t
     route = inserter.call(
         "call_function",
         torch.ops.moepass.route.default,
-        (router.linear, x_arg, tensors, plan.route_config.to_json()),
+        (_logits_2d(inserter, router, tag), x_arg, tensors, plan.route_config.to_json()),
         f"moe_route_{tag}",
     )
     ids = inserter.call("call_function", operator.getitem, (route, 0), f"moe_ids_{tag}")

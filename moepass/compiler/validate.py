@@ -75,14 +75,20 @@ def run_region(
     """Evaluate the region's nodes in graph order on ``env`` (which must hold its inputs).
 
     Symbolic-size inputs computed outside the region are filled in from their
-    hints.  Returns ``env`` extended with every region node's value.
+    hints, and the region's free inputs (a router's logits computed outside
+    the block) are drawn at random, seeded, like the block input.  Returns
+    ``env`` extended with every region node's value.
     """
     interpreter = fx.Interpreter(gm)
     interpreter.env = env
+    generator = torch.Generator().manual_seed(2)
     for source in region.inputs:
         if source not in env:
             value = example_value(source)
-            if isinstance(value, (torch.SymInt, int)):
+            if source in region.free_inputs and isinstance(value, torch.Tensor) and value.dtype.is_floating_point:
+                random = torch.randn(concrete_shape(source), generator=generator, dtype=torch.float32)
+                env[source] = random.to(dtype=value.dtype, device=value.device)
+            elif isinstance(value, (torch.SymInt, int)):
                 env[source] = _hint(value)
             elif source.op == "get_attr":
                 env[source] = interpreter.fetch_attr(source.target)

@@ -42,6 +42,7 @@ from moepass.compiler.detect.common import (
     same_numel,
     source_path,
 )
+from moepass.compiler.detect.experts import _GEMMS as _EXPERT_GEMMS
 from moepass.compiler.detect.experts import ExpertsMatch, match_experts
 from moepass.compiler.detect.lifted_router import match_lifted_router, routing_set
 from moepass.compiler.detect.region import ForeignInputs, Region, block_region
@@ -199,10 +200,60 @@ def _find_combine(
 ) -> tuple[fx.Node, Region, CoupledShared | None] | tuple[None, str | None, None]:
     """The combine node and its region, or (None, reason-if-an-MoE-was-seen, None).
 
+    First with the router's input as the block input; failing that, with the
+    router's logits as a second input (:func:`_find_combine_beside_router`).
     When the first combine is ``routed + shared`` with a shared branch that
     reads the router (Inkling), the combine is the routed output and the
     third value names the shared branch left in the graph.
     """
+    combine, region_or_reason, coupled = _find_combine_from_router_input(router, flow)
+    if combine is not None:
+        return combine, region_or_reason, coupled
+    beside, region = _find_combine_beside_router(router, flow)
+    if beside is not None:
+        return beside, region, None
+    return None, region_or_reason, None
+
+
+#: How many post-dominators of a selection the search beside the router looks at (a block ends within them).
+_BESIDE_SEARCH = 200
+
+
+def _find_combine_beside_router(router: RouterMatch, flow: Dataflow) -> tuple[fx.Node, Region] | tuple[None, None]:
+    """The combine node of a block whose router computes its logits from more than the block input.
+
+    ZAYA's router is an MLP of its own (down-projection, norm, two GELU
+    layers) that also reads the previous layer's router state: no region from
+    the router linear's input is closed.  The router's computation up to its
+    logits then stays outside the block, and the block is ``f(x, logits)``
+    with ``x`` the one other value it reads, the tokens the experts take.
+    """
+    logits = router.linear
+    outside = flow.ancestors(logits) | {logits}
+    for candidate in flow.post_dominators(router.anchor)[:_BESIDE_SEARCH]:
+        if candidate.op in ("placeholder", "output") or tensor_shape(candidate) is None:
+            continue
+        needed = (flow.ancestors(candidate) | {candidate}) - outside
+        reads = {a for n in needed if n.op not in ("placeholder", "get_attr") for a in n.all_input_nodes} - needed
+        tokens = [
+            a for a in reads
+            if a is not logits and a.op not in ("placeholder", "get_attr") and tensor_shape(a) is not None
+        ]
+        if len(tokens) != 1 or not same_numel(candidate, tokens[0]):
+            continue
+        try:
+            region = block_region(flow, candidate, tokens[0], boundary=(logits,))
+        except Mismatch:
+            continue
+        if _has_expert_gemm(region, router):
+            return candidate, region
+    return None, None
+
+
+def _find_combine_from_router_input(
+    router: RouterMatch, flow: Dataflow
+) -> tuple[fx.Node, Region, CoupledShared | None] | tuple[None, str | None, None]:
+    """:func:`_find_combine` with the router linear's input as the block input."""
     x_base = router.x_base
     last_reason = None
     for candidate in flow.post_dominators(router.anchor):
@@ -251,6 +302,8 @@ def _closed_region(flow: Dataflow, combine: fx.Node, x_base: fx.Node) -> Region:
             ]
             if len(earlier) != 1 or len(error.nodes) != 1:
                 raise
+            if any(op_name(n) == "linear" for n in flow.descendants(earlier[0]) & flow.ancestors(x_base)):
+                raise  # a router with layers of its own (an MLP): it stays outside the block
             x_base = earlier[0]
     return block_region(flow, combine, x_base)
 
@@ -302,9 +355,10 @@ def find_moe_blocks(gm: fx.GraphModule, flow: Dataflow | None = None) -> list[Bl
                 )
             continue
         region = region_or_reason
-        hidden = tensor_shape(router.weight)[1]
+        hidden = tensor_shape(region.x_base)[-1] if region.free_inputs else tensor_shape(router.weight)[1]
         try:
             if not _combine_shape_ok(combine, region.x_base, hidden):
+                _explain_per_expert_output(region, router, flow)
                 raise Mismatch(f"the block's output {combine.name} has shape {tensor_shape(combine)}")
             experts = match_experts(region, router, flow)
         except Mismatch as error:
@@ -335,6 +389,48 @@ def find_moe_blocks(gm: fx.GraphModule, flow: Dataflow | None = None) -> list[Bl
     results.extend(_argmax_routers(gm.graph, flow, {r.path for r in results}))
     results.extend(_unclaimed_experts(gm.graph, claimed, results, router_failures, flow))
     return results
+
+
+#: Ops that reduce a row over its features (a norm's mean square, its root).
+_ROW_REDUCTIONS = {"mean", "rsqrt", "norm", "var", "var_mean", "layer_norm", "rms_norm", "linalg_vector_norm"}
+
+
+def _explain_per_expert_output(region: Region, router: RouterMatch, flow: Dataflow) -> None:
+    """Raise the precise reason when each expert's output rows pass through a row norm before their weight.
+
+    Muse Spark normalises every expert's output (an RMSNorm over its
+    features, ``post_expert_norm``) before the routing weight multiplies it,
+    and runs its experts at a latent width between two projections: no
+    value of the block input's size holds the weighted sum, and the experts
+    op could not compute it (it weights the down projection directly).
+    """
+    experts_params = {
+        n for n in region.inputs
+        if n.op in ("placeholder", "get_attr") and n not in router.param_nodes and ndim(n) == 3
+    }
+    gemms = [
+        n for n in region.nodes
+        if len(n.all_input_nodes) > 1 and any(p in flow.ancestors(n) | {n} for p in experts_params)
+        and op_name(n) in _EXPERT_GEMMS
+    ]
+    if len(gemms) < 2:
+        return
+    last = max(gemms, key=flow.position.__getitem__)
+    weights = router.weights_end or router.weights_start
+    after = flow.descendants(last) & region.nodes
+    reductions = sorted(n.name for n in after if op_name(n) in _ROW_REDUCTIONS and weights not in flow.ancestors(n))
+    if not reductions:
+        return
+    width = tensor_shape(last)[-1]
+    hidden = tensor_shape(router.weight)[1]
+    latent = f"; the experts run at width {width}, between projections from and back to hidden {hidden}" if (
+        width != hidden
+    ) else ""
+    raise Mismatch(
+        f"per-expert output norm: each expert's output rows are normalised ({', '.join(reductions[:3])}: a row "
+        f"norm over their {width} features, e.g. post_expert_norm) before the routing weight multiplies them; the "
+        f"moepass experts op weights the down projection directly and has no per-expert output function{latent}"
+    )
 
 
 def _match_any_router(anchor: fx.Node, flow: Dataflow) -> RouterMatch:
@@ -468,7 +564,7 @@ def _unclaimed_experts(
         if node.op not in ("placeholder", "get_attr") or node in claimed or ndim(node) != 3:
             continue
         path = module_path_of_param(node)
-        if path is None or not re.search(r"expert", path):
+        if path is None or not (re.search(r"expert", path) or _split_loop_gemm(node)):
             continue
         groups.setdefault(_parent(path) or "", []).append(node)
     rejections = []
@@ -494,10 +590,42 @@ def _unclaimed_experts(
             )
         elif path in router_failures:
             reason = router_failures[path]
+        elif any(_split_loop_gemm(p) for p in params):
+            reason = _SPLIT_LOOP_REASON
+            if len(params) == 1:
+                reason += (
+                    "; only one of the experts' projections is in this graph (in a mixture-of-attention layer the "
+                    "query and output projections are the experts, with attention between them)"
+                )
         else:
             reason = "no supported top-k router reaches these stacked experts"
-        rejections.append(BlockRejection(path=path, reason=reason, num_experts=int(num_experts)))
+        rejections.append(BlockRejection(path=path, reason=reason, num_experts=int(num_experts), anchor=params[0]))
     return rejections
+
+
+_SPLIT_LOOP_REASON = (
+    "the experts graph-broke away from their router: they run in a graph of their own over rows grouped by "
+    "per-expert counts that arrive as Python ints (x.split(expert_size) with expert_size from a .tolist(), "
+    "JetMoE's ParallelExperts), so the router's top-k and the expert GEMMs never reach the backend together "
+    "(and every new set of counts recompiles); the block needs to be captured whole (a model-side change that "
+    "keeps the counts a tensor)"
+)
+
+
+def _split_loop_gemm(param: fx.Node) -> bool:
+    """Whether ``param`` [E, ., .] is sliced per expert (``param[e]``) into a linear over a ``split`` piece.
+
+    JetMoE's experts: ``[F.linear(x_e, W[e]) for x_e in x.split(sizes)]``
+    with ``sizes`` Python ints taken from a tensor by ``.tolist()``.
+    """
+    for user in param.users:
+        if op_name(user) != "getitem" or not isinstance(user.args[1], int):
+            continue
+        for linear in user.users:
+            data = arg(linear, 0, "input") if op_name(linear) == "linear" else None
+            if isinstance(data, fx.Node) and op_name(data) == "getitem" and op_name(data.args[0]) == "split":
+                return True
+    return False
 
 
 def _router_ops_near(graph: fx.Graph, block_path: str, num_experts: int) -> set[str]:

@@ -274,8 +274,9 @@ def _weight_on_input(router: RouterMatch, gemm1: fx.Node, flow: Dataflow) -> boo
 
 def match_experts(region: Region, router: RouterMatch, flow: Dataflow) -> ExpertsMatch:
     """Match the routed experts of ``region``; raises :class:`Mismatch` with the reason."""
-    num_experts = router.spec.num_experts
-    hidden = tensor_shape(router.weight)[1]
+    num_experts = _gemm_experts(region, router)
+    # the experts' own width: the router's input, or the tokens beside a router that stays outside the block
+    hidden = tensor_shape(region.x_base)[-1] if region.free_inputs else tensor_shape(router.weight)[1]
     params = [
         n
         for n in region.inputs
@@ -292,7 +293,7 @@ def match_experts(region: Region, router: RouterMatch, flow: Dataflow) -> Expert
     # 1-D parameters (norm weights, scales on the way in) are never an expert's weights
     others = [p for p in params if p not in stacked and p not in stacked_bias and ndim(p) != 1]
     if stacked and not others:
-        return _match_stacked(region, router, flow, stacked, stacked_bias, hidden)
+        return _match_stacked(region, router, flow, stacked, stacked_bias, hidden, num_experts)
     if not stacked and others:
         return _match_module_loop(region, router, flow, others, hidden)
     if not params:
@@ -303,8 +304,28 @@ def match_experts(region: Region, router: RouterMatch, flow: Dataflow) -> Expert
     )
 
 
-def _match_stacked(region, router, flow, stacked, stacked_bias, hidden) -> ExpertsMatch:
-    num_experts = router.spec.num_experts
+def _gemm_experts(region: Region, router: RouterMatch) -> int:
+    """How many experts run GEMMs: the router's classes, less trailing classes that add nothing.
+
+    A router may select among E + Z classes of which the last Z have their
+    weight forced to 0 (ZAYA's skip class): when the block's stacked weights
+    hold E experts, those Z are no experts at all.  The experts op treats
+    their ids (≥ E) as empty slots, so they cost no GEMM row.
+    """
+    classes = router.spec.num_experts
+    zero = router.zero_weight_classes
+    counts = {
+        tensor_shape(n)[0]
+        for n in region.inputs
+        if n.op in ("placeholder", "get_attr") and n not in router.param_nodes and ndim(n) == 3
+    }
+    if classes in counts or not zero:
+        return classes
+    fewer = [e for e in counts if isinstance(e, int) and 0 < e < classes and set(range(e, classes)) <= zero]
+    return max(fewer) if fewer else classes
+
+
+def _match_stacked(region, router, flow, stacked, stacked_bias, hidden, num_experts) -> ExpertsMatch:
     if len(stacked) != 2:
         raise Mismatch(f"found {len(stacked)} stacked expert weights; expected 2 (gate_up and down)")
     uses = {p: _first_gemm(p, region) for p in stacked}

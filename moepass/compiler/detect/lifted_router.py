@@ -176,6 +176,7 @@ def match_lifted_router(anchor: fx.Node, flow: Dataflow) -> RouterMatch:
                 params.add(viewed)
             elif _is_scalar(source):  # a scale read from an input (dynamic=True makes float attributes inputs)
                 params |= {a for a in source.all_input_nodes if a.op in ("placeholder", "get_attr")}
+    zero_classes = _zero_weight_classes(formula_nodes, weights_end, ids, members, num_experts, flow)
     spec = RouterSpec(
         kind="lifted",
         num_experts=num_experts,
@@ -198,5 +199,66 @@ def match_lifted_router(anchor: fx.Node, flow: Dataflow) -> RouterMatch:
         weights_end=weights_end,
         module_path=module_path_of_param(weight),
         param_nodes=params,
+        zero_weight_classes=zero_classes,
     )
+
+
+_MASK_FILLS = {"masked_fill", "masked_fill_"}
+_COMPARISONS = {"eq": "==", "__eq__": "==", "ge": ">=", "__ge__": ">=", "gt": ">", "__gt__": ">"}
+
+
+def _classes_of_mask(mask, ids: fx.Node, members: set[fx.Node], num_experts: int) -> set[int]:
+    """The classes ``mask`` is true for, when it compares the selected ids with a constant (else empty)."""
+    if not isinstance(mask, fx.Node) or op_name(mask) not in _COMPARISONS or len(mask.args) != 2:
+        return set()
+    source, constant = mask.args
+    if not isinstance(source, fx.Node) or not isinstance(constant, int) or isinstance(constant, bool):
+        return set()
+    # the ids themselves, or views and casts of them
+    while source is not ids and source in members and op_name(source) in CAST_OPS | SHAPE_OPS and source.args:
+        source = source.args[0]
+    if source is not ids:
+        return set()
+    relation = _COMPARISONS[op_name(mask)]
+    if relation == "==":
+        return {constant} if 0 <= constant < num_experts else set()
+    first = constant if relation == ">=" else constant + 1
+    return set(range(max(first, 0), num_experts))
+
+
+#: Ops that map a zero weight to zero (a division only through its numerator).
+_KEEP_ZERO = CAST_OPS | SHAPE_OPS | {"getitem", "squeeze", "expand", "mul", "imul", "mul_", "__mul__", "truediv", "div",
+                                    "div_", "itruediv", "__truediv__", "masked_fill", "masked_fill_"}
+
+
+def _stays_zero(start: fx.Node, end: fx.Node, flow: Dataflow) -> bool:
+    """Whether a zero in ``start`` is still zero in ``end`` (every op between them keeps zeros)."""
+    between = (flow.descendants(start) & flow.ancestors(end)) | {end}
+    for node in between:
+        name = op_name(node)
+        if name not in _KEEP_ZERO or (name in _MASK_FILLS and arg(node, 2, "value") != 0):
+            return False
+        if name in ("truediv", "div", "div_", "itruediv", "__truediv__") and not (
+            node.args and (node.args[0] is start or node.args[0] in between)
+        ):
+            return False
+    return True
+
+
+def _zero_weight_classes(
+    nodes: list[fx.Node], weights_end: fx.Node, ids: fx.Node, members: set[fx.Node], num_experts: int, flow: Dataflow
+) -> frozenset[int]:
+    """Classes whose selected weight the model's formula sets to 0 (``w.masked_fill(ids == c, 0)``).
+
+    Such a class is an expert that adds nothing (ZAYA's skip expert): its
+    slots cost no GEMM row once it is given no expert weights.  Only masks
+    whose zeros reach the weights unchanged count.
+    """
+    found: set[int] = set()
+    for node in nodes:
+        if op_name(node) in _MASK_FILLS and arg(node, 2, "value") == 0 and (
+            node is weights_end or _stays_zero(node, weights_end, flow)
+        ):
+            found |= _classes_of_mask(arg(node, 1, "mask"), ids, members, num_experts)
+    return frozenset(found)
 

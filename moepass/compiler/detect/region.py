@@ -10,6 +10,16 @@ with dependencies that include in-place mutations (see :mod:`moepass.compiler.da
 The region is *closed* when everything it reads from outside is ``x``, a
 parameter/buffer, or a symbolic size; only a closed region can be replaced by
 ``f(x, params)``.  It is *safe* when it mutates nothing outside itself.
+
+A router whose logits come from a computation of its own that reads more than
+the block input (ZAYA's router MLP, fed the previous layer's router state)
+stays outside the region: its logits are a second input, a *boundary*, and
+the region is ``f(x, logits, params)``::
+
+    region(C; x, L) = (ancestors(C) ∪ {C}) \\ (ancestors(x) ∪ {x} ∪ ancestors(L) ∪ {L}) \\ graph inputs
+
+Validation then draws the logits at random like ``x``
+(:func:`moepass.compiler.validate.run_region`).
 """
 
 from __future__ import annotations
@@ -41,6 +51,10 @@ class Region:
     inputs: set[fx.Node]
     combine: fx.Node
     x_base: fx.Node
+    #: Inputs besides ``x_base`` computed outside the block (a router's logits,
+    #: when the router's own computation stays outside it); validation draws
+    #: them at random.
+    free_inputs: tuple[fx.Node, ...] = ()
 
 
 def _is_scalar_value(node: fx.Node) -> bool:
@@ -48,12 +62,16 @@ def _is_scalar_value(node: fx.Node) -> bool:
     return isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool))
 
 
-def block_region(flow: Dataflow, combine: fx.Node, x_base: fx.Node, *more_outputs: fx.Node) -> Region:
-    """The region computing ``combine`` (and ``more_outputs``) from ``x_base``.
+def block_region(
+    flow: Dataflow, combine: fx.Node, x_base: fx.Node, *more_outputs: fx.Node, boundary: tuple[fx.Node, ...] = ()
+) -> Region:
+    """The region computing ``combine`` (and ``more_outputs``) from ``x_base`` (and the ``boundary`` nodes).
 
     Raises :class:`Mismatch` if the region is not closed or not safe.
     """
     before_x = flow.ancestors(x_base) | {x_base}
+    for node in boundary:
+        before_x = before_x | flow.ancestors(node) | {node}
     needed = {combine, *more_outputs}
     for output in (combine, *more_outputs):
         needed |= flow.ancestors(output)
@@ -62,7 +80,7 @@ def block_region(flow: Dataflow, combine: fx.Node, x_base: fx.Node, *more_output
     foreign = [
         a
         for a in inputs
-        if a is not x_base and a.op not in ("placeholder", "get_attr") and not _is_scalar_value(a)
+        if a is not x_base and a not in boundary and a.op not in ("placeholder", "get_attr") and not _is_scalar_value(a)
     ]
     if foreign:
         names = ", ".join(sorted(a.name for a in foreign)[:4])
@@ -79,7 +97,8 @@ def block_region(flow: Dataflow, combine: fx.Node, x_base: fx.Node, *more_output
             f"the block draws random numbers inside ({', '.join(random[:3])}: router noise or dropout in training "
             "mode), which a rewrite cannot reproduce; it is rewritten in eval mode (model.eval())"
         )
-    return Region(nodes=nodes, inputs=inputs, combine=combine, x_base=x_base)
+    free = tuple(node for node in boundary if node in inputs)
+    return Region(nodes=nodes, inputs=inputs, combine=combine, x_base=x_base, free_inputs=free)
 
 
 #: Ops that draw random numbers whenever they run.

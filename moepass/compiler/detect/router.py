@@ -55,6 +55,10 @@ class RouterMatch:
     #: Module path of the router linear's weight owner, e.g. ``model.layers.0.mlp.gate``.
     module_path: str | None
     param_nodes: set[fx.Node] = field(default_factory=set)
+    #: Classes the selection may pick whose routing weight the model forces to
+    #: 0 (ZAYA's skip class E: ``w.masked_fill(ids == E, 0)``): they add
+    #: nothing, so they need no expert (lifted routers only).
+    zero_weight_classes: frozenset[int] = frozenset()
 
 
 def is_topk(node: fx.Node) -> bool:
