@@ -76,6 +76,7 @@ def test_router_mlp_and_skip_class_are_rewritten_exactly():
         spec = block.spec
         assert spec.router.kind == "lifted" and spec.router.num_experts == 9  # 8 experts + the skip class
         assert spec.experts.num_experts == 8 and spec.experts.dispatch == "grouped_mm"
+        assert spec.experts.zero_compute == ("zero",)  # the skip class: a zero expert, counted by the stats
         assert spec.experts.hidden_size == 64 and spec.router.hidden_size == 32
         ops = [n.target for n in block.graph_after.nodes if n.op == "call_function"]
         assert torch.ops.moepass.route.default in ops and torch.ops.moepass.experts.default in ops

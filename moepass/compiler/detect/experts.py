@@ -383,6 +383,9 @@ def _match_stacked(region, router, flow, stacked, stacked_bias, hidden, num_expe
         swiglu_alpha=alpha,
         swiglu_limit=limit,
         program=program,
+        # router classes past the GEMM experts whose weight the model forces to 0 (ZAYA's skip class):
+        # zero experts, so the report counts the slots that went to them
+        zero_compute=("zero",) * (router.spec.num_experts - num_experts),
     )
     x_input = _experts_input(region, router, gemm1, w1, flow, hidden)
     return ExpertsMatch(spec, w1, w2, b1, b2, module_path=module_path_of_param(w1), x_input=x_input)
