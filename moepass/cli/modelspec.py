@@ -167,7 +167,22 @@ def _from_zoo(family: str, seed: int) -> LoadedModel:
 
 
 def load_model(spec: str, seed: int = 0) -> LoadedModel:
-    """Load the model ``spec`` names (see the module docstring); raise :class:`ModelSpecError` if it cannot be."""
+    """Load the model ``spec`` names (see the module docstring); raise :class:`ModelSpecError` if it cannot be.
+
+    Experts loops that graph-break are made traceable
+    (:func:`moepass.make_traceable`): a command-line user cannot call it
+    between loading and compiling, and it changes no model's function.
+    """
+    from moepass.compiler.traceable import make_traceable
+
+    loaded = _load(spec, seed)
+    changed = make_traceable(loaded.model)
+    if changed:
+        logger.info("%s: made %d graph-breaking experts loop(s) traceable", loaded.source, len(changed))
+    return loaded
+
+
+def _load(spec: str, seed: int) -> LoadedModel:
     if spec == "bundled":
         return _bundled()
     if spec.startswith("zoo:"):

@@ -133,8 +133,8 @@ def _facts(inspection: InspectionReport, block: BlockReport) -> str:
         dispatch += " → moepass.route" + (" + moepass.experts" if block.spec and block.spec.experts else "")
     facts.append(("dispatch", dispatch))
     experts = "?" if block.num_experts is None else str(block.num_experts)
-    if block.spec is not None and block.spec.experts is not None:
-        experts += f" routed ({block.spec.experts.description})"
+    if block.spec is not None and block.spec.experts is not None:  # E GEMM experts (+ zero-computation ones)
+        experts = f"{block.spec.experts.num_experts} routed ({block.spec.experts.description})"
     facts.append(("experts", experts))
     facts.append(("native k", "?" if block.top_k is None else str(block.top_k)))
     facts.append(("shared experts", ", ".join(block.shared_experts) or "none"))
@@ -151,6 +151,8 @@ def _facts(inspection: InspectionReport, block: BlockReport) -> str:
         facts.append(("average k", f"{run.average_k:.2f} (native {run.native_k})"))
         facts.append(("tokens per k", ", ".join(f"k={k}: {n}" for k, n in enumerate(run.tokens_per_k))))
         facts.append(("expert FLOPs", f"{run.relative_flops:.1%} of static ({run.saved:.1%} saved)"))
+        if run.zero_compute_slots:
+            facts.append(("zero-computation slots", f"{run.zero_compute_slots} (no GEMM row, not in k)"))
     elif inspection.example:
         facts.append(("run", inspection.why_no_numbers(block)))
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in facts)

@@ -56,6 +56,8 @@ class BlockRun:
     tokens_per_k: list[int]
     #: FLOPs of one token through one expert; None when the experts are unknown.
     flops_per_slot: int | None = None
+    #: Slots that went to zero-computation experts (no GEMM row; not counted in k).
+    zero_compute_slots: int = 0
 
     @classmethod
     def from_stats(cls, block: BlockReport, stats: BlockStats) -> "BlockRun":
@@ -67,6 +69,7 @@ class BlockRun:
             num_experts=stats.num_experts,
             tokens_per_k=list(stats.tokens_per_k),
             flops_per_slot=expert_flops_per_slot(experts) if experts is not None else None,
+            zero_compute_slots=stats.zero_compute_slots,
         )
 
     @property
@@ -116,6 +119,7 @@ class BlockRun:
             "static_expert_flops": self.static_expert_flops,
             "relative_flops": self.relative_flops,
             "saved": self.saved,
+            "zero_compute_slots": self.zero_compute_slots,
         }
 
 
@@ -245,8 +249,8 @@ def _block_text(inspection: InspectionReport, block: BlockReport) -> list[str]:
         dispatch += " → moepass.route" + (" + moepass.experts" if block.spec and block.spec.experts else "")
     fact("dispatch", dispatch)
     experts = "?" if block.num_experts is None else str(block.num_experts)
-    if block.spec is not None and block.spec.experts is not None:
-        experts += f" routed ({block.spec.experts.description})"
+    if block.spec is not None and block.spec.experts is not None:  # E GEMM experts (+ zero-computation ones)
+        experts = f"{block.spec.experts.num_experts} routed ({block.spec.experts.description})"
     fact("experts", experts + ("" if block.top_k is None else f"; native k {block.top_k}"))
     fact("shared", ", ".join(block.shared_experts) or "none")
     if block.policy:
@@ -266,6 +270,8 @@ def _block_text(inspection: InspectionReport, block: BlockReport) -> list[str]:
     fact("ran", f"{run.tokens} tokens, average k {run.average_k:.2f} (native {run.native_k})")
     fact("per k", per_k)
     fact("FLOPs", f"{run.relative_flops:.1%} of static expert FLOPs ({run.saved:.1%} saved)")
+    if run.zero_compute_slots:
+        fact("zero-comp", f"{run.zero_compute_slots} slots went to zero-computation experts (no GEMM row, not in k)")
     return lines
 
 
