@@ -314,14 +314,15 @@ def _gemm_experts(region: Region, router: RouterMatch) -> int:
     """
     classes = router.spec.num_experts
     zero = router.zero_weight_classes
-    counts = {
+    counts = [  # a list: the leading size of a weight may be symbolic (unhashable)
         tensor_shape(n)[0]
         for n in region.inputs
         if n.op in ("placeholder", "get_attr") and n not in router.param_nodes and ndim(n) == 3
-    }
+    ]
+    counts = [e for e in counts if isinstance(e, int)]
     if classes in counts or not zero:
         return classes
-    fewer = [e for e in counts if isinstance(e, int) and 0 < e < classes and set(range(e, classes)) <= zero]
+    fewer = [e for e in counts if 0 < e < classes and set(range(e, classes)) <= zero]
     return max(fewer) if fewer else classes
 
 
