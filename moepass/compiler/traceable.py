@@ -2,9 +2,11 @@
 
 Some models run their experts in a Python loop over the experts that were hit
 (``for e in expert_hit: int(e.item()) …``: LongCat-Flash and DBRX in
-transformers).  Dynamo cannot trace such a loop (its length and indices are
-data), so it graph-breaks and the backend only ever sees the router: it
-rewrites the router alone, and the loop keeps running in Python.
+transformers), or split their rows by per-expert counts taken out as Python
+ints (``.tolist()``: JetMoE).  Dynamo cannot trace such a loop (its length and
+indices are data), so it graph-breaks and the backend sees the router alone
+(or, for JetMoE, router and experts in different graphs): the loop keeps
+running in Python.
 
 :func:`make_traceable` replaces, on the model instance (not its class, not its
 weights), the forward of each such experts module with the same computation
@@ -66,8 +68,8 @@ class _Adapter:
 
     #: ``type(module).__name__`` of the experts modules this adapter serves.
     class_name: str
-    #: module → (spec, forward(self, hidden_states, top_k_index, top_k_weights) → [T, H])
-    build: Callable[[nn.Module], tuple[ExpertsSpec, Callable]]
+    #: module → (spec, ((module or one of its submodules, new forward), …)): the forwards to bind
+    build: Callable[[nn.Module], tuple[ExpertsSpec, tuple[tuple[nn.Module, Callable], ...]]]
 
 
 def _runner(spec: ExpertsSpec) -> Callable:
@@ -118,15 +120,85 @@ def _longcat(module: nn.Module) -> tuple[ExpertsSpec, Callable]:
     def forward(self, hidden_states, top_k_index, top_k_weights):
         return run(hidden_states, top_k_index, top_k_weights, self.gate_up_proj[:num_experts], self.down_proj)
 
-    return spec, forward
+    return spec, ((module, forward),)
+
+
+def _jetmoe(module: nn.Module) -> tuple[ExpertsSpec, tuple[tuple[nn.Module, Callable], ...]]:
+    """JetMoE's MLP mixture (``JetMoeMoE``): the block's forward and its router's.
+
+    ``JetMoeTopKGating`` takes the top-k of the router's logits (in float32),
+    softmaxes the k picked logits, then sorts the slots by expert and turns the
+    per-expert counts into Python ints (``.tolist()``: the graph break) for
+    ``JetMoeParallelExperts``, which splits the sorted rows and runs
+    ``F.linear(x_e, W[e])`` per expert.  The experts are a gated MLP:
+    ``input_linear.weight`` [E, 2I, H] (gate rows, then up rows),
+    activation(gate)·up, ``output_linear.weight`` [E, H, I], no per-expert bias;
+    the block adds one bias [H] after the weighted sum.
+
+    The router's new forward keeps the model's ops up to the softmax (they stay
+    in the graph, so detection matches the router) and drops the sorting; it
+    still returns the logits at index 4, where ``router_logits`` outputs are
+    recorded.  The block's new forward runs the experts with ``moepass.experts``.
+
+    JetMoE's mixture of attention (``JetMoeMoA``) is not changed: its experts
+    are the query and output projections with attention between them, so the
+    router and the two projections are never one block; it stays reported as
+    a graph break.
+    """
+    router, first, second = module.router, module.input_linear, module.output_linear
+    hidden, inter = int(module.input_size), int(module.hidden_size)
+    num_experts = int(router.num_experts)
+    if not isinstance(getattr(router, "layer", None), nn.Linear) or router.layer.bias is not None:
+        raise TraceableError("router.layer is not a linear layer without bias")
+    if tuple(router.layer.weight.shape) != (num_experts, hidden):
+        raise TraceableError(
+            f"router.layer.weight {tuple(router.layer.weight.shape)} is not [E, H] with E={num_experts}, H={hidden}"
+        )
+    w1, w2 = first.weight, second.weight
+    if tuple(w1.shape) != (num_experts, 2 * inter, hidden) or tuple(w2.shape) != (num_experts, hidden, inter):
+        raise TraceableError(
+            f"input_linear.weight {tuple(w1.shape)} and output_linear.weight {tuple(w2.shape)} are not "
+            f"[E, 2I, H] and [E, H, I] with E={num_experts}, I={inter}, H={hidden}"
+        )
+    if module.bias is None or tuple(module.bias.shape) != (hidden,):
+        raise TraceableError(f"bias is not [H] with H={hidden}")
+    spec = ExpertsSpec(
+        dispatch="moepass_op",
+        num_experts=num_experts,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        activation=_activation_name(module.activation),
+        gated=True,
+        gate_up_layout="concat",
+    )
+    run = _runner(spec)
+    top_k = int(router.top_k)
+
+    def route(self, hidden_states):
+        logits = self.layer(hidden_states).float()
+        top_k_logits, top_k_indices = logits.topk(top_k, dim=1)
+        top_k_gates = torch.softmax(top_k_logits, dim=1).type_as(hidden_states)
+        # index 4 is where transformers records ``router_logits``; 2 and 3 (the sorting) are not computed
+        return top_k_indices, top_k_gates, None, None, logits
+
+    def forward(self, layer_input):
+        batch, length, width = layer_input.size()
+        tokens = layer_input.reshape(-1, width)
+        top_k_indices, top_k_gates, _, _, _ = self.router(tokens)
+        out = run(tokens, top_k_indices, top_k_gates, self.input_linear.weight, self.output_linear.weight)
+        return out.view(batch, length, width) + self.bias
+
+    return spec, ((router, route), (module, forward))
 
 
 #: DBRX (``DbrxExperts``) also loops in Python, but stores gate and up as two
 #: tensors: running it with one [E, 2I, H] operand would copy both on every
 #: call, so it stays router-only until the experts op takes them apart.
-_ADAPTERS = (_Adapter("LongcatFlashExperts", _longcat),)
+_ADAPTERS = (_Adapter("LongcatFlashExperts", _longcat), _Adapter("JetMoeMoE", _jetmoe))
 
-#: Experts classes whose graph-breaking loops :func:`make_traceable` replaces.
+#: Classes whose graph-breaking loops :func:`make_traceable` replaces: experts modules
+#: (LongCat-Flash) or whole MoE blocks with their router (JetMoE's MLP mixture; not
+#: its mixture of attention, which stays a reported graph break).
 TRACEABLE_CLASSES = tuple(a.class_name for a in _ADAPTERS)
 
 
@@ -154,8 +226,9 @@ def make_traceable(model: nn.Module) -> list[str]:
         except TraceableError as error:  # raised before any module changed: all or nothing
             raise TraceableError(f"{path or '<root>'} ({type(module).__name__}): {error}") from None
     changed = []
-    for path, module, spec, forward in planned:
-        module.forward = types.MethodType(forward, module)
+    for path, module, spec, forwards in planned:
+        for target, forward in forwards:
+            target.forward = types.MethodType(forward, target)
         setattr(module, MARK, spec)
         changed.append(path)
     if changed:

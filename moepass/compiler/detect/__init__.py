@@ -595,7 +595,13 @@ def _unclaimed_experts(
             if len(params) == 1:
                 reason += (
                     "; only one of the experts' projections is in this graph (in a mixture-of-attention layer the "
-                    "query and output projections are the experts, with attention between them)"
+                    "query and output projections are the experts, with attention between them, so they are never "
+                    "one block)"
+                )
+            else:
+                reason += (
+                    "; moepass.make_traceable(model) captures JetMoE's MLP mixture (JetMoeMoE) whole, other blocks "
+                    "need a model-side change that keeps the counts a tensor"
                 )
         else:
             reason = "no supported top-k router reaches these stacked experts"
@@ -607,8 +613,7 @@ _SPLIT_LOOP_REASON = (
     "the experts graph-broke away from their router: they run in a graph of their own over rows grouped by "
     "per-expert counts that arrive as Python ints (x.split(expert_size) with expert_size from a .tolist(), "
     "JetMoE's ParallelExperts), so the router's top-k and the expert GEMMs never reach the backend together "
-    "(and every new set of counts recompiles); the block needs to be captured whole (a model-side change that "
-    "keeps the counts a tensor)"
+    "(and every new set of counts recompiles)"
 )
 
 
