@@ -54,7 +54,10 @@ def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch
     key = (name, dtype)
     buffer = buffers.get(key)
     if buffer is None or buffer.numel() < numel:
-        buffer = buffers[key] = torch.empty(max(numel, 1), dtype=dtype)
+        # a normal tensor even under torch.inference_mode(): an inference tensor could not be
+        # written outside it later (a recompile's validation, a no_grad call after an inference one)
+        with torch.inference_mode(False):
+            buffer = buffers[key] = torch.empty(max(numel, 1), dtype=dtype)
     return buffer[:numel].view(shape)
 
 

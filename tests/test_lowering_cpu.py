@@ -60,6 +60,20 @@ def test_cpu_low_precision(dtype):
     torch.testing.assert_close(actual.float(), expected.float(), rtol=3e-2, atol=3e-2)
 
 
+def test_a_call_outside_inference_mode_after_one_inside_it():
+    """Scratch buffers kept from an inference_mode call must stay writable in no_grad (and grad) mode."""
+    from moepass.lowering.workspace import release_workspace
+
+    release_workspace()
+    # big enough that the gathered rows come from a kept buffer (>= 1 MiB)
+    spec, args = _problem(2048, 8, 2, 256, 64, VARIANTS["silu-concat"], torch.float32, empty_fraction=0.2)
+    with torch.inference_mode():
+        inside = cpu.experts_forward(*args, spec)
+    with torch.no_grad():
+        outside = cpu.experts_forward(*args, spec)
+    torch.testing.assert_close(outside, inside.clone(), rtol=0, atol=0)
+
+
 def test_empty_slots_cost_no_gemm_rows():
     spec, args = _problem(40, 8, 2, 16, 24, VARIANTS["silu-concat"], torch.float32, empty_fraction=0.45)
     ids = args[1]
