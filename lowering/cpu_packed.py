@@ -57,7 +57,7 @@ class _Entry:
 
 # re-entrant: a weak reference's callback may run (garbage collection) while the lock is held
 _lock = threading.RLock()
-_entries: dict[int, _Entry] = {}
+_entries: dict[tuple, _Entry] = {}
 _packed_total = 0
 
 
@@ -72,7 +72,22 @@ def _available_memory() -> int | None:
     return None
 
 
-def _forget(key: int, dead: weakref.ref) -> None:
+def _owner_and_key(weight: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    """The tensor whose lifetime the packed copies follow, and the entry's key.
+
+    A view (``gate_up_proj[:E]``, taken anew on every call by a forward that
+    uses only some of a parameter's rows) is keyed by its base and where it
+    sits in it, so its packed copies live as long as the parameter, not the
+    view; views share their base's version counter, so in-place updates
+    still repack.
+    """
+    base = weight._base
+    if base is None:
+        return weight, (id(weight),)
+    return base, (id(base), weight.storage_offset(), tuple(weight.shape), tuple(weight.stride()))
+
+
+def _forget(key: tuple, dead: weakref.ref) -> None:
     """A packed weight died: free its copies (unless its id already names a newer weight)."""
     global _packed_total
     with _lock:
@@ -112,10 +127,10 @@ def packing_allowed(weight: torch.Tensor, mode: str) -> bool:
     global _packed_total
     if mode == "off" or weight.dtype not in PACKED_DTYPES:
         return False
-    key = id(weight)
+    owner, key = _owner_and_key(weight)
     with _lock:
         entry = _entries.get(key)
-        fresh = entry is not None and entry.ref() is weight
+        fresh = entry is not None and entry.ref() is owner
         if fresh and entry.version == weight._version and entry.data_ptr == weight.data_ptr():
             return entry.allowed
         if fresh and entry.allowed:  # updated in place or given new storage: repack lazily
@@ -127,7 +142,7 @@ def packing_allowed(weight: torch.Tensor, mode: str) -> bool:
         if entry is not None:  # a dead weight whose id was reused
             _packed_total -= entry.nbytes
         entry = _Entry(
-            weakref.ref(weight, lambda dead, key=key: _forget(key, dead)), weight._version, weight.data_ptr(), allowed, nbytes
+            weakref.ref(owner, lambda dead, key=key: _forget(key, dead)), weight._version, weight.data_ptr(), allowed, nbytes
         )
         entry.matrices = [None] * weight.shape[0]
         _entries[key] = entry
@@ -142,7 +157,7 @@ def packing_allowed(weight: torch.Tensor, mode: str) -> bool:
 
 def packed_matrix(weight: torch.Tensor, expert: int) -> torch.Tensor:
     """The packed copy of ``weight[expert]`` ([out, in]); call :func:`packing_allowed` first."""
-    entry = _entries[id(weight)]
+    entry = _entries[_owner_and_key(weight)[1]]
     matrix = entry.matrices[expert]
     if matrix is None:
         matrix = torch.ops.mkldnn._reorder_linear_weight(weight[expert])

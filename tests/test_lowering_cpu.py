@@ -167,7 +167,7 @@ def test_every_kernel_matches_the_reference(kernel, dtype, variant, forced_kerne
     ids = args[1]
     assert sum(rows) == int((ids < spec.num_experts).sum())  # empty slots cost no GEMM row
     packed = kernel == "packed" and dtype == torch.bfloat16  # only bfloat16 weights are packed
-    entry = cpu_packed._entries.get(id(args[3]))
+    entry = cpu_packed._entries.get((id(args[3]),))
     assert (entry is not None and any(m is not None for m in entry.matrices)) == packed
 
 
@@ -216,6 +216,22 @@ def test_packed_copies_follow_in_place_updates_and_die_with_the_weight(forced_ke
     assert cpu_packed.packed_bytes() == before
 
 
+def test_a_view_taken_anew_each_call_is_packed_once(forced_kernel):
+    """moepass.make_traceable's LongCat forward passes gate_up_proj[:E], a new view per call."""
+    from moepass.lowering import cpu_packed
+
+    forced_kernel("packed")
+    spec, (x, ids, weights, w1, w2, b1, b2) = _problem(10, 8, 2, 16, 24, VARIANTS["silu-concat"], torch.bfloat16, 0.0)
+    stored = torch.cat([w1, torch.zeros_like(w1[:3])])  # rows past E unused (LongCat's identity experts)
+    before = cpu_packed.packed_bytes()
+    first = cpu.experts_forward(x, ids, weights, stored[:8], w2, b1, b2, spec, prepack="on")
+    matrix = cpu_packed.packed_matrix(stored[:8], int(ids[0, 0]))
+    second = cpu.experts_forward(x, ids, weights, stored[:8], w2, b1, b2, spec, prepack="on")
+    assert cpu_packed.packed_matrix(stored[:8], int(ids[0, 0])) is matrix  # not repacked for the new view
+    assert cpu_packed.packed_bytes() == before + (w1.numel() + w2.numel()) * 2
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+
+
 def test_auto_prepack_stays_within_the_memory_available(forced_kernel, monkeypatch, caplog):
     from moepass.lowering import cpu_packed
 
@@ -224,9 +240,9 @@ def test_auto_prepack_stays_within_the_memory_available(forced_kernel, monkeypat
     monkeypatch.setattr(cpu_packed, "_available_memory", lambda: 1000)  # bytes: far less than the weights
     with caplog.at_level("INFO", logger="moepass.lowering.cpu_packed"):
         cpu.experts_forward(*args, spec, prepack="auto")
-    assert not cpu_packed._entries[id(args[3])].allowed
+    assert not cpu_packed._entries[(id(args[3]),)].allowed
     assert "not packed" in caplog.text and "cpu_prepack='on'" in caplog.text
     monkeypatch.setattr(cpu_packed, "_available_memory", lambda: 1 << 40)
     spec, args = _problem(6, 8, 2, 16, 24, VARIANTS["silu-concat"], torch.bfloat16, 0.0, seed=6)
     cpu.experts_forward(*args, spec, prepack="auto")
-    assert cpu_packed._entries[id(args[3])].allowed
+    assert cpu_packed._entries[(id(args[3]),)].allowed
