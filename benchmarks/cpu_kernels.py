@@ -1,7 +1,8 @@
 """Measure the CPU lowering's per-expert projection kernels and write the table that picks one.
 
 For each dtype and projection shape (the first and second projections of the
-Mixtral-, OLMoE- and Qwen3-30B-A3B-shaped experts of ``moe_block_cpu.py``,
+Mixtral-, OLMoE- and Qwen3-30B-A3B-shaped experts of ``moe_block_cpu.py``, and
+of the bundled model's tiny experts, where per-call overheads decide;
 [out, in] weights) and each row count, it runs the projection with each
 kernel of :mod:`moepass.lowering.cpu_kernels` (token-major, weight-major,
 gemv at one row, and on pre-packed weights for bfloat16) expert after expert, over enough experts that their weights
@@ -16,8 +17,12 @@ runs), so noise does not pick it.
 
 Usage::
 
-    python benchmarks/cpu_kernels.py [--dtypes float32 bfloat16] [--rows 1 2 3 4 6 8 12 16 24 32 48 64 128 256]
-        [--rounds 5] [--out lowering/cpu_kernels.json] [--dry-run]
+    python benchmarks/cpu_kernels.py [--dtypes float32 bfloat16] [--shapes mixtral olmoe qwen3_moe bundled]
+        [--rows 1 2 3 4 6 8 12 16 24 32 48 64 128 256] [--rounds 5] [--out lowering/cpu_kernels.json]
+        [--merge] [--dry-run]
+
+``--merge`` replaces only the entries measured (dtype, projection) and keeps
+the table's others; every entry carries the date it was measured.
 """
 
 from __future__ import annotations
@@ -42,20 +47,27 @@ PASS_BYTES = 192 << 20
 PASS_FLOPS = 4e9
 
 
+#: (hidden, intermediate, experts cycled through) of expert shapes beyond moe_block_cpu's: the bundled
+#: model (gated; 8 experts × 4 layers, 12 MB in all: its weights stay in cache, as they do in the model).
+EXTRA_SHAPES = {"bundled": (128, 256, 32)}
+
+
 def projections(shape_names: list[str]) -> dict[str, tuple[int, int]]:
     """name → (out, in) of the first and second projection of each shape's experts."""
     result = {}
     for name in shape_names:
-        shape = SHAPES[name]
-        result[f"{name}.first"] = (2 * shape.inter, shape.hidden)
-        result[f"{name}.second"] = (shape.hidden, shape.inter)
+        hidden, inter = EXTRA_SHAPES[name][:2] if name in EXTRA_SHAPES else (SHAPES[name].hidden, SHAPES[name].inter)
+        result[f"{name}.first"] = (2 * inter, hidden)
+        result[f"{name}.second"] = (hidden, inter)
     return result
 
 
-def measure(name: str, out_features: int, in_features: int, dtype: torch.dtype, rows_list, rounds: int):
-    """Seconds per expert of each kernel at each row count."""
+def measure(name: str, out_features: int, in_features: int, dtype: torch.dtype, rows_list, rounds: int,
+            experts: int | None = None):
+    """Seconds per expert of each kernel at each row count (over ``experts`` matrices; by default enough
+    that their weights come from memory)."""
     matrix_bytes = out_features * in_features * dtype.itemsize
-    experts = max(4, PASS_BYTES // matrix_bytes)
+    experts = experts or max(4, PASS_BYTES // matrix_bytes)
     g = torch.Generator().manual_seed(0)
     weights = (torch.randn(experts, out_features, in_features, generator=g) * 0.02).to(dtype)
     packed = [torch.ops.mkldnn._reorder_linear_weight(w) for w in weights] if dtype in PACKED_DTYPES else None
@@ -109,11 +121,12 @@ def pick(measured: dict, margin: float, with_packed: bool = False, min_wins: flo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--shapes", nargs="+", default=[*SHAPES, *EXTRA_SHAPES], choices=[*SHAPES, *EXTRA_SHAPES])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--margin", type=float, default=0.10)
     parser.add_argument("--out", type=Path, default=TABLE_PATH)
+    parser.add_argument("--merge", action="store_true", help="keep the table's entries that were not measured")
     parser.add_argument("--dry-run", action="store_true", help="print, do not write the table")
     args = parser.parse_args()
     load = "/".join(f"{v:.2f}" for v in os.getloadavg())
@@ -122,13 +135,16 @@ def main() -> None:
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
         for name, (out_features, in_features) in projections(args.shapes).items():
-            times = measure(name, out_features, in_features, dtype, args.rows, args.rounds)
+            shape = name.split(".")[0]
+            experts = EXTRA_SHAPES[shape][2] if shape in EXTRA_SHAPES else None
+            times = measure(name, out_features, in_features, dtype, args.rows, args.rounds, experts)
             entries.append(
                 {
                     "dtype": dtype_name,
                     "projection": name,
                     "out": out_features,
                     "in": in_features,
+                    "date": today(),
                     "kernels": {str(r): pick(t, args.margin) for r, t in times.items()},
                     "kernels_packed": {str(r): pick(t, args.margin, with_packed=True) for r, t in times.items()},
                     "microseconds": {
@@ -136,6 +152,10 @@ def main() -> None:
                     },
                 }
             )
+    if args.merge and args.out.exists():
+        measured = {(e["dtype"], e["projection"]) for e in entries}
+        kept = [e for e in json.loads(args.out.read_text())["entries"] if (e["dtype"], e["projection"]) not in measured]
+        entries = kept + entries
     table = {
         "about": "Fastest CPU kernel of one expert projection by dtype, shape and rows; written by benchmarks/cpu_kernels.py.",
         "machine": machine_description(),

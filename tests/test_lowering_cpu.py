@@ -111,17 +111,19 @@ def test_experts_op_dispatches_to_lowerings():
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("tokens,slots", [(1, 2), (3, 8), (40, 8)])
-def test_slot_plan_in_lists_equals_the_tensor_plan(tokens, slots, monkeypatch):
+@pytest.mark.parametrize("tokens,slots", [(1, 2), (3, 8), (40, 8), (700, 8)])
+def test_slot_plan_in_numpy_equals_the_tensor_plan_and_a_stable_sort(tokens, slots):
     g = torch.Generator().manual_seed(tokens)
     ids = torch.randint(0, 9, (tokens, slots), generator=g)  # 8 = E: empty slots
     ids[0, -1] = -1  # out of range: empty too
-    small = cpu.plan_slots(ids, 8)
-    monkeypatch.setattr(cpu, "_LIST_PLAN_MAX_SLOTS", 0)
-    large = cpu.plan_slots(ids, 8)
+    small = cpu.plan_slots(ids, 8)  # CPU int64 ids: the NumPy plan
+    large = cpu.plan_slots(ids.to(torch.int32), 8)  # other ids: the torch-ops plan
     assert small.counts == large.counts
     for name in ("row_token", "row_slot", "slot_row"):
-        assert torch.equal(getattr(small, name), getattr(large, name)), name
+        assert torch.equal(getattr(small, name), getattr(large, name).long()), name
+    keys = [e if 0 <= e < 8 else 8 for e in ids.flatten().tolist()]
+    stable = sorted(range(len(keys)), key=keys.__getitem__)
+    assert small.row_slot.tolist() == stable[: small.rows]
     live = ids.flatten()
     live = live[(live >= 0) & (live < 8)]
     assert small.counts == torch.bincount(live, minlength=8).tolist()
