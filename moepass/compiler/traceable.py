@@ -48,6 +48,10 @@ class TraceableError(ValueError):
     """An experts module of a supported class whose weights do not fit its adapter."""
 
 
+class _NotThisOne(Exception):
+    """A module of a supported class computing a variant its adapter does not (left as it was, logged)."""
+
+
 def _activation_name(act_fn: nn.Module) -> str:
     """The moepass activation of a transformers ``ACT2FN`` module (``silu``, ``gelu`` …)."""
     name = type(act_fn).__name__.lower()
@@ -70,6 +74,29 @@ class _Adapter:
     class_name: str
     #: module → (spec, ((module or one of its submodules, new forward), …)): the forwards to bind
     build: Callable[[nn.Module], tuple[ExpertsSpec, tuple[tuple[nn.Module, Callable], ...]]]
+    #: (module, spec) → arguments of the module's forward, a small random input to check the new
+    #: forward against the old one on
+    example: Callable[[nn.Module, ExpertsSpec], tuple] = None  # type: ignore[assignment]
+
+
+def _routed_example(module: nn.Module, spec: ExpertsSpec, tokens: int = 6) -> tuple:
+    """(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) for an experts module's forward:
+    k distinct experts per token over every id (zero-computation ones included)."""
+    generator = torch.Generator().manual_seed(0)
+    dtype = next(module.parameters()).dtype
+    total = spec.num_experts + len(spec.zero_compute)
+    depth = min(2, total)
+    x = torch.randn(tokens, spec.hidden_size, generator=generator).to(dtype)
+    ids = torch.stack([torch.randperm(total, generator=generator)[:depth] for _ in range(tokens)])
+    weights = torch.rand(tokens, depth, generator=generator).to(dtype)
+    return x, ids, weights
+
+
+def _block_example(module: nn.Module, spec: ExpertsSpec, tokens: int = 6) -> tuple:
+    """(layer_input [1, T, H],) for a whole MoE block's forward."""
+    generator = torch.Generator().manual_seed(0)
+    dtype = next(module.parameters()).dtype
+    return (torch.randn(1, tokens, spec.hidden_size, generator=generator).to(dtype),)
 
 
 def _runner(spec: ExpertsSpec) -> Callable:
@@ -191,15 +218,69 @@ def _jetmoe(module: nn.Module) -> tuple[ExpertsSpec, tuple[tuple[nn.Module, Call
     return spec, ((router, route), (module, forward))
 
 
+def _stacked_experts(module: nn.Module) -> tuple[ExpertsSpec, tuple[tuple[nn.Module, Callable], ...]]:
+    """transformers' stacked experts written as a Python loop (Step 3.7's ``Step3p7Experts``).
+
+    ``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I], no biases, a gated
+    activation (``_apply_gate`` or ``act_fn``); empty slots carry id E.  Which
+    activation is read from ``act_fn``; a module whose gate does more (Step
+    3.7's clamped layers) fails the check :func:`make_traceable` runs and is
+    left as it was.
+    """
+    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    if not isinstance(gate_up, torch.Tensor) or not isinstance(down, torch.Tensor) or gate_up.dim() != 3 or down.dim() != 3:
+        raise TraceableError("no stacked gate_up_proj / down_proj")
+    num_experts, width, hidden = gate_up.shape
+    inter = width // 2
+    if width % 2 or tuple(down.shape) != (num_experts, hidden, inter):
+        raise TraceableError(
+            f"gate_up_proj {tuple(gate_up.shape)} and down_proj {tuple(down.shape)} are not [E, 2I, H] and [E, H, I]"
+        )
+    if getattr(module, "limit", float("inf")) != float("inf"):
+        raise _NotThisOne(f"its gate and up projections are clamped at {module.limit} (not a plain gated activation)")
+    spec = ExpertsSpec(
+        dispatch="moepass_op",
+        num_experts=int(num_experts),
+        hidden_size=int(hidden),
+        intermediate_size=int(inter),
+        activation=_activation_name(module.act_fn),
+        gated=True,
+        gate_up_layout="concat",
+    )
+    run = _runner(spec)
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        return run(hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj)
+
+    return spec, ((module, forward),)
+
+
 #: DBRX (``DbrxExperts``) also loops in Python, but stores gate and up as two
 #: tensors: running it with one [E, 2I, H] operand would copy both on every
 #: call, so it stays router-only until the experts op takes them apart.
-_ADAPTERS = (_Adapter("LongcatFlashExperts", _longcat), _Adapter("JetMoeMoE", _jetmoe))
+_ADAPTERS = (
+    _Adapter("LongcatFlashExperts", _longcat, _routed_example),
+    _Adapter("JetMoeMoE", _jetmoe, _block_example),
+    _Adapter("Step3p7Experts", _stacked_experts, _routed_example),
+)
 
 #: Classes whose graph-breaking loops :func:`make_traceable` replaces: experts modules
 #: (LongCat-Flash) or whole MoE blocks with their router (JetMoE's MLP mixture; not
 #: its mixture of attention, which stays a reported graph break).
 TRACEABLE_CLASSES = tuple(a.class_name for a in _ADAPTERS)
+
+
+def _first_tensor(result) -> torch.Tensor:
+    return result[0] if isinstance(result, (tuple, list)) else result
+
+
+def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    scale = expected.double().abs().max().clamp_min(1e-30)
+    return float((actual.double() - expected.double()).abs().max() / scale)
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    return 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
 
 
 def make_traceable(model: nn.Module) -> list[str]:
@@ -208,8 +289,11 @@ def make_traceable(model: nn.Module) -> list[str]:
     Call it before ``torch.compile(model, backend="adaptive_moe", ...)`` on a
     model whose report says its experts loop graph-broke (only the router was
     rewritten).  The model computes the same function afterwards (the
-    experts' weights are used where they are; nothing is copied).  Calling it
-    twice changes nothing more; if any module does not fit, none is changed.
+    experts' weights are used where they are; nothing is copied): each new
+    forward is checked against the module's own on a small random input, and
+    a module where they differ is left as it was (logged).  Calling it twice
+    changes nothing more; if any module's weights do not fit its adapter, none
+    is changed.
 
     Raises:
         TraceableError: a module of a supported class whose weights do not
@@ -223,12 +307,27 @@ def make_traceable(model: nn.Module) -> list[str]:
             continue
         try:
             planned.append((path, module, *adapter.build(module)))
+        except _NotThisOne as reason:
+            logger.warning("moepass.make_traceable: left %s (%s) as it was: %s", path or "<root>", type(module).__name__, reason)
         except TraceableError as error:  # raised before any module changed: all or nothing
             raise TraceableError(f"{path or '<root>'} ({type(module).__name__}): {error}") from None
     changed = []
     for path, module, spec, forwards in planned:
-        for target, forward in forwards:
-            target.forward = types.MethodType(forward, target)
+        adapter = adapters[type(module).__name__]
+        args = adapter.example(module, spec)
+        with torch.no_grad():
+            expected = _first_tensor(module(*args))
+            for target, forward in forwards:
+                target.forward = types.MethodType(forward, target)
+            error = _relative_error(_first_tensor(module(*args)), expected)
+        if not error <= _tolerance(expected.dtype):  # the adapter does not compute this module's function
+            for target, _ in forwards:
+                del target.forward
+            logger.warning(
+                "moepass.make_traceable: left %s (%s) as it was: its moepass form differs from its own forward "
+                "by %.1e on a random input", path or "<root>", type(module).__name__, error,
+            )
+            continue
         setattr(module, MARK, spec)
         changed.append(path)
     if changed:
