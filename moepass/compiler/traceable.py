@@ -19,8 +19,12 @@ backend the model still runs the same function (eagerly, through the CPU or
 Triton lowering).
 
 Each supported class has an *adapter* that reads its weights' layout and
-activation from the module; a module whose layout does not fit is left as it
-was and named in the log.  :data:`TRACEABLE_CLASSES` lists the classes known.
+activation from the module.  Weights that do not fit raise
+:class:`TraceableError` and change nothing; a variant the adapter does not
+model is left as it was (logged); and every new forward is run against the
+module's own on a small random input before it is kept — a module where they
+differ is left as it was (logged), so an adapter's mistake cannot change a
+model.  :data:`TRACEABLE_CLASSES` lists the classes known.
 """
 
 from __future__ import annotations
