@@ -15,6 +15,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import textwrap
 import sys
 from pathlib import Path
 
@@ -32,7 +33,7 @@ def readme_blocks(language: str) -> list[tuple[int, str]]:
     """(line number, code) of every fenced block of ``language`` in the README."""
     text = README.read_text()
     return [
-        (text[: m.start()].count("\n") + 1, m.group(2))
+        (text[: m.start()].count("\n") + 1, textwrap.dedent(m.group(2)))  # a block inside a list item is indented
         for m in _BLOCK.finditer(text)
         if m.group(1) == language
     ]
