@@ -15,8 +15,8 @@ import re
 import shlex
 import shutil
 import subprocess
-import textwrap
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
