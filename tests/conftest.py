@@ -74,6 +74,29 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual.double() - expected.double()).abs().max() / expected.double().abs().max())
 
 
+def traceable_and_reference(build, length: int, **options):
+    """(reference, model, compiled, inputs): ``build()`` twice, the second through
+    ``moepass.make_traceable`` and compiled with ``adaptive_moe`` (inner eager, ``options``)."""
+    from moepass.zoo.survey import family_inputs
+
+    reference, model = build(), build()
+    moepass.make_traceable(model)
+    compiled = torch.compile(model, backend="adaptive_moe", options={"inner": "eager", **options})
+    return reference, model, compiled, family_inputs(model, length)
+
+
+def gradients_after_backward(model, compiled, reference, inputs) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """One backward of mean(logits²) through ``compiled`` and ``reference``: (name, gradient, reference
+    gradient) of every parameter the reference gives a gradient."""
+    compiled(**inputs).logits.square().mean().backward()
+    reference(**inputs).logits.square().mean().backward()
+    return [
+        (name, p.grad, q.grad)
+        for (name, p), q in zip(model.named_parameters(), reference.parameters())
+        if q.grad is not None
+    ]
+
+
 def token_ids(batch: int, length: int, seed: int = 0, vocab: int = 128) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
 

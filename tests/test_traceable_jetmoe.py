@@ -14,7 +14,7 @@ import types
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import gradients_after_backward, rel_err, traceable_and_reference
 from reference_routing import Router, route_token
 
 import moepass
@@ -49,11 +49,7 @@ def test_make_traceable_keeps_the_function_and_the_router_logits():
 
 
 def test_jetmoe_mlp_blocks_are_rewritten_and_the_attention_mixture_is_reported():
-    reference = _jetmoe()
-    model = _jetmoe()
-    moepass.make_traceable(model)
-    inputs = family_inputs(model, 13)
-    compiled = torch.compile(model, backend="adaptive_moe", options={"inner": "eager"})
+    reference, model, compiled, inputs = traceable_and_reference(_jetmoe, 13)
     with torch.no_grad():
         actual = compiled(**inputs).logits
         expected = reference(**inputs).logits
@@ -127,18 +123,10 @@ def test_make_traceable_names_a_jetmoe_block_whose_weights_do_not_fit_and_change
 
 
 def test_jetmoe_gradients_through_the_rewrite_equal_eager():
-    reference = _jetmoe()
-    model = _jetmoe()
-    moepass.make_traceable(model)
-    inputs = family_inputs(model, 7)
-    compiled = torch.compile(model, backend="adaptive_moe", options={"inner": "eager"})
-    compiled(**inputs).logits.square().mean().backward()
-    reference(**inputs).logits.square().mean().backward()
+    reference, model, compiled, inputs = traceable_and_reference(_jetmoe, 7)
     checked = set()
-    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
-        if q.grad is None:
-            continue
-        assert rel_err(p.grad, q.grad) <= 1e-5, name
+    for name, grad, expected in gradients_after_backward(model, compiled, reference, inputs):
+        assert rel_err(grad, expected) <= 1e-5, name
         if ".mlp." in name:
             checked.add(name.split(".mlp.")[1])
     # the experts' weights, the router's and the block's bias all get their gradients

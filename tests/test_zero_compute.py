@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import gradients_after_backward, rel_err, traceable_and_reference
 
 import moepass
 from moepass.compiler.dataflow import op_name
@@ -131,18 +131,10 @@ def test_longcat_adaptive_policy_equals_the_models_own_loop_under_the_same_routi
 
 
 def test_longcat_gradients_through_the_rewrite_equal_eager():
-    reference = _longcat()
-    model = _longcat()
-    moepass.make_traceable(model)
-    inputs = family_inputs(model, 7)
-    compiled = torch.compile(model, backend="adaptive_moe", options={"inner": "eager"})
-    compiled(**inputs).logits.square().mean().backward()
-    reference(**inputs).logits.square().mean().backward()
+    reference, model, compiled, inputs = traceable_and_reference(_longcat, 7)
     checked = 0
-    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
-        if q.grad is None:
-            continue
-        assert rel_err(p.grad, q.grad) <= 1e-5, name
+    for name, grad, expected in gradients_after_backward(model, compiled, reference, inputs):
+        assert rel_err(grad, expected) <= 1e-5, name
         checked += "experts" in name
     assert checked >= 4  # both layers' gate_up_proj and down_proj
     ops = [b.graph_after for b in moepass.report(compiled).blocks]

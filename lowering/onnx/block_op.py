@@ -53,11 +53,9 @@ def moe_block(
     uses_x = parse_route_config(route_config).uses_x
     ids, weights = torch.ops.moepass.route(logits, x if uses_x else None, route_tensors, route_config)
     out = torch.ops.moepass.experts(x, ids, weights, w1, w2, b1, b2, experts_config)
-    return out + zero_compute_term(x, ids, weights, experts_config) if _has_zero_compute(experts_config) else out
-
-
-def _has_zero_compute(experts_config: str) -> bool:
-    return bool(parse_experts_config(experts_config).spec.zero_compute)
+    if parse_experts_config(experts_config).spec.zero_compute:
+        out = out + zero_compute_term(x, ids, weights, experts_config)
+    return out
 
 
 def zero_compute_term(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts_config: str) -> torch.Tensor:

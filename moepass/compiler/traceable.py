@@ -103,6 +103,20 @@ def _block_example(module: nn.Module, spec: ExpertsSpec, tokens: int = 6) -> tup
     return (torch.randn(1, tokens, spec.hidden_size, generator=generator).to(dtype),)
 
 
+def _gated_spec(num_experts: int, hidden: int, inter: int, act_fn: nn.Module, zero_compute=()) -> ExpertsSpec:
+    """The spec of gated experts ([gate; up] rows in one [E, 2I, H] weight) that are already moepass ops."""
+    return ExpertsSpec(
+        dispatch="moepass_op",
+        num_experts=int(num_experts),
+        hidden_size=int(hidden),
+        intermediate_size=int(inter),
+        activation=_activation_name(act_fn),
+        gated=True,
+        gate_up_layout="concat",
+        zero_compute=tuple(zero_compute),
+    )
+
+
 def _runner(spec: ExpertsSpec) -> Callable:
     """``run(x, ids, weights, w1, w2)``: the experts (and zero-computation experts) of ``spec``.
 
@@ -134,19 +148,8 @@ def _longcat(module: nn.Module) -> tuple[ExpertsSpec, Callable]:
             f"gate_up_proj {tuple(gate_up.shape)} and down_proj {tuple(down.shape)} are not "
             f"[E+Z, 2I, H] and [E, H, I] with E={num_experts}, I={inter}, H={hidden}"
         )
-    spec = ExpertsSpec(
-        dispatch="moepass_op",
-        num_experts=num_experts,
-        hidden_size=hidden,
-        intermediate_size=inter,
-        activation=_activation_name(module.act_fn),
-        gated=True,
-        gate_up_layout="concat",
-        zero_compute=("identity",) * zero,
-    )
-
+    spec = _gated_spec(num_experts, hidden, inter, module.act_fn, ("identity",) * zero)
     run = _runner(spec)
-    num_experts = spec.num_experts
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         return run(hidden_states, top_k_index, top_k_weights, self.gate_up_proj[:num_experts], self.down_proj)
@@ -193,15 +196,7 @@ def _jetmoe(module: nn.Module) -> tuple[ExpertsSpec, tuple[tuple[nn.Module, Call
         )
     if module.bias is None or tuple(module.bias.shape) != (hidden,):
         raise TraceableError(f"bias is not [H] with H={hidden}")
-    spec = ExpertsSpec(
-        dispatch="moepass_op",
-        num_experts=num_experts,
-        hidden_size=hidden,
-        intermediate_size=inter,
-        activation=_activation_name(module.activation),
-        gated=True,
-        gate_up_layout="concat",
-    )
+    spec = _gated_spec(num_experts, hidden, inter, module.activation)
     run = _runner(spec)
     top_k = int(router.top_k)
 
@@ -242,15 +237,7 @@ def _stacked_experts(module: nn.Module) -> tuple[ExpertsSpec, tuple[tuple[nn.Mod
         )
     if getattr(module, "limit", float("inf")) != float("inf"):
         raise _NotThisOne(f"its gate and up projections are clamped at {module.limit} (not a plain gated activation)")
-    spec = ExpertsSpec(
-        dispatch="moepass_op",
-        num_experts=int(num_experts),
-        hidden_size=int(hidden),
-        intermediate_size=int(inter),
-        activation=_activation_name(module.act_fn),
-        gated=True,
-        gate_up_layout="concat",
-    )
+    spec = _gated_spec(num_experts, hidden, inter, module.act_fn)
     run = _runner(spec)
 
     def forward(self, hidden_states, top_k_index, top_k_weights):

@@ -9,7 +9,7 @@ AdapMoE's system half (Zhong et al. 2024) on top of adaptive-k routing::
         "offload": {"store": "experts/", "cache_gb": 0.004, "prefetch": True}})
     with torch.no_grad():
         fast(input_ids)
-    print(moepass.report(fast))       # per layer: slots, hit rate, bytes read per token, load wait
+    moepass.report(fast)              # its text: per layer slots, hit rate, bytes read per token, load wait
 
 * **store** (:mod:`~moepass.runtime.offload.store`) — one safetensors file per block,
   each expert one 4096-aligned range, read with O_DIRECT (or with the pages
