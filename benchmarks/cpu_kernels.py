@@ -9,7 +9,7 @@ gemv at one row, and on pre-packed weights for bfloat16) expert after expert, ov
 come from memory, not cache (as in a real block, whose lowering runs all first
 projections, then all second ones), and times the kernels interleaved (A, B,
 C, A, B, C … medians).  The fastest at each row count goes into
-``lowering/cpu_kernels.json``, which the lowering reads: column ``kernels``
+``moepass/lowering/cpu_kernels.json``, which the lowering reads: column ``kernels``
 without packed weights, ``kernels_packed`` with them.  A kernel must be
 faster by ``--margin`` (default 10%), and faster in 80% of the rounds, to
 displace token-major, the default (and what transformers' ``grouped_mm``
@@ -18,7 +18,7 @@ runs), so noise does not pick it.
 Usage::
 
     python benchmarks/cpu_kernels.py [--dtypes float32 bfloat16] [--shapes mixtral olmoe qwen3_moe bundled]
-        [--rows 1 2 3 4 6 8 12 16 24 32 48 64 128 256] [--rounds 5] [--out lowering/cpu_kernels.json]
+        [--rows 1 2 3 4 6 8 12 16 24 32 48 64 128 256] [--rounds 5] [--out moepass/lowering/cpu_kernels.json]
         [--merge] [--dry-run]
 
 ``--merge`` replaces only the entries measured (dtype, projection) and keeps

@@ -20,7 +20,7 @@ GPU's HBM bandwidth (a 1 GiB read and copy) and bf16 GEMM rate (8192³
   (target ≥ 60% at 4096 tokens);
 * adaptive ÷ ideal, ideal = (k_avg / k) × static time (target ≤ 1.15).
 
-Tile configs come from kernels/configs/ (run ``moepass tune`` first on a new
+Tile configs come from moepass/kernels/configs/ (run ``moepass tune`` first on a new
 GPU; the table says whether configs were tuned or heuristic).  Without CUDA
 it prints that it needs a GPU and exits 0.  ``--smoke`` runs tiny shapes on
 the CPU under TRITON_INTERPRET=1, to check the script itself, and writes

@@ -16,18 +16,6 @@ backend itself is found by torch through the ``torch_dynamo_backends`` entry
 point, so ``backend="adaptive_moe"`` works without importing moepass.
 """
 
-import os as _os
-
-# lowering/ and kernels/ sit beside moepass/ in the source tree and install as
-# moepass.lowering / moepass.kernels.  Let a source checkout (an editable
-# install, a git worktree, a test run from the repo root) resolve them from
-# the same tree as this file; an installed wheel has them inside moepass/.
-_source_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
-if _os.path.isfile(_os.path.join(_source_root, "lowering", "__init__.py")) and not _os.path.isdir(
-    _os.path.join(_os.path.dirname(__file__), "lowering")
-):
-    __path__.append(_source_root)  # noqa: F821  (the package's own __path__)
-
 from moepass import policies
 from moepass._version import __version__ as __version__
 from moepass.compiler.options import BackendOptions, OptionsError

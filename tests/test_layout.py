@@ -1,7 +1,7 @@
 """The package layout: no import cycles, and each room imports only the rooms below it.
 
-Every module of the package (``moepass/``, and ``lowering/`` and ``kernels/``,
-which install as ``moepass.lowering`` / ``moepass.kernels``) is parsed with
+Every module of the package (``moepass/``, with ``moepass/lowering/`` and
+``moepass/kernels/``) is parsed with
 ``ast``; an import anywhere in a module (also inside a function) is an edge,
 except imports under ``if TYPE_CHECKING:``, which never run.  The rules are
 the ones each subpackage's docstring states; README "Layout" draws them.
@@ -16,7 +16,7 @@ import networkx as nx
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = (("moepass", "moepass"), ("lowering", "moepass.lowering"), ("kernels", "moepass.kernels"))
+SOURCES = (("moepass", "moepass"),)
 
 #: room -> the rooms its modules may import ("root" is the ``moepass`` package itself, the public facade).
 MAY_IMPORT: dict[str, set[str]] = {
@@ -145,3 +145,33 @@ def test_nothing_imports_the_command_line(graph):
     assert all("cli" not in rooms for name, rooms in MAY_IMPORT.items() if name != "cli")
     users = sorted(s for s, t in graph.edges if room(t) == "cli" and room(s) != "cli")
     assert not users, f"the library imports the command line: {users}"
+
+
+def test_no_folder_of_the_checkout_shadows_an_installed_package():
+    """From the checkout's root (``python -m``, pytest) a top-level folder is importable by its name.
+
+    transformers >= 5.25 imports the ``kernels`` distribution; a ``kernels/`` package at the root
+    was found first and broke every import of transformers.  Each folder at the root whose name an
+    installed distribution also provides must resolve to that distribution, not to the checkout.
+    """
+    import importlib.metadata
+    import importlib.util
+    import subprocess
+    import sys
+
+    provided = importlib.metadata.packages_distributions()
+    assert provided, "no installed distribution reports its top-level names: the check below would see nothing"
+    clashes = []
+    for folder in sorted(p for p in ROOT.iterdir() if p.is_dir() and p.name.isidentifier()):
+        if (folder / "__init__.py").exists() and folder.name != "moepass":
+            clashes.append(f"{folder.name}/ is a package at the checkout's root: it would shadow any `{folder.name}`")
+        if folder.name not in provided:
+            continue
+        # a fresh interpreter started in the root, as `python -m pytest` is
+        probe = "import importlib.util as u, sys; s = u.find_spec(sys.argv[1]); print(s.origin or list(s.submodule_search_locations or []))"
+        origin = subprocess.run(
+            [sys.executable, "-c", probe, folder.name], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        if str(ROOT) in origin and str(ROOT / "moepass") not in origin:
+            clashes.append(f"`import {folder.name}` from the root resolves to {origin}, not to {provided[folder.name]}")
+    assert not clashes, "\n".join(clashes)
