@@ -7,7 +7,11 @@ plan stage takes the rewritten graph and its blocks
 experts run, without touching what they compute:
 
 * :mod:`~moepass.compiler.plan.offload` — the experts read their weights from an
-  expert store through a per-layer cache (``options={"offload": ...}``).
+  expert store through a per-layer cache (``options={"offload": ...}``);
+* :mod:`~moepass.compiler.plan.expert_parallel` — the experts are split over
+  ranks and only kept slots are exchanged (transformers'
+  ``ep_implementation="moepass"``, ``Shard(0)`` DTensor weights, or
+  ``options={"expert_parallel": {"mesh": mesh}}``).
 
 Each stage checks its own change (the offload stage: the store holds the
 model's bytes, and the offloaded op equals the in-memory op on a random
