@@ -248,7 +248,8 @@ def _gather_batch(part: torch.Tensor, num_tokens: int, chunk: int, group: Expert
     padded = part.new_zeros(chunk, *part.shape[1:])
     padded[: part.shape[0]] = part
     whole = part.new_empty(chunk * group.batch_size, *part.shape[1:])
-    dist.all_gather_into_tensor(whole, padded, group=group.batch_group)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
+    gather(whole, padded, group=group.batch_group)
     return whole[:num_tokens]
 
 
