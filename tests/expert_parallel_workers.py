@@ -27,7 +27,7 @@ import torch.multiprocessing as mp
 COLLECTIVE_TIMEOUT_S = 60
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -41,7 +41,7 @@ def run_ranks(worker: str, world: int, timeout: float = 300, **kwargs) -> list[d
     """
     with tempfile.TemporaryDirectory(prefix="moepass-ep-") as out:
         context = mp.start_processes(
-            _entry, args=(worker, world, _free_port(), out, kwargs), nprocs=world, join=False, start_method="spawn"
+            _entry, args=(worker, world, free_port(), out, kwargs), nprocs=world, join=False, start_method="spawn"
         )
         deadline = time.monotonic() + timeout
         while not context.join(timeout=0.5):

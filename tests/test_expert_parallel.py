@@ -26,8 +26,16 @@ graph (:class:`expert_parallel_workers.CapturedGraph`).
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
-from expert_parallel_workers import run_ranks, tiny_mixtral
+from expert_parallel_workers import free_port, run_ranks, tiny_mixtral
+
+ROOT = Path(__file__).resolve().parents[1]
 
 STATIC = 1e-5  # the static policy against the model itself (float32 round-off)
 SAME_POLICY = 1e-5  # against one-process moepass under the same policy
@@ -154,3 +162,21 @@ def test_four_ranks(four):
         assert result["top_p"]["rows_sent"] < result["static"]["rows_sent"]
         assert "6 experts cannot be split over the 4 ranks" in result["not_divisible"], result["not_divisible"]
         _check_op_cases(rank, result["op"])
+
+
+def test_the_readme_example_runs_under_torchrun():
+    """README's ``torchrun --nproc-per-node 2 examples/expert_parallel.py --policy top_p --p 0.5`` (inner eager,
+    2 new tokens: the same script, quicker)."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+        "--master-port", str(free_port()), str(ROOT / "examples" / "expert_parallel.py"), "--policy", "top_p",
+        "--p", "0.5", "--inner", "eager", "--max-new-tokens", "2", "--timeout", "60",
+    ]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment, cwd=ROOT)
+    assert finished.returncode == 0, finished.stderr[-4000:]
+    lines = [json.loads(line) for line in finished.stdout.splitlines() if line.startswith("{")]
+    assert sorted(line["rank"] for line in lines) == [0, 1], finished.stdout
+    for line in lines:
+        assert line["error_vs_one_process"] <= SAME_POLICY and line["expert_parallel_blocks"] == 4, line
+        assert line["rows_sent"] > 0 and line["bytes_sent"] > 0 and line["text"].startswith("def fibonacci"), line

@@ -246,11 +246,20 @@ def _drop_gathers(graph: fx.Graph, weights: list[fx.Node]) -> None:
 
 def expert_parallel_stage(state: GraphState) -> None:
     """Point each expert-parallel block's experts op at its group, reading this rank's experts."""
+    from moepass.runtime.expert_parallel.transformers_ep import experts_modules_running_moepass
+
     found: dict[int, _ExpertParallelBlock] = state.scratch.get(_BLOCKS, {})
     graph = state.gm.graph
+    split_by_fsdp = experts_modules_running_moepass() > 0
     for block in state.rewritten_blocks():
         split = found.get(id(block))
         node = block.experts_node()
+        if block.item.experts is None and split_by_fsdp:  # the experts are in another graph (FSDP's hooks)
+            block.report.notes.append(
+                "if these experts run transformers' ep_implementation='moepass' (with FSDP its hooks put them in a "
+                "graph of their own), the slots the policy drops are not sent: the exchange skips a repeated expert "
+                "at weight 0"
+            )
         if split is None or node is None:
             continue
         config = parse_experts_config(node.args[7])

@@ -46,7 +46,10 @@ import torch
 from moepass.compiler.spec import ExpertsSpec
 from moepass.runtime.expert_parallel.group import ExpertParallelError, register_group
 
-__all__ = ["EP_IMPLEMENTATION_NAME", "experts_spec", "register_with_transformers", "register_when_imported"]
+__all__ = [
+    "EP_IMPLEMENTATION_NAME", "experts_spec", "experts_modules_running_moepass", "register_with_transformers",
+    "register_when_imported",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -164,6 +167,7 @@ def _implementation_class():
             self.experts = experts
             self.config = ExpertsConfig(spec=self.spec, expert_parallel=self.group.key).to_json()
             self._checked = False
+            _CREATED[0] += 1
 
         def _weights(self):
             return [None if n is None else _local(getattr(self.experts, n)) for n in self.names]
@@ -203,6 +207,15 @@ def _implementation_class():
 
     MoepassEP.__qualname__ = "MoepassEP"
     return MoepassEP
+
+
+#: How many experts modules run :class:`MoepassEP` in this process (the backend's report mentions it).
+_CREATED = [0]
+
+
+def experts_modules_running_moepass() -> int:
+    """Experts modules of this process that transformers hands to moepass's expert parallelism."""
+    return _CREATED[0]
 
 
 def register_with_transformers() -> bool:
