@@ -100,12 +100,15 @@ def optimize_graph(
     example_inputs: list[Any],
     options: BackendOptions,
     differentiable: bool | None = None,
+    kernel_choices: bool = True,
 ) -> tuple[fx.GraphModule, list[BlockReport]]:
     """Detect, validate and rewrite the MoE blocks of one dynamo graph in place.
 
     ``differentiable`` chooses the experts' form: the split form with autograd
     formulas (True) or the fused op (False); None decides from the grad mode
-    and the inputs (:func:`graph_needs_gradients`).
+    and the inputs (:func:`graph_needs_gradients`).  ``kernel_choices``: look
+    up (or measure, :mod:`moepass.lowering.cpu_tuning`) what the CPU lowering
+    will run for each rewritten block; exporters, which lower elsewhere, say False.
     """
     if differentiable is None:
         differentiable = graph_needs_gradients(example_inputs)
@@ -178,6 +181,8 @@ def optimize_graph(
                 )
         elif item.spec.experts.stacked_from_modules:
             entry.notes.append("expert weights stacked at compile time (a snapshot)")
+        if kernel_choices and item.experts is not None and offload is None and not differentiable:
+            entry.cpu_kernels = _cpu_kernels(item, plan, options, env)
         # blocks' regions are disjoint: the dataflow of the original graph
         # stays valid for the blocks not rewritten yet
     if offload is not None:
@@ -185,6 +190,29 @@ def optimize_graph(
     gm.graph.lint()
     gm.recompile()
     return gm, reports
+
+
+def _cpu_kernels(item: BlockMatch, plan, options: BackendOptions, env: dict):
+    """What the CPU lowering will run for this block on this machine (measured now when no table
+    holds it and tuning is allowed); None when the block's experts run elsewhere."""
+    from moepass.lowering import resolve_lowering
+    from moepass.lowering.cpu_tuning import prepare_block
+
+    x = example_value(item.region.x_base)
+    if not isinstance(x, torch.Tensor) or resolve_lowering(options.lowering, x.device) != "cpu":
+        return None
+    weights = plan.weight_values or {k: env.get(v) if isinstance(v, fx.Node) else v for k, v in plan.weights.items()}
+    if not all(isinstance(weights.get(k), torch.Tensor) for k in ("w1", "w2")) or weights["w1"].dtype != x.dtype:
+        return None
+    weights = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in weights.items()}
+    try:
+        with torch.no_grad():
+            return prepare_block(item.spec.experts, weights, item.spec.top_k, options.cpu_prepack, options.cpu_tuning,
+                                 item.path or "<root>")
+    except (RuntimeError, ValueError, OSError) as failure:  # a choice, not a correctness matter: report and go on
+        logger.warning("moepass: could not measure the CPU kernels of %s (%s: %s): it takes the moepass path",
+                       item.path or "<root>", type(failure).__name__, failure)
+        return None
 
 
 def _check_layer_overrides(policy, found: list[BlockMatch | BlockRejection]) -> None:

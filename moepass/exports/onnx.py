@@ -204,7 +204,7 @@ def _rewrite_captured(captured, model_name: str, options: BackendOptions) -> tup
     """Rewrite a captured graph's MoE blocks (every one must be) and fuse each into one op."""
     from moepass.lowering.onnx import fuse_blocks
 
-    gm, reports = optimize_graph(captured.gm, list(captured.args), options, differentiable=False)
+    gm, reports = optimize_graph(captured.gm, list(captured.args), options, differentiable=False, kernel_choices=False)
     if not reports:
         logger.warning("moepass: no MoE block found in %s; exporting it as it is", model_name)
     _check_rewritten(reports)
