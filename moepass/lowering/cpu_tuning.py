@@ -32,24 +32,53 @@ backend when it rewrites a block for the CPU) looks each entry up for this
 machine (:func:`moepass.runtime.tuning.lookup`: the user's cache, then the
 tables shipped in ``moepass/lowering/tables/cpu_experts/``); a missing one is
 measured there and then on the block's own weights — the projection kernels
-at 1–128 rows, then both paths at 1, 8, 64, 512 and 2048 tokens of random
-top-k routing — within a budget (``options={"cpu_tuning": ...}``,
-``$MOEPASS_TUNING``; default :data:`DEFAULT_BUDGET` seconds per block shape),
-with a progress line, and cached for every later compile and process.
-``moepass tune --cpu`` measures ahead of time.  With tuning off and no table
-for this machine, projections use the nearest shape of a table measured on
-another machine (logged once, with what to run) and blocks take the
-``moepass`` path.
+at 1–128 rows per expert (at most half the budget), then both paths at 1, 8,
+64, 512 and 2048 tokens of random top-k routing (always at least the first:
+the guard matters more than the last few percent of a kernel) — within a
+budget (``options={"cpu_tuning": ...}``, ``$MOEPASS_TUNING``; default
+:data:`DEFAULT_BUDGET` seconds per block shape), with a progress line, and
+cached for every later compile and process.  What a budget left unmeasured
+stays so (a partial entry is used as it is, and the report says so) until
+``moepass tune --cpu`` measures everything ahead of time.  With tuning off
+and no table for this machine, projections use the nearest shape of a table
+measured on another machine (logged once, with what to run) and blocks take
+the ``moepass`` path.  Choices are made on the fastest of the interleaved
+rounds (:func:`moepass.runtime.tuning.best`); a kernel must beat token-major
+by :data:`MARGIN` and in most rounds, and the moepass path must beat
+``grouped_mm`` in most rounds, so noise does not pick.
+
+**Candidates** (torch 2.13, checked 2026-12-07 on the 2-core AMD EPYC):
+
+* oneDNN's linear and pre-packed linear (``onednn``, ``packed``): oneDNN
+  dispatches to AMX tiles on CPUs with AMX-BF16 (Sapphire Rapids and later)
+  and to AVX-512 BF16 elsewhere, so the same candidates measure AMX where it
+  exists; ``machine.isa`` records whether it does.
+* ``torch._grouped_mm`` on CPU works in float32, bfloat16 and float16 (not
+  float64): a composite loop of ``mm`` per group, the ``grouped_mm`` path.
+* Inductor's CPU GEMM template (``max_autotune_gemm_backends="CPP"``) is not a
+  candidate: it compiles per (shape, rows) — about 3 s for one bfloat16
+  [8, 2048] × [2048, 1536] product here, more than a first compile's whole
+  budget for one projection — and wants the weight as a frozen constant, so
+  a block of E experts would compile E kernels per row count; in that probe it
+  was not faster than ATen's linear (5.4 ms against 3.9 ms, on the shared
+  machine).
+
+**For the next kernel family** (quantized experts): the same machinery takes
+it — a :class:`moepass.runtime.tuning.Family`, keys naming what its choice
+depends on, a ``measure(m)`` timing candidates through ``m.compare`` on the
+block's own weights, and a reader like :mod:`moepass.lowering.cpu_choice`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -69,8 +98,11 @@ __all__ = [
     "BlockKernels",
     "measure_block",
     "measure_projection",
+    "TuningSession",
     "prepare_block",
     "tune_block",
+    "tune_shape",
+    "tuning_session",
 ]
 
 logger = logging.getLogger(__name__)
@@ -186,7 +218,7 @@ def measure_block(measurement: tuning.Measurement, spec: ExpertsSpec, weights: d
         faster = times["moepass"] < times["grouped_mm"] and (len(samples["moepass"]) < 3 or wins >= 0.6)
         points.append({
             "tokens": tokens, "rows": tokens * top_k, "path": "moepass" if faster else "grouped_mm",
-            "ms": {p: round(t * 1e3, 4) for p, t in times.items()},
+            "ms": {p: round(t * 1e3, 4) for p, t in times.items()}, "moepass_wins": round(wins, 2),
         })
     return {"k": top_k, "points": points}
 
@@ -218,7 +250,8 @@ class BlockKernels:
         for index, point in enumerate(self.points):
             low = 1 if index == 0 else point["rows"]
             high = self.points[index + 1]["rows"] - 1 if index + 1 < len(self.points) else None
-            merged.append({"rows": (low, high), "path": point["path"], "ms": point["ms"], "tokens": point["tokens"]})
+            merged.append({"rows": (low, high), "path": point["path"], "ms": point["ms"], "tokens": point["tokens"],
+                           "wins": point.get("moepass_wins", 0.0)})
         return merged
 
     def lines(self) -> list[str]:
@@ -242,8 +275,13 @@ class BlockKernels:
                 lines.append(f"  {span}: {bucket['path']}")
                 continue
             ms = bucket["ms"]
-            why = (f"moepass {ms['moepass']:.3g} ms < grouped_mm {ms['grouped_mm']:.3g} ms" if bucket["path"] == "moepass"
-                   else f"grouped_mm {ms['grouped_mm']:.3g} ms ≤ moepass {ms['moepass']:.3g} ms: the model's path")
+            if bucket["path"] == "moepass":
+                why = f"moepass {ms['moepass']:.3g} ms < grouped_mm {ms['grouped_mm']:.3g} ms"
+            elif ms["moepass"] < ms["grouped_mm"]:
+                why = (f"moepass {ms['moepass']:.3g} ms against grouped_mm {ms['grouped_mm']:.3g} ms, but faster in only "
+                       f"{100 * bucket.get('wins', 0):.0f}% of the rounds: the model's path")
+            else:
+                why = f"grouped_mm {ms['grouped_mm']:.3g} ms ≤ moepass {ms['moepass']:.3g} ms: the model's path"
             tokens = f"{bucket['tokens']} token{'s' if bucket['tokens'] != 1 else ''}"
             lines.append(f"  {span} (measured at {tokens}): {bucket['path']} — {why}")
         for name, kernels in self.projections.items():
@@ -322,11 +360,59 @@ def tune_block(spec: ExpertsSpec, weights: dict[str, Any], top_k: int, prepack: 
     )
 
 
+@dataclass
+class TuningSession:
+    """``moepass tune --cpu`` compiling a model: every block shape is measured (again), once."""
+
+    budget: float
+    rows_list: tuple[int, ...] = FULL_ROWS
+    token_points: tuple[int, ...] = TOKEN_POINTS
+    out: Path | None = None
+    #: Each block shape's result, by key (in the order first seen).
+    results: dict[str, BlockKernels] = field(default_factory=dict)
+
+
+_session: contextvars.ContextVar[TuningSession | None] = contextvars.ContextVar("moepass_cpu_tuning", default=None)
+
+
+@contextlib.contextmanager
+def tuning_session(session: TuningSession) -> Iterator[TuningSession]:
+    """Within the block, compiles measure every block shape they rewrite for the CPU (once per shape)."""
+    token = _session.set(session)
+    try:
+        yield session
+    finally:
+        _session.reset(token)
+
+
 def prepare_block(spec: ExpertsSpec, weights: dict[str, Any], top_k: int, prepack: str, setting: Any,
                   description: str) -> BlockKernels:
     """The backend's call for a block rewritten for the CPU: its entries for this machine, measured within
     the budget ``setting`` gives (``cpu_tuning``: auto | off | seconds) when missing."""
-    budget = tuning.tuning_budget(setting, DEFAULT_BUDGET)
-    return tune_block(spec, weights, top_k, prepack, budget, description)
+    session = _session.get()
+    if session is None:
+        return tune_block(spec, weights, top_k, prepack, tuning.tuning_budget(setting, DEFAULT_BUDGET), description)
+    from moepass.lowering.cpu_packed import packing_allowed
+
+    n1 = weights["w1"].shape[2] if spec.transposed else weights["w1"].shape[1]
+    key = block_key(spec, weights["w1"].dtype, n1, not spec.transposed and packing_allowed(weights["w1"], prepack))
+    result = tune_block(spec, weights, top_k, prepack, session.budget, description, session.rows_list,
+                        session.token_points, force=key not in session.results, out=session.out)
+    session.results.setdefault(key, result)
+    return result
 
 
+def tune_shape(num_experts: int, hidden: int, inter: int, top_k: int, dtype: torch.dtype, budget: float,
+               rows_list=FULL_ROWS, token_points=TOKEN_POINTS, out: Path | None = None, prepack: str = "auto",
+               seed: int = 0) -> BlockKernels:
+    """Measure a gated [E, out, in] experts shape (random weights) ahead of time: ``moepass tune --cpu E,H,I,K``."""
+    spec = ExpertsSpec(dispatch="grouped_mm", num_experts=num_experts, hidden_size=hidden, intermediate_size=inter)
+    g = torch.Generator().manual_seed(seed)
+    weights = {
+        "w1": (torch.randn(num_experts, 2 * inter, hidden, generator=g) * hidden**-0.5).to(dtype),
+        "w2": (torch.randn(num_experts, hidden, inter, generator=g) * inter**-0.5).to(dtype),
+        "b1": None, "b2": None,
+    }
+    with torch.no_grad():
+        return tune_block(spec, weights, top_k, prepack, budget, f"E={num_experts} H={hidden} I={inter} top-{top_k} "
+                          f"{str(dtype).removeprefix('torch.')}", rows_list, token_points, force=True, out=out)

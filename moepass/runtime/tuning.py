@@ -457,9 +457,8 @@ def measure_and_store(family: Family, key: str, measure: Callable[[Measurement],
     entry.update(date=datetime.date.today().isoformat(), seconds=round(measurement.elapsed(), 3))
     if measurement.skipped:
         entry["skipped"] = list(measurement.skipped)
-    if path is None:
-        with _lock:
-            _memo[(family.name, current_machine().file_stem, key)] = entry
+    with _lock:
+        _memo[(family.name, current_machine().file_stem, key)] = entry
     try:
         written = store(family, key, entry, path=path)
     except OSError as error:
