@@ -347,3 +347,21 @@ def test_the_first_compile_measures_caches_and_a_second_process_reuses(tmp_path,
     assert "SOURCE cache" in out.stdout, out.stdout + out.stderr
     assert "measuring" not in out.stderr  # a second process adds no measurement
     tuning.forget_measured()
+
+
+def test_moepass_tune_cpu_measures_a_shape_ahead_of_time(tables, capsys):
+    from moepass.cli.main import main
+
+    out = tables / "shipped-here"
+    with tuning.measurement_override(scripted_timer):
+        assert main(["tune", "--cpu", "8,16,24,2", "--dtype", "float32", "--seconds", "30", "--quick",
+                     "--tokens", "1", "64", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "block float32 E=8 H=16 N1=48 I=24 [E,out,in] plain" in printed and "the model's path" in printed
+    table = json.loads((out / f"{current_machine().file_stem}.json").read_text())
+    assert {e for e in table["entries"]} == {
+        "projection float32 48x16 plain", "projection float32 16x24 plain",
+        "block float32 E=8 H=16 N1=48 I=24 [E,out,in] plain"}
+    assert [p["path"] for p in table["entries"]["block float32 E=8 H=16 N1=48 I=24 [E,out,in] plain"]["points"]] == [
+        "moepass", "grouped_mm"]
+    assert main(["tune", "8,16,24,2", "--seconds", "3"]) == 2  # --seconds is for --cpu

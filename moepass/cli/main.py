@@ -257,6 +257,21 @@ def _export_format_options(args: argparse.Namespace) -> tuple[str, str]:
     return f"MLIR ({output_type}, verified in IREE)", output_type
 
 
+def _parse_ort_layout(text: str):
+    """``auto``, a layout name, or ranges ``masked,64=gemm`` (a layout from 1 token, then from each count)."""
+    if "=" not in text and "," not in text:
+        return text
+    ranges = {}
+    for index, part in enumerate(text.split(",")):
+        start, equals, layout = part.partition("=")
+        if not equals and index == 0:
+            start, layout = "1", start
+        if not start.strip().isdigit():
+            raise ValueError(f"--ort-layout {text!r}: expected a layout, or ranges such as masked,64=gemm")
+        ranges[int(start)] = layout.strip()
+    return ranges
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from moepass.cli.modelspec import example_for, load_model
     from moepass.compiler.options import BackendOptions
@@ -270,17 +285,25 @@ def _cmd_export(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, seed=args.seed)
     print(f"loaded {loaded.source}; exporting to {what}", file=sys.stderr)
     started = time.perf_counter()
+    onnx_options = None
+    if args.format in ("onnx", "genai"):
+        from moepass.exports.onnx import OnnxExportOptions
+
+        onnx_options = OnnxExportOptions(ort_layout=_parse_ort_layout(args.ort_layout))
+    elif args.ort_layout != "auto":
+        raise ValueError("--ort-layout is for --format onnx or genai")
     if args.format == "genai":
         from moepass.exports.genai import export_genai
 
         folder = Path(args.model)  # a model folder's tokenizer files go along
         tokenizer = folder if folder.is_dir() and (folder / "tokenizer.json").is_file() else None
-        result = export_genai(loaded.model, out, policy, target=choice, tokenizer=tokenizer, **params)
+        result = export_genai(loaded.model, out, policy, target=choice, tokenizer=tokenizer, options=onnx_options,
+                              **params)
     elif args.format == "onnx":
         from moepass.exports.onnx import export_onnx
 
         example = example_for(args.model, loaded, args.tokens, args.batch, args.seed)
-        result = export_onnx(loaded.model, example, out, policy, target=choice, **params)
+        result = export_onnx(loaded.model, example, out, policy, target=choice, options=onnx_options, **params)
     else:
         from moepass.exports.mlir import export_mlir
 
@@ -437,6 +460,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--target", default=None, choices=["ort", "portable"],
                         help="ONNX and genai: ort (experts run by com.microsoft.MoE, k per token) or portable "
                         "(standard ONNX ops); default ort")
+    export.add_argument("--ort-layout", default="auto", metavar="LAYOUT",
+                        help="ONNX and genai target ort: how the experts run — auto (measured on this machine per "
+                        "token count: re-export on another kind of CPU), masked, buckets, slots, gemm, or ranges "
+                        "such as masked,64=gemm (masked below 64 tokens)")
     export.add_argument("--output-type", default=None, choices=["linalg-on-tensors", "stablehlo", "tosa", "torch"],
                         help="MLIR: the dialect to lower to (default linalg-on-tensors; linalg-on-tensors and "
                         "stablehlo are run in IREE, tosa and torch are parsed and verified)")

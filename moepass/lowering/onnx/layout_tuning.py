@@ -45,9 +45,9 @@ from typing import Callable
 
 import numpy as np
 import onnx
-from moepass.lowering.onnx.builder import FLOAT
 from onnx import helper
 
+from moepass.lowering.onnx.builder import FLOAT
 from moepass.runtime import tuning
 from moepass.runtime.machine import current_machine
 from moepass.runtime.progress import progress
