@@ -26,6 +26,8 @@ else ``~/.cache/moepass``.  ``$MOEPASS_TUNING`` sets whether a missing entry
 is measured: ``auto`` (the default: each family's own budget), ``off`` (never:
 the family falls back to its tables from other machines or a heuristic, and
 says so), or a number of seconds (the budget per measurement).
+``$MOEPASS_SHIPPED_TABLES=off`` ignores the tables shipped with moepass (a
+machine with no table: what ``benchmarks/tuning_cpu.py`` measures).
 
 **Measuring.**  A family's ``measure`` function gets a :class:`Measurement`
 and calls :meth:`Measurement.compare` once per step (a row count, a token
@@ -91,7 +93,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: Environment variables (see the module docstring).
-CACHE_ENV, TUNING_ENV = "MOEPASS_CACHE_DIR", "MOEPASS_TUNING"
+CACHE_ENV, TUNING_ENV, SHIPPED_ENV = "MOEPASS_CACHE_DIR", "MOEPASS_TUNING", "MOEPASS_SHIPPED_TABLES"
 
 
 class TuningError(ValueError):
@@ -190,7 +192,9 @@ def _read_table(path: Path, family: Family) -> dict | None:
 
 
 def _shipped_path(family: Family, machine: Machine) -> Path | None:
-    return family.shipped / f"{machine.file_stem}.json" if family.shipped is not None else None
+    if family.shipped is None or os.environ.get(SHIPPED_ENV, "on") == "off":
+        return None
+    return family.shipped / f"{machine.file_stem}.json"
 
 
 def lookup(family: Family, key: str, machine: Machine | None = None) -> Lookup:
@@ -230,7 +234,7 @@ def machine_entries(family: Family, machine: Machine | None = None) -> dict[str,
 def other_machine_tables(family: Family) -> list[tuple[Machine, dict[str, dict], Path]]:
     """Every shipped table of ``family`` (any machine): the fallback when this machine has none."""
     found = []
-    if family.shipped is not None and family.shipped.is_dir():
+    if family.shipped is not None and family.shipped.is_dir() and os.environ.get(SHIPPED_ENV, "on") != "off":
         for path in sorted(family.shipped.glob("*.json")):
             table = _read_table(path, family)
             if table is not None:
