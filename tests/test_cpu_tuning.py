@@ -279,11 +279,16 @@ def test_a_short_budget_measures_part_and_a_forced_measurement_completes_it(tabl
     assert clock.now <= 4.0 + 1.0  # at most one step past the budget
     first = tuning.lookup(cpu_choice.FAMILY, cpu_choice.projection_key(torch.float32, 48, 16, False)).entry
     assert first["complete"] is False and list(first["kernels"]) == ["1", "2"]
-    assert not tuning.lookup(cpu_choice.FAMILY, cpu_choice.projection_key(torch.float32, 16, 24, False))
-    with tuning.measurement_override(scripted_timer):  # a later first compile uses the partial entries as they are
+    second = cpu_choice.projection_key(torch.float32, 16, 24, False)
+    assert tuning.lookup(cpu_choice.FAMILY, second).entry["kernels"] == {}  # recorded as not measured
+    assert cpu_choice.choose_kernel(2, (16, 24), torch.float32, False) == "weight_major"  # the nearest shape's choice
+
+    def no_timer(label, names):
+        raise AssertionError("a later compile measured again")
+
+    with tuning.measurement_override(no_timer):  # a later first compile uses the partial entries as they are
         again = cpu_tuning.tune_block(spec, weights, 2, "off", budget=30.0)
-        assert again.points == partial.points
-        assert tuning.lookup(cpu_choice.FAMILY, cpu_choice.projection_key(torch.float32, 16, 24, False))  # missing: measured
+    assert again.points == partial.points and not again.complete
     with tuning.measurement_override(scripted_timer):  # a forced measurement (moepass tune --cpu) completes them
         full = cpu_tuning.tune_block(spec, weights, 2, "off", budget=30.0, force=True)
     assert full.complete and len(full.points) == 5

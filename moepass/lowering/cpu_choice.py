@@ -94,11 +94,11 @@ def _parse_projection(key: str) -> tuple[str, int, int, bool] | None:
 
 
 def _nearest(entries: dict[str, dict], dtype: str, out_features: int, in_features: int, packed: bool):
-    """The projection entry of ``entries`` nearest in shape (same dtype and packing), or None."""
+    """The projection entry of ``entries`` nearest in shape (same dtype and packing, not empty), or None."""
     best, best_distance = None, math.inf
     for key, entry in entries.items():
         parsed = _parse_projection(key)
-        if parsed is None or parsed[0] != dtype or parsed[3] != packed:
+        if parsed is None or parsed[0] != dtype or parsed[3] != packed or not entry.get("kernels"):
             continue
         distance = abs(math.log(parsed[1] / out_features)) + abs(math.log(parsed[2] / in_features))
         if distance < best_distance:
@@ -113,7 +113,7 @@ def _projection_choices(dtype: torch.dtype, out_features: int, in_features: int,
     measured on this machine, else on another machine, else token-major everywhere."""
     del threads, generation  # cache keys: the machine's thread count and the tables' state
     found = tuning.lookup(FAMILY, projection_key(dtype, out_features, in_features, packed))
-    if found:
+    if found and found.entry.get("kernels"):  # an entry a budget left empty falls through to the nearest shape
         return _column(found.entry)
     name = _dtype_name(dtype)
     own = tuning.machine_entries(FAMILY)

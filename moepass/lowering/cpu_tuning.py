@@ -299,6 +299,11 @@ class BlockKernels:
         }
 
 
+def _nothing(measurement: tuning.Measurement) -> dict:
+    """The entry of a step the budget left no time for: nothing measured, marked incomplete."""
+    return {"kernels": {}, "complete": False, "skipped": ["the first compile's budget ran out before this step"]}
+
+
 def _projections_of(spec: ExpertsSpec, w1: torch.Tensor, w2: torch.Tensor) -> dict[str, torch.Tensor]:
     """The projections whose kernel choice is measured ([out, in] weights only)."""
     return {} if spec.transposed else {"first": w1, "second": w2}
@@ -341,12 +346,14 @@ def tune_block(spec: ExpertsSpec, weights: dict[str, Any], top_k: int, prepack: 
         # projections may use half the budget; the paths (the never-slower guard) always get the rest,
         # at least their first row count
         left = budget / 2 - stopwatch.elapsed() if name != "block" else max(budget - stopwatch.elapsed(), 1e-3)
-        if left <= 0:  # the rest waits for a later compile with budget left, or `moepass tune --cpu`
-            ran_out = True
-            continue
         path = out / f"{machine.file_stem}.json" if out is not None else None
+        if left <= 0:  # recorded as not measured, so later processes do not pay for it: `moepass tune --cpu` does
+            ran_out = True
+            found[step_key] = tuning.measure_and_store(cpu_choice.FAMILY, step_key, _nothing, 0.0, label, path=path)
+            continue
         found[step_key] = tuning.measure_and_store(cpu_choice.FAMILY, step_key, measure, left, label, path=path)
-    projections = {name: dict(found[k].entry["kernels"]) for name, k, _ in steps[:-1] if found[k]}
+    projections = {name: dict(found[k].entry["kernels"]) for name, k, _ in steps[:-1]
+                   if found[k] and found[k].entry.get("kernels")}
     projection_source = found[steps[0][1]].source if len(steps) > 1 else ""
     block = found[key]
     if not block:
