@@ -370,3 +370,22 @@ def test_moepass_tune_cpu_measures_a_shape_ahead_of_time(tables, capsys):
     assert [p["path"] for p in table["entries"]["block float32 E=8 H=16 N1=48 I=24 [E,out,in] plain"]["points"]] == [
         "moepass", "grouped_mm"]
     assert main(["tune", "8,16,24,2", "--seconds", "3"]) == 2  # --seconds is for --cpu
+
+
+def test_bfloat16_blocks_measure_their_packed_kernels_for_real(tables):
+    """A real (tiny, bounded) measurement: every kernel runs on the block's own bfloat16 weights, packed ones
+    too, and the entries are keyed by each weight's packing."""
+    from moepass.lowering.cpu_kernels import KERNELS
+    from moepass.lowering.cpu_packed import packing_allowed
+
+    spec, weights = _block(torch.bfloat16, seed=3)
+    with torch.no_grad():
+        kernels = cpu_tuning.tune_block(spec, weights, 2, "on", budget=2.0, rows_list=(1, 2), token_points=(1, 8))
+    packed = packing_allowed(weights["w1"], "on")
+    assert kernels.key.endswith("packed" if packed else "plain") and kernels.source == "measured"
+    for shape in ((48, 16), (16, 24)):
+        entry = tuning.lookup(cpu_choice.FAMILY, cpu_choice.projection_key(torch.bfloat16, *shape, packed)).entry
+        assert set(entry["kernels"].values()) <= set(KERNELS)
+        if packed and entry.get("microseconds"):
+            assert "packed" in next(iter(entry["microseconds"].values()))
+    assert {p["path"] for p in kernels.points} <= set(cpu_choice.PATHS) and kernels.points

@@ -180,8 +180,6 @@ def measure_projection(measurement: tuning.Measurement, weight: torch.Tensor, pa
         samples = {k: [s / passes for s in v] for k, v in samples.items()}
         kernels[str(rows)] = _pick(samples)
         micro[str(rows)] = {k: round(tuning.best(v) * 1e6, 1) for k, v in samples.items()}
-    if not kernels:
-        kernels["1"] = "token_major"
     return {"kernels": kernels, "microseconds": micro}
 
 
@@ -330,11 +328,12 @@ def tune_block(spec: ExpertsSpec, weights: dict[str, Any], top_k: int, prepack: 
     if dtype not in TUNED_DTYPES:
         return BlockKernels(key, "none", machine.describe())
     label = description or key
-    steps: list[tuple[str, str, Any]] = [
-        (name, projection_key(dtype, w.shape[1], w.shape[2], packed),
-         functools.partial(measure_projection, weight=w, packed=packed, rows_list=rows_list, label=f"{label} {name}"))
-        for name, w in _projections_of(spec, w1, w2).items()
-    ]
+    steps: list[tuple[str, str, Any]] = []
+    for name, weight in _projections_of(spec, w1, w2).items():
+        own = packing_allowed(weight, prepack)  # decided per weight, as the lowering does
+        steps.append((name, projection_key(dtype, weight.shape[1], weight.shape[2], own),
+                      functools.partial(measure_projection, weight=weight, packed=own, rows_list=rows_list,
+                                        label=f"{label} {name}")))
     steps.append(("block", key, functools.partial(measure_block, spec=spec, weights=weights, top_k=top_k, key=label,
                                                   prepack=prepack, token_points=token_points)))
     found = {step_key: tuning.lookup(cpu_choice.FAMILY, step_key) for _, step_key, _ in steps}
