@@ -170,6 +170,21 @@ def test_a_measurement_stops_at_its_budget():
     assert m.measured == ["cheap", "cheap again"] and m.skipped == ["costly"]
 
 
+def test_obtain_measures_once_then_finds(tables):
+    family = tuning.Family("probe_family", 1)
+    calls = []
+
+    def measure(m):
+        calls.append(m.budget)
+        return {"choice": "a"}
+
+    assert tuning.obtain(family, "k", measure, None).entry is None  # tuning off: nothing measured
+    first = tuning.obtain(family, "k", measure, 2.0, "probe")
+    again = tuning.obtain(family, "k", measure, 2.0, "probe")
+    assert calls == [2.0] and first.source == "measured" and again.source == "process"
+    assert first.entry["choice"] == "a" and first.entry["complete"] is True and "date" in first.entry
+
+
 def test_an_exhausted_budget_runs_nothing():
     def must_not_run():
         raise AssertionError("ran a candidate with no budget left")

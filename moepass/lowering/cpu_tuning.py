@@ -239,6 +239,8 @@ class BlockKernels:
     projection_source: str = ""
     seconds: float = 0.0
     complete: bool = True
+    #: Why nothing was measured, when that is not the tuning setting (shown instead).
+    note: str = ""
 
     def buckets(self) -> list[dict]:
         """Row-count ranges and the path each takes: ``[{"rows": (lo, hi or None), "path", "ms", "tokens"}]``."""
@@ -262,7 +264,9 @@ class BlockKernels:
             "override": "from an override",
             "none": "not measured on this machine (tuning off): the moepass path at every row count",
         }.get(self.source, self.source)
-        if self.source == "none" and not self.complete:
+        if self.note:
+            origin = f"not measured: {self.note}"
+        elif self.source == "none" and not self.complete:
             origin = ("not measured: the budget ran out before this block's paths "
                       "(`moepass tune --cpu` or a larger cpu_tuning budget measures them); the moepass path at every row count")
         lines = [f"CPU paths {origin}" + ("" if self.complete else "; partial: the budget ran out")]
@@ -326,7 +330,9 @@ def tune_block(spec: ExpertsSpec, weights: dict[str, Any], top_k: int, prepack: 
     key = block_key(spec, dtype, n1, packed)
     machine = current_machine()
     if dtype not in TUNED_DTYPES:
-        return BlockKernels(key, "none", machine.describe())
+        return BlockKernels(key, "none", machine.describe(),
+                            note=f"{str(dtype).removeprefix('torch.')} experts have no tuned kernels (the moepass path, "
+                                 "token-major, at every row count)")
     label = description or key
     steps: list[tuple[str, str, Any]] = []
     for name, weight in _projections_of(spec, w1, w2).items():
