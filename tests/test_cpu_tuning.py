@@ -208,6 +208,10 @@ def test_tuning_settings(monkeypatch):
             tuning.tuning_budget(bad, 10.0)
     with pytest.raises(OptionsError, match="cpu_tuning"):
         BackendOptions.parse({"cpu_tuning": "sometimes"})
+    monkeypatch.setenv("MOEPASS_TUNING", "often")
+    with pytest.raises(OptionsError, match=r"\$MOEPASS_TUNING 'often'"):
+        BackendOptions.parse({})
+    monkeypatch.setenv("MOEPASS_TUNING", "7")
     assert BackendOptions.parse({"cpu_tuning": 4}).cpu_tuning == 4
 
 

@@ -420,7 +420,7 @@ def tuning_budget(setting: Any, default: float) -> float | None:
     ``setting``: ``"auto"`` (defer to ``$MOEPASS_TUNING``, itself ``auto`` →
     ``default``), ``"off"`` / False (never), or seconds (> 0).
     """
-    for value in (setting, os.environ.get(TUNING_ENV, "auto")):
+    for value, where in ((setting, "tuning setting"), (os.environ.get(TUNING_ENV, "auto"), f"${TUNING_ENV}")):
         if value is None or value == "auto":
             continue
         if value is False or value == "off":
@@ -428,9 +428,9 @@ def tuning_budget(setting: Any, default: float) -> float | None:
         try:
             seconds = float(value)
         except (TypeError, ValueError):
-            raise TuningError(f"tuning setting {value!r}: expected 'auto', 'off' or seconds (> 0)") from None
+            raise TuningError(f"{where} {value!r}: expected 'auto', 'off' or seconds (> 0)") from None
         if not seconds > 0 or math.isinf(seconds):
-            raise TuningError(f"tuning setting {value!r}: seconds must be positive and finite")
+            raise TuningError(f"{where} {value!r}: seconds must be positive and finite")
         return seconds
     return default
 
