@@ -17,6 +17,8 @@ order (:func:`optimize_graph`; the state they share is
    validation, to read back weights an earlier compile released); ``expert_parallel``
    (experts split over ranks, only kept slots exchanged; its ``expert_parallel_inputs``
    stage runs before validation, which then runs each rank's experts alone);
+   ``cpu_kernels`` (what the CPU lowering runs for each block on this machine, measured
+   where no table holds it);
 6. ``finish``   — lint and recompile the graph;
 
 then the report records what was found and done (:mod:`moepass.runtime.report`)
@@ -34,6 +36,7 @@ import torch.fx as fx
 
 from moepass.compiler.options import BackendOptions
 from moepass.compiler.plan.expert_parallel import expert_parallel_inputs_stage, expert_parallel_stage
+from moepass.compiler.plan.cpu_kernels import KERNEL_CHOICES, cpu_kernels_stage
 from moepass.compiler.plan.offload import offload_inputs_stage, offload_stage
 from moepass.compiler.stages import (
     GraphState,
@@ -67,6 +70,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("rewrite", rewrite_stage),
     Stage("offload", offload_stage, enabled=_offloading),
     Stage("expert_parallel", expert_parallel_stage),
+    Stage("cpu_kernels", cpu_kernels_stage, enabled=lambda options: not _offloading(options)),
     Stage("finish", finish_stage),
 )
 
@@ -88,16 +92,20 @@ def optimize_graph(
     example_inputs: list[Any],
     options: BackendOptions,
     differentiable: bool | None = None,
+    kernel_choices: bool = True,
 ) -> tuple[fx.GraphModule, list[BlockReport]]:
     """Run :data:`STAGES` over one dynamo graph, in place; returns it and its blocks' reports.
 
     ``differentiable`` chooses the experts' form: the split form with autograd
     formulas (True) or the fused op (False); None decides from the grad mode
-    and the inputs (:func:`graph_needs_gradients`).
+    and the inputs (:func:`graph_needs_gradients`).  ``kernel_choices``: run
+    the ``cpu_kernels`` stage (look up, or measure, what the CPU lowering runs
+    for each block); exporters, whose experts run elsewhere, say False.
     """
     if differentiable is None:
         differentiable = graph_needs_gradients(example_inputs)
     state = GraphState(gm=gm, example_inputs=example_inputs, options=options, differentiable=differentiable)
+    state.scratch[KERNEL_CHOICES] = kernel_choices
     with without_communication():  # nothing the stages run may wait on another rank
         run_stages(state, STAGES)
     return state.gm, [block.report for block in state.blocks]

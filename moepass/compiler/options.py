@@ -29,6 +29,13 @@ expert_parallel split the experts over the ranks of a     ``None``
            Models whose expert weights are ``Shard(0)``
            DTensors, or that run transformers'
            ``ep_implementation="moepass"``, need no option
+cpu_tuning CPU lowering: measure this machine's kernel     ``"auto"``
+           and path choices for a block shape no table
+           holds: ``auto`` (at most
+           :data:`~moepass.lowering.cpu_tuning.DEFAULT_BUDGET`
+           seconds per shape, or what ``$MOEPASS_TUNING``
+           says) | ``off`` | seconds; see
+           :mod:`moepass.lowering.cpu_tuning`
 ========== ============================================== ===========
 
 Any other key is a parameter of the named policy (``{"policy": "top_p",
@@ -43,6 +50,7 @@ from typing import Any, Mapping
 
 from moepass.policies import POLICIES, Policy, PolicyError, make_policy
 from moepass.runtime.ops import CPU_PREPACK, LOWERINGS
+from moepass.runtime.tuning import TuningError, tuning_budget
 
 __all__ = ["BackendOptions", "OptionsError", "INNER_COMPILERS", "ExpertParallelOptions"]
 
@@ -80,8 +88,12 @@ class BackendOptions:
     cpu_prepack: str = "auto"
     #: Experts split over a mesh (:class:`ExpertParallelOptions`), or None.
     expert_parallel: ExpertParallelOptions | None = None
+    #: Measuring the CPU lowering's choices on first compile: ``auto`` | ``off`` | seconds.
+    cpu_tuning: Any = "auto"
 
-    _BACKEND_KEYS = ("policy", "inner", "lowering", "validate", "stats", "offload", "cpu_prepack", "expert_parallel")
+    _BACKEND_KEYS = (
+        "policy", "inner", "lowering", "validate", "stats", "offload", "cpu_prepack", "cpu_tuning", "expert_parallel",
+    )
 
     @classmethod
     def parse(cls, options: Mapping[str, Any] | None, mode: str | None = None) -> "BackendOptions":
@@ -132,6 +144,13 @@ class BackendOptions:
         expert_parallel = _parse_expert_parallel(backend.get("expert_parallel"))
         if expert_parallel is not None and offload is not None:
             raise OptionsError("options 'expert_parallel' and 'offload' cannot be combined (each rank's experts are in memory)")
+        cpu_tuning = backend.get("cpu_tuning", "auto")
+        if isinstance(cpu_tuning, bool):
+            cpu_tuning = "auto" if cpu_tuning else "off"
+        try:
+            tuning_budget(cpu_tuning, 1.0)
+        except TuningError as error:
+            raise OptionsError(f"option 'cpu_tuning': {error}") from None
         return cls(
             policy=policy,
             inner=inner,
@@ -142,6 +161,7 @@ class BackendOptions:
             offload=offload,
             cpu_prepack=cpu_prepack,
             expert_parallel=expert_parallel,
+            cpu_tuning=cpu_tuning,
         )
 
 

@@ -11,7 +11,10 @@ experts run, without touching what they compute:
 * :mod:`~moepass.compiler.plan.expert_parallel` — the experts are split over
   ranks and only kept slots are exchanged (transformers'
   ``ep_implementation="moepass"``, ``Shard(0)`` DTensor weights, or
-  ``options={"expert_parallel": {"mesh": mesh}}``).
+  ``options={"expert_parallel": {"mesh": mesh}}``);
+* :mod:`~moepass.compiler.plan.cpu_kernels` — the CPU lowering's kernel and path
+  choices for this machine, looked up or measured (``options={"cpu_tuning": ...}``);
+  the graph is unchanged (the op reads the tables when it runs).
 
 Each stage checks its own change (the offload stage: the store holds the
 model's bytes, and the offloaded op equals the in-memory op on a random

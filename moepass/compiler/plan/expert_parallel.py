@@ -52,7 +52,7 @@ from moepass.compiler.stages import BlockState, GraphState
 from moepass.runtime.expert_parallel import ExpertParallelError, ExpertParallelGroup, group_of_mesh, register_group
 from moepass.runtime.ops import parse_experts_config
 
-__all__ = ["expert_parallel_inputs_stage", "expert_parallel_stage"]
+__all__ = ["expert_parallel_inputs_stage", "expert_parallel_stage", "local_experts"]
 
 logger = logging.getLogger(__name__)
 
@@ -286,3 +286,21 @@ _SOURCES = {
     "dtensor": "Shard(0) DTensor weights",
     "mesh": "options['expert_parallel']",
 }
+
+
+def local_experts(config, weights: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """(spec, weights) of the experts an expert-parallel op runs on this rank — what its lowering sees.
+
+    ``weights`` may hold every expert (validation's copy) or this rank's only.
+    """
+    from moepass.runtime.expert_parallel import group_for
+
+    group = group_for(config.expert_parallel)
+    local = config.spec.num_experts // group.size
+    spec = dataclasses.replace(config.spec, num_experts=local, weight_on_input=False, zero_compute=())
+    start = group.rank * local
+    sliced = {
+        name: value[start : start + local] if isinstance(value, torch.Tensor) and value.shape[0] != local else value
+        for name, value in weights.items()
+    }
+    return spec, sliced
