@@ -218,6 +218,26 @@ class CapturedGraph:
         (logits,) = [o for o in outputs if isinstance(o, torch.Tensor) and o.shape == self.shape]
         return logits, blocks
 
+    def gradients(self, **options) -> list[torch.Tensor]:
+        """The parameters' gradients of mean(logits²) with the stages run under ``options`` in grad mode (the
+        split form one process runs, the fused expert-parallel op where the experts are split)."""
+        import torch.fx as fx
+
+        from moepass.compiler.backend import optimize_graph
+        from moepass.compiler.options import BackendOptions
+
+        gm, snapshot, inputs = self.graphs[0]
+        parameters = [value for value in inputs if isinstance(value, torch.nn.Parameter)]
+        for parameter in parameters:
+            parameter.grad = None
+        graph = fx.Graph()
+        graph.output(graph.graph_copy(snapshot, {}))
+        with torch.enable_grad():
+            rewritten, _ = optimize_graph(fx.GraphModule(gm, graph), inputs, BackendOptions.parse({"inner": "eager", **options}))
+            (logits,) = [o for o in rewritten(*inputs) if isinstance(o, torch.Tensor) and o.shape == self.shape]
+            logits.square().mean().backward()
+        return [parameter.grad.clone() for parameter in parameters]
+
 
 # --- workers: each returns what the tests assert on ----------------------------------------------
 
@@ -436,6 +456,14 @@ def _torch_native(rank: int, world: int) -> dict:
             "error": rel(out, expected), "rows_sent": traffic.rows_sent, "rows_local": traffic.rows_local,
             "expert_parallel_blocks": sum(any("expert parallel over" in n for n in b.notes) for b in blocks),
         }
+    # training with an adaptive policy: each rank's batch, the gradients of the sum of the ranks' losses
+    graph = CapturedGraph(bundled.load_model(), tokens)
+    one_process = graph.gradients(policy="top_p", p=0.5)
+    split = graph.gradients(expert_parallel={"mesh": mesh}, policy="top_p", p=0.5)
+    for grad in one_process + split:  # a rank's expert gradients hold its own experts' rows (every rank's tokens)
+        dist.all_reduce(grad)
+    result["bundled_top_p"]["gradient_error"] = max(rel(a, b) for a, b in zip(split, one_process, strict=True))
+    result["bundled_top_p"]["gradients"] = len(split)
     # Shard(0) DTensor weights: the model gathers them whole; compiled, tokens move instead of weights
     x = torch.randn(7 + 4 * rank, 16, generator=torch.Generator().manual_seed(rank))
     plain, sharded = StackedMoE(), _shard_experts(StackedMoE(), mesh)

@@ -108,6 +108,10 @@ def test_every_policy_with_the_mesh_option_equals_one_process_moepass(two):
             run = result[f"bundled_{policy}"]
             assert run["error"] <= SAME_POLICY, (rank, policy, run)
             assert run["expert_parallel_blocks"] == 4 and run["rows_sent"] > 0, (rank, policy, run)
+        top_p = result["bundled_top_p"]  # training, adaptive: gradients through the exchange equal one process's
+        assert top_p["gradient_error"] <= GRADIENTS and top_p["gradients"] >= 30, (rank, top_p)
+        for policy in policies:
+            run = result[f"bundled_{policy}"]
             if policy != "static":
                 assert run["rows_sent"] + run["rows_local"] < result["bundled_static"]["rows_sent"] + result[
                     "bundled_static"]["rows_local"], (rank, policy)
