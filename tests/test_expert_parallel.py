@@ -108,8 +108,8 @@ def test_every_policy_with_the_mesh_option_equals_one_process_moepass(two):
             run = result[f"bundled_{policy}"]
             assert run["error"] <= SAME_POLICY, (rank, policy, run)
             assert run["expert_parallel_blocks"] == 4 and run["rows_sent"] > 0, (rank, policy, run)
-        top_p = result["bundled_top_p"]  # training, adaptive: gradients through the exchange equal one process's
-        assert top_p["gradient_error"] <= GRADIENTS and top_p["gradients"] >= 30, (rank, top_p)
+        training = result["training_top_p"]  # adaptive: gradients through the exchange equal one process's
+        assert training["gradient_error"] <= GRADIENTS and training["gradients"] >= 15, (rank, training)
         for policy in policies:
             run = result[f"bundled_{policy}"]
             if policy != "static":
@@ -176,7 +176,8 @@ def test_the_readme_example_runs_under_torchrun():
         "--master-port", str(free_port()), str(ROOT / "examples" / "expert_parallel.py"), "--policy", "top_p",
         "--p", "0.5", "--inner", "eager", "--max-new-tokens", "1", "--timeout", "60",
     ]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     finished = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment, cwd=ROOT)
     assert finished.returncode == 0, finished.stderr[-4000:]
     lines = [json.loads(line) for line in finished.stdout.splitlines() if line.startswith("{")]

@@ -143,7 +143,9 @@ class BackendOptions:
             )
         expert_parallel = _parse_expert_parallel(backend.get("expert_parallel"))
         if expert_parallel is not None and offload is not None:
-            raise OptionsError("options 'expert_parallel' and 'offload' cannot be combined (each rank's experts are in memory)")
+            raise OptionsError(
+                "options 'expert_parallel' and 'offload' cannot be combined (each rank's experts are in memory)"
+            )
         cpu_tuning = backend.get("cpu_tuning", "auto")
         if isinstance(cpu_tuning, bool):
             cpu_tuning = "auto" if cpu_tuning else "off"
@@ -191,7 +193,9 @@ def _parse_expert_parallel(value: Any) -> ExpertParallelOptions | None:
         )
     unknown = sorted(set(value) - {"mesh", "mesh_dim"})
     if unknown:
-        raise OptionsError(f"unknown key(s) {', '.join(map(repr, unknown))} in option 'expert_parallel'; valid: mesh, mesh_dim")
+        raise OptionsError(
+            f"unknown key(s) {', '.join(map(repr, unknown))} in option 'expert_parallel'; valid: mesh, mesh_dim"
+        )
     mesh = value.get("mesh")
     if mesh is None or not all(hasattr(mesh, a) for a in ("get_group", "ndim", "size", "mesh")):
         raise OptionsError(

@@ -25,6 +25,13 @@ each have an autograd formula (see :mod:`moepass.lowering.grouped`)::
 ``experts`` itself is differentiable too (its backward re-runs the split
 form), so the op is usable on its own in eager code.
 
+An ``experts`` call whose config names an expert-parallel group
+(``ExpertsConfig.expert_parallel``) holds this rank's ``E/R`` experts and
+exchanges the kept slots with the other ranks
+(:mod:`moepass.runtime.expert_parallel.exchange`); its backward is the opaque
+``moepass.expert_parallel_backward``, which exchanges too.  Neither fake
+kernel communicates.
+
 Zero-computation experts (ids E … E+Z−1, LongCat-Flash's identity experts,
 MoE++'s zero/constant experts) never reach the experts op's GEMMs (it treats
 every id ≥ E as empty); their contribution is added beside it::
@@ -59,6 +66,7 @@ __all__ = [
     "expert_activation",
     "experts_down",
     "zero_compute_experts",
+    "expert_parallel_backward",
     "LOWERINGS",
     "CPU_PREPACK",
     "capture_routes",

@@ -168,7 +168,9 @@ def _find(state: GraphState, block: BlockState) -> _ExpertParallelBlock | None:
                 f"has {rows} experts where the router picks among {spec.num_experts}"
             )
     if spec.stacked_from_modules:
-        raise ExpertParallelError(f"block {path}: its experts are separate modules; expert parallelism needs stacked weights")
+        raise ExpertParallelError(
+            f"block {path}: its experts are separate modules; expert parallelism needs stacked weights"
+        )
     return _ExpertParallelBlock("mesh", group, {n: node for n, (node, _) in values.items()})
 
 
@@ -219,7 +221,9 @@ def expert_parallel_inputs_stage(state: GraphState) -> None:
     state.scratch[_BLOCKS] = found
 
 
-def _local_weight(graph: fx.Graph, before: fx.Node, weight: fx.Node, split: _ExpertParallelBlock, experts: int) -> fx.Node:
+def _local_weight(
+    graph: fx.Graph, before: fx.Node, weight: fx.Node, split: _ExpertParallelBlock, experts: int
+) -> fx.Node:
     """This rank's experts of ``weight``: ``weight.to_local()`` (DTensor) or ``weight.narrow(0, r·E/R, E/R)``."""
     with graph.inserting_before(before):
         if split.source == "dtensor":

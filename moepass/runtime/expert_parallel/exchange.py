@@ -21,9 +21,10 @@ makes all three exchanges even with no rows (a rank with no tokens, or whose
 tokens all dropped), so no rank waits for one that skipped.
 
 The backward (:func:`experts_backward`) re-plans, sends each kept slot's token
-row and its output gradient (``w · ∂out``) in one exchange, recomputes the
-local experts with their gradients, and returns each row's input gradient and
-expert output (for the routing weight's gradient) in a second.
+row, its output gradient and its routing weight in one exchange, recomputes the
+local experts and differentiates them with the single-process split form's own
+functions, and returns each row's input gradient and routing-weight gradient
+in a second.
 
 The header's fingerprint is a hash of the call (block, experts, routing policy,
 direction): ranks that compiled different policies, run different blocks or
@@ -39,6 +40,13 @@ Empty slots written as a repeated expert at weight 0 (``moepass.route``'s
 ``repeat_first`` form, used when the consumer of the ids sat in another graph)
 are recognised and not sent either: a slot whose weight is 0 and whose expert
 an earlier slot of the same token already names adds exactly nothing.
+
+On CUDA tensors (NCCL) the same code runs: the header and the rows are
+exchanged on the device, the split sizes and the header check are read back
+to the host (one synchronisation per call, as transformers' ``all_to_all``
+has; no CUDA-graph capture), ``plan_slots`` takes its torch path, and the
+local experts run the Triton lowering (``lowering="auto"``) — written and
+reviewed, not run: no machine with two GPUs was available.
 """
 
 from __future__ import annotations
@@ -54,7 +62,14 @@ from typing import Iterator
 import torch
 from moepass.lowering.activations import apply_activation
 from moepass.lowering.cpu import SlotPlan, combine_rows, plan_slots
-from moepass.lowering.grouped import accumulation_dtype, down_backward, down_forward, expert_rows, up_backward, up_forward
+from moepass.lowering.grouped import (
+    accumulation_dtype,
+    down_backward,
+    expert_rows,
+    token_ordered,
+    up_backward,
+    up_forward,
+)
 
 from moepass.compiler.spec import ExpertsSpec
 from moepass.runtime.expert_parallel.group import ExpertParallelError, ExpertParallelGroup, group_for
@@ -228,7 +243,7 @@ def _run_local(rows: torch.Tensor, local_ids: torch.Tensor, w1, w2, b1, b2, cfg,
     from moepass.lowering import run_experts
 
     local_cfg = dataclasses.replace(
-        cfg, spec=layout.local_spec, expert_parallel="", routing_fingerprint="", collect_stats=False, block=cfg.block
+        cfg, spec=layout.local_spec, expert_parallel="", routing_fingerprint="", collect_stats=False
     )
     ones = torch.ones(rows.shape[0], 1, dtype=torch.float32, device=rows.device)
     return run_experts(rows, local_ids, ones, w1, w2, b1, b2, local_cfg)
@@ -335,69 +350,75 @@ def _autograd_inside_op():
     return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
 
 
+def _packed(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[S, 1] values in the accumulation dtype as columns of ``dtype`` (their bits), to travel with rows of it."""
+    return values.contiguous().view(dtype) if values.dtype != dtype else values
+
+
+def _unpacked(columns: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return columns.contiguous().view(dtype) if columns.dtype != dtype else columns
+
+
 def _backward(grad_out, x, ids, weights, w1, w2, b1, b2, cfg, layout: _Layout, needs) -> list[torch.Tensor | None]:
+    """The backward of :func:`_forward`, by the single-process split form's own formulas.
+
+    Each kept slot's token row, its output gradient and its routing weight go to
+    the expert's owner, which runs ``up_forward`` → activation →
+    ``down_backward`` → ``up_backward`` on the rows it received as tokens of one
+    slot each — the functions and accumulation order one process uses — and
+    returns each row's input gradient and routing-weight gradient.
+    """
     need_x, need_weights, need_w1, need_w2, need_b1, need_b2 = needs
-    spec, hidden, acc = cfg.spec, x.shape[1], accumulation_dtype(x.dtype)
+    dtype, hidden, acc = x.dtype, x.shape[1], accumulation_dtype(x.dtype)
+    columns = acc.itemsize // dtype.itemsize  # a routing weight as columns of the rows' dtype
     kind = _BACKWARD + 4 * sum(1 << i for i, need in enumerate(needs) if need)
-    on_output = not spec.weight_on_input
-    need_rows = need_x or (need_weights and not on_output)
-    want_y = need_weights and on_output
-    back_width = hidden * (int(need_rows) + int(want_y))
-    plan = _plan_exchange(ids, weights, cfg, layout, kind, x.element_size(), 2 * hidden, back_width)
+    back_width = hidden * int(need_x) + columns * int(need_weights)
+    plan = _plan_exchange(ids, weights, cfg, layout, kind, x.element_size(), 2 * hidden + columns, back_width)
     slots = plan.slots
     row_weights = weights.reshape(-1).index_select(0, slots.row_slot).to(acc).unsqueeze(1)
-    x_rows = x.index_select(0, slots.row_token)
-    g_rows = grad_out.index_select(0, slots.row_token)
-    sent_x = (x_rows.to(acc) * row_weights).to(x.dtype) if not on_output else x_rows
-    sent_g = (g_rows.to(acc) * row_weights).to(x.dtype) if on_output else g_rows
+    sent = torch.cat([
+        x.index_select(0, slots.row_token), grad_out.to(dtype).index_select(0, slots.row_token),
+        _packed(row_weights, dtype),
+    ], dim=1)
     group = layout.group.group
-    received = _exchange_rows(torch.cat([sent_x, sent_g], dim=1), plan.send_sizes, plan.recv_sizes, group)
-    recv_x, recv_g = received[:, :hidden], received[:, hidden:]
+    received = _exchange_rows(sent, plan.send_sizes, plan.recv_sizes, group)
+    recv_x, recv_g = received[:, :hidden].contiguous(), received[:, hidden : 2 * hidden].contiguous()
+    recv_weights = _unpacked(received[:, 2 * hidden :], acc)  # [S_recv, 1]
 
-    # the local experts, recomputed on the received rows, and their gradients
-    local_ids, spec_local = plan.local_ids(layout), layout.local_spec
-    ones = torch.ones(received.shape[0], 1, dtype=torch.float32, device=x.device)
-    row_token, row_slot, offsets = expert_rows(local_ids, layout.local_experts)
-    h = up_forward(recv_x.contiguous(), row_token, row_slot, offsets, ones, w1, b1, spec_local)
+    # this rank's experts on the rows it received, one slot each, forward again and backward
+    spec = dataclasses.replace(layout.local_spec, weight_on_input=cfg.spec.weight_on_input)
+    row_token, row_slot, offsets = expert_rows(plan.local_ids(layout), layout.local_experts)
+    h = up_forward(recv_x, row_token, row_slot, offsets, recv_weights, w1, b1, spec)
     with _autograd_inside_op(), torch.enable_grad():
         h_leaf = h.detach().requires_grad_(True)
-        a = apply_activation(h_leaf, spec_local)
-    y = down_forward(a.detach(), row_token, row_slot, offsets, ones, w2, b2, spec_local) if want_y else None
-    grad_a, _, grad_w2, grad_b2 = down_backward(
-        recv_g.contiguous(), a.detach(), row_token, row_slot, offsets, ones, w2, b2, spec_local,
-        (True, False, need_w2, need_b2),
+        a = apply_activation(h_leaf, spec)
+    grad_a, down_weights, grad_w2, grad_b2 = down_backward(
+        recv_g, a.detach(), row_token, row_slot, offsets, recv_weights, w2, b2, spec,
+        (True, need_weights, need_w2, need_b2),
     )
     with _autograd_inside_op():
         (grad_h,) = torch.autograd.grad(a, h_leaf, grad_a)
-    grad_recv_x, _, grad_w1, grad_b1 = up_backward(
-        grad_h, recv_x.contiguous(), row_token, row_slot, offsets, ones, w1, b1, spec_local,
-        (need_rows, False, need_w1, need_b1),
+    grad_rows, up_weights, grad_w1, grad_b1 = up_backward(
+        grad_h, recv_x, row_token, row_slot, offsets, recv_weights, w1, b1, spec,
+        (need_x, need_weights, need_w1, need_b1),
     )
 
-    # back to the senders: each row's input gradient and (for the weights' gradient) its output
-    parts = ([grad_recv_x.to(x.dtype)] if need_rows else []) + ([y.to(x.dtype)] if want_y else [])
+    # back to the senders: each row's input gradient, its routing weight's gradient
+    parts = [grad_rows.to(dtype)] if need_x else []
+    if need_weights:
+        parts.append(_packed((down_weights.to(acc) + up_weights.to(acc)).reshape(-1, 1), dtype))
     grad_x = grad_weights = None
     if parts:
         back = _exchange_rows(torch.cat(parts, dim=1), plan.recv_sizes, plan.send_sizes, group)
-        column = 0
-        if need_rows:
-            grad_rows = back[:, :hidden].to(acc)
-            column = hidden
-            if need_x:
-                scaled = grad_rows if on_output else grad_rows * row_weights
-                grad_x = torch.zeros(x.shape, dtype=acc, device=x.device)
-                grad_x.index_add_(0, slots.row_token, scaled)
-                grad_x = grad_x.to(x.dtype)
-            if need_weights and not on_output:
-                per_row = (grad_rows * x_rows.to(acc)).sum(dim=1)
-        if want_y:
-            per_row = (back[:, column : column + hidden].to(acc) * g_rows.to(acc)).sum(dim=1)
+        num_tokens, depth = weights.shape
+        if need_x:  # each token's slot rows summed in slot order, as one process sums them
+            rows = x.new_zeros(slots.rows + 1, hidden)
+            rows[: slots.rows] = back[:, :hidden]
+            ordered = token_ordered(rows, slots.slot_row, num_tokens, depth)
+            grad_x = ordered.sum(dim=1) if depth > 1 else ordered[:, 0].clone()
         if need_weights:
+            per_row = _unpacked(back[:, hidden * int(need_x) :], acc).reshape(-1)
             grad_weights = torch.zeros(weights.numel(), dtype=acc, device=x.device)
             grad_weights.index_copy_(0, slots.row_slot, per_row)
             grad_weights = grad_weights.view(weights.shape).to(weights.dtype)
-    if need_x and grad_x is None:
-        grad_x = torch.zeros_like(x)
-    if need_weights and grad_weights is None:
-        grad_weights = torch.zeros_like(weights)
     return [grad_x, grad_weights, grad_w1, grad_w2, grad_b1, grad_b2]

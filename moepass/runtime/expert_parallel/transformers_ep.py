@@ -64,7 +64,8 @@ def _activation_name(act_fn: Any) -> str:
     name = type(act_fn).__name__.lower()
     if "silu" in name or "swish" in name:
         return "silu"
-    if name in ("gelutanh", "newgeluactivation", "gelupytorchtanh", "fastgeluactivation") or ("gelu" in name and "tanh" in name):
+    tanh_forms = ("gelutanh", "newgeluactivation", "gelupytorchtanh", "fastgeluactivation")
+    if name in tanh_forms or ("gelu" in name and "tanh" in name):
         return "gelu_tanh"
     if name in ("geluactivation", "gelu"):
         return "gelu"
@@ -201,7 +202,8 @@ def _implementation_class():
 
         def __call__(self, hidden_states, top_k_index, top_k_weights):
             weights = self._weights()
-            if not self._checked and not torch.compiler.is_compiling():
+            # is_compiling() first: dynamo reads it as a constant and never guards on _checked
+            if not torch.compiler.is_compiling() and not self._checked:
                 self._check(weights)
             return torch.ops.moepass.experts(hidden_states, top_k_index, top_k_weights, *weights, self.config)
 
@@ -225,8 +227,10 @@ def register_with_transformers() -> bool:
     except ImportError:
         return False
     if not hasattr(EPImplementationInterface, "register"):
-        logger.warning("moepass: transformers' EPImplementationInterface has no register(); ep_implementation='moepass' "
-                       "is not available")
+        logger.warning(
+            "moepass: transformers' EPImplementationInterface has no register(); ep_implementation='moepass' is "
+            "not available"
+        )
         return False
     EPImplementationInterface.register(EP_IMPLEMENTATION_NAME, _implementation_class())
     return True
