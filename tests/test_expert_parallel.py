@@ -185,3 +185,90 @@ def test_the_readme_example_runs_under_torchrun():
     for line in lines:
         assert line["error_vs_one_process"] <= SAME_POLICY and line["expert_parallel_blocks"] == 4, line
         assert line["rows_sent"] > 0 and line["bytes_sent"] > 0 and line["text"].startswith("def fibonacci"), line
+
+
+# --- single-process checks: the option, the transformers adapter's reading, the empty-slot forms ---------------
+
+
+class _Mesh:
+    """Stands in for a DeviceMesh (the option's parser reads these attributes only)."""
+
+    def __init__(self, ndim: int, names=None):
+        self.ndim, self.mesh_dim_names, self.mesh = ndim, names, None
+
+    def get_group(self, dim=0):
+        return None
+
+    def size(self, dim=None):
+        return 2
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("mesh", "must be a dict such as {'mesh': mesh}"),
+        ({"mesh": "cpu"}, "needs 'mesh': a torch.distributed DeviceMesh"),
+        ({"mesh": _Mesh(1), "axis": 0}, "unknown key(s) 'axis'"),
+        ({"mesh": _Mesh(2, ("dp", "ep"))}, "name the one holding the experts with 'mesh_dim'"),
+        ({"mesh": _Mesh(2, ("dp", "ep")), "mesh_dim": "tp"}, "the mesh has no dimension 'tp'"),
+        ({"mesh": _Mesh(2, ("dp", "ep")), "mesh_dim": 2}, "the mesh has no dimension 2"),
+    ],
+)
+def test_the_expert_parallel_option_names_what_is_wrong(value, message):
+    from moepass.compiler.options import BackendOptions, OptionsError
+
+    with pytest.raises(OptionsError) as error:
+        BackendOptions.parse({"expert_parallel": value})
+    assert message in str(error.value)
+
+
+def test_the_expert_parallel_option_parses_and_excludes_offload(tmp_path):
+    from moepass.compiler.options import BackendOptions, OptionsError
+
+    mesh = _Mesh(2, ("dp", "ep"))
+    parsed = BackendOptions.parse({"expert_parallel": {"mesh": mesh, "mesh_dim": "ep"}})
+    assert parsed.expert_parallel.mesh is mesh and parsed.expert_parallel.mesh_dim == "ep"
+    assert BackendOptions.parse({}).expert_parallel is None
+    with pytest.raises(OptionsError, match="cannot be combined"):
+        BackendOptions.parse({"expert_parallel": {"mesh": _Mesh(1)}, "offload": str(tmp_path)})
+
+
+def test_the_transformers_adapter_reads_the_experts_flags_and_fails_closed():
+    from transformers.integrations import moe as transformers_moe
+
+    from moepass.runtime.expert_parallel import ExpertParallelError
+    from moepass.runtime.expert_parallel.transformers_ep import experts_spec
+    from moepass.zoo import tiny_model
+
+    experts = tiny_model("mixtral", num_local_experts=4).model.layers[0].mlp.experts
+    spec, names = experts_spec(experts, ep_size=2)  # plain (unsharded) weights: E = local rows × EP size
+    assert (spec.num_experts, spec.activation, spec.gated, spec.gate_up_layout, spec.has_bias) == (8, "silu", True, "concat", False)
+    assert names == ("gate_up_proj", "down_proj", None, None)
+    experts.config._experts_implementation = "eager"  # the class's own forward: not read
+    with pytest.raises(ExpertParallelError, match="experts_implementation='grouped_mm'"):
+        experts_spec(experts, 2)
+    experts.config._experts_implementation = "grouped_mm"
+    experts.has_post_expert_norm = True
+    with pytest.raises(ExpertParallelError, match="has_post_expert_norm"):
+        experts_spec(experts, 2)
+    experts.has_post_expert_norm = False
+    original = type(experts)._apply_gate
+    type(experts)._apply_gate = lambda self, out: transformers_moe._default_apply_gate(self, out) * 2
+    try:
+        with pytest.raises(ExpertParallelError, match="own gate function"):
+            experts_spec(experts, 2)
+    finally:
+        type(experts)._apply_gate = original
+
+
+def test_slots_that_need_no_row():
+    """The sentinel and ids past the GEMM experts, and a repeated expert at weight 0 (the router-only form of an
+    empty slot), are not kept; a repeated expert with a weight, and a first slot at weight 0, are."""
+    import torch
+
+    from moepass.runtime.expert_parallel.exchange import kept_slots
+
+    ids = torch.tensor([[1, 1, 4], [2, 3, 5], [0, 0, 2], [3, 3, 3]])
+    weights = torch.tensor([[0.7, 0.0, 0.3], [0.5, 0.5, 0.0], [0.0, 0.4, 0.6], [1.0, 0.0, 0.0]])
+    kept = kept_slots(ids, weights, num_experts=4)
+    assert kept.tolist() == [[1, 4, 4], [2, 3, 4], [0, 0, 2], [3, 4, 4]]

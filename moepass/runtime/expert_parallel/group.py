@@ -86,8 +86,11 @@ def register_group(group: Any, batch_group: Any = None) -> ExpertParallelGroup:
     key = f"ep:{_name(group)}" + (f";batch:{_name(batch_group)}" if batch_group is not None else "")
     entry = ExpertParallelGroup(key, group, rank, size, batch_group, batch_rank, batch_size)
     with _lock:
-        _groups.setdefault(key, entry)
-        return _groups[key]
+        existing = _groups.get(key)
+        if existing is not None and existing.group is group and existing.batch_group is batch_group:
+            return existing
+        _groups[key] = entry  # new, or a group re-created under a name a destroyed one had
+        return entry
 
 
 def group_for(key: str) -> ExpertParallelGroup:

@@ -156,14 +156,21 @@ def _implementation_class():
         """Expert parallelism on moepass's exchange: only kept slots travel; one ``moepass.experts`` op."""
 
         def __init__(self, experts, ep_mesh, tp_mesh):
-            super().__init__(experts, ep_mesh, tp_mesh)
-            ep_size = ep_mesh.size()
+            try:
+                super().__init__(experts, ep_mesh, tp_mesh)
+                ep_size, single_mesh = ep_mesh.size(), tp_mesh.size() == 1
+            except (TypeError, AttributeError) as error:  # transformers' EP interface is not the one read here
+                raise ExpertParallelError(
+                    f"transformers' EPImplementation interface differs from the one moepass was written against "
+                    f"(transformers 5.25: __init__(experts, ep_mesh, tp_mesh)): {error}; use ep_implementation="
+                    "'all_to_all'"
+                ) from error
             self.spec, self.names = experts_spec(experts, ep_size)
             if self.spec.num_experts % ep_size:
                 raise ExpertParallelError(
                     f"{type(experts).__name__}: {self.spec.num_experts} experts cannot be split over {ep_size} ranks"
                 )
-            batch_group = tp_mesh.get_group() if tp_mesh.size() > 1 else None
+            batch_group = None if single_mesh else tp_mesh.get_group()
             self.group = register_group(ep_mesh.get_group(), batch_group)
             self.experts = experts
             self.config = ExpertsConfig(spec=self.spec, expert_parallel=self.group.key).to_json()
