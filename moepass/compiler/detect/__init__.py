@@ -281,7 +281,9 @@ def _coupled_shared(combine: fx.Node, region: Region, router: RouterMatch, flow:
         return None
     token_dims = tuple(tensor_shape(router.linear)[:-1])
     routing = routing_set(router.linear, router.x_base, flow, token_dims)
-    return split_coupled_shared(flow, combine, region.x_base, routing, lambda r: _has_expert_gemm(r, router))
+    return split_coupled_shared(
+        flow, combine, region.x_base, routing, lambda r: _has_expert_gemm(r, router), router.zero_weight_classes
+    )
 
 
 def _closed_region(flow: Dataflow, combine: fx.Node, x_base: fx.Node) -> Region:
@@ -373,7 +375,10 @@ def find_moe_blocks(gm: fx.GraphModule, flow: Dataflow | None = None) -> list[Bl
             )
             continue
         path = _block_path(router_block, _parent(experts.module_path) if experts.spec.dispatch != "module_loop" else experts.module_path)
-        shared = (coupled.spec,) if coupled is not None else match_shared_experts(flow, combine, region.x_base)
+        if coupled is not None:
+            shared = (coupled.spec,) if coupled.spec is not None else ()
+        else:
+            shared = match_shared_experts(flow, combine, region.x_base)
         spec = MoEBlockSpec(
             path=path,
             router=router.spec,
