@@ -78,8 +78,10 @@ def build_venv(venv: str, torch_pin: str) -> str:
         pin.write(torch_pin + "\n")  # nothing below may move torch
     try:
         _run([python, "-m", "pip", "install", "-q", "-c", pin.name, torch_pin])
+        # torch named again: the resolver then honours its own requirements (torch 2.14.1 needs triton 3.8)
         _run([python, "-m", "pip", "install", "-q", "--upgrade", "--upgrade-strategy", "eager", "-c", pin.name,
-              *_requirement_names()])
+              torch_pin, *_requirement_names()])
+        subprocess.run([python, "-m", "pip", "check"])  # printed for the log; the table lists the versions
         _run([python, "-m", "pip", "install", "-q", "--no-deps", "-e", ROOT])
     finally:
         os.unlink(pin.name)

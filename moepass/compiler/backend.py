@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 
 from moepass.compiler.dataflow import Dataflow, example_value
-from moepass.compiler.detect import BlockMatch, BlockRejection, find_moe_blocks, layer_index_of
+from moepass.compiler.detect import BlockMatch, BlockRejection, find_moe_blocks, internal_error_reason, layer_index_of
 from moepass.compiler.detect.common import Mismatch, source_path
 from moepass.compiler.options import BackendOptions
 from moepass.compiler.rewrite import apply_rewrite, plan_rewrite, probe_renormalisation, validate_rewrite
@@ -109,8 +109,15 @@ def optimize_graph(
     """
     if differentiable is None:
         differentiable = graph_needs_gradients(example_inputs)
-    flow = Dataflow(gm.graph)
-    found = find_moe_blocks(gm, flow)
+    try:
+        flow = Dataflow(gm.graph)
+        found = find_moe_blocks(gm, flow)
+    except Exception as error:  # a graph this code cannot read: it goes on unchanged, and the report says why
+        reason = internal_error_reason("reading the graph for", error)
+        logger.warning("moepass: left a graph as it was: %s", reason)
+        entry = BlockReport(anchor=None, path="", router="?", dispatch="?", num_experts=None, top_k=None,
+                            rewritten=False, reason=reason)
+        return gm, [entry]
     policy_name = options.policy.describe()
     reports = []
     env = example_env(gm, example_inputs)
@@ -139,7 +146,12 @@ def optimize_graph(
         except PolicyError as error:
             raise PolicyError(f"policy {policy_name} does not fit block {entry.display_path}: {error}") from None
         entry.graph_before = _region_graph(item)
-        plan = plan_rewrite(item, resolved, options.lowering, options.stats, env, differentiable, options.cpu_prepack)
+        try:
+            plan = plan_rewrite(item, resolved, options.lowering, options.stats, env, differentiable, options.cpu_prepack)
+        except Exception as failure:  # nothing changed yet: the block stays as it was
+            entry.reason = internal_error_reason("planning the rewrite of", failure)
+            logger.warning("moepass: left %s as it was: %s", entry.display_path, entry.reason)
+            continue
         if offload is not None:
             plan = offload.plan(item, plan, env, entry)
         if options.validate:
