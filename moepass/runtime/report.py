@@ -81,7 +81,8 @@ _REASON_PATTERNS = (
     (
         "unsupported_experts",
         r"expert weight|expert linear|expert bias|stacked expert|expert projections|experts of different|"
-        r"per-expert|projection has|GEMM does not consume|orientations|cannot tell|per-expert output norm",
+        r"per-expert|projection has|GEMM does not consume|orientations|cannot tell|per-expert output norm|"
+        r"sets some slots. weight to 0",
     ),
 )
 

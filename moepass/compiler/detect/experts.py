@@ -364,6 +364,8 @@ def _match_stacked(region, router, flow, stacked, stacked_bias, hidden, num_expe
             raise Mismatch(f"expert bias {bias.name} of width {width} fits neither projection")
     if (b1 is None) != (b2 is None):
         raise Mismatch("only one of the two expert projections has a bias")
+    if router.spec.num_experts > num_experts:
+        _check_zeroed_slots_add_nothing(region, router, flow)
     gemm_names = {op_name(gemm1), op_name(gemm2)}
     if gemm_names & _GROUPED_GEMMS:
         dispatch = "grouped_mm"
@@ -391,6 +393,32 @@ def _match_stacked(region, router, flow, stacked, stacked_bias, hidden, num_expe
     )
     x_input = _experts_input(region, router, gemm1, w1, flow, hidden)
     return ExpertsMatch(spec, w1, w2, b1, b2, module_path=module_path_of_param(w1), x_input=x_input)
+
+
+def _check_zeroed_slots_add_nothing(region: Region, router: RouterMatch, flow: Dataflow) -> None:
+    """Mismatch when the block itself uses the weights of the slots it sets to 0 for its experts.
+
+    Slots whose weight the model sets to 0 before its experts become zero
+    experts (no GEMM row, nothing added).  That is only the block's function
+    when nothing else in the block reads their weight: LongCat-Flash (5.25)
+    adds an identity term from it — kept as the model's own when it is a
+    branch beside the experts (:func:`moepass.compiler.detect.shared.split_coupled_shared`),
+    but a block that still holds such a reader cannot be replaced by the experts alone.
+    """
+    on_path = flow.ancestors(router.weights_end) | {router.weights_end}
+    for node in region.nodes:
+        if op_name(node) not in ("masked_fill", "masked_fill_") or node not in on_path:
+            continue
+        source = node.args[0] if node.args else None
+        if not isinstance(source, fx.Node):
+            continue
+        readers = [u for u in source.users if u in region.nodes and u not in on_path]
+        if readers:
+            raise Mismatch(
+                f"the block sets some slots' weight to 0 before its experts ({node.name}) and also reads their "
+                f"weights elsewhere ({', '.join(sorted(r.name for r in readers)[:3])}): a term of its own for those "
+                "slots that the experts op would not compute"
+            )
 
 
 def _expert_selector_index(node: fx.Node, router: RouterMatch, flow: Dataflow) -> int | None:
