@@ -253,7 +253,11 @@ def discover_moe_families(prefilter: bool = True) -> tuple[MoEFamily, ...]:
         except Exception as error:  # a config that cannot be built with its defaults
             logger.debug("zoo: config %s has no default instance: %s", model_type, error)
             continue
-        where = _find_moe(config)
+        try:
+            where = _find_moe(config)
+        except Exception as error:  # a config whose attributes this scan cannot read: say so, go on
+            logger.warning("zoo: could not read config %s (%s: %s); it is not in the zoo", model_type, type(error).__name__, error)
+            continue
         if where is not None:
             found[model_type] = (config, where)
     covered = set()
