@@ -147,7 +147,13 @@ _ROUTER_NAME = re.compile(r"(^|[._])(gate|router|gating|routing|switch)([._]|$)"
 
 
 def _expert_loop_consumer(router: RouterMatch, flow: Dataflow) -> str | None:
-    """How the ids leave through an expert loop: "skips_sentinel", "leaves_graph" or None.
+    """How the ids leave through an expert loop: "skips_sentinel", "leaves_graph", "remapped" or None.
+
+    "remapped": the ids leave the graph only after the block rewrote some of
+    them (``where(mask, other, ids)``: LongCat-Flash from transformers 5.25
+    spreads its identity slots over real experts before its experts loop);
+    the router-only rewrite cannot keep that remap consistent with the
+    slots a policy drops, so the block is reported, not rewritten.
 
     "skips_sentinel": in this graph the ids feed ``one_hot(ids, E + 1)`` or
     ``ids == e`` comparisons, which never select id E.  "leaves_graph": the
@@ -158,7 +164,7 @@ def _expert_loop_consumer(router: RouterMatch, flow: Dataflow) -> str | None:
     """
     num_experts = router.spec.num_experts
     frontier = [router.ids]
-    leaves_graph = False
+    leaves_graph = remapped = False
     for _ in range(4):
         next_frontier = []
         for node in frontier:
@@ -172,7 +178,11 @@ def _expert_loop_consumer(router: RouterMatch, flow: Dataflow) -> str | None:
                     leaves_graph = True
                 if name in ("to", "long", "int", "view", "reshape"):
                     next_frontier.append(user)
+                if name == "where" and any(op_name(u) == "output" for u in user.users):
+                    remapped = True
         frontier = next_frontier
+    if remapped and not leaves_graph:
+        return "remapped"
     if not leaves_graph or router.weights_end is None:
         return None
     weights_leave = any(op_name(u) == "output" for u in router.weights_end.users)
@@ -346,7 +356,22 @@ def find_moe_blocks(gm: fx.GraphModule, flow: Dataflow | None = None) -> list[Bl
             router_block = _router_block(router.module_path)
             if combine is None:
                 consumer = _expert_loop_consumer(router, flow)
-                if consumer is not None:
+                if consumer == "remapped":
+                    results.append(
+                        BlockRejection(
+                            path=router_block or "",
+                            reason="the experts graph-broke after the block remapped some of its expert ids (its "
+                            "experts loop runs outside this graph on ids the router-only rewrite cannot keep "
+                            "consistent): to rewrite it, run the experts with experts_implementation='grouped_mm' "
+                            "or call moepass.make_traceable(model) before torch.compile",
+                            router_kind=router.spec.kind,
+                            dispatch="eager_loop",
+                            num_experts=router.spec.num_experts,
+                            top_k=router.spec.top_k,
+                        )
+                    )
+                    claimed |= router.param_nodes
+                elif consumer is not None:
                     results.append(_router_only(router, flow, sentinel_safe=consumer == "skips_sentinel"))
                     claimed |= router.param_nodes
                 elif region_or_reason is not None or _expert_evidence(anchor, flow) is not None:
