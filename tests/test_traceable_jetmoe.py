@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import types
 
-import pytest
 import torch
 from conftest import gradients_after_backward, rel_err, traceable_and_reference
 from reference_routing import Router, route_token

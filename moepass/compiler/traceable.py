@@ -39,7 +39,7 @@ from __future__ import annotations
 import inspect
 import logging
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
