@@ -25,6 +25,7 @@ that were not rewritten, with the reason.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ from moepass.compiler.detect.common import (
 )
 from moepass.compiler.detect.experts import _GEMMS as _EXPERT_GEMMS
 from moepass.compiler.detect.experts import ExpertsMatch, match_experts
+from moepass.compiler.detect.identity_term import match_identity_term
 from moepass.compiler.detect.lifted_router import match_lifted_router, routing_set
 from moepass.compiler.detect.region import ForeignInputs, Region, block_region
 from moepass.compiler.detect.router import RouterMatch, find_router_linear, is_topk, match_router
@@ -386,6 +388,16 @@ def find_moe_blocks(gm: fx.GraphModule, flow: Dataflow | None = None) -> list[Bl
                     )
                 continue
             region = region_or_reason
+            if coupled is not None and coupled.spec is None and coupled.combine is not None:
+                # the block's own term for the slots it zeroes: identity experts (LongCat-Flash from 5.25)
+                # become zero-computation experts of the whole block, with the router's true selection
+                identity = match_identity_term(coupled.shared, region.x_base, router, flow)
+                if identity is not None:
+                    router = dataclasses.replace(
+                        router, weights_start=identity.weights, weights_end=identity.weights,
+                        identity_classes=identity.classes,
+                    )
+                    combine, region, coupled = coupled.combine, block_region(flow, coupled.combine, region.x_base), None
             hidden = tensor_shape(region.x_base)[-1] if region.free_inputs else tensor_shape(router.weight)[1]
             try:
                 if not _combine_shape_ok(combine, region.x_base, hidden):

@@ -388,11 +388,19 @@ def _match_stacked(region, router, flow, stacked, stacked_bias, hidden, num_expe
         swiglu_limit=limit,
         program=program,
         # router classes past the GEMM experts whose weight the model forces to 0 (ZAYA's skip class):
-        # zero experts, so the report counts the slots that went to them
-        zero_compute=("zero",) * (router.spec.num_experts - num_experts),
+        # zero experts, so the report counts the slots that went to them; those the block serves as
+        # identity experts itself (LongCat-Flash from 5.25): identity experts
+        zero_compute=_zero_compute_kinds(router, num_experts),
     )
     x_input = _experts_input(region, router, gemm1, w1, flow, hidden)
     return ExpertsMatch(spec, w1, w2, b1, b2, module_path=module_path_of_param(w1), x_input=x_input)
+
+
+def _zero_compute_kinds(router: RouterMatch, num_experts: int) -> tuple[str, ...]:
+    """The kinds of the router's classes past the ``num_experts`` GEMM experts (see :data:`ZERO_COMPUTE_KINDS`)."""
+    return tuple(
+        "identity" if c in router.identity_classes else "zero" for c in range(num_experts, router.spec.num_experts)
+    )
 
 
 def _check_zeroed_slots_add_nothing(region: Region, router: RouterMatch, flow: Dataflow) -> None:
@@ -478,6 +486,16 @@ def _remaps_zero_weight_slots(ids: fx.Node, router: RouterMatch, flow: Dataflow)
     return bool(classes) and classes <= router.zero_weight_classes
 
 
+def _zeroes_identity_slots(weights: fx.Node, router: RouterMatch, flow: Dataflow) -> bool:
+    """Whether ``weights`` are the router's weights with the block's identity slots set to 0 (LongCat 5.25)."""
+    from moepass.compiler.detect.identity_term import zeroes_classes
+
+    if not router.identity_classes:
+        return False
+    zeroed = zeroes_classes(weights, router, flow)
+    return zeroed is not None and zeroed[1] == router.identity_classes and _same_value(zeroed[0], router.weights_end)
+
+
 def _match_moepass_op(region, router, flow, own_ops, hidden) -> ExpertsMatch:
     """The experts are already ``moepass.experts`` (a loop :func:`moepass.make_traceable` replaced).
 
@@ -492,8 +510,8 @@ def _match_moepass_op(region, router, flow, own_ops, hidden) -> ExpertsMatch:
     node = own_ops[0]
     x, ids, weights, w1, w2, b1, b2, config = node.args
     spec = parse_experts_config(config).spec
-    if not (_same_value(ids, router.ids) or _remaps_zero_weight_slots(ids, router, flow)) or not _same_value(
-        weights, router.weights_end
+    if not (_same_value(ids, router.ids) or _remaps_zero_weight_slots(ids, router, flow)) or not (
+        _same_value(weights, router.weights_end) or _zeroes_identity_slots(weights, router, flow)
     ):
         raise Mismatch(f"{node.name}: its ids and weights are not the router's selection")
 
@@ -521,7 +539,7 @@ def _match_moepass_op(region, router, flow, own_ops, hidden) -> ExpertsMatch:
     ) <= router.zero_weight_classes:
         # the router's classes past the GEMM experts whose weight the model sets to 0 (LongCat-Flash from
         # transformers 5.25 remaps them onto real experts at weight 0): zero experts, no GEMM row
-        spec = dataclasses.replace(spec, zero_compute=("zero",) * (router.spec.num_experts - total))
+        spec = dataclasses.replace(spec, zero_compute=_zero_compute_kinds(router, total))
     if spec.hidden_size != hidden or spec.num_experts + len(spec.zero_compute) != router.spec.num_experts:
         raise Mismatch(
             f"{node.name}: {spec.num_experts} experts + {len(spec.zero_compute)} zero-computation ones of width "

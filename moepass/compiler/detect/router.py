@@ -59,6 +59,11 @@ class RouterMatch:
     #: 0 (ZAYA's skip class E: ``w.masked_fill(ids == E, 0)``): they add
     #: nothing, so they need no expert (lifted routers only).
     zero_weight_classes: frozenset[int] = frozenset()
+    #: Classes the block serves itself as identity experts (it adds w·x for their slots and
+    #: keeps them from its experts: LongCat-Flash from transformers 5.25), once detection has
+    #: recognised that term (:mod:`moepass.compiler.detect.identity_term`); ``weights_end`` is
+    #: then the router's true weights, before the block zeroes those slots.
+    identity_classes: frozenset[int] = frozenset()
 
 
 def is_topk(node: fx.Node) -> bool:

@@ -113,6 +113,8 @@ class CoupledShared:
     shared: fx.Node
     #: None for a zero-computation slots' term (no GEMM of its own: not a shared expert).
     spec: SharedExpertSpec | None
+    #: The sum ``routed + shared`` itself (the block's output).
+    combine: fx.Node | None = None
 
 
 def _expert_widths(nodes: set[fx.Node], hidden: int) -> list[int]:
@@ -211,8 +213,8 @@ def split_coupled_shared(
         widths = _expert_widths(own, hidden)
         if not widths:
             if zero_weight_classes and not any(op_name(n) in _GEMMS | {"linear"} for n in own):
-                return CoupledShared(routed=routed, region=region, shared=shared, spec=None)
+                return CoupledShared(routed=routed, region=region, shared=shared, spec=None, combine=combine)
             continue  # no GEMM of its own: not an expert
         spec = SharedExpertSpec(intermediate_size=int(widths[0]), gate="router")
-        return CoupledShared(routed=routed, region=region, shared=shared, spec=spec)
+        return CoupledShared(routed=routed, region=region, shared=shared, spec=spec, combine=combine)
     return None
