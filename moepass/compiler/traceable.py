@@ -2,7 +2,8 @@
 
 Some models run their experts in a Python loop over the experts that were hit
 (``for e in expert_hit: int(e.item()) …``: LongCat-Flash and DBRX in
-transformers), or split their rows by per-expert counts taken out as Python
+transformers, and OpenAI Privacy Filter, whose own default
+``experts_implementation`` is that loop), or split their rows by per-expert counts taken out as Python
 ints (``.tolist()``: JetMoE).  Dynamo cannot trace such a loop (its length and
 indices are data), so it graph-breaks and the backend sees the router alone
 (or, for JetMoE, router and experts in different graphs): the loop keeps
