@@ -286,3 +286,15 @@ def test_exports_refuse_a_block_with_an_output_function_and_say_why(tmp_path):
     with pytest.raises(OnnxExportError, match="each slot's output before the routing weight"):
         moepass.export_onnx(model, example, str(path))
     assert not path.exists()
+
+
+def test_mlir_export_refuses_a_block_with_an_output_function_and_says_why(tmp_path):
+    pytest.importorskip("torch_mlir")
+    pytest.importorskip("onnxscript")
+    from moepass.exports.mlir import MlirExportError, export_mlir
+
+    model = _muse()
+    path = tmp_path / "muse.mlir"
+    with pytest.raises(MlirExportError, match="each slot's output before the routing weight"):
+        export_mlir(model, (family_inputs(model, 7)["input_ids"],), str(path))
+    assert not path.exists()
