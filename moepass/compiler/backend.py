@@ -28,7 +28,8 @@ import torch
 import torch.fx as fx
 
 from moepass.compiler.dataflow import Dataflow, example_value
-from moepass.compiler.detect import BlockMatch, BlockRejection, find_moe_blocks, layer_index_of
+from moepass.compiler.detect import GRAPH_BREAK_REMEDY, BlockMatch, BlockRejection, find_moe_blocks, layer_index_of
+from moepass.compiler.graph_breaks import blocks_compiled_in_pieces, graph_break_here
 from moepass.compiler.detect.common import Mismatch, source_path
 from moepass.compiler.options import BackendOptions
 from moepass.compiler.rewrite import apply_rewrite, plan_rewrite, probe_renormalisation, validate_rewrite
@@ -44,8 +45,11 @@ __all__ = ["adaptive_moe", "optimize_graph", "compile_inner", "graph_needs_gradi
 #: What makes a graph-broken experts loop traceable, as the report says it.
 _WHOLE_BLOCK_HINT = (
     "to rewrite the experts too: experts_implementation='grouped_mm' where the model offers it, "
-    f"or moepass.make_traceable(model) before torch.compile for {', '.join(TRACEABLE_CLASSES)}"
+    f"or moepass.make_traceable(model) before torch.compile for {', '.join(TRACEABLE_CLASSES)} and blocks whose "
+    "experts are a ModuleList"
 )
+#: Blocks already warned about as compiled in pieces (each expert's graph would warn again).
+_WARNED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +124,7 @@ def optimize_graph(
 
         offload = GraphOffload.start(options.offload)
     _check_layer_overrides(options.policy, found)
+    reports.extend(_blocks_in_pieces(found, env, example_inputs))
     for item in found:
         entry = _block_report(item, policy_name, env)
         reports.append(entry)
@@ -138,6 +143,14 @@ def optimize_graph(
             resolved = options.policy.resolve(item.spec)
         except PolicyError as error:
             raise PolicyError(f"policy {policy_name} does not fit block {entry.display_path}: {error}") from None
+        unsafe = _adaptive_router_only_unsafe(item, resolved)
+        if unsafe:
+            entry.reason = (
+                f"the experts graph-broke away from their router, and policy {policy_name} cannot be applied to the "
+                f"router alone: {unsafe}; to apply it: {GRAPH_BREAK_REMEDY}"
+            )
+            logger.warning("moepass: left %s as it was: %s", entry.display_path, entry.reason)
+            continue
         entry.graph_before = _region_graph(item)
         plan = plan_rewrite(item, resolved, options.lowering, options.stats, env, differentiable, options.cpu_prepack)
         if offload is not None:
@@ -167,17 +180,23 @@ def optimize_graph(
         entry.rewritten = True
         entry.graph_after = extract(inserted, [inserted[-1]])
         if item.experts is None:
+            broke = graph_break_here()
             entry.notes.append(
-                "router only: the experts loop graph-broke, so its GEMMs run in eager PyTorch "
-                f"({_WHOLE_BLOCK_HINT})"
+                "router only: the experts loop graph-broke" + (f" ({broke})" if broke else "")
+                + f", so its GEMMs run in eager PyTorch ({_WHOLE_BLOCK_HINT})"
             )
-            if not item.sentinel_safe and resolved.rule != "static":
+            if item.empty_slots == "model_ids" and resolved.rule != "static":
                 entry.notes.append(
-                    "empty slots get weight 0 and a repeated expert id (the loop outside this graph may not "
-                    f"skip id E), so they save no compute ({_WHOLE_BLOCK_HINT})"
+                    "a dropped slot keeps the model's expert id at weight 0 (the code that reads the ids runs "
+                    "outside this graph, or counts them): right numbers, but dropped slots save no compute"
                 )
+        elif item.spec.experts.stacked_from_modules and differentiable:
+            entry.notes.append("expert weights stacked in the graph on every call (gradients reach each expert)")
         elif item.spec.experts.stacked_from_modules:
-            entry.notes.append("expert weights stacked at compile time (a snapshot)")
+            entry.notes.append(
+                "expert weights stacked at compile time (a snapshot: later changes to them are not seen; "
+                "moepass.make_traceable(model) uses them in place)"
+            )
         # blocks' regions are disjoint: the dataflow of the original graph
         # stays valid for the blocks not rewritten yet
     if offload is not None:
@@ -185,6 +204,59 @@ def optimize_graph(
     gm.graph.lint()
     gm.recompile()
     return gm, reports
+
+
+def _blocks_in_pieces(found: list, env: dict, example_inputs: list[Any]) -> list[BlockReport]:
+    """Reports for MoE blocks running in eager Python around this graph, which holds one of their experts.
+
+    Dynamo skipped the block's frame (a graph break inside its experts loop)
+    or broke it apart: its router and its experts never reach the backend
+    together.  Named by the router's weight (its full path is found when the
+    report is read); never silent.
+    """
+    known = {id(env.get(item.router.weight if isinstance(item, BlockMatch) else item.anchor)) for item in found}
+    reports = []
+    for block in blocks_compiled_in_pieces(example_inputs):
+        if id(block.router_weight) in known:
+            continue
+        where = f" ({block.reason})" if block.reason else ""
+        reports.append(
+            BlockReport(
+                anchor=weakref.ref(block.router_weight),
+                anchor_name=block.router_weight_name,
+                path="",
+                router="?",
+                dispatch="eager_loop",
+                num_experts=block.shape.num_experts,
+                top_k=None,
+                rewritten=False,
+                reason=(
+                    f"the experts loop graph-broke: dynamo left {type(block.module).__name__}.{block.method} to "
+                    f"eager Python{where}, so its router and its {block.shape.num_experts} experts "
+                    f"({block.shape.experts_name}) never reach the backend together — only each expert's MLP is "
+                    f"compiled, on its own; to rewrite the block: {GRAPH_BREAK_REMEDY}"
+                ),
+                in_pieces=True,
+            )
+        )
+        if block.module not in _WARNED:
+            _WARNED.add(block.module)
+            logger.warning("moepass: left %s as it was: %s", type(block.module).__name__, reports[-1].reason)
+    return reports
+
+
+def _adaptive_router_only_unsafe(item: BlockMatch, resolved) -> str:
+    """Why ``resolved`` (an adaptive rule) cannot be applied to a router whose experts are not in the graph ("" if it can)."""
+    if item.experts is not None or item.empty_slots != "model_ids" or resolved.rule == "static":
+        return ""
+    if item.adaptive_unsafe:
+        return item.adaptive_unsafe
+    if resolved.k_max is not None and resolved.k_max > item.spec.top_k:
+        return (
+            f"k_max={resolved.k_max} is above the model's k={item.spec.top_k}, and the code that reads the ids "
+            "expects that many slots"
+        )
+    return ""
 
 
 def _check_layer_overrides(policy, found: list[BlockMatch | BlockRejection]) -> None:
