@@ -114,6 +114,11 @@ class GatedExpertsInEinsum(nn.Module):
 class GatheredEinsumMoE(nn.Module):
     """Style 2a: top-k → softmax over the k; each slot's expert weights gathered, GEMMs as ``einsum``."""
 
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert ``e`` on rows ``x``, written plainly (for per-token references)."""
+        gate, up = (x @ self.experts.weights.w_in[e].T).chunk(2, dim=-1)
+        return (F.silu(gate) * up) @ self.experts.weights.w_out[e].T
+
     def __init__(self, dim=16, inter=32, num_experts=6, top_k=2, seed=0):
         super().__init__()
         self.top_k = top_k
@@ -131,12 +136,16 @@ class GatheredEinsumMoE(nn.Module):
 class GatheredBmmMoE(nn.Module):
     """Style 2b: weights stored [E, in, out] (``x @ W``), gathered per slot and run by ``bmm``."""
 
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert ``e`` on rows ``x``, written plainly (for per-token references)."""
+        gate, up = (x @ self.mats.w_in[e]).chunk(2, dim=-1)
+        return (F.silu(gate) * up) @ self.mats.w_out[e]
+
     def __init__(self, dim=16, inter=32, num_experts=6, top_k=2, seed=0):
         super().__init__()
         self.top_k = top_k
         self.gate = nn.Linear(dim, num_experts, bias=False)
         self.mats = GatedMatrices(dim, inter, num_experts, transposed=True)
-        self.experts_bias = None
         _randomize(self, seed)
 
     def forward(self, hidden):

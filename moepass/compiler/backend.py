@@ -125,9 +125,16 @@ def optimize_graph(
         offload = GraphOffload.start(options.offload)
     _check_layer_overrides(options.policy, found)
     reports.extend(_blocks_in_pieces(found, env, example_inputs))
+    # a router compiled in a frame of its own (its block runs in eager Python around it): the block names it
+    around = {id(b.router_weight): b for b in blocks_compiled_in_pieces(example_inputs, router_too=True)} if any(
+        isinstance(item, BlockMatch) and item.experts is None for item in found) else {}
     for item in found:
         entry = _block_report(item, policy_name, env)
         reports.append(entry)
+        enclosing = around.get(id(env.get(item.router.weight))) if isinstance(item, BlockMatch) else None
+        if enclosing is not None and not entry.path:
+            entry.anchor_name = enclosing.router_weight_name
+            item.router_recognised = True
         if isinstance(item, BlockRejection):
             logger.info("moepass: left %s as it was: %s", entry.display_path, item.reason)
             continue
@@ -180,7 +187,9 @@ def optimize_graph(
         entry.rewritten = True
         entry.graph_after = extract(inserted, [inserted[-1]])
         if item.experts is None:
-            broke = graph_break_here()
+            broke = graph_break_here() or next(
+                (f"{type(b.module).__name__}.{b.method} ran in eager Python: {b.reason}"
+                 for b in blocks_compiled_in_pieces(example_inputs, router_too=True) if b.reason), "")
             entry.notes.append(
                 "router only: the experts loop graph-broke" + (f" ({broke})" if broke else "")
                 + f", so its GEMMs run in eager PyTorch ({_WHOLE_BLOCK_HINT})"
@@ -251,6 +260,11 @@ def _adaptive_router_only_unsafe(item: BlockMatch, resolved) -> str:
         return ""
     if item.adaptive_unsafe:
         return item.adaptive_unsafe
+    if not item.router_recognised:
+        return (
+            "its top-k is not recognisably an expert router from this graph (more classes than the hidden size, "
+            "or no router-like module name), and no MoE block around it was found"
+        )
     if resolved.k_max is not None and resolved.k_max > item.spec.top_k:
         return (
             f"k_max={resolved.k_max} is above the model's k={item.spec.top_k}, and the code that reads the ids "

@@ -110,13 +110,14 @@ def _skip_reason(code) -> str:
     return ""
 
 
-def blocks_compiled_in_pieces(example_inputs: list[Any]) -> list[BlockInPieces]:
+def blocks_compiled_in_pieces(example_inputs: list[Any], router_too: bool = False) -> list[BlockInPieces]:
     """MoE blocks whose forward runs in eager Python around the graph being compiled, which holds their experts.
 
     Walks up the Python stack from the backend: the frames of ``nn.Module``
     methods that run outside dynamo (their graph broke, or dynamo skipped
     them) and hold a router and a ``ModuleList`` of experts, one of whose
-    parameters is an input of this graph.
+    parameters is an input of this graph (or, ``router_too``, one of their
+    router's: a router compiled in a frame of its own).
     """
     params = {id(v) for v in example_inputs if isinstance(v, nn.Parameter)}
     if not params:
@@ -134,7 +135,9 @@ def blocks_compiled_in_pieces(example_inputs: list[Any]) -> list[BlockInPieces]:
             ):
                 seen.add(id(module))
                 shape = expert_list_block(module)
-                if shape is not None and any(id(p) in params for p in getattr(module, shape.experts_name).parameters()):
+                parts = [shape.experts_name, shape.router_name] if router_too and shape is not None else [
+                    shape.experts_name] if shape is not None else []
+                if any(id(p) in params for part in parts for p in getattr(module, part).parameters()):
                     router = getattr(module, shape.router_name)
                     weight = router.weight if isinstance(router, nn.Linear) else None
                     if weight is None:

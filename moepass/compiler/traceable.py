@@ -321,6 +321,10 @@ def make_traceable(model: nn.Module) -> list[str]:
             continue
         setattr(module, MARK, spec)
         changed.append(path)
+    # blocks whose experts are a ModuleList (hand-written, remote code): moepass.compiler.traceable_lists
+    from moepass.compiler.traceable_lists import make_expert_lists_traceable
+
+    changed += make_expert_lists_traceable(model, skip=tuple(changed))
     if changed:
         logger.info("made %d experts loop(s) traceable: %s", len(changed), ", ".join(changed[:4]))
     return changed

@@ -70,6 +70,10 @@ class BlockMatch:
     empty_slots: str = "sentinel"
     #: Router only: why an adaptive policy cannot be applied safely ("" when it can).
     adaptive_unsafe: str = ""
+    #: Router only, ids read where this graph does not show: whether the top-k is recognisably an
+    #: expert router from the graph alone (E ≤ H and a router-like module name); the backend may
+    #: confirm it from the block it runs in.
+    router_recognised: bool = True
     #: Values outside the region that read its router nodes and stay in the
     #: graph (a shared branch the router weighs): validation checks the rewrite
     #: leaves them unchanged.
@@ -572,13 +576,13 @@ def _router_only(router: RouterMatch, flow: Dataflow) -> BlockMatch | BlockRejec
     unsafe = ""
     if empty_slots == "model_ids" and not _weights_reach_experts_linearly(router, region.nodes):
         unsafe = "the routing weights are used in this graph by more than a product with the experts' outputs"
-    elif empty_slots == "model_ids" and not (
+    recognised = empty_slots == "sentinel" or bool(
         _ROUTER_NAME.search(router.module_path or "") and router.spec.num_experts <= tensor_shape(router.weight)[1]
-    ):
-        unsafe = "its top-k is not recognisably an expert router (E > H, or no router-like module name)"
+    )
     spec = MoEBlockSpec(path=path, router=router.spec, experts=None, layer_index=layer_index_of(path))
     return BlockMatch(
-        spec=spec, router=router, experts=None, region=region, empty_slots=empty_slots, adaptive_unsafe=unsafe
+        spec=spec, router=router, experts=None, region=region, empty_slots=empty_slots, adaptive_unsafe=unsafe,
+        router_recognised=recognised,
     )
 
 
