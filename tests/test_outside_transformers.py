@@ -21,6 +21,7 @@ from moe_styles import (
     DenseGateMoE,
     GatheredBmmMoE,
     GatheredEinsumMoE,
+    PlainExpert,
     RemoteDeepseekV2MoE,
     WhereLoopMoE,
 )
@@ -218,6 +219,8 @@ def test_no_moe_block_found_only_where_there_is_none():
 #: Blocks made traceable: constructor, its router written out for the reference (None: a lifted router).
 TRACEABLE = {
     "where_loop": (WhereLoopMoE, lambda: Router("softmax_topk", 6, 2, renormalize=True)),
+    "where_loop_plain_experts": (lambda seed=0: WhereLoopMoE(expert=PlainExpert, seed=seed),
+                                 lambda: Router("softmax_topk", 6, 2, renormalize=True)),
     "argmax": (ArgmaxMoE, lambda: Router("softmax_topk", 6, 1)),
     "dense_gate": (DenseGateMoE, lambda: Router("softmax_topk", 6, 2, renormalize=True)),
     "remote_deepseek_v2": (RemoteDeepseekV2MoE, lambda: Router("softmax_topk", 8, 2)),
@@ -337,6 +340,10 @@ def test_make_traceable_keeps_one_copy_of_the_experts_and_their_parameters():
     assert block._moepass_experts_w1.dtype == torch.float64 and _storage_bytes(block) == 2 * before
     assert block.experts[3].up_proj.weight.data_ptr() == block._moepass_experts_w1[3, 24:].data_ptr()
     assert rel_err(block(x.double()), other.double()(x.double())) <= 1e-7
+    # a deep copy gets views of its own buffers
+    twin = copy.deepcopy(block)
+    assert twin.experts[3].up_proj.weight.data_ptr() == twin._moepass_experts_w1[3, 24:].data_ptr()
+    assert twin._moepass_experts_w1.data_ptr() != block._moepass_experts_w1.data_ptr()
 
 
 def test_an_optimizer_step_through_the_compiled_block_is_seen_by_the_next_call():
@@ -395,6 +402,11 @@ def test_training_keeps_the_blocks_own_forward_where_the_moepass_form_differs():
     assert torch.equal(noisy, Noisy.forward(block, x))  # its own forward, random numbers and all
     block.eval()
     assert rel_err(block(x), WhereLoopMoE.forward(block, x)) <= 1e-5
+    block.train()
+    compiled = torch.compile(block, backend="adaptive_moe", options={"inner": "eager"})
+    compiled(x)
+    (entry,) = moepass.report(compiled).blocks
+    assert not entry.rewritten and entry.reason_code == "graph_break" and "own forward in train()" in entry.reason
 
 
 @pytest.mark.inductor

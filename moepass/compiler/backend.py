@@ -229,6 +229,11 @@ def _blocks_in_pieces(found: list, env: dict, example_inputs: list[Any]) -> list
         if id(block.router_weight) in known:
             continue
         where = f" ({block.reason})" if block.reason else ""
+        if getattr(block.module, "_moepass_own_forward_in_training", False) and block.module.training:
+            where += (
+                "; moepass.make_traceable kept the block's own forward in train(), where its moepass form differs "
+                "(router noise, dropout or an auxiliary loss): it is rewritten in eval()"
+            )
         reports.append(
             BlockReport(
                 anchor=weakref.ref(block.router_weight),

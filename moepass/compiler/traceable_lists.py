@@ -27,7 +27,8 @@ and the experts op reads the buffers with no copy.  Gradients of the stacked
 weights are handed back to each expert's own parameters (:class:`_StackedViews`).
 ``.to()`` / ``.half()`` / ``.cuda()`` convert the parameters and the buffers
 separately; the block's ``_apply`` then rebuilds the views (for a moment both
-exist), as does ``load_state_dict(assign=True)`` (a post-hook).  Replacing a
+exist), as do ``load_state_dict(assign=True)`` (a post-hook) and
+``copy.deepcopy`` (the copy gets views of its own buffers).  Replacing a
 parameter object by hand afterwards is seen by the eager forward (it rebuilds
 the views) but not by an already compiled graph.  Saving: ``torch.save`` and
 ``safetensors.torch.save_file(model.state_dict())`` write each view as its own
@@ -48,6 +49,7 @@ routed experts then read detached inputs and weights.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import itertools
 import logging
@@ -184,26 +186,34 @@ class _Experts:
 
 
 def _experts_form(experts: nn.ModuleList, linears: dict[str, nn.Linear], hidden: int) -> _Experts | None:
-    """The one arrangement of the linears and activation every expert computes, found by probing each."""
-    downs = [n for n, m in linears.items() if m.out_features == hidden and m.in_features != hidden or (
-        len(linears) == 2 and m.out_features == hidden and n == list(linears)[-1])]
-    firsts_all = [n for n, m in linears.items() if m.in_features == hidden and n not in downs]
-    if len(downs) != 1 or len(firsts_all) != len(linears) - 1:
-        return None
-    down = downs[0]
-    inter = linears[down].in_features
-    if any(linears[n].out_features != inter for n in firsts_all):
-        return None
-    bias = linears[down].bias is not None
-    if any((linears[n].bias is not None) != bias for n in firsts_all):
-        return None
-    orders = list(itertools.permutations(firsts_all)) if len(firsts_all) == 2 else [tuple(firsts_all)]
+    """The one arrangement of the linears and activation every expert computes, found by probing each.
+
+    Candidates: any linear H → I as the down projection's input side's
+    partner(s), the one I → H as the down projection; gated (two first
+    projections, either one the gate) or plain; each named activation.
+    """
+    names = list(linears)
     parameter = next(experts[0].parameters())
     probe = torch.randn(5, hidden, generator=torch.Generator().manual_seed(3)).to(parameter.dtype).to(parameter.device)
+    candidates = []
+    for down in names:
+        firsts = [n for n in names if n != down]
+        inter = linears[down].in_features
+        if linears[down].out_features != hidden or any(
+            linears[n].in_features != hidden or linears[n].out_features != inter for n in firsts
+        ):
+            continue
+        bias = linears[down].bias is not None
+        if any((linears[n].bias is not None) != bias for n in firsts):
+            continue
+        for first in itertools.permutations(firsts):
+            for activation in _ACTIVATIONS:
+                candidates.append(_Experts(tuple(first), down, activation, hidden, inter, bias))
+    if not candidates:
+        return None
     with torch.no_grad():
         outputs = [expert(probe) for expert in experts]
-        for first, activation in itertools.product(orders, _ACTIVATIONS):
-            form = _Experts(tuple(first), down, activation, hidden, inter, bias)
+        for form in candidates:
             if all(_close(form.compute(e, probe), out) for e, out in zip(experts, outputs)):
                 return form
     return None
@@ -312,33 +322,46 @@ def _shared_candidates(block: nn.Module, shape: ExpertListBlock) -> list[tuple[s
 # --- the experts' weights, stacked in place -----------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
+class _Part:
+    """One expert parameter's place in a stacked buffer: ``experts[expert].<linear>.<what>`` at ``row``."""
+
+    expert: int
+    row: int
+    linear: tuple[str, ...]
+    what: str
+
+    def param(self, block: nn.Module, experts_name: str) -> nn.Parameter:
+        module = getattr(block, experts_name)[self.expert]
+        for name in self.linear:
+            module = getattr(module, name)
+        return getattr(module, self.what)
+
+
+@dataclass(frozen=True)
 class _Storage:
-    """Where each expert parameter lives in the stacked buffers: (buffer, expert, first row, param getter)."""
+    """Where each expert parameter lives in the stacked buffers, by path (a deep copy of the block stays right)."""
 
-    parts: dict[str, list[tuple[int, int, Callable[[], nn.Parameter]]]] = field(default_factory=dict)
+    experts_name: str
+    parts: dict = field(default_factory=dict)  # buffer name → tuple[_Part, ...]
 
-    def params(self, buffer: str) -> list[nn.Parameter]:
-        return [get() for _, _, get in self.parts[buffer]]
+    def params(self, block: nn.Module, buffer: str) -> list[nn.Parameter]:
+        return [part.param(block, self.experts_name) for part in self.parts[buffer]]
 
 
-def _storage_layout(experts: nn.ModuleList, form: _Experts) -> _Storage:
-    def getter(expert: nn.Module, linear: str, what: str):
-        module = dict(expert.named_modules())[linear]
-        return lambda: getattr(module, what)
-
-    storage = _Storage({name: [] for name in _BUFFERS})
-    for e, expert in enumerate(experts):
+def _storage_layout(experts_name: str, num_experts: int, form: _Experts) -> _Storage:
+    parts: dict[str, list[_Part]] = {name: [] for name in _BUFFERS}
+    for e in range(num_experts):
         row = 0
         for linear in form.first:
-            storage.parts[_BUFFERS[0]].append((e, row, getter(expert, linear, "weight")))
+            parts[_BUFFERS[0]].append(_Part(e, row, tuple(linear.split(".")), "weight"))
             if form.bias:
-                storage.parts[_BUFFERS[2]].append((e, row, getter(expert, linear, "bias")))
+                parts[_BUFFERS[2]].append(_Part(e, row, tuple(linear.split(".")), "bias"))
             row += form.inter
-        storage.parts[_BUFFERS[1]].append((e, 0, getter(expert, form.down, "weight")))
+        parts[_BUFFERS[1]].append(_Part(e, 0, tuple(form.down.split(".")), "weight"))
         if form.bias:
-            storage.parts[_BUFFERS[3]].append((e, 0, getter(expert, form.down, "bias")))
-    return storage
+            parts[_BUFFERS[3]].append(_Part(e, 0, tuple(form.down.split(".")), "bias"))
+    return _Storage(experts_name, {name: tuple(p) for name, p in parts.items()})
 
 
 def _view(buffer: torch.Tensor, expert: int, row: int, like: torch.Tensor) -> torch.Tensor:
@@ -348,14 +371,13 @@ def _view(buffer: torch.Tensor, expert: int, row: int, like: torch.Tensor) -> to
 def _tied(block: nn.Module, storage: _Storage) -> bool:
     """Whether every expert parameter is still the view of its buffer it was made."""
     for name, parts in storage.parts.items():
-        buffer = getattr(block, name, None)
         if not parts:
             continue
+        buffer = getattr(block, name, None)
         if buffer is None:
             return False
-        for expert, row, get in parts:
-            param = get()
-            view = _view(buffer, expert, row, param)
+        for part, param in zip(parts, storage.params(block, name)):
+            view = _view(buffer, part.expert, part.row, param)
             if param.data_ptr() != view.data_ptr() or param.shape != view.shape or param.dtype != buffer.dtype:
                 return False
     return True
@@ -370,13 +392,12 @@ def _tie(block: nn.Module, storage: _Storage, num_experts: int, form: _Experts) 
             if name in block._buffers:
                 del block._buffers[name]
             continue
-        first = parts[0][2]()
-        shape = (num_experts, rows[name], *first.shape[1:])
-        buffer = torch.empty(shape, dtype=first.dtype, device=first.device)
+        params = storage.params(block, name)
+        shape = (num_experts, rows[name], *params[0].shape[1:])
+        buffer = torch.empty(shape, dtype=params[0].dtype, device=params[0].device)
         with torch.no_grad():
-            for expert, row, get in parts:
-                param = get()
-                view = _view(buffer, expert, row, param)
+            for part, param in zip(parts, params):
+                view = _view(buffer, part.expert, part.row, param)
                 view.copy_(param)
                 param.data = view
         block.register_buffer(name, buffer, persistent=False)
@@ -403,10 +424,10 @@ def _stacked(block: nn.Module, storage: _Storage, name: str) -> torch.Tensor | N
     buffer = getattr(block, name, None)
     if buffer is None:
         return None
-    params = storage.params(name)
+    params = storage.params(block, name)
     if not (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
         return buffer
-    places = tuple((e, row, p.shape[0]) for (e, row, _), p in zip(storage.parts[name], params))
+    places = tuple((part.expert, part.row, p.shape[0]) for part, p in zip(storage.parts[name], params))
     return _StackedViews.apply(buffer, places, *params)
 
 
@@ -450,12 +471,13 @@ _MOEPASS, _DETACHED, _OWN = "moepass", "moepass, routed experts without gradient
 
 
 def _moepass_forward(
-    plan: _Plan, weights_of: Callable, original: Callable, modes: dict[bool, str], storage: _Storage | None = None
+    plan: _Plan, weights_of: Callable, modes: dict[bool, str], storage: _Storage | None = None
 ) -> Callable:
     """The block's forward in moepass ops (``modes[training]`` says how it runs in that mode).
 
     ``weights_of(block)`` gives (w1, w2, b1, b2); ``storage``, when given, is
-    checked (eagerly) to still hold the parameters' views.
+    checked (eagerly) to still hold the parameters' views.  The block's own
+    forward is its class's (so a deep copy of the block calls its own).
     """
     config = ExpertsConfig(spec=plan.spec).to_json()
     hidden, top_k = plan.form.hidden, plan.router.top_k
@@ -464,7 +486,7 @@ def _moepass_forward(
     def forward(self, hidden_states, *args, **kwargs):
         mode = modes[self.training]
         if args or kwargs or mode == _OWN or not isinstance(hidden_states, torch.Tensor):
-            return original(hidden_states, *args, **kwargs)
+            return type(self).forward(self, hidden_states, *args, **kwargs)
         if storage is not None and not torch.compiler.is_compiling() and not _tied(self, storage):
             logger.info("moepass: the experts' parameters of %s were replaced; stacking them again", type(self).__name__)
             _tie(self, storage, plan.shape.num_experts, plan.form)
@@ -585,10 +607,12 @@ def _returns(output: Any, logits: torch.Tensor | None) -> tuple | None:
     return tuple(items)
 
 
-def _probe(block: nn.Module, hidden: int) -> torch.Tensor:
+def _probes(block: nn.Module, hidden: int) -> list[torch.Tensor]:
+    """Random inputs to try the block on: [batch, sequence, H] first, then [tokens, H]."""
     parameter = next(block.parameters())
     generator = torch.Generator().manual_seed(4)
-    return torch.randn(2, 5, hidden, generator=generator).to(parameter.dtype).to(parameter.device)
+    x = torch.randn(2, 5, hidden, generator=generator).to(parameter.dtype).to(parameter.device)
+    return [x, x.reshape(10, hidden)]
 
 
 def _count_rows(block: nn.Module, experts: nn.ModuleList, probe: torch.Tensor) -> tuple[Any, int]:
@@ -626,21 +650,28 @@ def _plan(block: nn.Module, shape: ExpertListBlock) -> tuple[_Plan, dict[bool, b
             "its experts are not down(act(gate(x)) · up(x)) or down(act(up(x))) with one of "
             f"{', '.join(_ACTIVATIONS)} (probed on each expert)"
         )
+    owners = [id(p) for expert in experts for p in expert.parameters()]
+    if len(set(owners)) != len(owners):
+        raise _NotThisOne("some experts share a parameter (stacking it once per expert would untie it)")
     signature = inspect.signature(type(block).forward)
     required = [p for p in list(signature.parameters.values())[1:] if p.default is p.empty
                 and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     if len(required) != 1:
         raise _NotThisOne(f"its forward takes {len(required)} required arguments, not one input tensor")
-    probe = _probe(block, shape.hidden_size)
     original = type(block).forward.__get__(block)
     was_training = block.training
     try:
         block.eval()
-        try:
-            _, rows = _count_rows(block, experts, probe)
-            own = {False: _run(block, original, probe)}
-        except Exception as error:
-            raise _NotThisOne(f"its own forward fails on a [2, 5, {shape.hidden_size}] input: {error}") from None
+        failures = []
+        for probe in _probes(block, shape.hidden_size):
+            try:
+                _, rows = _count_rows(block, experts, probe)
+                own = {False: _run(block, original, probe)}
+                break
+            except Exception as error:  # a block that takes [tokens, H] only, or [batch, seq, H] only
+                failures.append(f"{list(probe.shape)}: {type(error).__name__}: {error}")
+        else:
+            raise _NotThisOne(f"its own forward fails on a random input ({'; '.join(failures)})")
         block.train()
         try:
             own[True] = _run(block, original, probe)
@@ -648,21 +679,21 @@ def _plan(block: nn.Module, shape: ExpertListBlock) -> tuple[_Plan, dict[bool, b
             logger.debug("train-mode forward of %s failed: %s", type(block).__name__, error)
         spec = _experts_spec(shape, form)
         block.eval()
-        unstacked = _storage_layout(experts, form)
+        unstacked = _storage_layout(shape.experts_name, shape.num_experts, form)
 
-        def copies(_block):  # stacked by copying while candidates are tried: nothing changes yet
-            return tuple(_copied_stack(unstacked, name, shape.num_experts) for name in _BUFFERS)
+        def copies(block):  # stacked by copying while candidates are tried: nothing changes yet
+            return tuple(_copied_stack(block, unstacked, name, shape.num_experts) for name in _BUFFERS)
 
         for router in _router_candidates(block, shape, probe, rows):
             for shared, gate in _shared_candidates(block, shape):
                 for returns in _return_forms(own[False].output):
                     plan = _Plan(shape, form, router, shared, gate, returns, spec)
                     block.eval()
-                    evaluation = _first_match(block, plan, copies, original, probe, own[False])
+                    evaluation = _first_match(block, plan, copies, probe, own[False])
                     if evaluation == _OWN:
                         continue
                     block.train()
-                    training = _first_match(block, plan, copies, original, probe, own[True]) if True in own else _OWN
+                    training = _first_match(block, plan, copies, probe, own[True]) if True in own else _OWN
                     return plan, {False: evaluation, True: training}
         raise _NotThisOne(
             "no router formula (its own router module, or softmax/sigmoid top-k with or without "
@@ -672,10 +703,10 @@ def _plan(block: nn.Module, shape: ExpertListBlock) -> tuple[_Plan, dict[bool, b
         block.train(was_training)
 
 
-def _first_match(block, plan: _Plan, weights_of: Callable, original: Callable, probe, own: _Observed) -> str:
+def _first_match(block, plan: _Plan, weights_of: Callable, probe, own: _Observed) -> str:
     """How ``plan`` reproduces the block's own forward in the block's current mode (``_OWN``: it does not)."""
     for mode in (_MOEPASS, _DETACHED):
-        forward = types.MethodType(_moepass_forward(plan, weights_of, original, {False: mode, True: mode}), block)
+        forward = types.MethodType(_moepass_forward(plan, weights_of, {False: mode, True: mode}), block)
         try:
             if _matches(_run(block, forward, probe), own):
                 return mode
@@ -697,14 +728,14 @@ def _return_forms(output: Any) -> list[tuple]:
     return []
 
 
-def _copied_stack(storage: _Storage, name: str, num_experts: int) -> torch.Tensor | None:
+def _copied_stack(block: nn.Module, storage: _Storage, name: str, num_experts: int) -> torch.Tensor | None:
     """The stacked buffer ``name`` as a differentiable copy of the parameters (while candidates are tried)."""
     parts = storage.parts[name]
     if not parts:
         return None
     per_expert: list[list[torch.Tensor]] = [[] for _ in range(num_experts)]
-    for expert, _, get in parts:
-        per_expert[expert].append(get())
+    for part, param in zip(parts, storage.params(block, name)):
+        per_expert[part.expert].append(param)
     return torch.stack([torch.cat(group, dim=0) for group in per_expert])
 
 
@@ -728,17 +759,16 @@ def make_expert_lists_traceable(model: nn.Module, skip: tuple[str, ...] = ()) ->
         except _NotThisOne as reason:
             logger.warning("moepass.make_traceable: left %s (%s) as it was: %s", shown, type(block).__name__, reason)
             continue
-        experts = getattr(block, shape.experts_name)
-        storage = _storage_layout(experts, plan.form)
+        storage = _storage_layout(shape.experts_name, shape.num_experts, plan.form)
         _tie(block, storage, shape.num_experts, plan.form)
-        original = type(block).forward.__get__(block)
 
         def stacked(self, storage=storage):
             return tuple(_stacked(self, storage, name) for name in _BUFFERS)
 
-        block.forward = types.MethodType(_moepass_forward(plan, stacked, original, modes, storage), block)
+        block.forward = types.MethodType(_moepass_forward(plan, stacked, modes, storage), block)
         _keep_tied(block, storage, plan)
         setattr(block, MARK, plan.spec)
+        block._moepass_own_forward_in_training = modes[True] == _OWN
         changed.append(path)
         training = "" if modes[True] != _OWN else " (train() keeps the block's own forward: it differs there)"
         logger.info("moepass.make_traceable: %s (%s): %s%s", shown, type(block).__name__, plan.describe(), training)
@@ -747,10 +777,8 @@ def make_expert_lists_traceable(model: nn.Module, skip: tuple[str, ...] = ()) ->
 
 def _keep_tied(block: nn.Module, storage: _Storage, plan: _Plan) -> None:
     """Rebuild the views after ``.to()`` / ``.half()`` / ``load_state_dict(assign=True)`` separated them."""
-    apply = block._apply
-
     def _apply(self, fn, *args, **kwargs):
-        result = apply(fn, *args, **kwargs)
+        result = type(self)._apply(self, fn, *args, **kwargs)
         if not _tied(self, storage):
             _tie(self, storage, plan.shape.num_experts, plan.form)
         return result
@@ -762,3 +790,16 @@ def _keep_tied(block: nn.Module, storage: _Storage, plan: _Plan) -> None:
             _tie(module, storage, plan.shape.num_experts, plan.form)
 
     block.register_load_state_dict_post_hook(after_load)
+
+    def __deepcopy__(self, memo):  # a copy's parameters and buffers come apart: tie the copy's own
+        hook = self.__dict__.pop("__deepcopy__")
+        try:
+            clone = copy.deepcopy(self, memo)
+        finally:
+            self.__dict__["__deepcopy__"] = hook
+        clone.__dict__["__deepcopy__"] = types.MethodType(hook.__func__, clone)
+        if not _tied(clone, storage):
+            _tie(clone, storage, plan.shape.num_experts, plan.form)
+        return clone
+
+    block.__dict__["__deepcopy__"] = types.MethodType(__deepcopy__, block)

@@ -44,7 +44,13 @@ from moepass.compiler.detect.common import (
 )
 from moepass.compiler.detect.experts import _GEMMS as _EXPERT_GEMMS
 from moepass.compiler.detect.experts import ExpertsMatch, match_experts
-from moepass.compiler.detect.lifted_router import is_top1_selection, match_lifted_router, match_top1_router, routing_set
+from moepass.compiler.detect.lifted_router import (
+    feeds_capacity,
+    is_top1_selection,
+    match_lifted_router,
+    match_top1_router,
+    routing_set,
+)
 from moepass.compiler.detect.region import ForeignInputs, Region, block_region
 from moepass.compiler.detect.router import RouterMatch, find_router_linear, is_topk, match_router
 from moepass.compiler.detect.shared import CoupledShared, match_shared_experts, split_coupled_shared
@@ -390,13 +396,23 @@ def find_moe_blocks(gm: fx.GraphModule, flow: Dataflow | None = None) -> list[Bl
         try:
             router = _match_any_router(anchor, flow)
         except Mismatch as error:
+            reason = str(error) if str(error).startswith("no top-k expert selection") else f"router not supported: {error}"
             evidence = _expert_evidence(anchor, flow)
             if evidence is not None:
-                results.append(BlockRejection(path=evidence, reason=f"router not supported: {error}"))
-            else:
-                block = _router_block_of(anchor)
-                if block is not None:
-                    router_failures.setdefault(block, f"router not supported: {error}")
+                results.append(BlockRejection(path=evidence, reason=reason))
+                continue
+            block = _router_block_of(anchor)
+            if block is None:
+                continue
+            router_failures.setdefault(block, reason)
+            weight = _router_like_weight(anchor)
+            owner = _router_block(module_path_of_param(weight)) if weight is not None else None
+            if owner is not None and not any(r.path == owner for r in results):
+                # a router-like selection whose experts are not in this graph: never silent
+                results.append(BlockRejection(
+                    path=owner, reason=reason, router_kind=op_name(anchor), num_experts=tensor_shape(weight)[0],
+                    anchor=weight,
+                ))
             continue
         combine, region_or_reason, coupled = _find_combine(router, flow)
         router_block = _router_block(router.module_path)
@@ -607,6 +623,23 @@ def _expert_evidence(anchor: fx.Node, flow: Dataflow) -> str | None:
 _SPARSEMIXER_OPS = {"max", "masked_fill", "softmax", "gather", "abs", "clamp"}
 
 
+def _router_like_weight(anchor: fx.Node) -> fx.Node | None:
+    """The [E, H] weight of the linear behind a selection, when it looks like a router's (E ≤ H, or named like one)."""
+    try:
+        linear, _ = find_router_linear(anchor.args[0])
+    except Mismatch:
+        return None
+    weight = resolve_param(arg(linear, 1, "weight"))
+    shape = tensor_shape(weight) if weight is not None else None
+    if shape is None or len(shape) != 2 or not all(isinstance(s, int) for s in shape):
+        return None
+    scores = tensor_shape(anchor.args[0]) or ()
+    if not scores or scores[-1] != shape[0]:
+        return None  # the selection is not over this linear's classes (a product of two key sets, say)
+    named = bool(_ROUTER_NAME.search(module_path_of_param(weight) or ""))
+    return weight if shape[0] <= shape[1] or named else None
+
+
 def _router_block_of(anchor: fx.Node) -> str | None:
     """The block path of the router linear behind ``anchor``, when one is found."""
     try:
@@ -633,7 +666,7 @@ def _argmax_routers(graph: fx.Graph, flow: Dataflow, known: set[str]) -> list[Bl
         if shape is None or len(shape) != 2 or shape[0] > shape[1] or not _ROUTER_NAME.search(module or ""):
             continue
         path = _router_block(module) or ""
-        if path in known or any(r.path == path for r in found):
+        if path in known or any(r.path == path for r in found) or not feeds_capacity(node, flow):
             continue
         found.append(
             BlockRejection(

@@ -30,7 +30,7 @@ from moepass.compiler.detect.common import CAST_OPS, SHAPE_OPS, Mismatch, arg, m
 from moepass.compiler.detect.router import RouterMatch, _check_last_dim, _getitem_users, _topk_k, _x_base
 from moepass.compiler.spec import RouterSpec
 
-__all__ = ["match_lifted_router", "match_top1_router", "is_top1_selection", "routing_set"]
+__all__ = ["match_lifted_router", "match_top1_router", "is_top1_selection", "feeds_capacity", "routing_set"]
 
 #: Ops that only plumb values; left out of the formula shown to users.
 _QUIET = CAST_OPS | SHAPE_OPS | {"getitem", "squeeze", "expand", "expand_as", "contiguous"}
@@ -283,7 +283,7 @@ def is_top1_selection(node: fx.Node) -> bool:
     return False
 
 
-def _feeds_capacity(ids: fx.Node, flow: Dataflow) -> bool:
+def feeds_capacity(ids: fx.Node, flow: Dataflow) -> bool:
     """Whether the selected ids are counted in token order against a capacity (a ``cumsum`` over them)."""
     return any(op_name(n) == "cumsum" for n in flow.descendants(ids))
 
@@ -319,7 +319,7 @@ def match_top1_router(anchor: fx.Node, flow: Dataflow) -> RouterMatch:
     x_base = _x_base(x_input)
     token_dims = tuple(tensor_shape(linear)[:-1])
     ids = anchor if op_name(anchor) == "argmax" else _getitem_users(anchor)[1]
-    if _feeds_capacity(ids, flow):
+    if feeds_capacity(ids, flow):
         raise Mismatch(
             "no top-k expert selection: the router picks experts by argmax with an expert capacity "
             "(tokens over capacity skip the experts); only top-k routers are supported"
