@@ -1,7 +1,7 @@
 """MoE blocks written outside transformers on CPU: the remote-code DeepSeek-V2 block and a dense gate-matrix block.
 
 Two blocks from ``tests/moe_styles.py`` (written for the tests, no model's code) at a useful size, random
-weights N(0, 0.02), timed in one run, interleaved (A, B, C, A, B, C … medians):
+weights (router N(0, 0.05), the rest N(0, 0.02)), timed in one run, interleaved (A, B, C, A, B, C … medians):
 
 * **DeepSeek-V2 remote-code style** — a gate module (softmax, greedy top-6 of 64), experts sorted by id
   with per-expert counts by ``scatter_`` moved to the host, a Python loop over the experts' rows, two
@@ -41,10 +41,12 @@ HIDDEN = 1024
 
 
 def _scaled(block: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """N(0, 0.02) weights; the router's N(0, 0.05), so its logits spread (std ≈ 1.6 on N(0, 1) tokens)."""
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for parameter in block.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
+        for name, parameter in block.named_parameters():
+            scale = 0.05 if name.startswith(("gate.", "router.")) else 0.02
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
     return block.to(dtype).eval()
 
 
