@@ -84,9 +84,9 @@ def test_phimoe_is_reported_with_its_reason_and_left_alone():
 
 def test_failed_validation_leaves_the_block_exactly_as_it_was(monkeypatch):
     """A rewrite that would change the numbers is not applied, and says why."""
-    import moepass.compiler.backend as backend
+    import moepass.compiler.stages as stages
 
-    monkeypatch.setattr(backend, "validate_rewrite", lambda *args: 0.5)
+    monkeypatch.setattr(stages, "validate_rewrite", lambda *args: 0.5)
     model = tiny_model("mixtral")
     snap = _Snapshot()
     ids = token_ids(1, 5)

@@ -331,9 +331,9 @@ def test_unrewritten_block_fails_naming_it(tmp_path):
 
 def test_undetected_block_is_caught_by_the_backstop(monkeypatch):
     """Even if detection missed a block entirely, its expert weights still in the graph stop the export."""
-    import moepass.compiler.backend
+    import moepass.compiler.stages
 
-    monkeypatch.setattr(moepass.compiler.backend, "find_moe_blocks", lambda gm, flow: [])
+    monkeypatch.setattr(moepass.compiler.stages, "find_moe_blocks", lambda gm, flow: [])
     with pytest.raises(OnnxExportError, match=r"block model\.layers\.0\.mlp: its expert weights are still read"):
         prepare_export(tiny_model("olmoe", num_hidden_layers=1), (token_ids(2, 8),), policy="top_p", p=0.4)
 

@@ -22,7 +22,7 @@ AdapMoE's system half (Zhong et al. 2024) on top of adaptive-k routing::
   policy applied to layer l's input predict its experts; a worker thread
   reads them while layer l computes; the policy's k per token decides how
   many;
-* **backend** (:mod:`~moepass.runtime.offload.graph`) — offloaded blocks' experts ops
+* **backend** (:mod:`moepass.compiler.plan.offload`) — offloaded blocks' experts ops
   read through the session's cache (:mod:`~moepass.runtime.offload.experts`); their
   weights are checked against the store, then freed (storage resized to 0:
   dynamo's guards still hold, so nothing recompiles).

@@ -1,0 +1,17 @@
+"""Plan stages: what the backend does to blocks after their rewrite, each stage in its own module.
+
+The rewrite stage leaves each block as ``moepass.route`` + ``moepass.experts``
+with the experts' weights in memory, run by the lowering the options name.  A
+plan stage takes the rewritten graph and its blocks
+(:class:`moepass.compiler.stages.GraphState`) and changes how a block's
+experts run, without touching what they compute:
+
+* :mod:`~moepass.compiler.plan.offload` — the experts read their weights from an
+  expert store through a per-layer cache (``options={"offload": ...}``).
+
+Each stage checks its own change (the offload stage: the store holds the
+model's bytes, and the offloaded op equals the in-memory op on a random
+input) and leaves a block in memory, with the reason in its report, where the
+change cannot be made.  The stages run in the order of
+:data:`moepass.compiler.backend.STAGES`.
+"""
