@@ -392,6 +392,8 @@ def find_moe_blocks(gm: fx.GraphModule, flow: Dataflow | None = None) -> list[Bl
     claimed: set[fx.Node] = set()
     #: why the router of a block (by path) did not match, for blocks found later by their weights
     router_failures: dict[str, str] = {}
+    #: router-like selections whose router did not match, by block (reported if nothing says more)
+    unmatched: dict[str, BlockRejection] = {}
     for anchor in _selection_anchors(gm.graph, flow):
         try:
             router = _match_any_router(anchor, flow)
@@ -407,9 +409,8 @@ def find_moe_blocks(gm: fx.GraphModule, flow: Dataflow | None = None) -> list[Bl
             router_failures.setdefault(block, reason)
             weight = _router_like_weight(anchor)
             owner = _router_block(module_path_of_param(weight)) if weight is not None else None
-            if owner is not None and not any(r.path == owner for r in results):
-                # a router-like selection whose experts are not in this graph: never silent
-                results.append(BlockRejection(
+            if owner is not None:  # a router-like selection: reported unless a more precise reason comes later
+                unmatched.setdefault(owner, BlockRejection(
                     path=owner, reason=reason, router_kind=op_name(anchor), num_experts=tensor_shape(weight)[0],
                     anchor=weight,
                 ))
@@ -478,6 +479,8 @@ def find_moe_blocks(gm: fx.GraphModule, flow: Dataflow | None = None) -> list[Bl
         claimed |= {n for n in region.inputs if n.op in ("placeholder", "get_attr")} | router.param_nodes
     results.extend(_argmax_routers(gm.graph, flow, {r.path for r in results}))
     results.extend(_unclaimed_experts(gm.graph, claimed, results, router_failures, flow))
+    known = {r.path for r in results}
+    results.extend(rejection for path, rejection in unmatched.items() if path not in known)  # never silent
     return results
 
 

@@ -275,6 +275,8 @@ def is_top1_selection(node: fx.Node) -> bool:
     if node.op not in ("call_function", "call_method") or not node.args or not isinstance(node.args[0], fx.Node):
         return False
     name = op_name(node)
+    if arg(node, 2, "keepdim", False):  # a [.., 1] pick: sparsemixer thresholds, not a selection of experts
+        return False
     if name == "argmax":
         return arg(node, 1, "dim") is not None
     if name == "max":
