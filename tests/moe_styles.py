@@ -13,7 +13,8 @@ computes:
   a ``bmm`` per slot;
 * :class:`ArgmaxMoE` — top-1 by ``argmax`` with a boolean-masked loop;
 * :class:`DenseGateMoE` — every expert on every token, combined through a
-  ``[T, E]`` gate matrix that is zero outside the top-k;
+  ``[T, E]`` gate matrix that is zero outside the top-k (:class:`DenseEinsumMoE`:
+  the same over stacked weights, one ``einsum`` for all experts);
 * :class:`RemoteDeepseekV2MoE` — the remote-code style of DeepSeek-V2
   (``trust_remote_code``): a gate module with greedy or group-limited top-k,
   experts sorted by id with per-expert counts taken by ``scatter_`` of ones and
@@ -201,6 +202,31 @@ class DenseGateMoE(nn.Module):
         return torch.einsum("te,teh->th", gates, every).view_as(hidden)
 
 
+class DenseEinsumMoE(nn.Module):
+    """Style 4, stacked: every expert on every token as one ``einsum`` over [E, ., .] weights, a gate matrix."""
+
+    def __init__(self, dim=16, inter=32, num_experts=6, top_k=2, seed=0):
+        super().__init__()
+        self.top_k = top_k
+        self.router = nn.Linear(dim, num_experts, bias=False)
+        self.mats = GatedMatrices(dim, inter, num_experts)
+        _randomize(self, seed)
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert ``e`` on rows ``x``, written plainly (for per-token references)."""
+        gate, up = (x @ self.mats.w_in[e].T).chunk(2, dim=-1)
+        return (F.silu(gate) * up) @ self.mats.w_out[e].T
+
+    def forward(self, hidden):
+        tokens = hidden.reshape(-1, hidden.shape[-1])
+        probs = self.router(tokens).softmax(dim=-1)
+        top, selected = probs.topk(self.top_k, dim=-1)
+        gates = torch.zeros_like(probs).scatter(-1, selected, top)              # no renormalisation
+        gate, up = torch.einsum("th,efh->tef", tokens, self.mats.w_in).chunk(2, dim=-1)
+        every = torch.einsum("tei,ehi->teh", F.silu(gate) * up, self.mats.w_out)
+        return torch.einsum("te,teh->th", gates, every).view_as(hidden)
+
+
 class RemoteGate(nn.Module):
     """DeepSeek-V2's remote-code gate, re-written: softmax scores, greedy or group-limited top-k."""
 
@@ -283,5 +309,6 @@ STYLES = {
     "gathered_bmm": GatheredBmmMoE,
     "argmax": ArgmaxMoE,
     "dense_gate": DenseGateMoE,
+    "dense_einsum": DenseEinsumMoE,
     "remote_deepseek_v2": RemoteDeepseekV2MoE,
 }

@@ -18,6 +18,7 @@ import torch.nn as nn
 from conftest import Recorder, rel_err
 from moe_styles import (
     ArgmaxMoE,
+    DenseEinsumMoE,
     DenseGateMoE,
     GatheredBmmMoE,
     GatheredEinsumMoE,
@@ -110,6 +111,7 @@ CAPTURED = {
     "argmax": (ArgmaxMoE, {"capture_dynamic_output_shape_ops": True}, "module_loop",
                lambda b: Router("softmax_topk", 6, 1)),
     "dense_gate": (DenseGateMoE, {}, "dense_modules", lambda b: Router("softmax_topk", 6, 2, renormalize=True)),
+    "dense_einsum": (DenseEinsumMoE, {}, "dense_bmm", lambda b: Router("softmax_topk", 6, 2)),
 }
 
 
@@ -144,7 +146,7 @@ ADAPTIVE = {"top_p": {"p": 0.5}, "threshold": {"T": 0.15}}
 
 @pytest.mark.parametrize("style,rule", [
     ("where_loop", "top_p"), ("gathered_einsum", "threshold"), ("gathered_bmm", "top_p"), ("argmax", "top_p"),
-    ("dense_gate", "threshold"),
+    ("dense_gate", "threshold"), ("dense_einsum", "top_p"),
 ])
 def test_captured_style_adaptive_policy_equals_per_token_reference(style, rule):
     build, flags, _, router = CAPTURED[style]

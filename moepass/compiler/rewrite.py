@@ -14,8 +14,12 @@ Full block (pattern → check → replacement)::
 
 Router only (the experts loop graph-broke)::
 
-    pattern      logits ─► [router ops] ─► ids, weights ─► (graph output / one_hot(E+1) / ids == e)
-    replacement  ids', w' = moepass.route(logits, x, tensors, route_config)
+    pattern      logits ─► [router ops] ─► ids, weights ─► (one_hot(E+1) / ids == e in this graph)
+    replacement  ids', w' = moepass.route(logits, x, tensors, route_config)    (sentinel: id E, weight 0)
+
+    pattern      logits ─► [router ops] ─► ids, weights ─► graph output (read where the graph does not show)
+    replacement  _, w' = moepass.route(logits, x, [ids, weights, …], route_config)   (the model's ids stay;
+                 a dropped slot's weight is 0)
 
 Every applied rewrite bumps ``torch._dynamo.utils.counters["moepass"]``.
 """

@@ -1,7 +1,8 @@
 """Find the MoE blocks of a torch-level FX graph.
 
 For every ``topk`` that selects experts (helpers of a group-limited selection
-excluded) the detector:
+excluded), and every top-1 pick by ``argmax`` (or ``max(dim)``'s indices)
+over a router's scores, the detector:
 
 1. matches the router (:mod:`moepass.compiler.detect.router`);
 2. walks the post-dominators of the ``topk`` to the first node with the size
@@ -15,9 +16,12 @@ excluded) the detector:
    branch staying in the graph.
 
 When no combine node exists because the experts loop graph-broke (transformers'
-``eager`` experts, a hand-written loop compiled without ``fullgraph``), the
-router alone is matched: its ids and weights leave the graph and the loop that
-consumes them skips the sentinel id ``E``.
+``eager`` experts, remote code that counts the ids on the host), the router
+alone is matched where that is safe for whatever reads its ids
+(:func:`_router_only`): consumers in this graph that skip id ``E`` get the
+sentinel; consumers it does not show get the model's own ids unchanged, a
+dropped slot at weight 0.  Otherwise — and for every router-like selection
+whose router does not match — the block is reported with the reason.
 
 Stacked expert weights that no matched router reaches are reported as blocks
 that were not rewritten, with the reason.

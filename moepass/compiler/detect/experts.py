@@ -4,10 +4,14 @@ Two families of weights are recognised:
 
 * **stacked**: two [E, a, b] parameters (``gate_up_proj``, ``down_proj``) and
   optionally two [E, n] biases, used by a grouped GEMM (``grouped_mm``), by
-  per-token gathered weights and ``bmm`` (``batched_mm``), or by a ``bmm``
-  over every expert (Llama 4's ``dense_bmm``);
+  per-token gathered weights and ``bmm`` / ``matmul`` / ``einsum``
+  (``batched_mm``), or by a ``bmm`` or ``einsum`` over every expert
+  (``dense_bmm``, Llama 4);
 * **per-expert modules**: E sets of nn.Linear weights selected in a Python
-  loop by ``ids == e`` (``module_loop``); the rewrite stacks them.
+  loop by ``ids == e`` (``module_loop``), or each run on every token and
+  combined through a gate matrix zero outside the top-k (``dense_modules``:
+  expert e is the e-th module of their ``ModuleList``); the rewrite stacks
+  them (at compile time, or in the graph when it will be differentiated).
 
 For both, the orientation of each weight is read from how its GEMM uses it,
 and the activation from the ops between the two GEMMs::
