@@ -22,6 +22,13 @@ cpu_prepack CPU lowering: run bfloat16 experts on copies     ``"auto"``
            in half the available memory) | ``on`` | ``off``
            (or True / False); see
            :mod:`moepass.lowering.cpu_packed`
+cpu_tuning CPU lowering: measure this machine's kernel     ``"auto"``
+           and path choices for a block shape no table
+           holds: ``auto`` (at most
+           :data:`~moepass.lowering.cpu_tuning.DEFAULT_BUDGET`
+           seconds per shape, or what ``$MOEPASS_TUNING``
+           says) | ``off`` | seconds; see
+           :mod:`moepass.lowering.cpu_tuning`
 ========== ============================================== ===========
 
 Any other key is a parameter of the named policy (``{"policy": "top_p",
@@ -36,6 +43,7 @@ from typing import Any, Mapping
 
 from moepass.policies import POLICIES, Policy, PolicyError, make_policy
 from moepass.runtime.ops import CPU_PREPACK, LOWERINGS
+from moepass.runtime.tuning import TuningError, tuning_budget
 
 __all__ = ["BackendOptions", "OptionsError", "INNER_COMPILERS"]
 
@@ -61,8 +69,10 @@ class BackendOptions:
     offload: Any = None
     #: Pre-packed bfloat16 expert weights on CPU: ``auto`` | ``on`` | ``off``.
     cpu_prepack: str = "auto"
+    #: Measuring the CPU lowering's choices on first compile: ``auto`` | ``off`` | seconds.
+    cpu_tuning: Any = "auto"
 
-    _BACKEND_KEYS = ("policy", "inner", "lowering", "validate", "stats", "offload", "cpu_prepack")
+    _BACKEND_KEYS = ("policy", "inner", "lowering", "validate", "stats", "offload", "cpu_prepack", "cpu_tuning")
 
     @classmethod
     def parse(cls, options: Mapping[str, Any] | None, mode: str | None = None) -> "BackendOptions":
@@ -110,6 +120,13 @@ class BackendOptions:
             raise OptionsError(
                 f"option 'cpu_prepack' must be one of {', '.join(CPU_PREPACK)} (or True / False), got {cpu_prepack!r}"
             )
+        cpu_tuning = backend.get("cpu_tuning", "auto")
+        if isinstance(cpu_tuning, bool):
+            cpu_tuning = "auto" if cpu_tuning else "off"
+        try:
+            tuning_budget(cpu_tuning, 1.0)
+        except TuningError as error:
+            raise OptionsError(f"option 'cpu_tuning': {error}") from None
         return cls(
             policy=policy,
             inner=inner,
@@ -119,6 +136,7 @@ class BackendOptions:
             mode=mode,
             offload=offload,
             cpu_prepack=cpu_prepack,
+            cpu_tuning=cpu_tuning,
         )
 
 

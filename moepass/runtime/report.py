@@ -122,6 +122,10 @@ class BlockReport:
     #: Seen only around a graph that holds its experts (its router ran outside every graph the
     #: backend saw): an entry of the same block from a graph that holds its router takes precedence.
     in_pieces: bool = False
+    #: What the CPU lowering runs for this block on this machine and why
+    #: (:class:`moepass.lowering.cpu_tuning.BlockKernels`: the path per row-count
+    #: range with the measured times), None off the CPU lowering.
+    cpu_kernels: Any = field(default=None, repr=False, compare=False)
 
     @property
     def reason_code(self) -> str:
@@ -197,6 +201,7 @@ class Report:
                     "policy": b.policy,
                     "validation_error": b.validation_error,
                     "notes": b.notes,
+                    "cpu_kernels": b.cpu_kernels.to_dict() if b.cpu_kernels is not None else None,
                 }
                 for b in self.blocks
             ],
@@ -243,6 +248,11 @@ class Report:
         lines.append(fmt(header))
         lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 16)
         lines.extend(fmt(r) for r in rows)
+        paths = [b for b in self.blocks if b.cpu_kernels is not None]
+        if paths:
+            lines.extend(["", f"CPU lowering on {paths[0].cpu_kernels.machine}:"])
+            for b in paths:
+                lines.append(f"{b.display_path}: " + "\n  ".join(b.cpu_kernels.lines()))
         if self.offload is not None:
             lines.extend(["", *self.offload.report_lines()])
         return "\n".join(lines)
