@@ -28,6 +28,7 @@ from moepass.policies import Policy, PolicyError
 from moepass.reports.inspection import InspectionReport, inspect
 from moepass.runtime import ops as _ops  # noqa: F401  (registers torch.ops.moepass.*)
 from moepass.runtime.calibrate import calibrate
+from moepass.runtime.expert_parallel.transformers_ep import register_when_imported as _register_expert_parallel
 from moepass.runtime.report import BlockReport, Report, last_report, report
 
 __all__ = [
@@ -60,6 +61,9 @@ __all__ = [
     "policies",
     "report",
 ]
+
+# DistributedConfig(ep_implementation="moepass"): registered when transformers' EP module is imported
+_register_expert_parallel()
 
 #: Subpackages reached as attributes without their own import (``moepass.bundled.load_model()``
 #: after ``import moepass``), imported on first use: the bundled model's data and the zoo are

@@ -7,7 +7,11 @@ plan stage takes the rewritten graph and its blocks
 experts run, without touching what they compute:
 
 * :mod:`~moepass.compiler.plan.offload` — the experts read their weights from an
-  expert store through a per-layer cache (``options={"offload": ...}``).
+  expert store through a per-layer cache (``options={"offload": ...}``);
+* :mod:`~moepass.compiler.plan.expert_parallel` — the experts are split over
+  ranks and only kept slots are exchanged (transformers'
+  ``ep_implementation="moepass"``, ``Shard(0)`` DTensor weights, or
+  ``options={"expert_parallel": {"mesh": mesh}}``);
 * :mod:`~moepass.compiler.plan.cpu_kernels` — the CPU lowering's kernel and path
   choices for this machine, looked up or measured (``options={"cpu_tuning": ...}``);
   the graph is unchanged (the op reads the tables when it runs).
