@@ -36,9 +36,9 @@ While the backend compiles (:func:`without_communication`), an expert-parallel
 call runs its local experts only and communicates nothing: validation compares
 two such calls, and nothing collective runs at compile time.
 
-Empty slots written as a repeated expert at weight 0 (``moepass.route``'s
-``repeat_first`` form, used when the consumer of the ids sat in another graph)
-are recognised and not sent either: a slot whose weight is 0 and whose expert
+Empty slots written as a repeated expert at weight 0 (as some models' own
+routers and older moepass route ops wrote a dropped slot) are recognised and
+not sent either: a slot whose weight is 0 and whose expert
 an earlier slot of the same token already names adds exactly nothing.
 
 On CUDA tensors (NCCL) the same code runs: the header and the rows are
@@ -145,7 +145,7 @@ def kept_slots(ids: torch.Tensor, weights: torch.Tensor, num_experts: int) -> to
 
     Not kept: ids outside [0, E) (dropped slots, null experts, zero-computation
     experts) and slots that repeat an earlier slot's expert of the same token at
-    weight 0 (the ``repeat_first`` form of an empty slot).
+    weight 0 (an empty slot written as a repeated expert).
     """
     valid = (ids >= 0) & (ids < num_experts)
     if ids.shape[1] > 1:
