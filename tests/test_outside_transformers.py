@@ -292,6 +292,25 @@ def test_remote_deepseek_v2_without_make_traceable_rewrites_the_router_alone_and
     assert entry.rewritten and any("save no compute" in note for note in entry.notes)
 
 
+def test_a_router_rewritten_alone_drops_a_slot_as_the_models_expert_at_negative_zero():
+    """The ids stay the model's (any consumer sees what it always saw); -0.0 adds exactly nothing and tells
+    moepass's expert-parallel exchange the slot needs no row."""
+    from moepass.compiler.spec import RouterSpec
+    from moepass.runtime.expert_parallel.exchange import kept_slots
+    from moepass.runtime.ops import RouteConfig
+
+    logits = torch.tensor([[2.0, 0.0, 1.9, -1.0], [5.0, 0.0, 0.5, -1.0]])  # top_p 0.5: keeps 2, then 1
+    weights, ids = torch.softmax(logits, -1).topk(2, dim=-1, sorted=False)
+    router = RouterSpec("softmax_topk", num_experts=4, top_k=2, hidden_size=8)
+    config = RouteConfig(router, rule="top_p", params={"p": 0.5}, k_min=1, k_max=2,
+                         tensor_roles=("model_ids", "model_weights"), empty_slots="model_ids")
+    out_ids, out_weights = torch.ops.moepass.route(logits, None, [ids, weights], config.to_json())
+    assert torch.equal(out_ids, ids)  # unchanged, in the model's order
+    dropped = out_weights == 0
+    assert dropped.tolist() == [[False, False], [False, True]] and torch.signbit(out_weights[dropped]).all()
+    assert kept_slots(out_ids, out_weights, 4)[1].tolist() == [0, 4]
+
+
 def test_a_router_whose_weights_feed_more_than_the_experts_is_left_alone_under_an_adaptive_policy():
     """Adaptive weights in model-id form are only right for code that multiplies them in; here the graph
     clamps them before the loop reads them: the block is left as it was, with the reason."""

@@ -105,7 +105,7 @@ class RouteConfig:
     #: them) or "model_ids" (for a router-only rewrite whose ids are consumed
     #: where moepass cannot see: the ids are the model's own, unchanged, in its
     #: order — tensors "model_ids", "model_weights" — and a dropped slot keeps
-    #: its expert at weight 0; the static rule returns the model's selection as it is).
+    #: its expert at weight -0.0; the static rule returns the model's selection as it is).
     empty_slots: str = "sentinel"
 
     def to_json(self) -> str:
@@ -193,8 +193,9 @@ def _route_composite(
     selected = None
     if "selected_ids" in named:
         selected = (named["selected_ids"].reshape(logits.shape[0], -1), named["selected_weights"].reshape(logits.shape[0], -1))
-    if cfg.empty_slots == "model_ids":
+    if cfg.empty_slots == "model_ids" and "model_ids" in named:
         return _route_in_model_order(logits, x, cfg, rule, rule_tensors, named)
+    # (without the model's selection — a capture hook re-routing the logits it saw — the policy's own routing)
     ids, weights = routing.route(
         logits,
         cfg.router,
@@ -241,9 +242,13 @@ def _route_in_model_order(logits, x, cfg: RouteConfig, rule, rule_tensors, named
         selected=selected,
     )
     num_experts = cfg.router.num_experts
-    dense = torch.zeros(tokens, num_experts + 1, dtype=weights.dtype, device=weights.device)
-    dense = dense.scatter(1, ids.clamp(0, num_experts), weights)
-    return model_ids, dense.gather(1, model_ids.clamp(0, num_experts))
+    columns = ids.clamp(0, num_experts)
+    dense = torch.zeros(tokens, num_experts + 1, dtype=weights.dtype, device=weights.device).scatter(1, columns, weights)
+    kept = torch.zeros(tokens, num_experts + 1, dtype=torch.bool, device=ids.device).scatter(1, columns, ids < num_experts)
+    rows = model_ids.clamp(0, num_experts)
+    # a dropped slot weighs -0.0: exactly nothing to any consumer, and its sign tells moepass's own experts
+    # exchange (when the experts run expert-parallel in another graph) that the slot needs no row
+    return model_ids, torch.where(kept.gather(1, rows), dense.gather(1, rows), torch.full_like(model_weights, -0.0))
 
 
 #: Route tensor roles that describe the router itself (not a policy's tensors).
