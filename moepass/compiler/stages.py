@@ -29,7 +29,14 @@ import torch
 import torch.fx as fx
 
 from moepass.compiler.dataflow import Dataflow, example_value
-from moepass.compiler.detect import GRAPH_BREAK_REMEDY, BlockMatch, BlockRejection, find_moe_blocks, layer_index_of
+from moepass.compiler.detect import (
+    GRAPH_BREAK_REMEDY,
+    BlockMatch,
+    BlockRejection,
+    find_moe_blocks,
+    internal_error_reason,
+    layer_index_of,
+)
 from moepass.compiler.detect.common import Mismatch, source_path
 from moepass.compiler.graph_breaks import blocks_compiled_in_pieces, graph_break_here
 from moepass.compiler.options import BackendOptions
@@ -172,15 +179,21 @@ def detect_stage(state: GraphState) -> None:
     never reach the backend together), so no block goes unreported; and a
     router compiled in a frame of its own is named by the block around it.
     """
-    state.flow = Dataflow(state.gm.graph)
-    found = find_moe_blocks(state.gm, state.flow)
+    try:
+        state.flow = Dataflow(state.gm.graph)
+        found = find_moe_blocks(state.gm, state.flow)
+    except Exception as error:  # a graph this code cannot read goes on unchanged, and the report says why
+        found = [BlockRejection(path="", reason=internal_error_reason("reading the graph for", error))]
     state.env = example_env(state.gm, state.example_inputs)
     policy_name = state.options.policy.describe()
     state.blocks = [BlockState(item, _block_report(item, policy_name, state.env)) for item in found]
-    state.blocks.extend(_blocks_in_pieces(found, state.env, state.example_inputs))
     around = {}
-    if any(isinstance(item, BlockMatch) and item.experts is None for item in found):
-        around = {id(b.router_weight): b for b in blocks_compiled_in_pieces(state.example_inputs, router_too=True)}
+    try:  # reports only: a failure here says less, it changes nothing
+        state.blocks.extend(_blocks_in_pieces(found, state.env, state.example_inputs))
+        if any(isinstance(item, BlockMatch) and item.experts is None for item in found):
+            around = {id(b.router_weight): b for b in blocks_compiled_in_pieces(state.example_inputs, router_too=True)}
+    except Exception as error:
+        logger.debug("moepass: blocks around this graph not read: %s", error)
     for block in state.blocks:
         item = block.item
         enclosing = around.get(id(state.env.get(item.router.weight))) if isinstance(item, BlockMatch) else None
@@ -251,9 +264,13 @@ def resolve_stage(state: GraphState) -> None:
             )
             continue
         block.report.graph_before = _region_graph(item)
-        block.plan = plan_rewrite(
-            item, block.resolved, options.lowering, options.stats, state.env, state.differentiable, options.cpu_prepack
-        )
+        try:
+            block.plan = plan_rewrite(
+                item, block.resolved, options.lowering, options.stats, state.env, state.differentiable,
+                options.cpu_prepack,
+            )
+        except Exception as failure:  # nothing changed yet: the block stays as it was
+            block.leave(internal_error_reason("planning the rewrite of", failure))
 
 
 def validate_stage(state: GraphState) -> None:

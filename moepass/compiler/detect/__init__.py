@@ -29,6 +29,7 @@ that were not rewritten, with the reason.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 
@@ -60,7 +61,12 @@ from moepass.compiler.detect.router import RouterMatch, find_router_linear, is_t
 from moepass.compiler.detect.shared import CoupledShared, match_shared_experts, split_coupled_shared
 from moepass.compiler.spec import MoEBlockSpec, SharedExpertSpec, layer_index_of
 
-__all__ = ["BlockMatch", "BlockRejection", "find_moe_blocks", "Mismatch", "layer_index_of", "GRAPH_BREAK_REMEDY"]
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "BlockMatch", "BlockRejection", "find_moe_blocks", "Mismatch", "layer_index_of", "internal_error_reason",
+    "GRAPH_BREAK_REMEDY",
+]
 
 
 @dataclass
@@ -208,8 +214,10 @@ def _ids_consumers(router: RouterMatch, inside: set[fx.Node]) -> set[str]:
 
     "skips": ``one_hot(ids, E + 1)`` or ``ids == e`` (never selects id E);
     "leaves": a graph output (what reads it runs where this graph does not
-    show); "other": anything else in the graph (``scatter_`` counts, sorts,
-    ``one_hot(ids, E)``, gathers).
+    show); "remapped": a ``where(mask, other, ids)`` that leaves the graph (the
+    block rewrites some ids before its loop: LongCat-Flash from transformers
+    5.25 spreads its identity slots over real experts); "other": anything else
+    in the graph (``scatter_`` counts, sorts, ``one_hot(ids, E)``, gathers).
     """
     num_experts = router.spec.num_experts
     found: set[str] = set()
@@ -229,6 +237,8 @@ def _ids_consumers(router: RouterMatch, inside: set[fx.Node]) -> set[str]:
                 found.add("leaves")
             elif name in _IDS_PASS:
                 frontier.append(user)
+            elif name == "where" and any(op_name(u) == "output" for u in user.users):
+                found.add("remapped")
             else:
                 found.add("other")
     return found
@@ -353,7 +363,9 @@ def _coupled_shared(combine: fx.Node, region: Region, router: RouterMatch, flow:
         return None
     token_dims = tuple(tensor_shape(router.linear)[:-1])
     routing = routing_set(router.linear, router.x_base, flow, token_dims)
-    return split_coupled_shared(flow, combine, region.x_base, routing, lambda r: _has_expert_gemm(r, router))
+    return split_coupled_shared(
+        flow, combine, region.x_base, routing, lambda r: _has_expert_gemm(r, router), router.zero_weight_classes
+    )
 
 
 def _closed_region(flow: Dataflow, combine: fx.Node, x_base: fx.Node) -> Region:
@@ -400,92 +412,138 @@ def find_moe_blocks(gm: fx.GraphModule, flow: Dataflow | None = None) -> list[Bl
     unmatched: dict[str, BlockRejection] = {}
     for anchor in _selection_anchors(gm.graph, flow):
         try:
-            router = _match_any_router(anchor, flow)
-        except Mismatch as error:
-            reason = str(error) if str(error).startswith("no top-k expert selection") else f"router not supported: {error}"
-            evidence = _expert_evidence(anchor, flow)
-            if evidence is not None:
-                results.append(BlockRejection(path=evidence, reason=reason))
-                continue
-            block = _router_block_of(anchor)
-            if block is None:
-                continue
-            router_failures.setdefault(block, reason)
-            weight = _router_like_weight(anchor)
-            owner = _router_block(module_path_of_param(weight)) if weight is not None else None
-            if owner is not None:  # a router-like selection: reported unless a more precise reason comes later
-                unmatched.setdefault(owner, BlockRejection(
-                    path=owner, reason=reason, router_kind=op_name(anchor), num_experts=tensor_shape(weight)[0],
-                    anchor=weight,
-                ))
-            continue
-        combine, region_or_reason, coupled = _find_combine(router, flow)
-        router_block = _router_block(router.module_path)
-        if combine is None:
-            evidence = _expert_evidence(anchor, flow)
-            if region_or_reason is not None and evidence is not None:
-                results.append(
-                    BlockRejection(
-                        path=router_block or "",
-                        reason=region_or_reason,
-                        router_kind=router.spec.kind,
-                        num_experts=router.spec.num_experts,
-                        top_k=router.spec.top_k,
-                        anchor=router.weight,
-                    )
-                )
-            elif _looks_like_router(router):
-                results.append(_router_only(router, flow))
-                claimed |= router.param_nodes
-            elif region_or_reason is not None or evidence is not None:
-                results.append(
-                    BlockRejection(
-                        path=router_block or "",
-                        reason=region_or_reason or "could not find where the experts' outputs are combined",
-                        router_kind=router.spec.kind,
-                        num_experts=router.spec.num_experts,
-                        top_k=router.spec.top_k,
-                        anchor=router.weight,
-                    )
-                )
-            continue
-        region = region_or_reason
-        hidden = tensor_shape(region.x_base)[-1] if region.free_inputs else tensor_shape(router.weight)[1]
-        try:
-            if not _combine_shape_ok(combine, region.x_base, hidden):
-                _explain_per_expert_output(region, router, flow)
-                raise Mismatch(f"the block's output {combine.name} has shape {tensor_shape(combine)}")
-            experts = match_experts(region, router, flow)
-        except Mismatch as error:
-            results.append(
-                BlockRejection(
-                    path=router_block or "",
-                    reason=str(error),
-                    router_kind=router.spec.kind,
-                    num_experts=router.spec.num_experts,
-                    top_k=router.spec.top_k,
-                )
-            )
-            continue
-        path = _block_path(router_block, _parent(experts.module_path) if not experts.spec.stacked_from_modules else experts.module_path)
-        shared = (coupled.spec,) if coupled is not None else match_shared_experts(flow, combine, region.x_base)
-        spec = MoEBlockSpec(
-            path=path,
-            router=router.spec,
-            experts=experts.spec,
-            shared_experts=shared,
-            layer_index=layer_index_of(path),
-        )
-        kept = (coupled.shared,) if coupled is not None else ()
-        results.append(
-            BlockMatch(spec=spec, router=router, experts=experts, region=region, shared=shared, kept_readers=kept)
-        )
-        claimed |= {n for n in region.inputs if n.op in ("placeholder", "get_attr")} | router.param_nodes
-    results.extend(_argmax_routers(gm.graph, flow, {r.path for r in results}))
-    results.extend(_unclaimed_experts(gm.graph, claimed, results, router_failures, flow))
+            _read_selection(anchor, flow, results, claimed, router_failures, unmatched)
+        except Exception as error:  # a graph form this code does not expect: the block stays as it was
+            results.append(BlockRejection(path=_safe_block_of(anchor), reason=internal_error_reason("reading", error)))
+
+    try:
+        results.extend(_argmax_routers(gm.graph, flow, {r.path for r in results}))
+    except Exception as error:  # only reports; nothing to leave unchanged
+        logger.warning("moepass: %s", internal_error_reason("looking for more blocks in", error))
+    try:
+        results.extend(_unclaimed_experts(gm.graph, claimed, results, router_failures, flow))
+    except Exception as error:  # only reports; nothing to leave unchanged
+        logger.warning("moepass: %s", internal_error_reason("looking for more blocks in", error))
     known = {r.path for r in results}
     results.extend(rejection for path, rejection in unmatched.items() if path not in known)  # never silent
     return results
+
+
+def _read_selection(
+    anchor: fx.Node,
+    flow: Dataflow,
+    results: list,
+    claimed: set[fx.Node],
+    router_failures: dict[str, str],
+    unmatched: dict[str, BlockRejection],
+) -> None:
+    """Match the block around one selection; append its match or rejection to ``results``."""
+    try:
+        router = _match_any_router(anchor, flow)
+    except Mismatch as error:
+        reason = str(error) if str(error).startswith("no top-k expert selection") else f"router not supported: {error}"
+        evidence = _expert_evidence(anchor, flow)
+        if evidence is not None:
+            results.append(BlockRejection(path=evidence, reason=reason))
+            return
+        block = _router_block_of(anchor)
+        if block is None:
+            return
+        router_failures.setdefault(block, reason)
+        weight = _router_like_weight(anchor)
+        owner = _router_block(module_path_of_param(weight)) if weight is not None else None
+        if owner is not None:  # a router-like selection: reported unless a more precise reason comes later
+            unmatched.setdefault(owner, BlockRejection(
+                path=owner, reason=reason, router_kind=op_name(anchor), num_experts=tensor_shape(weight)[0],
+                anchor=weight,
+            ))
+        return
+    combine, region_or_reason, coupled = _find_combine(router, flow)
+    router_block = _router_block(router.module_path)
+    if combine is None:
+        evidence = _expert_evidence(anchor, flow)
+        if region_or_reason is not None and evidence is not None:
+            results.append(
+                BlockRejection(
+                    path=router_block or "",
+                    reason=region_or_reason,
+                    router_kind=router.spec.kind,
+                    num_experts=router.spec.num_experts,
+                    top_k=router.spec.top_k,
+                    anchor=router.weight,
+                )
+            )
+        elif _looks_like_router(router):
+            results.append(_router_only(router, flow))
+            claimed |= router.param_nodes
+        elif region_or_reason is not None or evidence is not None:
+            results.append(
+                BlockRejection(
+                    path=router_block or "",
+                    reason=region_or_reason or "could not find where the experts' outputs are combined",
+                    router_kind=router.spec.kind,
+                    num_experts=router.spec.num_experts,
+                    top_k=router.spec.top_k,
+                    anchor=router.weight,
+                )
+            )
+        return
+    region = region_or_reason
+    hidden = tensor_shape(region.x_base)[-1] if region.free_inputs else tensor_shape(router.weight)[1]
+    try:
+        if not _combine_shape_ok(combine, region.x_base, hidden):
+            _explain_per_expert_output(region, router, flow)
+            raise Mismatch(f"the block's output {combine.name} has shape {tensor_shape(combine)}")
+        try:
+            experts = match_experts(region, router, flow)
+        except Mismatch:
+            # an [E, H] tensor after the experts that reads like a bias may be a per-expert norm's
+            # scale (Ergo's post_expert_norm): say so when it is
+            _explain_per_expert_output(region, router, flow)
+            raise
+    except Mismatch as error:
+        results.append(
+            BlockRejection(
+                path=router_block or "",
+                reason=str(error),
+                router_kind=router.spec.kind,
+                num_experts=router.spec.num_experts,
+                top_k=router.spec.top_k,
+            )
+        )
+        return
+    path = _block_path(router_block, _parent(experts.module_path) if not experts.spec.stacked_from_modules else experts.module_path)
+    if coupled is not None:
+        shared = (coupled.spec,) if coupled.spec is not None else ()
+    else:
+        shared = match_shared_experts(flow, combine, region.x_base)
+    spec = MoEBlockSpec(
+        path=path,
+        router=router.spec,
+        experts=experts.spec,
+        shared_experts=shared,
+        layer_index=layer_index_of(path),
+    )
+    kept = (coupled.shared,) if coupled is not None else ()
+    results.append(
+        BlockMatch(spec=spec, router=router, experts=experts, region=region, shared=shared, kept_readers=kept)
+    )
+    claimed |= {n for n in region.inputs if n.op in ("placeholder", "get_attr")} | router.param_nodes
+
+
+def _safe_block_of(anchor: fx.Node) -> str:
+    try:
+        return _router_block_of(anchor) or ""
+    except Exception:  # the graph is what could not be read
+        return ""
+
+
+def internal_error_reason(stage: str, error: BaseException) -> str:
+    """The reason of a block left as it was because moepass raised (code ``internal_error``)."""
+    return (
+        f"moepass failed while {stage} this block ({type(error).__name__}: {error}); the block runs as it was — "
+        "please report it with moepass.report()"
+    )
 
 
 #: Ops that reduce a row over its features (a norm's mean square, its root).
@@ -590,6 +648,14 @@ def _router_only(router: RouterMatch, flow: Dataflow) -> BlockMatch | BlockRejec
             "the experts graph-broke away from their router, and nothing in or out of this graph reads the selected "
             f"expert ids ({GRAPH_BREAK_REMEDY})"
         )
+    if "remapped" in consumers and "leaves" not in consumers:
+        return rejected(
+            "the experts graph-broke after the block remapped some of its expert ids (its experts loop runs "
+            "outside this graph on ids the router-only rewrite cannot keep consistent): to rewrite it, run the "
+            "experts with experts_implementation='grouped_mm' or call moepass.make_traceable(model) before "
+            "torch.compile"
+        )
+    consumers.discard("remapped")  # beside the ids themselves: the remap reads the model's ids, left unchanged
     if "other" in consumers:  # sorted or counted here, the experts run elsewhere on what is derived from them
         return rejected(
             "the experts graph-broke away from their router: this graph sorts or counts the selected expert ids "
