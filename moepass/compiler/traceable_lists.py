@@ -739,16 +739,25 @@ def _copied_stack(block: nn.Module, storage: _Storage, name: str, num_experts: i
     return torch.stack([torch.cat(group, dim=0) for group in per_expert])
 
 
-def make_expert_lists_traceable(model: nn.Module, skip: tuple[str, ...] = ()) -> list[str]:
+def make_expert_lists_traceable(
+    model: nn.Module, skip: tuple[str, ...] = ()
+) -> tuple[list[str], dict[str, str], list[str]]:
     """Replace the forward of every ``ModuleList``-of-experts MoE block of ``model`` by moepass ops.
 
-    Returns the module paths changed.  ``skip``: paths already handled (a
+    Returns (the module paths changed, the blocks left as they were → why,
+    the blocks an earlier call changed).  ``skip``: paths already handled (a
     block inside one is left alone).  A block this adapter cannot reproduce
     is left exactly as it was, logged with the reason.
     """
-    changed = []
+    changed: list[str] = []
+    left: dict[str, str] = {}
+    already: list[str] = []
     for path, block in list(model.named_modules()):
-        if hasattr(block, MARK) or "forward" in vars(block) or any(path == s or path.startswith(s + ".") for s in skip):
+        if any(path == s or path.startswith(s + ".") for s in skip):
+            continue
+        if hasattr(block, MARK) or "forward" in vars(block):
+            if hasattr(block, "_moepass_own_forward_in_training"):
+                already.append(path)
             continue
         shape = expert_list_block(block)
         if shape is None:
@@ -757,7 +766,12 @@ def make_expert_lists_traceable(model: nn.Module, skip: tuple[str, ...] = ()) ->
         try:
             plan, modes = _plan(block, shape)
         except _NotThisOne as reason:
+            left[shown] = str(reason)
             logger.warning("moepass.make_traceable: left %s (%s) as it was: %s", shown, type(block).__name__, reason)
+            continue
+        except Exception as error:  # the block's own code raised somewhere unexpected: fail closed
+            left[shown] = f"the adapter could not read it ({type(error).__name__}: {error})"
+            logger.warning("moepass.make_traceable: left %s (%s) as it was: %s", shown, type(block).__name__, left[shown])
             continue
         storage = _storage_layout(shape.experts_name, shape.num_experts, plan.form)
         _tie(block, storage, shape.num_experts, plan.form)
@@ -772,7 +786,7 @@ def make_expert_lists_traceable(model: nn.Module, skip: tuple[str, ...] = ()) ->
         changed.append(path)
         training = "" if modes[True] != _OWN else " (train() keeps the block's own forward: it differs there)"
         logger.info("moepass.make_traceable: %s (%s): %s%s", shown, type(block).__name__, plan.describe(), training)
-    return changed
+    return changed, left, already
 
 
 def _keep_tied(block: nn.Module, storage: _Storage, plan: _Plan) -> None:
