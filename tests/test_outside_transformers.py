@@ -361,6 +361,11 @@ def test_make_traceable_keeps_one_copy_of_the_experts_and_their_parameters():
     assert block._moepass_experts_w1.dtype == torch.float64 and _storage_bytes(block) == 2 * before
     assert block.experts[3].up_proj.weight.data_ptr() == block._moepass_experts_w1[3, 24:].data_ptr()
     assert rel_err(block(x.double()), other.double()(x.double())) <= 1e-7
+    # load_state_dict(assign=True) puts new parameter objects in: the views are rebuilt around them
+    third = RemoteDeepseekV2MoE(seed=2).double()
+    block.load_state_dict({k: v.clone() for k, v in third.state_dict().items()}, assign=True)
+    assert block.experts[5].down_proj.weight.data_ptr() == block._moepass_experts_w2[5].data_ptr()
+    assert rel_err(block(x.double()), third(x.double())) <= 1e-7
     # a deep copy gets views of its own buffers
     twin = copy.deepcopy(block)
     assert twin.experts[3].up_proj.weight.data_ptr() == twin._moepass_experts_w1[3, 24:].data_ptr()
