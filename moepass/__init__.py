@@ -27,6 +27,7 @@ from moepass.exports.onnx import OnnxExport, OnnxExportError, OnnxExportOptions,
 from moepass.policies import Policy, PolicyError
 from moepass.reports.inspection import InspectionReport, inspect
 from moepass.runtime import ops as _ops  # noqa: F401  (registers torch.ops.moepass.*)
+from moepass.runtime import quantized_ops as _quantized_ops  # noqa: F401  (registers torch.ops.moepass.quantized_experts)
 from moepass.runtime.calibrate import calibrate
 from moepass.runtime.report import BlockReport, Report, last_report, report
 

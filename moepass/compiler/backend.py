@@ -13,8 +13,9 @@ order (:func:`optimize_graph`; the state they share is
 3. ``validate`` — run each planned replacement against the original block;
 4. ``rewrite``  — replace validated blocks by ``moepass.route`` + ``moepass.experts``;
 5. plan stages  — change how rewritten blocks' experts run (:mod:`moepass.compiler.plan`):
-   ``offload`` (weights in an expert store; its ``offload_inputs`` stage runs before
-   validation, to read back weights an earlier compile released);
+   ``quantize`` (int8 / int4 experts; its ``quantize_inputs`` stage runs before validation,
+   to give it weights an earlier compile released), ``offload`` (weights in an expert store;
+   its ``offload_inputs`` stage likewise);
 6. ``finish``   — lint and recompile the graph;
 
 then the report records what was found and done (:mod:`moepass.runtime.report`)
@@ -32,6 +33,7 @@ import torch.fx as fx
 
 from moepass.compiler.options import BackendOptions
 from moepass.compiler.plan.offload import offload_inputs_stage, offload_stage
+from moepass.compiler.plan.quantize import quantize_inputs_stage, quantize_stage
 from moepass.compiler.stages import (
     GraphState,
     Stage,
@@ -53,13 +55,19 @@ def _offloading(options: BackendOptions) -> bool:
     return options.offload is not None
 
 
+def _quantizing(options: BackendOptions) -> bool:
+    return options.quantize is not None
+
+
 #: The backend's stages, in order (see the module docstring).
 STAGES: tuple[Stage, ...] = (
     Stage("detect", detect_stage),
     Stage("resolve", resolve_stage),
+    Stage("quantize_inputs", quantize_inputs_stage, enabled=_quantizing),
     Stage("offload_inputs", offload_inputs_stage, enabled=_offloading),
     Stage("validate", validate_stage, enabled=lambda options: options.validate),
     Stage("rewrite", rewrite_stage),
+    Stage("quantize", quantize_stage, enabled=_quantizing),
     Stage("offload", offload_stage, enabled=_offloading),
     Stage("finish", finish_stage),
 )

@@ -22,6 +22,14 @@ cpu_prepack CPU lowering: run bfloat16 experts on copies     ``"auto"``
            in half the available memory) | ``on`` | ``off``
            (or True / False); see
            :mod:`moepass.lowering.cpu_packed`
+experts_dtype quantize the routed experts at compile time:   ``None``
+           ``int8`` (per output channel) | ``int4`` (per
+           group); see :mod:`moepass.compiler.plan.quantize`
+group_size int4: input features per scale (32 | 64 |       64 for int4
+           128 | 256)
+experts_float with ``experts_dtype``: ``keep`` the float     ``"keep"``
+           expert weights in memory, or ``release`` them
+           once quantized
 ========== ============================================== ===========
 
 Any other key is a parameter of the named policy (``{"policy": "top_p",
@@ -61,8 +69,15 @@ class BackendOptions:
     offload: Any = None
     #: Pre-packed bfloat16 expert weights on CPU: ``auto`` | ``on`` | ``off``.
     cpu_prepack: str = "auto"
+    #: Quantized experts (:class:`moepass.quantize.QuantScheme`), or None: the experts stay as they are.
+    quantize: Any = None
+    #: What happens to the float expert weights once quantized: ``keep`` | ``release``.
+    experts_float: str = "keep"
 
-    _BACKEND_KEYS = ("policy", "inner", "lowering", "validate", "stats", "offload", "cpu_prepack")
+    _BACKEND_KEYS = (
+        "policy", "inner", "lowering", "validate", "stats", "offload", "cpu_prepack",
+        "experts_dtype", "group_size", "experts_float",
+    )
 
     @classmethod
     def parse(cls, options: Mapping[str, Any] | None, mode: str | None = None) -> "BackendOptions":
@@ -110,6 +125,7 @@ class BackendOptions:
             raise OptionsError(
                 f"option 'cpu_prepack' must be one of {', '.join(CPU_PREPACK)} (or True / False), got {cpu_prepack!r}"
             )
+        quantize, experts_float = _parse_quantize(backend, lowering)
         return cls(
             policy=policy,
             inner=inner,
@@ -119,6 +135,8 @@ class BackendOptions:
             mode=mode,
             offload=offload,
             cpu_prepack=cpu_prepack,
+            quantize=quantize,
+            experts_float=experts_float,
         )
 
 
@@ -134,3 +152,24 @@ def _parse_offload(value: Any, lowering: str) -> Any:
         return OffloadOptions.parse(value)
     except OffloadOptionsError as error:
         raise OptionsError(str(error)) from None
+
+
+def _parse_quantize(backend: Mapping[str, Any], lowering: str) -> tuple[Any, str]:
+    """(scheme or None, experts_float) from ``experts_dtype`` / ``group_size`` / ``experts_float``."""
+    from moepass.quantize.scheme import QuantizeError, parse_scheme
+
+    try:
+        scheme = parse_scheme(backend.get("experts_dtype"), backend.get("group_size"))
+    except QuantizeError as error:
+        raise OptionsError(str(error)) from None
+    experts_float = backend.get("experts_float", "keep")
+    if experts_float not in ("keep", "release"):
+        raise OptionsError(f"option 'experts_float' must be 'keep' or 'release', got {experts_float!r}")
+    if scheme is None and "experts_float" in backend:
+        raise OptionsError("option 'experts_float' needs experts_dtype 'int8' or 'int4'")
+    if scheme is not None and lowering not in ("auto", "cpu", "reference"):
+        raise OptionsError(
+            f"quantized experts run on the cpu lowering (ATen's int8/int4 kernels) or the reference; "
+            f"lowering={lowering!r} cannot"
+        )
+    return scheme, experts_float
