@@ -56,11 +56,13 @@ from moepass.runtime.stats import note_gemm_rows
 
 __all__ = [
     "FORMS",
+    "ATEN_DTYPES",
     "QUANTIZED_KERNELS",
     "aten_cpu_supported",
     "to_aten_cpu",
     "dequantize_expert",
     "choose_quantized_kernel",
+    "ATEN_UP_TO_ROWS",
     "experts_forward",
     "operand_shape",
 ]
@@ -68,11 +70,16 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 FORMS = ("plain", "aten_cpu")
+#: Activation dtypes the ATen weight-only kernels run fast (in float32 they take a scalar path: on the
+#: CI machine 4× (int8) and 12–50× (int4) slower than a float32 GEMM on the dequantized weights).
+ATEN_DTYPES = (torch.bfloat16, torch.float16)
 QUANTIZED_KERNELS = ("aten", "dequant")
-#: Rows per expert from which an int8 projection dequantizes and runs a float GEMM (heuristic until
-#: the machine's table measures it): on the 2-core CI machine ``_weight_int8pack_mm`` streamed a
-#: Mixtral-shaped expert 2× faster than the bfloat16 GEMM at 1–4 rows and 2–3× slower at 64+.
-INT8_DEQUANT_FROM_ROWS = 32
+#: Rows per expert up to which the ATen kernels run, by bits (a heuristic until the machine's table
+#: measures it).  On the 2-core CI machine, one thread, a Mixtral-shaped expert (5632×1024) in
+#: bfloat16: ``_weight_int8pack_mm`` 0.30 / 0.61 / 12 ms at 1 / 4 / 16 rows against 3 ms to
+#: dequantize + 0.5–3 ms of GEMM; ``_weight_int4pack_mm_for_cpu`` 0.30 / 6.3 / 45 ms at 1 / 16 / 128
+#: rows against 60 ms to dequantize (unpacking nibbles costs ~10 ns a weight in torch ops) + 0.5–20 ms.
+ATEN_UP_TO_ROWS = {8: 8, 4: 256}
 
 
 def aten_cpu_supported(scheme: QuantScheme, in_features: int) -> bool:
@@ -89,16 +96,52 @@ def to_aten_cpu(weight: QuantizedWeight, dtype: torch.dtype) -> list[torch.Tenso
         raise ValueError(f"{weight.scheme.describe()} has no ATen CPU form")
     if weight.scheme.bits == 8:
         return [weight.codes, weight.scales[..., 0].to(dtype).contiguous()]
-    group = weight.group
     packed = torch.empty(experts, out_features, in_features // 2, dtype=torch.uint8)
     codes = weight.integer_codes()
     for expert in range(experts):
         packed[expert] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes[expert].to(torch.int32).contiguous(), 1)
+    _learn_int4_block(packed[0], codes[0])
     zeros = weight.zero_points().float()
     offsets = (8.0 - zeros) * weight.scales  # (q − z)·s = (q − 8)·s + (8 − z)·s
     scale_and_zero = torch.stack([weight.scales, offsets], dim=-1)  # [E, N, K/G, 2]
-    del group
     return [packed, scale_and_zero.transpose(1, 2).to(dtype).contiguous()]
+
+
+#: (out, in) → rows per block of ATen's int4 CPU packing (None: unknown, read back through the kernel).
+_INT4_BLOCKS: dict[tuple[int, int], int | None] = {}
+
+
+def _unpack_aten_int4(packed: torch.Tensor, block: int) -> torch.Tensor:
+    """Codes [N, K] from ATen's CPU int4 packing with ``block`` rows per block.
+
+    The layout (found on AVX-512 and AVX2 builds): ``[N / block, K, block / 2]`` bytes, the byte
+    at (b, k, j) holding row b·block + j in its low nibble and row b·block + block/2 + j in its
+    high nibble, both at column k.
+    """
+    out_features, half = packed.shape
+    in_features = 2 * half
+    grid = packed.reshape(out_features // block, in_features, block // 2)
+    rows = torch.cat([grid & 0x0F, grid >> 4], dim=2)  # [N/block, K, block]
+    return rows.transpose(1, 2).reshape(out_features, in_features)
+
+
+def _learn_int4_block(packed: torch.Tensor, codes: torch.Tensor) -> None:
+    """Find which block size of :func:`_unpack_aten_int4` reads this shape's packing back exactly.
+
+    Checked on real codes of the shape (an expert just packed), so a torch build with another
+    order falls back to reading through the kernel (right, slower) instead of misreading.
+    """
+    key = tuple(codes.shape)
+    if key in _INT4_BLOCKS:
+        return
+    found = None
+    for block in (64, 32, 16, 128):
+        if codes.shape[0] % block == 0 and torch.equal(_unpack_aten_int4(packed, block), codes.to(torch.uint8)):
+            found = block
+            break
+    if found is None:
+        logger.info("ATen's int4 CPU packing of %s is not a known block order: dequantizing through the kernel", key)
+    _INT4_BLOCKS[key] = found
 
 
 def operand_shape(operands: list[torch.Tensor], form: str, scheme: QuantScheme) -> tuple[int, int, int]:
@@ -122,19 +165,31 @@ def dequantize_expert(operands: list[torch.Tensor], form: str, scheme: QuantSche
     byte order is ATen's.
     """
     _, out_features, in_features = operand_shape(operands, form, scheme)
+    group = scheme.group_of(in_features)
     if form == "plain":
-        zeros = operands[2][expert : expert + 1] if len(operands) > 2 else None
-        one = QuantizedWeight(operands[0][expert : expert + 1], operands[1][expert : expert + 1], zeros, scheme,
-                              (1, out_features, in_features))
-        return dequantize(one, dtype)[0]
+        codes, scales = operands[0][expert], operands[1][expert]
+        if scheme.bits == 8:
+            values = codes.to(dtype)
+        else:
+            values = torch.stack([codes & 0x0F, codes >> 4], dim=-1).view(out_features, in_features).to(dtype)
+            zeros = operands[2][expert] if len(operands) > 2 else None
+            values = values.view(out_features, in_features // group, group)
+            values = values - (8 if zeros is None else zeros.to(dtype).unsqueeze(-1))
+        values = values.view(out_features, in_features // group, group) * scales.to(dtype).unsqueeze(-1)
+        return values.view(out_features, in_features)
     if scheme.bits == 8:
         codes, scales = operands
         return (codes[expert].to(scales.dtype) * scales[expert].unsqueeze(1)).to(dtype)
     packed, scale_and_zero = operands
-    eye = _identity(in_features, scale_and_zero.dtype)
-    transposed = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, packed[expert], scheme.group_of(in_features),
-                                                           scale_and_zero[expert])
-    return transposed.t().to(dtype)
+    block = _INT4_BLOCKS.get((out_features, in_features))
+    if block is None:  # read back through the kernel: it computes (q − 8)·s + m exactly for one-hot rows
+        eye = _identity(in_features, scale_and_zero.dtype)
+        transposed = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, packed[expert], group, scale_and_zero[expert])
+        return transposed.t().to(dtype)
+    codes = _unpack_aten_int4(packed[expert], block).view(out_features, in_features // group, group)
+    scale, offset = scale_and_zero[expert].to(dtype).unbind(-1)  # [K/G, N] each
+    matrix = torch.addcmul(offset.t().unsqueeze(-1), codes.to(dtype) - 8, scale.t().unsqueeze(-1))
+    return matrix.reshape(out_features, in_features)
 
 
 def choose_quantized_kernel(scheme: QuantScheme, form: str, rows: int, out_features: int, in_features: int,
@@ -142,16 +197,14 @@ def choose_quantized_kernel(scheme: QuantScheme, form: str, rows: int, out_featu
     """The kernel (:data:`QUANTIZED_KERNELS`) for one projection of ``rows`` rows.
 
     The one place the choice is made: a heuristic until the machine-keyed
-    tables of the CPU tuning (issue 21) measure it per machine.  int4 always
-    runs ``aten`` (its dequantization goes through the kernel: never faster);
-    int8 runs ``aten`` up to :data:`INT8_DEQUANT_FROM_ROWS` rows.
+    tables of the CPU tuning (issue 21) measure it per machine.  The ATen
+    kernels run up to :data:`ATEN_UP_TO_ROWS` rows; beyond, the weights are
+    dequantized and a float GEMM runs.
     """
     del out_features, in_features, dtype  # the measured table will key on them
     if form != "aten_cpu":
         return "dequant"
-    if scheme.bits == 4:
-        return "aten"
-    return "aten" if rows < INT8_DEQUANT_FROM_ROWS else "dequant"
+    return "aten" if rows <= ATEN_UP_TO_ROWS[scheme.bits] else "dequant"
 
 
 def _run_aten(scheme: QuantScheme, operands: list[torch.Tensor], expert: int, xs: torch.Tensor,

@@ -54,7 +54,7 @@ from moepass.compiler.rewrite import remove_dead_nodes
 from moepass.compiler.stages import BlockState, GraphState
 from moepass.compiler.validate import relative_error, tolerance_for
 from moepass.lowering import resolve_lowering
-from moepass.lowering.cpu_quantized import aten_cpu_supported, to_aten_cpu
+from moepass.lowering.cpu_quantized import ATEN_DTYPES, aten_cpu_supported, to_aten_cpu
 from moepass.quantize.layout import QuantizedWeight, dequantize, quantize_rtn
 from moepass.quantize.scheme import QuantizeError, QuantScheme
 from moepass.runtime.ops import ExpertsConfig, parse_experts_config
@@ -184,7 +184,9 @@ def _quantize_block(state: GraphState, block: BlockState, scheme: QuantScheme) -
         layouts = [quantized_layout(w, scheme, spec.transposed) for w in (w1, w2)]
     except QuantizeError as error:
         return str(error)
-    form = "aten_cpu" if lowering == "cpu" and all(aten_cpu_supported(scheme, lay.shape[2]) for lay in layouts) else "plain"
+    form = "plain"  # float32 activations: ATen's weight-only kernels take a scalar path (4–50× a float GEMM)
+    if lowering == "cpu" and dtype in ATEN_DTYPES and all(aten_cpu_supported(scheme, lay.shape[2]) for lay in layouts):
+        form = "aten_cpu"
     operands = [_operands(w, lay, form, dtype) for w, lay in zip((w1, w2), layouts)]
     new_spec = dataclasses.replace(spec, transposed=False)
     qconfig = QuantizedExpertsConfig(dataclasses.replace(config, spec=new_spec), scheme, form)
