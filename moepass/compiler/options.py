@@ -73,6 +73,9 @@ class BackendOptions:
     quantize: Any = None
     #: What happens to the float expert weights once quantized: ``keep`` | ``release``.
     experts_float: str = "keep"
+    #: Not a user option: exporters set ``plain`` so quantized blocks keep the portable layout
+    #: (``auto``: the lowering's own form, e.g. ATen's operands on CPU).
+    quantized_form: str = "auto"
 
     _BACKEND_KEYS = (
         "policy", "inner", "lowering", "validate", "stats", "offload", "cpu_prepack",

@@ -19,6 +19,7 @@ __all__ = [
     "QuantScheme",
     "QuantizeError",
     "parse_scheme",
+    "projection_bytes",
 ]
 
 #: What ``experts_dtype`` may be (None, or the float dtype the model has, means no quantization).
@@ -121,3 +122,20 @@ def parse_scheme(experts_dtype: Any, group_size: Any = None) -> QuantScheme | No
             f"and ONNX Runtime's QMoE take), got {group}"
         )
     return QuantScheme(bits=4, group_size=group, symmetric=False)
+
+
+def projection_bytes(out_features: int, in_features: int, scheme: QuantScheme | None, element_bytes: int = 2,
+                     scale_bytes: int = 2) -> int:
+    """Bytes one expert's projection [out, in] occupies (and a one-token decode reads).
+
+    Float (``scheme`` None): ``element_bytes`` per weight.  int8: a byte per
+    weight and a scale per output channel.  int4: half a byte per weight and,
+    per group, a scale and a zero offset — ``scale_bytes`` each, as the CPU
+    kernels hold them (2: bfloat16 activations).
+    """
+    weights = out_features * in_features
+    if scheme is None:
+        return weights * element_bytes
+    if scheme.bits == 8:
+        return weights + out_features * scheme.groups(in_features) * scale_bytes
+    return weights // 2 + out_features * scheme.groups(in_features) * 2 * scale_bytes

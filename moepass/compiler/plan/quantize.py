@@ -185,7 +185,7 @@ def _quantize_block(state: GraphState, block: BlockState, scheme: QuantScheme) -
     except QuantizeError as error:
         return str(error)
     form = "plain"  # float32 activations: ATen's weight-only kernels take a scalar path (4–50× a float GEMM)
-    if lowering == "cpu" and dtype in ATEN_DTYPES and all(aten_cpu_supported(scheme, lay.shape[2]) for lay in layouts):
+    if state.options.quantized_form != "plain" and lowering == "cpu" and dtype in ATEN_DTYPES and all(aten_cpu_supported(scheme, lay.shape[2]) for lay in layouts):
         form = "aten_cpu"
     operands = [_operands(w, lay, form, dtype) for w, lay in zip((w1, w2), layouts)]
     new_spec = dataclasses.replace(spec, transposed=False)

@@ -39,6 +39,13 @@ from moepass.lowering.onnx.experts_ort import (
     unsupported_reason,
 )
 from moepass.lowering.onnx.experts_portable import portable_experts
+from moepass.lowering.onnx.experts_quantized import (
+    QuantizedOperands,
+    dequantize_projector,
+    matmulnbits_projector,
+    qmoe_experts,
+    qmoe_unsupported_reason,
+)
 from moepass.lowering.onnx.layouts import ORT_LAYOUTS, PROVIDERS, default_ort_layout
 from moepass.lowering.onnx.routing_graph import routing_graph, splice
 from moepass.lowering.onnx.translate import DOMAIN, OP_TYPE
@@ -46,6 +53,7 @@ from onnx import helper
 
 from moepass.compiler.spec import ExpertsSpec
 from moepass.exports.errors import OnnxExportError
+from moepass.quantize.scheme import QuantScheme
 from moepass.runtime.ops import RouteConfig, parse_experts_config, parse_route_config
 
 __all__ = ["FALLBACKS", "ORT_LAYOUTS", "PROVIDERS", "TARGETS", "BlockFunction", "block_nodes", "define_blocks"]
@@ -78,11 +86,21 @@ def block_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     return [n for n in model.graph.node if n.domain == DOMAIN and n.op_type == OP_TYPE]
 
 
-def _attribute(node: onnx.NodeProto, name: str) -> str:
+def _attribute(node: onnx.NodeProto, name: str, default: str | None = None) -> str:
     for attr in node.attribute:
         if attr.name == name:
             return attr.s.decode()
+    if default is not None:
+        return default
     raise OnnxExportError(f"node {node.name}: missing attribute {name!r} (not made by moepass?)")
+
+
+#: Inputs of a block node that are not route tensors (float or quantized expert weights).
+_WEIGHT_ROLES = frozenset(
+    ["x", "logits", "w1", "w2", "b1", "b2"] + [f"{w}.{p}" for w in ("w1", "w2") for p in ("codes", "scales", "zeros")]
+)
+#: How experts run where the function imports ONNX Runtime's domain.
+_ORT_HOWS = (*MOE_LAYOUTS, "qmoe", "matmulnbits")
 
 
 def _value_types(model: onnx.ModelProto) -> dict[str, tuple[int, tuple]]:
@@ -134,8 +152,15 @@ def _describe_rule(route: RouteConfig) -> str:
     return f"{route.rule}({params}){bounds}"
 
 
-def _describe_experts(route: RouteConfig, spec: ExpertsSpec, how: str) -> str:
+def _describe_experts(route: RouteConfig, spec: ExpertsSpec, how: str, scheme: QuantScheme | None = None) -> str:
     """How the experts run: ``how`` is ``portable`` or a layout of target ``ort``."""
+    if scheme is not None:
+        kind = scheme.describe()
+        if how == "qmoe":
+            return f"com.microsoft.QMoE {kind} (k={route.depth}, exact per-slot weights through router_weights)"
+        if how == "matmulnbits":
+            return f"MatMulNBits pair per expert ({kind})"
+        return f"DequantizeLinear + Gemm per expert ({kind})"
     if how == "portable":
         return "standard ops"
     if how == "gemm":
@@ -223,26 +248,28 @@ class _Definer:
             raise OnnxExportError(f"block {shown}: empty slots encoded as {route.empty_slots!r}; only 'sentinel' exports")
         x_type, _ = _type_of(self.types, node.input[0], node)
         logits_type, _ = _type_of(self.types, node.input[1], node)
-        how, fallback_reason = self._how(shown, spec, x_type)
+        quantization = _attribute(node, "quantization", "")
+        scheme = QuantScheme.from_dict(json.loads(quantization)) if quantization else None
+        how, fallback_reason = self._how(shown, spec, x_type) if scheme is None else self._quantized_how(shown, spec, scheme)
         tensor_specs = tuple(
             (_route_tensor_shape(shown, role, _type_of(self.types, name, node)[1]), _type_of(self.types, name, node)[0])
             for name, role in zip(node.input, roles)
-            if role not in ("x", "logits", "w1", "w2", "b1", "b2")
+            if role not in _WEIGHT_ROLES
         )
         key = json.dumps(
-            [_without_block(route), dataclasses.asdict(spec), roles, how, x_type, logits_type, tensor_specs],
+            [_without_block(route), dataclasses.asdict(spec), roles, how, x_type, logits_type, tensor_specs, quantization],
             sort_keys=True,
         )
         if key not in self.overloads:
             digest = hashlib.sha1(key.encode()).hexdigest()[:6]
-            tag = {"portable": "portable", "gemm": "gemm"}.get(how, "ort")
+            tag = {"portable": "portable", "gemm": "gemm", "dequantize": "portable"}.get(how, "ort")
             overload = f"{route.rule}.{route.router.kind}.{tag}.{digest}"
             self.functions[overload] = self._function(overload, route, spec, roles, how, x_type, logits_type,
-                                                      tensor_specs)
+                                                      tensor_specs, scheme)
             self.overloads[key] = overload
         overload = self.overloads[key]
-        self.uses_ort |= how in MOE_LAYOUTS
-        experts = _describe_experts(route, spec, how)
+        self.uses_ort |= how in _ORT_HOWS
+        experts = _describe_experts(route, spec, how, scheme)
         self._retarget(node, path, overload, route, experts)
         return BlockFunction(path, overload, _describe_rule(route), experts, fallback_reason or "")
 
@@ -264,8 +291,25 @@ class _Definer:
             )
         return ("portable" if fallback_reason else layout), fallback_reason
 
+    def _quantized_how(self, shown: str, spec: ExpertsSpec, scheme: QuantScheme) -> tuple[str, str | None]:
+        """How quantized experts run: ``qmoe``, ``matmulnbits`` (target ort) or ``dequantize`` (portable)."""
+        if self.target != "ort":
+            return "dequantize", None
+        if self.layout in ("buckets", "slots"):
+            raise OnnxExportError(
+                f"block {shown}: quantized experts export with ort_layout 'masked' (com.microsoft.QMoE, the default) "
+                f"or 'gemm' (MatMulNBits pairs), not {self.layout!r}"
+            )
+        if self.layout == "gemm":
+            return "matmulnbits", None
+        reason = qmoe_unsupported_reason(spec, scheme)
+        if reason and self.fallback == "error":
+            raise OnnxExportError(f"block {shown}: com.microsoft.QMoE cannot run these experts exactly ({reason}); "
+                                  "use ort_layout='gemm' (MatMulNBits pairs) or ort_fallback='portable'")
+        return ("matmulnbits" if reason else "qmoe"), reason
+
     def _function(self, overload, route: RouteConfig, spec: ExpertsSpec, roles, how: str, x_type, logits_type,
-                  tensor_specs) -> onnx.FunctionProto:
+                  tensor_specs, scheme: QuantScheme | None = None) -> onnx.FunctionProto:
         b = NodeBuilder(overload)
         if how in MOE_LAYOUTS and logits_type == x_type and native_routing_reason(route.router, route.rule, spec) is None:
             # the static MoE model onnxruntime-genai's builder writes: ORT routes from the logits itself
@@ -273,7 +317,7 @@ class _Definer:
                                          "b2" if "b2" in roles else None, spec, route.router)
             return self._finish(b, overload, route, spec, roles, how, out)
         graph = routing_graph(_without_block(route), logits_type, x_type, spec.hidden_size, tensor_specs, self.opset)
-        tensor_roles = [r for r in roles if r not in ("x", "logits", "w1", "w2", "b1", "b2")]
+        tensor_roles = [r for r in roles if r not in _WEIGHT_ROLES]
         route_inputs = ["logits", *(["x"] if route.uses_x else []), *tensor_roles]
         routing = splice(graph, f"{overload}/route", route_inputs)
         b.nodes.extend(routing.nodes)
@@ -281,7 +325,19 @@ class _Definer:
         present = set(roles)
         b1 = "b1" if "b1" in present else None
         b2 = "b2" if "b2" in present else None
-        if how in MOE_LAYOUTS:
+        if scheme is not None:
+            n1 = 2 * spec.intermediate_size if spec.gated else spec.intermediate_size
+            operands = QuantizedOperands(list(roles), spec, scheme, n1)
+            biases = {"w1": b1, "w2": b2}
+            if how == "qmoe":
+                out = qmoe_experts(b, "x", ids, weights, operands, b1, b2, route.depth, x_type)
+            elif how == "matmulnbits":
+                out = gemm_experts(b, "x", ids, weights, "", "", b1, b2, spec, x_type,
+                                   project=matmulnbits_projector(operands, biases, x_type))
+            else:
+                out = portable_experts(b, "x", ids, weights, "", "", b1, b2, spec, x_type,
+                                       project=dequantize_projector(operands, biases, x_type))
+        elif how in MOE_LAYOUTS:
             k_min, k_max = _k_bounds(route)
             out = ort_experts(b, "x", ids, weights, "w1", "w2", b1, b2, spec, k_min, k_max, x_type, how)
         elif how == "gemm":
@@ -297,7 +353,7 @@ class _Definer:
         """The block's function from the nodes in ``b`` whose output is ``out``."""
         b.nodes.append(helper.make_node("Identity", [out], ["y"], name=f"{overload}/output"))
         imports = [helper.make_opsetid("", self.opset)]
-        if how in MOE_LAYOUTS:
+        if how in _ORT_HOWS:
             imports.append(helper.make_opsetid(ORT_DOMAIN, 1))
         function = helper.make_function(
             DOMAIN, OP_TYPE, roles, ["y"], b.nodes, imports, overload=overload,
@@ -305,7 +361,9 @@ class _Definer:
                 f"MoE block: routing {_describe_rule(route)} on a {route.router.description} router "
                 f"({route.router.num_experts} experts), ids/weights [T,{route.depth}] with empty id "
                 f"{route.router.num_experts}; experts {spec.description}, "
-                + {"portable": "standard ONNX ops.", "gemm": "one Gemm pair per expert (standard ONNX ops)."}.get(
+                + {"portable": "standard ONNX ops.", "gemm": "one Gemm pair per expert (standard ONNX ops).",
+                   "qmoe": "com.microsoft.QMoE (quantized).", "matmulnbits": "MatMulNBits pairs (quantized).",
+                   "dequantize": "DequantizeLinear + Gemm (quantized, standard ONNX ops)."}.get(
                     how, f"com.microsoft.MoE, layout {how}.")
             ),
         )
@@ -315,6 +373,7 @@ class _Definer:
         """Turn the translated node into a call of its function: no attributes, metadata instead."""
         route_json = _attribute(node, "route_config")
         experts_json = _attribute(node, "experts_config")
+        quantization = _attribute(node, "quantization", "")
         del node.attribute[:]
         node.overload = overload
         node.name = path or "<root>"
@@ -325,6 +384,7 @@ class _Definer:
             ("moepass.experts", experts),
             ("moepass.route_config", route_json),
             ("moepass.experts_config", experts_json),
+            *((("moepass.quantization", quantization),) if quantization else ()),
         ):
             entry = node.metadata_props.add()
             entry.key, entry.value = key, value
