@@ -56,7 +56,8 @@ def _offloading(options: BackendOptions) -> bool:
 
 
 def _quantizing(options: BackendOptions) -> bool:
-    return options.quantize is not None
+    """In memory only: with offloading, the store holds the quantized experts (the offload stage)."""
+    return options.quantize is not None and options.offload is None
 
 
 #: The backend's stages, in order (see the module docstring).

@@ -50,7 +50,14 @@ from moepass.compiler.spec import ExpertsSpec
 from moepass.lowering.cpu import combine_rows, expert_outputs, gather_rows, plan_slots
 from moepass.lowering.cpu_kernels import activate_inplace, choose_kernel, project
 from moepass.lowering.workspace import scratch
-from moepass.quantize.layout import QuantizedWeight, dequantize, unpack_int4
+from moepass.quantize.layout import (
+    QuantizedWeight,
+    dequantize,
+    pack_int4,
+    pack_int4_row_blocks,
+    unpack_int4,
+    unpack_int4_row_blocks,
+)
 from moepass.quantize.scheme import QuantScheme
 from moepass.runtime.stats import note_gemm_rows
 
@@ -65,6 +72,10 @@ __all__ = [
     "ATEN_UP_TO_ROWS",
     "experts_forward",
     "operand_shape",
+    "aten_int4_row_block",
+    "aten_int4_operand",
+    "stored_expert_operands",
+    "project_rows",
 ]
 
 logger = logging.getLogger(__name__)
@@ -96,39 +107,36 @@ def to_aten_cpu(weight: QuantizedWeight, dtype: torch.dtype) -> list[torch.Tenso
         raise ValueError(f"{weight.scheme.describe()} has no ATen CPU form")
     if weight.scheme.bits == 8:
         return [weight.codes, weight.scales[..., 0].to(dtype).contiguous()]
-    packed = torch.empty(experts, out_features, in_features // 2, dtype=torch.uint8)
+    block = aten_int4_row_block(out_features, in_features)
     codes = weight.integer_codes()
-    for expert in range(experts):
-        packed[expert] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes[expert].to(torch.int32).contiguous(), 1)
-    _learn_int4_block(packed[0], codes[0])
+    if block is not None:  # the order is known: repack the codes in torch ops (4× faster than ATen's own)
+        packed = pack_int4_row_blocks(codes, block)
+    else:
+        packed = torch.empty(experts, out_features, in_features // 2, dtype=torch.uint8)
+        for expert in range(experts):
+            packed[expert] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                codes[expert].to(torch.int32).contiguous(), 1
+            )
     zeros = weight.zero_points().float()
     offsets = (8.0 - zeros) * weight.scales  # (q − z)·s = (q − 8)·s + (8 − z)·s
     scale_and_zero = torch.stack([weight.scales, offsets], dim=-1)  # [E, N, K/G, 2]
     return [packed, scale_and_zero.transpose(1, 2).to(dtype).contiguous()]
 
 
-#: (out, in) → rows per block of ATen's int4 CPU packing (None: unknown, read back through the kernel).
+#: (out, in) → rows per block of ATen's int4 CPU packing on this machine (None: not a known order).
 _INT4_BLOCKS: dict[tuple[int, int], int | None] = {}
 
 
 def _unpack_aten_int4(packed: torch.Tensor, block: int) -> torch.Tensor:
-    """Codes [N, K] from ATen's CPU int4 packing with ``block`` rows per block.
-
-    The layout (found on AVX-512 and AVX2 builds): ``[N / block, K, block / 2]`` bytes, the byte
-    at (b, k, j) holding row b·block + j in its low nibble and row b·block + block/2 + j in its
-    high nibble, both at column k.
-    """
-    out_features, half = packed.shape
-    in_features = 2 * half
-    grid = packed.reshape(out_features // block, in_features, block // 2)
-    rows = torch.cat([grid & 0x0F, grid >> 4], dim=2)  # [N/block, K, block]
-    return rows.transpose(1, 2).reshape(out_features, in_features)
+    """Codes [N, K] from ATen's CPU int4 packing with ``block`` rows per block (see
+    :func:`moepass.quantize.layout.pack_int4_row_blocks`)."""
+    return unpack_int4_row_blocks(packed, block)
 
 
 def _learn_int4_block(packed: torch.Tensor, codes: torch.Tensor) -> None:
-    """Find which block size of :func:`_unpack_aten_int4` reads this shape's packing back exactly.
+    """Find which row-block order reads this shape's ATen packing back exactly.
 
-    Checked on real codes of the shape (an expert just packed), so a torch build with another
+    Checked on real codes of the shape (an expert just packed by ATen), so a torch build with another
     order falls back to reading through the kernel (right, slower) instead of misreading.
     """
     key = tuple(codes.shape)
@@ -142,6 +150,28 @@ def _learn_int4_block(packed: torch.Tensor, codes: torch.Tensor) -> None:
     if found is None:
         logger.info("ATen's int4 CPU packing of %s is not a known block order: dequantizing through the kernel", key)
     _INT4_BLOCKS[key] = found
+
+
+def aten_int4_row_block(out_features: int, in_features: int) -> int | None:
+    """The row-block order of ATen's int4 CPU operands for [out, in] on this machine (None: another order)."""
+    key = (out_features, in_features)
+    if key not in _INT4_BLOCKS:
+        codes = torch.randint(0, 16, key, dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+        _learn_int4_block(torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1), codes)
+    return _INT4_BLOCKS[key]
+
+
+def aten_int4_operand(codes: torch.Tensor, stored_block: int) -> torch.Tensor:
+    """ATen's int4 operand [N, K/2] for one matrix whose codes are stored in row-block order ``stored_block``
+    (0: plain order) — the stored bytes themselves when this machine uses that order."""
+    out_features, half = codes.shape
+    block = aten_int4_row_block(out_features, 2 * half)
+    if stored_block and block == stored_block:
+        return codes
+    values = unpack_int4_row_blocks(codes, stored_block) if stored_block else unpack_int4(codes)
+    if block is not None:
+        return pack_int4_row_blocks(values, block)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(values.to(torch.int32).contiguous(), 1)
 
 
 def operand_shape(operands: list[torch.Tensor], form: str, scheme: QuantScheme) -> tuple[int, int, int]:
@@ -241,6 +271,33 @@ def _project_quantized(inputs: torch.Tensor, outputs: torch.Tensor, counts: list
         if note:
             note_gemm_rows(count)
         start += count
+
+
+def stored_expert_operands(views: dict[str, torch.Tensor], name: str, scheme: QuantScheme, row_block: int,
+                           dtype: torch.dtype) -> tuple[list[torch.Tensor], str]:
+    """One expert's projection ``name`` (``w1`` | ``w2``) as read from an expert store, as operands
+    (stacks of one) and their form for :func:`project_rows` — ATen's for 16-bit activations (the stored
+    int4 bytes themselves when this machine uses their row-block order), plain otherwise."""
+    codes, scales = views[f"{name}.codes"], views[f"{name}.scales"]
+    zeros = views.get(f"{name}.zeros")
+    in_features = codes.shape[1] * (2 if scheme.bits == 4 else 1)
+    if dtype in ATEN_DTYPES and aten_cpu_supported(scheme, in_features):
+        if scheme.bits == 8:
+            return [codes.unsqueeze(0), scales[:, 0].to(dtype).unsqueeze(0)], "aten_cpu"
+        zero = 8.0 - (zeros.float() if zeros is not None else 8.0)
+        scale_and_zero = torch.stack([scales, zero * scales], dim=-1).transpose(0, 1).to(dtype).contiguous()
+        return [aten_int4_operand(codes, row_block).unsqueeze(0), scale_and_zero.unsqueeze(0)], "aten_cpu"
+    if scheme.bits == 4 and row_block:
+        codes = pack_int4(unpack_int4_row_blocks(codes, row_block))
+    plain = [codes.unsqueeze(0), scales.unsqueeze(0)] + ([zeros.unsqueeze(0)] if zeros is not None else [])
+    return plain, "plain"
+
+
+def project_rows(inputs: torch.Tensor, outputs: torch.Tensor, operands: list[torch.Tensor], bias: torch.Tensor | None,
+                 scheme: QuantScheme, form: str) -> None:
+    """outputs = inputs · deq(W)ᵀ (+ bias) for one expert's operands (stacks of one)."""
+    _project_quantized(inputs, outputs, [inputs.shape[0]], operands, None if bias is None else bias.unsqueeze(0),
+                       scheme, form, note=False)
 
 
 def experts_forward(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w1: list[torch.Tensor],

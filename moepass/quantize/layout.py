@@ -32,7 +32,10 @@ import torch
 
 from moepass.quantize.scheme import QuantizeError, QuantScheme
 
-__all__ = ["QuantizedWeight", "quantize_rtn", "dequantize", "pack_int4", "unpack_int4"]
+__all__ = [
+    "QuantizedWeight", "quantize_rtn", "dequantize", "pack_int4", "unpack_int4", "pack_int4_row_blocks",
+    "unpack_int4_row_blocks",
+]
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
@@ -45,6 +48,30 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """uint8 codes 0…15 [..., in] from :func:`pack_int4`'s bytes [..., in/2]."""
     low, high = packed & 0x0F, packed >> 4
     return torch.stack([low, high], dim=-1).flatten(-2)
+
+
+def pack_int4_row_blocks(codes: torch.Tensor, block: int) -> torch.Tensor:
+    """uint8 [..., N, K/2] from codes 0…15 [..., N, K] in *row-block* order (ATen's CPU int4 operand order).
+
+    Rows go in blocks of ``block``; the byte at (b, k, j) of ``[..., N / block, K, block / 2]`` holds
+    row b·block + j in its low nibble and row b·block + block/2 + j in its high nibble, both at column k
+    (found on the AVX-512 and AVX2 builds of torch 2.13 with block 64; checked on real codes wherever
+    it is used, see :mod:`moepass.lowering.cpu_quantized`).
+    """
+    *lead, rows, columns = codes.shape
+    half = block // 2
+    grid = codes.to(torch.uint8).reshape(*lead, rows // block, block, columns)
+    packed = grid[..., :half, :] | (grid[..., half:, :] << 4)  # [..., N/block, block/2, K]
+    return packed.transpose(-1, -2).contiguous().reshape(*lead, rows, columns // 2)
+
+
+def unpack_int4_row_blocks(packed: torch.Tensor, block: int) -> torch.Tensor:
+    """Codes 0…15 [..., N, K] from :func:`pack_int4_row_blocks`'s bytes [..., N, K/2]."""
+    *lead, rows, half_columns = packed.shape
+    columns = 2 * half_columns
+    grid = packed.reshape(*lead, rows // block, columns, block // 2)
+    both = torch.cat([grid & 0x0F, grid >> 4], dim=-1)  # [..., N/block, K, block]
+    return both.transpose(-1, -2).reshape(*lead, rows, columns)
 
 
 @dataclass
