@@ -263,10 +263,12 @@ def evaluate_policies(
     baseline: str = "static",
     inner: str = "eager",
     show_progress: bool = True,
+    options: dict[str, Any] | None = None,
 ) -> list[EvalResult]:
     """Evaluate every run and fill the changes against the run labelled ``baseline``.
 
-    A static run is added first when none is labelled ``baseline``.
+    A static run is added first when none is labelled ``baseline``; ``options``
+    are more backend options for every run (``{"experts_dtype": "int4"}``).
     """
     from moepass.policies import Static
 
@@ -277,7 +279,8 @@ def evaluate_policies(
     results = []
     for run in progress(runs, "policies", enabled=show_progress):
         results.append(
-            evaluate_policy(run.model or model, run.policy, batches, label=run.label, setting=run.setting, inner=inner)
+            evaluate_policy(run.model or model, run.policy, batches, label=run.label, setting=run.setting, inner=inner,
+                            options=options)
         )
     base = next(r for r in results if r.label == baseline)
     return relative_to(results, base)
