@@ -33,7 +33,7 @@ import torch.fx as fx
 
 from moepass.compiler.options import BackendOptions
 from moepass.compiler.plan.offload import offload_inputs_stage, offload_stage
-from moepass.compiler.plan.quantize import quantize_inputs_stage, quantize_stage
+from moepass.compiler.plan.quantize import has_standins, quantize_inputs_stage, quantize_stage
 from moepass.compiler.stages import (
     GraphState,
     Stage,
@@ -56,8 +56,9 @@ def _offloading(options: BackendOptions) -> bool:
 
 
 def _quantizing(options: BackendOptions) -> bool:
-    """In memory only: with offloading, the store holds the quantized experts (the offload stage)."""
-    return options.quantize is not None and options.offload is None
+    """``experts_dtype`` given, or quantized checkpoints' experts adapted (stand-ins exist); in memory only:
+    with offloading, the store holds the quantized experts (the offload stage)."""
+    return (options.quantize is not None or has_standins()) and options.offload is None
 
 
 #: The backend's stages, in order (see the module docstring).

@@ -3,7 +3,7 @@
 One stacked projection, ``[E, out, in]`` as the experts compute it (a model's
 ``[E, in, out]`` weights are transposed once, when quantized)::
 
-    codes    int8  [E, out, in]        8 bits: signed codes q ∈ [−127, 127]
+    codes    int8  [E, out, in]        8 bits: signed codes (round-to-nearest writes [−127, 127])
              uint8 [E, out, in/2]      4 bits: two codes per byte, low nibble first
                                        (column 2j in the low nibble, 2j+1 in the high)
     scales   float32 [E, out, in/G]    one per group of G input features (G = in: per channel)

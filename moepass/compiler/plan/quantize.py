@@ -60,7 +60,9 @@ from moepass.quantize.scheme import QuantizeError, QuantScheme
 from moepass.runtime.ops import ExpertsConfig, parse_experts_config
 from moepass.runtime.quantized_ops import QuantizedExpertsConfig
 
-__all__ = ["quantize_stage", "quantize_inputs_stage", "quantized_layout", "EXPERTS_FLOAT"]
+__all__ = [
+    "quantize_stage", "quantize_inputs_stage", "quantized_layout", "EXPERTS_FLOAT", "register_standin", "has_standins",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +71,24 @@ EXPERTS_FLOAT = ("keep", "release")
 
 #: model weight → {(scheme, transposed): QuantizedWeight, (scheme, transposed, form, dtype): operands}
 _cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
-#: released float weight → its QuantizedWeight (for validation on a recompile)
+#: float weight without data → the QuantizedWeight it stands for: a weight ``experts_float="release"``
+#: freed, or a stand-in :func:`moepass.adapt_quantized_experts` made for a quantized checkpoint's experts
 _released: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def register_standin(tensor: torch.Tensor, layout: QuantizedWeight) -> None:
+    """Make ``tensor`` (a float tensor [E, out, in] without data) stand for ``layout`` in compiled graphs.
+
+    The quantize stage runs a block whose experts read stand-ins on the
+    layout itself (no quantization of its own: the checkpoint's codes), and
+    validation runs the original block on the layout dequantized.
+    """
+    _released[tensor] = layout
+
+
+def has_standins() -> bool:
+    """Whether any stand-in or released weight exists (the quantize stages then run on every compile)."""
+    return len(_released) > 0
 
 
 def _model_tensor(state: GraphState, item: Any) -> torch.Tensor | None:
@@ -84,6 +102,11 @@ def _model_tensor(state: GraphState, item: Any) -> torch.Tensor | None:
         for part in item.target.split("."):
             target = getattr(target, part, None)
         return target if isinstance(target, torch.Tensor) else None
+    if item.op == "placeholder":  # the graph input itself (validation's env may hold a dequantized copy)
+        placeholders = [n for n in state.gm.graph.nodes if n.op == "placeholder"]
+        for node, value in zip(placeholders, state.example_inputs):
+            if node is item:
+                return value if isinstance(value, torch.Tensor) else None
     value = state.env.get(item)
     return value if isinstance(value, torch.Tensor) else None
 
@@ -135,13 +158,19 @@ def quantize_inputs_stage(state: GraphState) -> None:
 
 
 def quantize_stage(state: GraphState) -> None:
-    """Replace each rewritten block's float experts op by ``moepass.quantized_experts`` (see the module docstring)."""
-    scheme: QuantScheme = state.options.quantize
+    """Replace each rewritten block's float experts op by ``moepass.quantized_experts`` (see the module docstring).
+
+    Without ``experts_dtype``, only blocks whose experts are stand-ins of a quantized checkpoint
+    (:func:`register_standin`) change.
+    """
+    scheme: QuantScheme | None = state.options.quantize
     for block in state.rewritten_blocks():
         reason = _quantize_block(state, block, scheme)
         if reason:
             block.report.notes.append(f"experts not quantized: {reason}")
             logger.warning("moepass: experts of %s not quantized: %s", block.report.display_path, reason)
+    if has_standins():
+        _quantize_leftover_standins(state)
 
 
 def _experts_call(block: BlockState) -> tuple[fx.Node, tuple, list[fx.Node]] | None:
@@ -159,13 +188,40 @@ def _experts_call(block: BlockState) -> tuple[fx.Node, tuple, list[fx.Node]] | N
     return down, (x, rows.args[0], weights, w1, w2, b1, b2, config), [down, up, rows]
 
 
-def _quantize_block(state: GraphState, block: BlockState, scheme: QuantScheme) -> str:
+def _quantize_block(state: GraphState, block: BlockState, scheme: QuantScheme | None) -> str:
     """Quantize one rewritten block's experts; returns why not ("" when done, or nothing to do)."""
     if block.item.experts is None:
         return ""  # router only: the experts run outside the graph
     call = _experts_call(block)
     if call is None:
-        return "the rewritten block has no experts op to replace"
+        return "the rewritten block has no experts op to replace" if scheme is not None else ""
+    reason, node = _quantize_call(state, call, scheme, block.report.notes, block.report.path)
+    if node is not None:
+        block.inserted = [n for n in block.inserted if n not in call[2]] + [node]
+    return reason
+
+
+def _quantize_leftover_standins(state: GraphState) -> None:
+    """Experts ops still reading stand-ins (a block detection or validation left as it was) run the codes too:
+    a stand-in has no data, so the float op could not run."""
+    for node in list(state.gm.graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.moepass.experts.default:
+            continue
+        weights = [_model_tensor(state, a) for a in node.args[3:5]]
+        if not all(w is not None and w in _released for w in weights):
+            continue
+        block = parse_experts_config(node.args[7]).block
+        notes: list[str] = []
+        reason, _ = _quantize_call(state, (node, tuple(node.args), [node]), None, notes, block)
+        if reason:
+            raise QuantizeError(f"block {block or '<root>'}: its experts, adapted from a quantized checkpoint, cannot "
+                                f"run here: {reason}")
+        logger.info("moepass: %s (not rewritten) runs its quantized checkpoint's codes: %s", block, "; ".join(notes))
+
+
+def _quantize_call(state: GraphState, call, scheme: QuantScheme | None, notes: list[str],
+                   path: str) -> tuple[str, fx.Node | None]:
+    """Replace one float experts call by ``moepass.quantized_experts``: (why not or "", the new node)."""
     output, (x, ids, weights, w1_node, w2_node, b1, b2, config_text), replaced = call
     config = parse_experts_config(config_text)
     spec = config.spec
@@ -174,16 +230,28 @@ def _quantize_block(state: GraphState, block: BlockState, scheme: QuantScheme) -
     dtype = x_value.dtype if isinstance(x_value, torch.Tensor) else torch.float32
     lowering = resolve_lowering(config.lowering, device)
     if lowering not in ("cpu", "reference") or device.type != "cpu":
-        return f"quantized experts run on the CPU (ATen's int8/int4 kernels); this block runs {lowering} on {device.type}"
+        return f"quantized experts run on the CPU (ATen's int8/int4 kernels); this block runs {lowering} on {device.type}", None
     w1, w2 = _model_tensor(state, w1_node), _model_tensor(state, w2_node)
+    checkpoint = w1 is not None and w2 is not None and w1 in _released and w2 in _released
+    if scheme is None and not checkpoint:
+        return "", None  # a float block in a graph compiled without experts_dtype
     if w1 is None or w2 is None:
-        return "its expert weights are computed in the graph, not parameters"
-    try:
-        scheme.check_shape(spec.hidden_size, "the gate/up projection")
-        scheme.check_shape(w2.shape[1] if spec.transposed else w2.shape[2], "the down projection")
-        layouts = [quantized_layout(w, scheme, spec.transposed) for w in (w1, w2)]
-    except QuantizeError as error:
-        return str(error)
+        return "its expert weights are computed in the graph, not parameters", None
+    if checkpoint:  # a quantized checkpoint's experts: its own codes, never quantized again
+        layouts = [_released[w1], _released[w2]]
+        if scheme is not None and layouts[0].scheme != scheme:
+            notes.append(
+                f"experts_dtype {scheme.describe()} not applied: the experts came quantized "
+                f"({layouts[0].scheme.describe()}), and requantizing would round them twice"
+            )
+        scheme = layouts[0].scheme
+    else:
+        try:
+            scheme.check_shape(spec.hidden_size, "the gate/up projection")
+            scheme.check_shape(w2.shape[1] if spec.transposed else w2.shape[2], "the down projection")
+            layouts = [quantized_layout(w, scheme, spec.transposed) for w in (w1, w2)]
+        except QuantizeError as error:
+            return str(error), None
     form = "plain"  # float32 activations: ATen's weight-only kernels take a scalar path (4–50× a float GEMM)
     if state.options.quantized_form != "plain" and lowering == "cpu" and dtype in ATEN_DTYPES and all(aten_cpu_supported(scheme, lay.shape[2]) for lay in layouts):
         form = "aten_cpu"
@@ -193,9 +261,9 @@ def _quantize_block(state: GraphState, block: BlockState, scheme: QuantScheme) -
     error = _check_against_dequantized(state, x, b1, b2, layouts, operands, qconfig, spec.num_experts)
     if not error <= tolerance_for(dtype):
         return (f"the quantized op differs from its dequantized reference by {error:.2e} on a random input "
-                "(a moepass bug; the float experts run)")
+                "(a moepass bug; the float experts run)"), None
     gm = state.gm
-    bound = [[_bind(gm, t, f"{_safe(block.report.path)}_{name}_q{i}") for i, t in enumerate(ops)]
+    bound = [[_bind(gm, t, f"{_safe(path)}_{name}_q{i}") for i, t in enumerate(ops)]
              for name, ops in zip(("w1", "w2"), operands)]
     with gm.graph.inserting_after(output):
         node = gm.graph.call_function(
@@ -205,15 +273,17 @@ def _quantize_block(state: GraphState, block: BlockState, scheme: QuantScheme) -
     node.meta.update({k: v for k, v in output.meta.items() if k in ("nn_module_stack", "stack_trace", "example_value", "val")})
     output.replace_all_uses_with(node)
     remove_dead_nodes(gm.graph, set(replaced) | {n for n in (w1_node, w2_node) if isinstance(n, fx.Node) and n.op == "get_attr"})
-    block.inserted = [n for n in block.inserted if n not in replaced] + [node]
     before = sum(w.numel() * w.element_size() for w in (w1, w2))
     after = sum(t.numel() * t.element_size() for ops in operands for t in ops)
-    note = (f"experts {scheme.describe()} ({form}): {before / 1e6:.2f} MB → {after / 1e6:.2f} MB")
-    note += _float_weights(state, (w1_node, w2_node), (w1, w2), layouts)
+    if checkpoint:
+        note = f"experts {scheme.describe()} ({form}) as the checkpoint stores them: {after / 1e6:.2f} MB"
+    else:
+        note = f"experts {scheme.describe()} ({form}): {before / 1e6:.2f} MB → {after / 1e6:.2f} MB"
+        note += _float_weights(state, (w1_node, w2_node), (w1, w2), layouts)
     if state.differentiable:
         note += "; frozen: the experts' float weights get no gradient"
-    block.report.notes.append(note)
-    return ""
+    notes.append(note)
+    return "", node
 
 
 def _float_weights(state: GraphState, nodes, tensors, layouts) -> str:
