@@ -115,7 +115,8 @@ def offload_inputs_stage(state: GraphState) -> None:
             if isinstance(node, fx.Node) and _released(_model_tensor(state, node))
         }
         if released:  # a recompile: an earlier compile of this model released them
-            stacked = _stacked_float(session, stored, block.item.spec.experts.transposed)
+            dtype = _model_tensor(state, next(iter(released.values()))).dtype
+            stacked = _stacked_float(session, stored, block.item.spec.experts.transposed, dtype)
             for name, node in released.items():
                 state.env[node] = stacked[name]
 
@@ -142,12 +143,12 @@ def _stored_layouts(stored, tensors: dict[str, torch.Tensor]) -> list[QuantizedW
     return layouts
 
 
-def _stacked_float(session: OffloadSession, stored, transposed: bool) -> dict[str, torch.Tensor]:
-    """The store's experts as the float tensors the model's block reads (quantized ones dequantized)."""
+def _stacked_float(session: OffloadSession, stored, transposed: bool,
+                   dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The store's experts as the float tensors the model's block reads (quantized ones dequantized to ``dtype``)."""
     stacked = session.reader.read_stacked(stored)
     if not stored.quant:
         return stacked
-    dtype = stacked["w1.scales"].dtype
     floats = {}
     for name, layout in zip(("w1", "w2"), _stored_layouts(stored, stacked)):
         dense = dequantize(layout, dtype)
