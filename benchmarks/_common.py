@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import datetime
-import os
-import platform
 import re
 import statistics
-import subprocess
 import time
 from pathlib import Path
 from typing import Callable
@@ -54,16 +51,18 @@ def interleaved_medians(
 
 
 def machine_description() -> str:
-    """CPU model, cores, torch version."""
-    model = platform.processor() or "cpu"
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        found = re.search(r"Model name:\s*(.+)", lscpu)
-        if found:
-            model = found.group(1).strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    """CPU model, ISA features (AMX, AVX-512 BF16/VNNI, AVX2, NEON/SVE …), cores, torch version, threads:
+    what moepass keys its kernel tables by (:class:`moepass.runtime.machine.Machine`)."""
+    from moepass.runtime.machine import current_machine
+
+    return current_machine().describe().replace(f"torch {current_machine().torch}", f"torch {torch.__version__}")
+
+
+def machine_kind() -> str:
+    """The kind of machine a result belongs to: CPU model and ISA features (RESULTS.md has a part per kind)."""
+    from moepass.runtime.machine import current_machine
+
+    return current_machine().kind
 
 
 def gemm_rate(m: int = 1024, k: int = 1024, n: int = 5632, dtype: torch.dtype = torch.float32) -> float:
@@ -99,16 +98,55 @@ def memory_bandwidths(size_bytes: int = 1 << 30) -> dict[str, float]:
     return {"copy": size_bytes / copy_seconds, "copy_rw": 2 * size_bytes / copy_seconds, "read": size_bytes / read_seconds}
 
 
-def write_section(name: str, body: str) -> None:
-    """Replace (or append) the section ``name`` of RESULTS.md."""
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nEach section is written by the script it names; numbers come from one run.\n"
-    block = f"{start}\n{body.rstrip()}\n{end}"
+_INTRO = (
+    "# Benchmark results\n\n"
+    "Each section is written by the script it names; numbers come from one run.  CPU speed depends on the machine "
+    "(bfloat16 GEMM rates differ by an order of magnitude between CPUs with AMX, AVX-512 BF16, AVX2 or NEON), so "
+    "every timed section sits in the part of the machine kind it was measured on (CPU model and ISA features), and "
+    "a run on another kind of machine adds a part of its own instead of replacing these.\n"
+)
+
+
+def _slug(text: str) -> str:
+    """A marker name for a machine kind: its first words and a hash of all of it."""
+    import hashlib
+
+    words = re.sub(r"[^a-z0-9]+", "-", text.split("(")[0].lower()).strip("-")[:32]
+    return f"{words}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+
+
+def _replace_block(text: str, start: str, end: str, block: str, before: str | None = None) -> str:
+    """``text`` with the block between the markers replaced (or inserted before ``before``, else appended)."""
     if start in text and end in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
+        return text[: text.index(start)] + block + text[text.index(end) + len(end) :]
+    if before is not None and before in text:
+        at = text.index(before)
+        return text[:at] + block + "\n\n" + text[at:]
+    return text.rstrip() + "\n\n" + block + "\n"
+
+
+def write_section(name: str, body: str, machine: str | None = None) -> None:
+    """Replace (or add) the section ``name`` of RESULTS.md in the part of ``machine`` (default: this
+    machine's kind, :func:`machine_kind`; "" for results that do not depend on the machine, such as
+    quality).  Headings of a body inside a machine part move down one level (## → ###)."""
+    machine = machine_kind() if machine is None else machine
+    text = RESULTS.read_text() if RESULTS.exists() else _INTRO
+    if not machine:
+        start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+        first_part = re.search(r"<!-- machine:[^ ]+:start -->", text)
+        block = f"{start}\n{body.rstrip()}\n{end}"
+        RESULTS.write_text(_replace_block(text, start, end, block, first_part.group(0) if first_part else None))
+        return
+    slug = _slug(machine)
+    part_start, part_end = f"<!-- machine:{slug}:start -->", f"<!-- machine:{slug}:end -->"
+    if part_start in text and part_end in text:
+        part = text[text.index(part_start) + len(part_start) : text.index(part_end)]
     else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    RESULTS.write_text(text)
+        part = f"\n## Machine: {machine}\n"
+    start, end = f"<!-- {name}@{slug}:start -->", f"<!-- {name}@{slug}:end -->"
+    demoted = re.sub(r"^(#+) ", r"#\1 ", body.rstrip(), flags=re.MULTILINE)
+    part = _replace_block(part, start, end, f"{start}\n{demoted}\n{end}").rstrip() + "\n"
+    RESULTS.write_text(_replace_block(text, part_start, part_end, f"{part_start}{part}{part_end}"))
 
 
 def today() -> str:

@@ -27,7 +27,8 @@ import time
 import torch
 from _common import machine_description, markdown_table, memory_bandwidths, time_it, today, write_section
 from moe_block_cpu import SHAPES, compiled, experts_hit, make_shape_block
-from moepass.lowering.cpu_kernels import choose_kernel, project
+from moepass.lowering.cpu_kernels import project
+from moepass.lowering.cpu_choice import choose_kernel
 from torch.profiler import ProfilerActivity, profile
 
 import moepass  # noqa: F401  (registers the ops)

@@ -18,10 +18,20 @@ the multiple of the memory floor (bytes of the experts the tokens hit ÷ read
 bandwidth).  Every variant is checked against transformers' output first, and
 the moepass variants are checked to run moepass's experts op.
 
+The CPU lowering's choices are made on this machine (:mod:`moepass.lowering.cpu_tuning`): the first
+compile of each shape measures what the tables shipped for this machine lack (outside the timed part;
+its time is printed), and the run prints which path — moepass's or the model's own ``grouped_mm``
+GEMMs — the static block takes at each row count, and why.  The results go to this machine kind's part
+of RESULTS.md, with the targets checked at the end (static ≥ 1.00× ``grouped_mm`` in every cell;
+adaptive within 10% of its ideal at 512 tokens and more).
+
 Usage::
 
     python benchmarks/moe_block_cpu.py [--shapes mixtral olmoe qwen3_moe] [--dtypes float32 bfloat16]
-        [--tokens 1 8 64 512 2048] [--rounds 5] [--min-seconds 2] [--no-write]
+        [--tokens 1 8 64 512 2048] [--rounds 5] [--min-seconds 2] [--no-write] [--quick]
+
+``--quick``: 1 and 64 tokens, 2 rounds, 0.2 s per cell, no ``batched_mm``, nothing written — a check
+that the script runs (minutes), not numbers to keep.
 """
 
 from __future__ import annotations
@@ -176,7 +186,10 @@ def main() -> None:
     parser.add_argument("--min-seconds", type=float, default=2.0, help="time per cell (at least)")
     parser.add_argument("--no-batched", action="store_true", help="skip transformers batched_mm")
     parser.add_argument("--no-write", action="store_true", help="do not update benchmarks/RESULTS.md")
+    parser.add_argument("--quick", action="store_true", help="1 and 64 tokens, 2 rounds, 0.2 s a cell, no writing")
     args = parser.parse_args()
+    if args.quick:
+        args.tokens, args.rounds, args.min_seconds, args.no_batched, args.no_write = [1, 64], 2, 0.2, True, True
     torch._dynamo.config.cache_size_limit = 64
     started, load_before = time.time(), load_average()
 
@@ -192,7 +205,7 @@ def main() -> None:
     read = memory_bandwidths()["read"]
     print(f"GEMM rate {rate_text}; read {read / 1e9:.1f} GB/s")
 
-    ratio_rows, measured = [], []
+    ratio_rows, measured, path_notes = [], [], []
     for shape_name in args.shapes:
         shape = SHAPES[shape_name]
         for dtype_name in args.dtypes:
@@ -211,6 +224,18 @@ def main() -> None:
                 twin, f"{shape_name}_{dtype_name}_stats", backend="adaptive_moe", options={"policy": policy, "stats": True}
             )
             print(f"{shape.label} {dtype_name}: {policy.describe()} (calibrated to average k {target_k:.2f})")
+            x0 = torch.randn(1, 4, shape.hidden).to(dtype)
+            tuning_started = time.perf_counter()
+            with torch.no_grad():
+                static(x0)  # compiles: the CPU lowering's choices are looked up, or measured where missing
+            kernels = moepass.report(static).blocks[0].cpu_kernels
+            compile_seconds = time.perf_counter() - tuning_started
+            if kernels is not None:
+                print(f"  first compile {compile_seconds:.1f} s, of which measuring CPU kernels {kernels.seconds:.1f} s; "
+                      + "\n  ".join(kernels.lines()))
+                path_notes.append(f"{shape.name} {dtype_name}: " + "; ".join(
+                    f"rows {b['rows'][0]}{'+' if b['rows'][1] is None else '–' + str(b['rows'][1])} {b['path']}"
+                    for b in kernels.buckets()) + f" ({kernels.source})")
             cells = []
             for tokens in args.tokens:
                 x = torch.randn(1, tokens, shape.hidden, generator=torch.Generator().manual_seed(tokens)).to(dtype)
@@ -292,6 +317,18 @@ def main() -> None:
                 f"{times['static'] / floor:.2f}×" if tokens <= 8 else "—",
             ]
         )
+    worst_static = min((t["grouped_mm"] / t["static"], s.name, d, n) for s, d, n, t, _, _ in measured)
+    adaptive_large = [(t["adaptive"] / (k / s.top_k * t["static"]), s.name, d, n) for s, d, n, t, k, _ in measured if n >= 512]
+    target_lines = [
+        f"static ÷ grouped_mm, worst cell: {worst_static[0]:.2f}× ({worst_static[1]} {worst_static[2]}, {worst_static[3]} "
+        f"tokens) — target ≥ 1.00 in every cell: {'met' if worst_static[0] >= 1.0 else 'NOT met'}",
+    ]
+    if adaptive_large:
+        worst_adaptive = max(adaptive_large)
+        target_lines.append(
+            f"adaptive ÷ ideal at ≥ 512 tokens, worst cell: {worst_adaptive[0]:.2f} ({worst_adaptive[1]} {worst_adaptive[2]}, "
+            f"{worst_adaptive[3]} tokens) — target ≤ 1.10: {'met' if worst_adaptive[0] <= 1.10 else 'NOT met'}")
+    print("\n".join(target_lines))
     minutes = (time.time() - started) / 60
     header = ["shape (E, top-k, hidden, intermediate)", "dtype", *(f"{t} tokens" for t in args.tokens)]
     body = (
@@ -306,6 +343,10 @@ def main() -> None:
         "is not slower.  The second row of each shape is moepass adaptive (top-p calibrated to an average k of "
         f"{ADAPTIVE_FRACTION} × native k) ÷ its ideal, k_avg ÷ k × the static time (≤ 1.10 is the target).\n\n"
         + markdown_table(header, ratio_rows)
+        + "\n\nTargets: " + "; ".join(target_lines)
+        + ".\n\nThe path the static block took per row count on this machine (moepass's own kernels, or the model's "
+        "`grouped_mm` GEMMs where moepass's were not faster; how the choice was made):\n\n"
+        + "\n".join(f"- {note}" for note in path_notes)
         + "\n\nTimes (ms), the static rewrite's fraction of the dtype's GEMM rate and its multiple of the memory "
         "floor (bytes of the experts hit ÷ read bandwidth):\n\n"
         + markdown_table(

@@ -273,7 +273,7 @@ def main() -> int:
     )
     print(body)
     if not args.no_write and not args.smoke:
-        write_section("moe_triton_gpu", body)
+        write_section("moe_triton_gpu", body, machine=f"GPU: {device_label}")
     return 0
 
 

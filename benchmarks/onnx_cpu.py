@@ -9,9 +9,10 @@ Two models, each exported four ways and run with ONNX Runtime's CPU provider:
                          with k = 2 and ``normalize_routing_weights`` — what
                          onnxruntime-genai ships for Mixtral;
 (c) ``moepass static``   ``moepass.export_onnx(policy="static", target="ort")``
-                         (default layout: pre-packed Gemm pairs for the block's
-                         34.6 MB experts, the masked MoE call for the bundled
-                         model's 0.4 MB ones);
+                         (layout ``auto``: measured in ONNX Runtime on this
+                         machine per token-count range and cached — the
+                         layouts chosen are printed and recorded; run with
+                         ``MOEPASS_TUNING=off`` for the fixed default);
 (d) ``moepass adaptive`` the same with top-p calibrated to an average k of
                          about 1.4 (``moepass.calibrate``);
 (d') the same, layout ``masked`` (one com.microsoft.MoE call; block only, where
@@ -24,7 +25,8 @@ at 1, 8 and 512 tokens, and the bundled model when ``moepass.bundled`` is
 there, at 1, 16 and 128 tokens (without a KV cache: each is a forward pass).
 Every variant is checked against torch before it is timed; the variants run in
 turn, round after round (interleaved), and each time is the median; ratios
-come from one run.
+come from one run.  Targets checked at the end: (c) and (d) never slower than
+(b) at any size, and (d) within 15% of its ideal (k_avg ÷ k × (c)'s time).
 
 Usage: python benchmarks/onnx_cpu.py [--tokens 1 8 512] [--bundled-tokens 1 16 128] [--target-k 1.4] [--no-write]
 """
@@ -164,8 +166,9 @@ def average_k(module: torch.nn.Module, policy, args: tuple, kwargs: dict) -> flo
 
 
 def bench(variants: dict[str, Path], feeds_by_size: dict, expected_by_size: dict, label: str, repeat: int) -> list:
-    """Time every variant at every size; returns rows [label, size, name, ms, speed vs (b), error]."""
-    rows = []
+    """Time every variant at every size; returns rows [label, size, name, ms, speed vs (b), error] and the
+    times by size."""
+    rows, all_times = [], {}
     sessions = {name: session(path) for name, path in variants.items() if path is not None}
     for size, feeds in feeds_by_size.items():
         errors, runs = {}, {}
@@ -178,6 +181,7 @@ def bench(variants: dict[str, Path], feeds_by_size: dict, expected_by_size: dict
             assert errors[name] <= 1e-4, (label, size, name, errors[name])
             runs[name] = lambda s=sess, f=feeds: s.run(None, f)
         times = interleaved_medians(runs, rounds=repeat, warmup=2, min_seconds=1.0)
+        all_times[size] = times
         base = times[GENAI]
         for name in variants:
             if name not in times:
@@ -187,7 +191,7 @@ def bench(variants: dict[str, Path], feeds_by_size: dict, expected_by_size: dict
             rows.append([label, f"{size[0]}×{size[1]}", name, f"{seconds * 1e3:.2f}", f"{base / seconds:.2f}×", f"{error:.0e}"])
             print(f"{label:8s} {size[0]}×{size[1]:<5d} {name:24s} {seconds * 1e3:9.2f} ms  {base / seconds:5.2f}× (b)"
                   f"  err {error:.0e}")
-    return rows
+    return rows, all_times
 
 
 def block_benchmark(directory: Path, tokens: list[int], target_k: float, repeat: int):
@@ -206,8 +210,10 @@ def block_benchmark(directory: Path, tokens: list[int], target_k: float, repeat:
     export_plain(plain, example, paths[PLAIN], ({0: batch, 1: sequence},))
     genai_block(block, paths[GENAI])
     # export_onnx verifies each export against torch on its example before writing it
-    moepass.export_onnx(module, example, paths[STATIC], "static")
-    moepass.export_onnx(module, example, paths[ADAPTIVE], policy)
+    layouts = {
+        STATIC: moepass.export_onnx(module, example, paths[STATIC], "static").blocks[0].layout,
+        ADAPTIVE: moepass.export_onnx(module, example, paths[ADAPTIVE], policy).blocks[0].layout,
+    }
     moepass.export_onnx(module, example, paths[MASKED], policy, options=OnnxExportOptions(ort_layout="masked"))
     moepass.export_onnx(module, example, paths[PORTABLE], policy, target="portable")
     feeds, expected, ks = {}, {}, {}
@@ -219,14 +225,14 @@ def block_benchmark(directory: Path, tokens: list[int], target_k: float, repeat:
         feeds[(1, count)] = {"x": x.numpy()}
         ks[count] = average_k(module, policy, (x,), {})
         torch._dynamo.reset()
-    rows = bench(paths, feeds, expected, "block", repeat)
-    return rows, policy, ks
+    rows, times = bench(paths, feeds, expected, "block", repeat)
+    return rows, policy, ks, times, layouts
 
 
 def bundled_benchmark(directory: Path, tokens: list[int], target_k: float, repeat: int):
     if importlib.util.find_spec("moepass.bundled") is None:
         print("bundled model: moepass.bundled is not in this build; skipped")
-        return [], None, None
+        return [], None, None, {}, {}
     from moepass import bundled
 
     model = bundled.load_model()
@@ -247,10 +253,10 @@ def bundled_benchmark(directory: Path, tokens: list[int], target_k: float, repea
 
     export_plain(Logits(plain_model).eval(), (example["input_ids"],), paths[PLAIN],
                  ({0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")},))
-    moepass.export_onnx(model, example, paths[STATIC], "static")
+    layouts = {STATIC: moepass.export_onnx(model, example, paths[STATIC], "static").blocks[0].layout}
     genai = genai_functions(onnx.load(str(paths[STATIC])))
     onnx.save(genai, str(paths[GENAI]))
-    moepass.export_onnx(model, example, paths[ADAPTIVE], policy)
+    layouts[ADAPTIVE] = moepass.export_onnx(model, example, paths[ADAPTIVE], policy).blocks[0].layout
     compiled = torch.compile(model, backend="adaptive_moe", options={"policy": policy, "inner": "eager"})
     feeds, expected, ks = {}, {}, {}
     for count in tokens:
@@ -260,8 +266,8 @@ def bundled_benchmark(directory: Path, tokens: list[int], target_k: float, repea
                                     compiled(ids, use_cache=False).logits.double().numpy())
         feeds[(1, count)] = {"input_ids": ids.numpy()}
         ks[count] = average_k(model, policy, (ids,), {"use_cache": False})
-    rows = bench(paths, feeds, expected, "bundled", repeat)
-    return rows, policy, ks
+    rows, times = bench(paths, feeds, expected, "bundled", repeat)
+    return rows, policy, ks, times, layouts
 
 
 def main() -> None:
@@ -278,9 +284,9 @@ def main() -> None:
     print(f"machine: {machine_description()}; onnxruntime {ort.__version__}; load average {load[0]:.2f}")
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
-        rows, policy, ks = block_benchmark(directory, args.tokens, args.target_k, args.repeat)
-        bundled_rows, bundled_policy, bundled_ks = bundled_benchmark(directory, args.bundled_tokens, args.target_k,
-                                                                     args.repeat)
+        rows, policy, ks, times, layouts = block_benchmark(directory, args.tokens, args.target_k, args.repeat)
+        bundled_rows, bundled_policy, bundled_ks, bundled_times, bundled_layouts = bundled_benchmark(
+            directory, args.bundled_tokens, args.target_k, args.repeat)
     load_after = os.getloadavg()
     table = markdown_table(["model", "batch×tokens", "export", "ms", "speed vs (b)", "max rel err vs torch"],
                            rows + bundled_rows)
@@ -291,6 +297,19 @@ def main() -> None:
     if bundled_policy is not None:
         notes.append(f"Bundled adaptive policy {bundled_policy.describe()}: average k "
                      + ", ".join(f"{bundled_ks[t]:.2f} at {t} tokens" for t in args.bundled_tokens) + ".")
+    targets = []
+    for label, by_size, k_of, chosen in (("block", times, ks, layouts), ("bundled", bundled_times, bundled_ks,
+                                                                         bundled_layouts)):
+        if not by_size:
+            continue
+        slowest = min((t[GENAI] / t[name], name, size[1]) for size, t in by_size.items() for name in (STATIC, ADAPTIVE))
+        ideal = max((t[ADAPTIVE] / (k_of[size[1]] / TOP_K * t[STATIC]), size[1]) for size, t in by_size.items())
+        targets.append(
+            f"{label}: slowest moepass export against (b) {slowest[0]:.2f}× ({slowest[1]}, {slowest[2]} tokens; target "
+            f"≥ 1.00: {'met' if slowest[0] >= 1.0 else 'NOT met'}); adaptive ÷ its ideal at most {ideal[0]:.2f} "
+            f"({ideal[1]} tokens; target ≤ 1.15: {'met' if ideal[0] <= 1.15 else 'NOT met'}).  Layouts: "
+            + "; ".join(f"{name}: {layout}" for name, layout in chosen.items()))
+    print("\n".join(targets))
     body = (
         f"## ONNX Runtime on CPU (`benchmarks/onnx_cpu.py`)\n\n"
         f"{today()} — {machine_description()}; onnxruntime {ort.__version__} (CPU provider, "
@@ -299,11 +318,12 @@ def main() -> None:
         f"(a) plain torch.onnx of the original (transformers `batched_mm` experts: `grouped_mm` does not export; "
         f"its per-token weight gather does not fit in memory beyond {PLAIN_MAX_TOKENS} tokens, —), "
         f"(b) router logits → `com.microsoft.MoE` k={TOP_K} (what onnxruntime-genai ships), "
-        f"(c)/(d) `moepass.export_onnx` target ort, static and adaptive, default layout (block: pre-packed Gemm "
-        f"pairs; bundled: the masked MoE call); (d') adaptive, layout masked; (e) adaptive, target portable (a Loop "
+        f"(c)/(d) `moepass.export_onnx` target ort, static and adaptive, layout `auto` (measured on this machine "
+        f"per token-count range; the layouts chosen are listed under Targets); (d') adaptive, layout masked; (e) adaptive, target portable (a Loop "
         f"over experts in standard ops).  Variants interleaved, medians.  Errors: (a)–(c) against the original "
         f"model, (d)–(e) against torch.compile with "
-        f"the same policy.\n\n{table}\n\n" + "\n".join(notes) + "\n"
+        f"the same policy.\n\n{table}\n\n" + "\n".join(notes) + "\n\nTargets:\n\n"
+        + "\n".join(f"- {line}" for line in targets) + "\n"
     )
     print(body)
     if not args.no_write:

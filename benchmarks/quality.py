@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             f"![perplexity against expert FLOPs]({PLOT.name})",
         ]
     )
-    write_section("quality", body)
+    write_section("quality", body, machine="")  # quality does not depend on the machine
     print(f"wrote {PLOT} and the 'quality' section of benchmarks/RESULTS.md")
     return 0
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 #: An Inductor cache directory the user chose, read before torch or moepass
@@ -11,6 +13,14 @@ import tempfile
 _USER_INDUCTOR_CACHE = os.environ.setdefault(
     "MOEPASS_TESTS_USER_INDUCTOR_CACHE", os.environ.get("TORCHINDUCTOR_CACHE_DIR", "")
 )
+
+#: Kernel tables: the suite never measures on first compile (timings would make choices, and
+#: so code paths, depend on the machine's load) and never reads or writes the user's cache.
+#: Compiles use the tables shipped for this machine, else those of another machine (a fixed
+#: choice); tests of the measuring path set their own budget and cache folder.
+os.environ["MOEPASS_TUNING"] = "off"
+os.environ["MOEPASS_CACHE_DIR"] = tempfile.mkdtemp(prefix="moepass-test-cache-")
+atexit.register(shutil.rmtree, os.environ["MOEPASS_CACHE_DIR"], ignore_errors=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

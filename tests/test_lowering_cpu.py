@@ -6,9 +6,9 @@ import itertools
 
 import pytest
 import torch
-from moepass.lowering import cpu, reference
 
 from moepass.compiler.spec import ExpertsSpec
+from moepass.lowering import cpu, reference
 from moepass.runtime.stats import count_gemm_rows
 
 
@@ -135,22 +135,17 @@ def test_slot_plan_in_numpy_equals_the_tensor_plan_and_a_stable_sort(tokens, slo
 
 @pytest.fixture
 def forced_kernel(monkeypatch):
-    """Make the kernel table give one kernel at every row count (gemv: at one row; token-major above)."""
-    from moepass.lowering import cpu_kernels
+    """Make every projection take one kernel at one row (gemv: at one row; token-major above; packed
+    only where packing is allowed)."""
+    from moepass.lowering import cpu_choice
 
     def force(kernel: str) -> None:
-        table = {
-            "entries": [
-                {"dtype": d, "out": 48, "in": 16, "kernels": {"1": kernel if kernel != "packed" else "token_major"},
-                 "kernels_packed": {"1": kernel}}
-                for d in ("float32", "bfloat16")
-            ]
-        }
-        monkeypatch.setattr(cpu_kernels, "kernel_table", lambda: table)
-        cpu_kernels._choices.cache_clear()
+        def choices(dtype, out_features, in_features, packed):
+            return (1,), (kernel if kernel != "packed" or packed else "token_major",)
+
+        monkeypatch.setattr(cpu_choice, "projection_choices", choices)
 
     yield force
-    cpu_kernels._choices.cache_clear()
 
 
 @pytest.mark.parametrize("kernel", ["token_major", "weight_major", "gemv", "onednn", "packed"])
@@ -173,27 +168,26 @@ def test_every_kernel_matches_the_reference(kernel, dtype, variant, forced_kerne
     assert (entry is not None and any(m is not None for m in entry.matrices)) == packed
 
 
-def test_choose_kernel_reads_the_nearest_shape_and_row_count(monkeypatch):
-    from moepass.lowering import cpu_kernels
+def test_choose_kernel_reads_this_machines_table_by_nearest_shape_and_row_count(tmp_path, monkeypatch):
+    from moepass.lowering import cpu_choice
+    from moepass.runtime import tuning
 
-    table = {"entries": [
-        {"dtype": "float32", "out": 100, "in": 100, "kernels": {"1": "gemv", "2": "weight_major", "8": "token_major"}},
-        {"dtype": "float32", "out": 5000, "in": 1000, "kernels": {"1": "token_major", "4": "weight_major"},
-         "kernels_packed": {"1": "packed"}},
-    ]}
-    monkeypatch.setattr(cpu_kernels, "kernel_table", lambda: table)
-    cpu_kernels._choices.cache_clear()
-    try:
-        choose = cpu_kernels.choose_kernel
-        assert choose(1, (90, 120), torch.float32, False) == "gemv"
-        assert [choose(r, (90, 120), torch.float32, False) for r in (2, 7, 8)] == ["weight_major"] * 2 + ["token_major"]
-        assert choose(4, (6000, 900), torch.float32, False) == "weight_major"
-        assert choose(6, (6000, 900), torch.float32, False) == "token_major"  # above the table
-        assert choose(64, (6000, 900), torch.float32, False, packed=True) == "packed"  # packed won at the largest
-        assert choose(3, (90, 120), torch.float32, True) == "token_major"  # [in, out] weights
-        assert choose(1, (90, 120), torch.float64, False) == "token_major"  # a dtype the table lacks
-    finally:
-        cpu_kernels._choices.cache_clear()
+    monkeypatch.setenv("MOEPASS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu_choice, "FAMILY", tuning.Family("cpu_experts", 1, shipped=None))  # this table only
+    key = cpu_choice.projection_key
+    tuning.store(cpu_choice.FAMILY, key(torch.float32, 100, 100, False),
+                 {"kernels": {"1": "gemv", "2": "weight_major", "8": "token_major"}})
+    tuning.store(cpu_choice.FAMILY, key(torch.float32, 5000, 1000, False), {"kernels": {"1": "token_major", "4": "weight_major"}})
+    tuning.store(cpu_choice.FAMILY, key(torch.float32, 5000, 1000, True), {"kernels": {"1": "packed"}})
+    choose = cpu_choice.choose_kernel
+    assert choose(1, (90, 120), torch.float32, False) == "gemv"  # nearest shape: 100x100
+    assert [choose(r, (90, 120), torch.float32, False) for r in (2, 7, 8)] == ["weight_major"] * 2 + ["token_major"]
+    assert choose(4, (6000, 900), torch.float32, False) == "weight_major"
+    assert choose(6, (6000, 900), torch.float32, False) == "token_major"  # above the table
+    assert choose(64, (6000, 900), torch.float32, False, packed=True) == "packed"  # packed won at the largest
+    assert choose(64, (6000, 900), torch.float32, False, packed=False) == "token_major"
+    assert choose(3, (90, 120), torch.float32, True) == "token_major"  # [in, out] weights
+    assert choose(1, (90, 120), torch.float64, False) == "token_major"  # a dtype no table covers
 
 
 def test_packed_copies_follow_in_place_updates_and_die_with_the_weight(forced_kernel):

@@ -421,3 +421,63 @@ def test_bundled_model(policy):
         assert [b.path for b in blocks] == [f"model.layers.{i}.mlp" for i in range(model.config.num_hidden_layers)]
     if policy == "skip_ratio":  # one beta per layer: one function per layer
         assert len(model_proto.functions) == model.config.num_hidden_layers
+
+
+# --- the experts layout per token-count range, chosen on the exporting machine ------------------
+
+
+def _layout_timer(label: str, names: list[str]) -> dict[str, float]:
+    """A fake ORT timing: the masked MoE call fastest below 64 tokens, the Gemm pairs from 64."""
+    tokens = int(label.rsplit("tokens", 1)[1])
+    fastest = "masked" if tokens < 64 else "gemm"
+    return {name: 1e-3 if name == fastest else 2e-3 for name in names}
+
+
+def _check_at(prepared, model, shapes) -> None:
+    for shape in shapes:
+        ids = token_ids(*shape, seed=sum(shape))
+        with torch.no_grad():
+            expected = prepared.captured.gm(ids)[0].numpy()
+        assert rel_err(run_onnx(model, prepared.feeds((ids,)))[0], expected) <= TOLERANCE, shape
+
+
+def test_auto_layout_is_measured_per_token_range_and_cached(tmp_path, monkeypatch):
+    from moepass.runtime import tuning
+
+    monkeypatch.setenv("MOEPASS_CACHE_DIR", str(tmp_path))
+    tuning.forget_measured()
+    prepared = case("mixtral", True).prepared
+    with tuning.measurement_override(_layout_timer):
+        model, blocks = prepared.lower("ort", ort_tuning=30)
+    assert "masked below 64 tokens, gemm from 64 (measured now" in blocks[0].layout
+    assert all(".ranges." in b.overload for b in blocks)
+    ops = function_ops(model)
+    experts = prepared.blocks[0].spec.experts.num_experts
+    assert (ORT_DOMAIN, "MoE") in ops and gemm_count(model) == 2 * experts * len(model.functions)
+    onnx.checker.check_model(model, full_check=True)
+    _check_at(prepared, model, [(1, 1), (2, 8), (2, 40)])  # 1, 16 tokens: masked; 80: the Gemm pairs
+
+    def no_timer(label, names):
+        raise AssertionError("measured again")
+
+    with tuning.measurement_override(no_timer):
+        assert "measured earlier in this process" in prepared.lower("ort", ort_tuning=30)[1][0].layout
+        tuning.forget_measured()
+        assert "measured earlier (cache)" in prepared.lower("ort", ort_tuning=30)[1][0].layout
+    tuning.forget_measured()
+
+
+def test_named_layout_ranges_and_the_fixed_default():
+    prepared = case("mixtral", True).prepared
+    model, blocks = prepared.lower("ort", ort_layout={1: "slots", 32: "gemm"})
+    assert blocks[0].layout == "slots below 32 tokens, gemm from 32 (named by ort_layout)"
+    assert "1–31 tokens: com.microsoft.MoE (k=1 per kept slot); 32+ tokens: Gemm pair" in blocks[0].experts
+    _check_at(prepared, model, [(1, 1), (2, 40)])
+    _, blocks = prepared.lower("ort")  # the suite's $MOEPASS_TUNING=off: not measured, and it says so
+    assert blocks[0].layout.startswith("masked (the fixed default") and "tuning off" in blocks[0].layout
+    for bad, message in (({2: "masked"}, "starting at 1"), ({1: "fast"}, "unknown ORT layout 'fast'"),
+                         ("fastest", "unknown ORT layout 'fastest'")):
+        with pytest.raises(OnnxExportError, match=message):
+            prepared.lower("ort", ort_layout=bad)
+    with pytest.raises(OnnxExportError, match="ort_tuning"):
+        prepared.lower("ort", ort_tuning="sometimes")

@@ -84,10 +84,66 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
+    if args.cpu:
+        return _tune_cpu(args)
     from moepass.kernels.tune import tune_command_lines
 
-    for line in tune_command_lines(args.model, args.tokens, args.dtype, args.out, args.quick):
-        print(line)
+    if args.seconds is not None:
+        raise ValueError("--seconds is for --cpu (the Triton search is bounded by its config space)")
+    for dtype in args.dtype or ["bfloat16"]:
+        for line in tune_command_lines(args.model, args.tokens or [1, 16, 128, 1024, 4096], dtype, args.out, args.quick):
+            print(line)
+    return 0
+
+
+def _tune_cpu(args: argparse.Namespace) -> int:
+    """``moepass tune --cpu``: measure this machine's CPU kernel and path choices for a model's block shapes."""
+    import re
+
+    import torch
+
+    from moepass.lowering import cpu_tuning
+    from moepass.runtime.machine import current_machine
+    from moepass.runtime.tuning import table_path
+
+    if args.dtype and "float16" in args.dtype:
+        raise ValueError("--cpu measures float32 and bfloat16 experts")
+    seconds = args.seconds if args.seconds is not None else 120.0
+    rows = cpu_tuning.QUICK_ROWS if args.quick else cpu_tuning.FULL_ROWS
+    tokens = tuple(args.tokens or cpu_tuning.TOKEN_POINTS)
+    out = Path(args.out) if args.out else None
+    machine = current_machine()
+    print(f"measuring CPU kernels on {machine.describe()}; at most {seconds:.0f} s per block shape")
+    results = []
+    if re.fullmatch(r"\d+,\d+,\d+,\d+", args.model):
+        experts, hidden, inter, top_k = (int(v) for v in args.model.split(","))
+        for dtype in args.dtype or ["float32", "bfloat16"]:
+            results.append(cpu_tuning.tune_shape(experts, hidden, inter, top_k, getattr(torch, dtype), seconds, rows,
+                                                 tokens, out))
+    else:  # compile the model: exactly the shapes (dtype, layout, biases, packing) its compiles will look up
+        from moepass.cli.modelspec import example_for, load_model
+
+        loaded = load_model(args.model, seed=0)
+        model = loaded.model.eval()
+        example = example_for(args.model, loaded, 16, 1, 0)
+        for dtype in args.dtype or [None]:
+            if dtype is not None:
+                model = model.to(getattr(torch, dtype))
+            session = cpu_tuning.TuningSession(seconds, rows, tokens, out)
+            torch._dynamo.reset()
+            with cpu_tuning.tuning_session(session), torch.no_grad():
+                compiled = torch.compile(model, backend="adaptive_moe", options={"inner": "eager"})
+                compiled(*example) if isinstance(example, tuple) else compiled(**example) if isinstance(example, dict) \
+                    else compiled(example)
+            if not session.results:
+                raise ValueError(f"no MoE block of {args.model} runs on the CPU lowering: nothing to measure")
+            results.extend(session.results.values())
+    for result in results:
+        print(f"\n{result.key}:")
+        for line in result.lines():
+            print(f"  {line}")
+    where = (out / f"{machine.file_stem}.json") if out else table_path(cpu_tuning.cpu_choice.FAMILY)
+    print(f"\nwrote {where}")
     return 0
 
 
@@ -202,6 +258,21 @@ def _export_format_options(args: argparse.Namespace) -> tuple[str, str]:
     return f"MLIR ({output_type}, verified in IREE)", output_type
 
 
+def _parse_ort_layout(text: str):
+    """``auto``, a layout name, or ranges ``masked,64=gemm`` (a layout from 1 token, then from each count)."""
+    if "=" not in text and "," not in text:
+        return text
+    ranges = {}
+    for index, part in enumerate(text.split(",")):
+        start, equals, layout = part.partition("=")
+        if not equals and index == 0:
+            start, layout = "1", start
+        if not start.strip().isdigit():
+            raise ValueError(f"--ort-layout {text!r}: expected a layout, or ranges such as masked,64=gemm")
+        ranges[int(start)] = layout.strip()
+    return ranges
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from moepass.cli.modelspec import example_for, load_model
     from moepass.compiler.options import BackendOptions
@@ -216,17 +287,25 @@ def _cmd_export(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, seed=args.seed)
     print(f"loaded {loaded.source}; exporting to {what}", file=sys.stderr)
     started = time.perf_counter()
+    onnx_options = None
+    if args.format in ("onnx", "genai"):
+        from moepass.exports.onnx import OnnxExportOptions
+
+        onnx_options = OnnxExportOptions(ort_layout=_parse_ort_layout(args.ort_layout))
+    elif args.ort_layout != "auto":
+        raise ValueError("--ort-layout is for --format onnx or genai")
     if args.format == "genai":
         from moepass.exports.genai import export_genai
 
         folder = Path(args.model)  # a model folder's tokenizer files go along
         tokenizer = folder if folder.is_dir() and (folder / "tokenizer.json").is_file() else None
-        result = export_genai(loaded.model, out, policy, target=choice, tokenizer=tokenizer, **params)
+        result = export_genai(loaded.model, out, policy, target=choice, tokenizer=tokenizer, options=onnx_options,
+                              **params)
     elif args.format == "onnx":
         from moepass.exports.onnx import export_onnx
 
         example = example_for(args.model, loaded, args.tokens, args.batch, args.seed)
-        result = export_onnx(loaded.model, example, out, policy, target=choice, **params)
+        result = export_onnx(loaded.model, example, out, policy, target=choice, options=onnx_options, **params)
     else:
         from moepass.exports.mlir import export_mlir
 
@@ -418,6 +497,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--target", default=None, choices=["ort", "portable"],
                         help="ONNX and genai: ort (experts run by com.microsoft.MoE, k per token) or portable "
                         "(standard ONNX ops); default ort")
+    export.add_argument("--ort-layout", default="auto", metavar="LAYOUT",
+                        help="ONNX and genai target ort: how the experts run — auto (measured on this machine per "
+                        "token count: re-export on another kind of CPU), masked, buckets, slots, gemm, or ranges "
+                        "such as masked,64=gemm (masked below 64 tokens)")
     export.add_argument("--output-type", default=None, choices=["linalg-on-tensors", "stablehlo", "tosa", "torch"],
                         help="MLIR: the dialect to lower to (default linalg-on-tensors; linalg-on-tensors and "
                         "stablehlo are run in IREE, tosa and torch are parsed and verified)")
@@ -449,11 +532,25 @@ def build_parser() -> argparse.ArgumentParser:
     offload.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
     _add_quantize_arguments(offload, low=True)
     offload.set_defaults(run=_cmd_offload)
-    tune = commands.add_parser("tune", help="tune the Triton experts kernels for a model's shapes (GPU)")
-    tune.add_argument("model", help="E,H,I,K; a transformers config.json or model folder; or zoo:<family>")
-    tune.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 128, 1024, 4096], help="token counts to tune at")
-    tune.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    tune.add_argument("--out", default=None, help="folder for the JSON (default: the package's kernels/configs)")
+    tune = commands.add_parser(
+        "tune",
+        help="measure kernel choices for a model's expert shapes: the Triton tiles (GPU), or with --cpu this "
+        "machine's CPU kernels and paths",
+        description="Without --cpu: tune the Triton experts kernels' tiles (GPU). With --cpu: measure, on this "
+        "machine, which CPU kernel runs each expert projection and, per row count, whether moepass's path or the "
+        "model's own grouped_mm GEMMs run the block, and cache it for every later compile (a first compile measures "
+        "what is missing within a short budget; this measures everything, with a larger one).",
+    )
+    tune.add_argument("model", help="E,H,I,K; a transformers config.json or model folder; zoo:<family>; with --cpu "
+                      "also bundled or module.py:factory")
+    tune.add_argument("--cpu", action="store_true", help="measure this machine's CPU kernels instead of Triton tiles")
+    tune.add_argument("--tokens", type=int, nargs="+", default=None,
+                      help="token counts to tune at (default Triton 1 16 128 1024 4096; --cpu 1 8 64 512 2048)")
+    tune.add_argument("--dtype", nargs="+", default=None, choices=["bfloat16", "float16", "float32"],
+                      help="default: Triton bfloat16; --cpu with E,H,I,K float32 and bfloat16, with a model its own")
+    tune.add_argument("--out", default=None, help="folder for the JSON (default: the package's kernels/configs; "
+                      "--cpu: the user's cache, $MOEPASS_CACHE_DIR or $XDG_CACHE_HOME/moepass)")
+    tune.add_argument("--seconds", type=float, default=None, help="--cpu: at most this long per block shape (default 120)")
     tune.add_argument("--quick", action="store_true", help="a few configs only (smoke runs)")
     tune.set_defaults(run=_cmd_tune)
     return parser

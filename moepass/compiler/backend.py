@@ -15,7 +15,8 @@ order (:func:`optimize_graph`; the state they share is
 5. plan stages  — change how rewritten blocks' experts run (:mod:`moepass.compiler.plan`):
    ``quantize`` (int8 / int4 experts; its ``quantize_inputs`` stage runs before validation,
    to give it weights an earlier compile released), ``offload`` (weights in an expert store;
-   its ``offload_inputs`` stage likewise);
+   its ``offload_inputs`` stage likewise), ``cpu_kernels`` (what the CPU lowering runs for
+   each block on this machine, measured where no table holds it);
 6. ``finish``   — lint and recompile the graph;
 
 then the report records what was found and done (:mod:`moepass.runtime.report`)
@@ -32,6 +33,7 @@ import torch
 import torch.fx as fx
 
 from moepass.compiler.options import BackendOptions
+from moepass.compiler.plan.cpu_kernels import KERNEL_CHOICES, cpu_kernels_stage
 from moepass.compiler.plan.offload import offload_inputs_stage, offload_stage
 from moepass.compiler.plan.quantize import has_standins, quantize_inputs_stage, quantize_stage
 from moepass.compiler.stages import (
@@ -71,6 +73,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("rewrite", rewrite_stage),
     Stage("quantize", quantize_stage, enabled=_quantizing),
     Stage("offload", offload_stage, enabled=_offloading),
+    Stage("cpu_kernels", cpu_kernels_stage, enabled=lambda options: not _offloading(options)),
     Stage("finish", finish_stage),
 )
 
@@ -92,16 +95,20 @@ def optimize_graph(
     example_inputs: list[Any],
     options: BackendOptions,
     differentiable: bool | None = None,
+    kernel_choices: bool = True,
 ) -> tuple[fx.GraphModule, list[BlockReport]]:
     """Run :data:`STAGES` over one dynamo graph, in place; returns it and its blocks' reports.
 
     ``differentiable`` chooses the experts' form: the split form with autograd
     formulas (True) or the fused op (False); None decides from the grad mode
-    and the inputs (:func:`graph_needs_gradients`).
+    and the inputs (:func:`graph_needs_gradients`).  ``kernel_choices``: run
+    the ``cpu_kernels`` stage (look up, or measure, what the CPU lowering runs
+    for each block); exporters, whose experts run elsewhere, say False.
     """
     if differentiable is None:
         differentiable = graph_needs_gradients(example_inputs)
     state = GraphState(gm=gm, example_inputs=example_inputs, options=options, differentiable=differentiable)
+    state.scratch[KERNEL_CHOICES] = kernel_choices
     run_stages(state, STAGES)
     return state.gm, [block.report for block in state.blocks]
 

@@ -22,6 +22,13 @@ cpu_prepack CPU lowering: run bfloat16 experts on copies     ``"auto"``
            in half the available memory) | ``on`` | ``off``
            (or True / False); see
            :mod:`moepass.lowering.cpu_packed`
+cpu_tuning CPU lowering: measure this machine's kernel     ``"auto"``
+           and path choices for a block shape no table
+           holds: ``auto`` (at most
+           :data:`~moepass.lowering.cpu_tuning.DEFAULT_BUDGET`
+           seconds per shape, or what ``$MOEPASS_TUNING``
+           says) | ``off`` | seconds; see
+           :mod:`moepass.lowering.cpu_tuning`
 experts_dtype quantize the routed experts at compile time:   ``None``
            ``int8`` (per output channel) | ``int4`` (per
            group); see :mod:`moepass.compiler.plan.quantize`
@@ -44,6 +51,7 @@ from typing import Any, Mapping
 
 from moepass.policies import POLICIES, Policy, PolicyError, make_policy
 from moepass.runtime.ops import CPU_PREPACK, LOWERINGS
+from moepass.runtime.tuning import TuningError, tuning_budget
 
 __all__ = ["BackendOptions", "OptionsError", "INNER_COMPILERS"]
 
@@ -69,6 +77,8 @@ class BackendOptions:
     offload: Any = None
     #: Pre-packed bfloat16 expert weights on CPU: ``auto`` | ``on`` | ``off``.
     cpu_prepack: str = "auto"
+    #: Measuring the CPU lowering's choices on first compile: ``auto`` | ``off`` | seconds.
+    cpu_tuning: Any = "auto"
     #: Quantized experts (:class:`moepass.quantize.QuantScheme`), or None: the experts stay as they are.
     quantize: Any = None
     #: What happens to the float expert weights once quantized: ``keep`` | ``release``.
@@ -78,7 +88,7 @@ class BackendOptions:
     quantized_form: str = "auto"
 
     _BACKEND_KEYS = (
-        "policy", "inner", "lowering", "validate", "stats", "offload", "cpu_prepack",
+        "policy", "inner", "lowering", "validate", "stats", "offload", "cpu_prepack", "cpu_tuning",
         "experts_dtype", "group_size", "experts_float",
     )
 
@@ -128,6 +138,13 @@ class BackendOptions:
             raise OptionsError(
                 f"option 'cpu_prepack' must be one of {', '.join(CPU_PREPACK)} (or True / False), got {cpu_prepack!r}"
             )
+        cpu_tuning = backend.get("cpu_tuning", "auto")
+        if isinstance(cpu_tuning, bool):
+            cpu_tuning = "auto" if cpu_tuning else "off"
+        try:
+            tuning_budget(cpu_tuning, 1.0)
+        except TuningError as error:
+            raise OptionsError(f"option 'cpu_tuning': {error}") from None
         quantize, experts_float = _parse_quantize(backend, lowering)
         return cls(
             policy=policy,
@@ -138,6 +155,7 @@ class BackendOptions:
             mode=mode,
             offload=offload,
             cpu_prepack=cpu_prepack,
+            cpu_tuning=cpu_tuning,
             quantize=quantize,
             experts_float=experts_float,
         )

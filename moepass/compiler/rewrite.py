@@ -66,6 +66,8 @@ class BlockRewrite:
     #: Write the experts in their split form (expert_rows → experts_up →
     #: expert_activation → experts_down), whose pieces have autograd formulas.
     differentiable: bool = False
+    #: The expert weights as tensors, once :func:`validate_rewrite` has resolved them (for tuning).
+    weight_values: dict[str, torch.Tensor | None] | None = None
 
 
 def _stack_modules(nodes: Any, env: dict[fx.Node, Any], dim_cat: int = 1) -> torch.Tensor | None:
@@ -178,6 +180,7 @@ def validate_rewrite(gm: fx.GraphModule, flow: Dataflow, plan: BlockRewrite, env
             actual = _dense(ids, weights, router.spec.num_experts)
             return relative_error(actual, expected)
         w = {k: _value(v, local) for k, v in plan.weights.items()}
+        plan.weight_values = w
         x2d = local[match.experts.x_input].reshape(-1, match.spec.experts.hidden_size)
         quiet = dataclasses.replace(plan.experts_config, collect_stats=False)  # random inputs are not traffic
         run = split_experts if plan.differentiable else torch.ops.moepass.experts

@@ -349,7 +349,7 @@ def export_genai(
     prepared, _ = prepare_generation_export(model, opset=options.opset, layout=layout, policy=policy,
                                             **backend_options)
     onnx_model, blocks = prepared.lower(target, options.ort_fallback, options.ort_layout, in_place=True,
-                                        provider=options.provider)
+                                        provider=options.provider, ort_tuning=options.ort_tuning)
     _name_axes(onnx_model, layout)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))

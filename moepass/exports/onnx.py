@@ -64,9 +64,19 @@ class OnnxExportOptions:
             0, which ORT's CPU kernel skips), ``buckets`` (one call per k),
             ``slots`` (k = 1 per kept slot: no work for dropped slots on any
             provider), ``gemm`` (one Gemm pair per expert, weights pre-packed
-            once by ONNX Runtime; float32), or ``auto``: the default for the
-            provider and each block's expert size
-            (:func:`moepass.lowering.onnx.default_ort_layout`).
+            once by ONNX Runtime; float32), ranges of them by token count
+            (``{1: "masked", 64: "gemm"}``: the function switches on the
+            token count), or ``auto``: for the CPU provider, the fastest layout
+            per token-count range measured in ONNX Runtime on *this* machine
+            (:mod:`moepass.lowering.onnx.layout_tuning`; cached per machine),
+            else the fixed default for the provider and each block's expert
+            size (:func:`moepass.lowering.onnx.default_ort_layout`).  The
+            choice is the exporting machine's: re-export on (or name the
+            layout for) another kind of CPU.
+        ort_tuning: how long ``auto`` may measure each block variant's layouts:
+            ``auto`` (:data:`moepass.lowering.onnx.layout_tuning.DEFAULT_BUDGET`
+            seconds, or what ``$MOEPASS_TUNING`` says), ``off`` (the fixed
+            default), or seconds.
         provider: the ONNX Runtime execution provider the model is meant
             for, ``cpu`` or ``cuda``: it picks the ``auto`` layout (and, for
             :func:`moepass.export_genai`, the genai_config's provider).  The
@@ -81,7 +91,8 @@ class OnnxExportOptions:
 
     opset: int = 18
     ort_fallback: str = "portable"
-    ort_layout: str = "auto"
+    ort_layout: Any = "auto"
+    ort_tuning: Any = "auto"
     provider: str = "cpu"
     check: bool = True
     verify: bool = True
@@ -108,6 +119,8 @@ class OnnxExport:
         for block in self.blocks:
             note = f"  [{block.fallback_reason}]" if block.fallback_reason else ""
             lines.append(f"  {block.path or '<root>'}: {block.routing}; experts via {block.experts}{note}")
+            if getattr(block, "layout", ""):
+                lines.append(f"    layout: {block.layout}")
         if self.max_error is not None:
             lines.append(f"ONNX Runtime vs torch on the example: max relative error {self.max_error:.1e}")
         return "\n".join(lines)
@@ -123,16 +136,24 @@ class PreparedExport:
     blocks: list[BlockReport]
     policy: str
 
-    def lower(self, target: str = "ort", ort_fallback: str = "portable", ort_layout: str = "auto",
-              in_place: bool = False, provider: str = "cpu"):
+    def lower(self, target: str = "ort", ort_fallback: str = "portable", ort_layout: Any = "auto",
+              in_place: bool = False, provider: str = "cpu", ort_tuning: Any = "off"):
         """The model with every block defined for ``target``; returns (ModelProto, blocks).
 
         A copy unless ``in_place`` (which saves a copy of the weights, and can be done once).
+        ``ort_tuning`` (``auto`` | ``off`` | seconds): whether ``ort_layout="auto"``
+        measures the layouts on this machine (:class:`OnnxExportOptions`).
         """
         from moepass.lowering.onnx import define_blocks
+        from moepass.lowering.onnx.layout_tuning import DEFAULT_BUDGET
+        from moepass.runtime.tuning import TuningError, tuning_budget
 
+        try:
+            budget = tuning_budget(ort_tuning, DEFAULT_BUDGET)
+        except TuningError as error:
+            raise OnnxExportError(f"ort_tuning: {error}") from None
         model = self.model if in_place else copy.deepcopy(self.model)
-        blocks = define_blocks(model, target, ort_fallback, ort_layout, provider)
+        blocks = define_blocks(model, target, ort_fallback, ort_layout, provider, budget)
         return model, blocks
 
     def reference(self) -> list[torch.Tensor]:
@@ -206,7 +227,7 @@ def _rewrite_captured(captured, model_name: str, options: BackendOptions) -> tup
     from moepass.lowering.onnx import fuse_blocks
 
     options = dataclasses.replace(options, quantized_form="plain")  # quantized experts keep the portable layout
-    gm, reports = optimize_graph(captured.gm, list(captured.args), options, differentiable=False)
+    gm, reports = optimize_graph(captured.gm, list(captured.args), options, differentiable=False, kernel_choices=False)
     if not reports:
         logger.warning("moepass: no MoE block found in %s; exporting it as it is", model_name)
     _check_rewritten(reports)
@@ -362,7 +383,7 @@ def export_onnx(
         model, example_inputs, dynamic_shapes=dynamic_shapes, opset=options.opset, policy=policy, **backend_options
     )
     onnx_model, blocks = prepared.lower(target, options.ort_fallback, options.ort_layout, in_place=True,
-                                        provider=options.provider)
+                                        provider=options.provider, ort_tuning=options.ort_tuning)
     result = OnnxExport(path, target, prepared.policy, prepared.captured.input_names, prepared.captured.output_names,
                         blocks)
     with _staged(path) as staged:

@@ -8,13 +8,20 @@
                   h[rows of e] = xs[rows of e] W1[e]ᵀ     for every expert e with rows, then
                   a = act(h)                              once over all rows (in place), then
                   y[rows of e] = a[rows of e] W2[e]ᵀ     for every expert e with rows
-                                    (each projection token-major, weight-major or gemv:
-                                    lowering/cpu_kernels.py picks from a measured table
-                                    by rows, dtype and shape)
+                                    (each projection token-major, weight-major, gemv or
+                                    oneDNN: lowering/cpu_choice.py picks from a table
+                                    measured on this machine, by rows, dtype and shape)
                   y[S] = 0          the row every empty slot reads
                   g = y[row of each slot]                           [T, K, H], token order
                   out[t] = Σ_j w[t,j] · g[t,j]                      one batched product,
                                                                     float32 accumulation
+
+That is the ``moepass`` path.  At a row count where it does not beat the
+path the model already had on this machine (the ``grouped_mm`` path: both
+projections as ``torch._grouped_mm`` over the same sorted rows — the GEMMs of
+transformers' default experts implementation), the op takes that path
+instead: :func:`moepass.lowering.cpu_choice.choose_path` reads the choice per
+row count from the machine's table.
 
 The projections run phase by phase (all first projections, then all second
 ones) rather than expert by expert: in float32 on the CI machine, alternating
@@ -32,12 +39,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from moepass.lowering.cpu_kernels import activate_inplace, choose_kernel, project
+
+from moepass.compiler.spec import ExpertsSpec
+from moepass.lowering.cpu_choice import block_key, choose_kernel, choose_path
+from moepass.lowering.cpu_kernels import activate_inplace, project
 from moepass.lowering.cpu_packed import packed_matrix, packing_allowed
 from moepass.lowering.grouped import accumulation_dtype, token_ordered
 from moepass.lowering.workspace import scratch
-
-from moepass.compiler.spec import ExpertsSpec
 from moepass.runtime.stats import note_gemm_rows
 
 __all__ = [
@@ -184,13 +192,71 @@ def second_projection(a, y, counts, w2, b2, spec: ExpertsSpec, prepack: str = "o
     _project_experts(a, y, counts, w2, b2, spec, prepack, note=True)
 
 
-def experts_forward(x, ids, weights, w1, w2, b1, b2, spec: ExpertsSpec, prepack: str = "auto") -> torch.Tensor:
+def _grouped_mm_works(dtype: torch.dtype) -> bool:
+    """Whether this torch runs ``torch._grouped_mm`` on CPU tensors of ``dtype`` (checked once per dtype)."""
+    known = _GROUPED_MM.get(dtype)
+    if known is None:
+        try:
+            a, b = torch.ones(3, 2, dtype=dtype), torch.ones(2, 2, 4, dtype=dtype)
+            known = torch._grouped_mm(a, b, offs=torch.tensor([1, 3], dtype=torch.int32)).shape == (3, 4)
+        except (AttributeError, RuntimeError, TypeError, NotImplementedError):
+            known = False
+        _GROUPED_MM[dtype] = known
+    return known
+
+
+_GROUPED_MM: dict[torch.dtype, bool] = {}
+
+
+def _grouped_projection(inputs, counts, weight, bias, spec: ExpertsSpec) -> torch.Tensor:
+    """[rows, out]: every expert's rows times its matrix in one ``torch._grouped_mm`` (a loop of ``mm``
+    per expert where this torch has none for the dtype: transformers' own fallback)."""
+    operand = weight if spec.transposed else weight.transpose(1, 2)  # [E, in, out]
+    if _grouped_mm_works(inputs.dtype) and inputs.shape[0]:
+        offsets = torch.from_numpy(np.cumsum(counts, dtype=np.int32))
+        result = torch._grouped_mm(inputs, operand, offs=offsets)
+    else:
+        result = inputs.new_empty(inputs.shape[0], operand.shape[2])
+        start = 0
+        for expert, count in enumerate(counts):
+            if count:
+                torch.mm(inputs[start:start + count], operand[expert], out=result[start:start + count])
+                start += count
+    if bias is not None:
+        row_expert = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+        result += bias.index_select(0, row_expert)
+    return result
+
+
+def _grouped_path(x, weights, w1, w2, b1, b2, spec: ExpertsSpec, plan: SlotPlan) -> torch.Tensor:
+    """The experts op on the ``grouped_mm`` path: the same plan and combine, GEMMs by ``torch._grouped_mm``."""
+    xs = gather_rows(x, weights, plan, spec)
+    h = _grouped_projection(xs, plan.counts, w1, b1, spec)
+    a = activate_inplace(h, spec)
+    y = expert_outputs(x.shape[1], plan, x.dtype)
+    y[: plan.rows] = _grouped_projection(a, plan.counts, w2, b2, spec)
+    for count in plan.counts:
+        if count:
+            note_gemm_rows(count)
+    return combine_rows(y, weights, plan, spec)
+
+
+def experts_forward(x, ids, weights, w1, w2, b1, b2, spec: ExpertsSpec, prepack: str = "auto",
+                    path: str | None = None) -> torch.Tensor:
     """The experts op on CPU tensors (any float dtype; combine accumulates in float32).
 
     ``prepack``: whether bfloat16 expert weights run on copies pre-packed for
     oneDNN (``auto`` | ``on`` | ``off``, see :mod:`moepass.lowering.cpu_packed`).
+    ``path``: ``moepass`` or ``grouped_mm``; None takes the one the machine's
+    table gives for this call's row count (:func:`moepass.lowering.cpu_choice.choose_path`).
     """
     plan = plan_slots(ids, spec.num_experts)
+    if path is None:
+        packed = not spec.transposed and packing_allowed(w1, prepack)
+        n1 = w1.shape[2] if spec.transposed else w1.shape[1]
+        path = choose_path(block_key(spec, x.dtype, n1, packed), plan.rows)
+    if path == "grouped_mm":
+        return _grouped_path(x, weights, w1, w2, b1, b2, spec, plan)
     xs = gather_rows(x, weights, plan, spec)
     h = first_projection(xs, plan.counts, w1, b1, spec, prepack)
     a = activate_inplace(h, spec)

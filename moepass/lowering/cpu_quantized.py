@@ -48,7 +48,8 @@ import torch
 
 from moepass.compiler.spec import ExpertsSpec
 from moepass.lowering.cpu import combine_rows, expert_outputs, gather_rows, plan_slots
-from moepass.lowering.cpu_kernels import activate_inplace, choose_kernel, project
+from moepass.lowering.cpu_choice import choose_kernel
+from moepass.lowering.cpu_kernels import activate_inplace, project
 from moepass.lowering.workspace import scratch
 from moepass.quantize.layout import (
     QuantizedWeight,
@@ -226,14 +227,18 @@ def choose_quantized_kernel(scheme: QuantScheme, form: str, rows: int, out_featu
                             dtype: torch.dtype) -> str:
     """The kernel (:data:`QUANTIZED_KERNELS`) for one projection of ``rows`` rows.
 
-    The one place the choice is made: a heuristic until the machine-keyed
-    tables of the CPU tuning (issue 21) measure it per machine.  The ATen
-    kernels run up to :data:`ATEN_UP_TO_ROWS` rows; beyond, the weights are
-    dequantized and a float GEMM runs.
+    The one place the choice is made: this machine's measured table
+    (:mod:`moepass.lowering.cpu_quantized_tuning`, family ``cpu_quantized``),
+    else a heuristic — the ATen kernels up to :data:`ATEN_UP_TO_ROWS` rows;
+    beyond, the weights are dequantized and a float GEMM runs.
     """
-    del out_features, in_features, dtype  # the measured table will key on them
     if form != "aten_cpu":
         return "dequant"
+    from moepass.lowering.cpu_quantized_choice import chosen_kernel
+
+    measured = chosen_kernel(scheme, dtype, out_features, in_features, rows)
+    if measured is not None:
+        return measured
     return "aten" if rows <= ATEN_UP_TO_ROWS[scheme.bits] else "dequant"
 
 
@@ -248,8 +253,10 @@ def _run_aten(scheme: QuantScheme, operands: list[torch.Tensor], expert: int, xs
 
 
 def _project_quantized(inputs: torch.Tensor, outputs: torch.Tensor, counts: list[int], operands: list[torch.Tensor],
-                       bias: torch.Tensor | None, scheme: QuantScheme, form: str, note: bool) -> None:
-    """outputs[rows of e] = inputs[rows of e] · deq(W[e])ᵀ (+ b[e]) for every expert e with rows."""
+                       bias: torch.Tensor | None, scheme: QuantScheme, form: str, note: bool,
+                       kernel: str | None = None) -> None:
+    """outputs[rows of e] = inputs[rows of e] · deq(W[e])ᵀ (+ b[e]) for every expert e with rows
+    (``kernel`` forces one, for measuring)."""
     _, out_features, in_features = operand_shape(operands, form, scheme)
     dtype = inputs.dtype
     start = 0
@@ -257,8 +264,8 @@ def _project_quantized(inputs: torch.Tensor, outputs: torch.Tensor, counts: list
         if not count:
             continue
         rows = slice(start, start + count)
-        kernel = choose_quantized_kernel(scheme, form, count, out_features, in_features, dtype)
-        if kernel == "aten":
+        chosen = kernel or choose_quantized_kernel(scheme, form, count, out_features, in_features, dtype)
+        if chosen == "aten":
             result = _run_aten(scheme, operands, expert, inputs[rows], in_features)
             if bias is not None:
                 result = result.add_(bias[expert].to(result.dtype))

@@ -145,6 +145,9 @@ def _facts(inspection: InspectionReport, block: BlockReport) -> str:
         facts.append(("note", note))
     if block.validation_error is not None:
         facts.append(("checked", f"max relative error {block.validation_error:.1e} against the original block"))
+    if block.cpu_kernels is not None:
+        facts.append(("CPU lowering", f"{block.cpu_kernels.machine}: " + "; ".join(
+            line.strip() for line in block.cpu_kernels.lines())))
     run = inspection.run(block.path)
     if run is not None:
         facts.append(("tokens", str(run.tokens)))

@@ -261,6 +261,11 @@ def _block_text(inspection: InspectionReport, block: BlockReport) -> list[str]:
         fact("note", note)
     if block.validation_error is not None:
         fact("checked", f"max relative error {block.validation_error:.1e} against the original block")
+    if block.cpu_kernels is not None:
+        first, *rest = block.cpu_kernels.lines()
+        fact("CPU", f"{first} ({block.cpu_kernels.machine})")
+        for line in rest:
+            fact("", line.strip())
     run = inspection.run(block.path)
     if run is None:
         if inspection.example:

@@ -119,6 +119,10 @@ class BlockReport:
     #: that frame, and :func:`report` recovers its full path from the model.
     anchor: Any = field(default=None, repr=False, compare=False)
     anchor_name: str = ""
+    #: What the CPU lowering runs for this block on this machine and why
+    #: (:class:`moepass.lowering.cpu_tuning.BlockKernels`: the path per row-count
+    #: range with the measured times), None off the CPU lowering.
+    cpu_kernels: Any = field(default=None, repr=False, compare=False)
 
     @property
     def reason_code(self) -> str:
@@ -194,6 +198,7 @@ class Report:
                     "policy": b.policy,
                     "validation_error": b.validation_error,
                     "notes": b.notes,
+                    "cpu_kernels": b.cpu_kernels.to_dict() if b.cpu_kernels is not None else None,
                 }
                 for b in self.blocks
             ],
@@ -240,6 +245,11 @@ class Report:
         lines.append(fmt(header))
         lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 16)
         lines.extend(fmt(r) for r in rows)
+        paths = [b for b in self.blocks if b.cpu_kernels is not None]
+        if paths:
+            lines.extend(["", f"CPU lowering on {paths[0].cpu_kernels.machine}:"])
+            for b in paths:
+                lines.append(f"{b.display_path}: " + "\n  ".join(b.cpu_kernels.lines()))
         if self.offload is not None:
             lines.extend(["", *self.offload.report_lines()])
         return "\n".join(lines)

@@ -8,6 +8,9 @@ experts run, without touching what they compute:
 
 * :mod:`~moepass.compiler.plan.offload` — the experts read their weights from an
   expert store through a per-layer cache (``options={"offload": ...}``).
+* :mod:`~moepass.compiler.plan.cpu_kernels` — the CPU lowering's kernel and path
+  choices for this machine, looked up or measured (``options={"cpu_tuning": ...}``);
+  the graph is unchanged (the op reads the tables when it runs).
 
 Each stage checks its own change (the offload stage: the store holds the
 model's bytes, and the offloaded op equals the in-memory op on a random

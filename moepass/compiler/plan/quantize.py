@@ -74,6 +74,8 @@ _cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
 #: float weight without data → the QuantizedWeight it stands for: a weight ``experts_float="release"``
 #: freed, or a stand-in :func:`moepass.adapt_quantized_experts` made for a quantized checkpoint's experts
 _released: WeakIdKeyDictionary = WeakIdKeyDictionary()
+#: the stand-ins among them (the rest were released by ``experts_float="release"``)
+_standins: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def register_standin(tensor: torch.Tensor, layout: QuantizedWeight) -> None:
@@ -84,6 +86,7 @@ def register_standin(tensor: torch.Tensor, layout: QuantizedWeight) -> None:
     validation runs the original block on the layout dequantized.
     """
     _released[tensor] = layout
+    _standins[tensor] = True
 
 
 def has_standins() -> bool:
@@ -256,6 +259,13 @@ def _quantize_call(state: GraphState, call, scheme: QuantScheme | None, notes: l
     if state.options.quantized_form != "plain" and lowering == "cpu" and dtype in ATEN_DTYPES and all(aten_cpu_supported(scheme, lay.shape[2]) for lay in layouts):
         form = "aten_cpu"
     operands = [_operands(w, lay, form, dtype) for w, lay in zip((w1, w2), layouts)]
+    kernels = ""
+    if form == "aten_cpu":  # this machine's kernel choice per row count: its table, or measured now
+        from moepass.lowering.cpu_quantized_tuning import prepare_projection
+
+        found = {prepare_projection(scheme, ops, dtype, state.options.cpu_tuning, f"{path or '<root>'} {name}")
+                 for name, ops in zip(("w1", "w2"), operands)}
+        kernels = f"; kernels by row count: {', '.join(sorted(found))}"
     new_spec = dataclasses.replace(spec, transposed=False)
     qconfig = QuantizedExpertsConfig(dataclasses.replace(config, spec=new_spec), scheme, form)
     error = _check_against_dequantized(state, x, b1, b2, layouts, operands, qconfig, spec.num_experts)
@@ -275,11 +285,15 @@ def _quantize_call(state: GraphState, call, scheme: QuantScheme | None, notes: l
     remove_dead_nodes(gm.graph, set(replaced) | {n for n in (w1_node, w2_node) if isinstance(n, fx.Node) and n.op == "get_attr"})
     before = sum(w.numel() * w.element_size() for w in (w1, w2))
     after = sum(t.numel() * t.element_size() for ops in operands for t in ops)
-    if checkpoint:
+    if checkpoint and w1 in _standins:
         note = f"experts {scheme.describe()} ({form}) as the checkpoint stores them: {after / 1e6:.2f} MB"
+    elif checkpoint:
+        note = (f"experts {scheme.describe()} ({form}): {after / 1e6:.2f} MB; float weights released by an earlier "
+                "compile (experts_float='release')")
     else:
         note = f"experts {scheme.describe()} ({form}): {before / 1e6:.2f} MB → {after / 1e6:.2f} MB"
         note += _float_weights(state, (w1_node, w2_node), (w1, w2), layouts)
+    note += kernels
     if state.differentiable:
         note += "; frozen: the experts' float weights get no gradient"
     notes.append(note)

@@ -46,6 +46,7 @@ from moepass.lowering.onnx.experts_quantized import (
     qmoe_experts,
     qmoe_unsupported_reason,
 )
+from moepass.lowering.onnx.layout_tuning import choose_layouts, describe_plan
 from moepass.lowering.onnx.layouts import ORT_LAYOUTS, PROVIDERS, default_ort_layout
 from moepass.lowering.onnx.routing_graph import routing_graph, splice
 from moepass.lowering.onnx.translate import DOMAIN, OP_TYPE
@@ -79,6 +80,9 @@ class BlockFunction:
     experts: str
     #: Why a target-"ort" block runs its experts in standard ops, else "".
     fallback_reason: str = ""
+    #: Target "ort": which layout runs the experts at which token counts, and why (measured times,
+    #: the option that named it, or the fixed default); "" for target "portable".
+    layout: str = ""
 
 
 def block_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -99,8 +103,12 @@ def _attribute(node: onnx.NodeProto, name: str, default: str | None = None) -> s
 _WEIGHT_ROLES = frozenset(
     ["x", "logits", "w1", "w2", "b1", "b2"] + [f"{w}.{p}" for w in ("w1", "w2") for p in ("codes", "scales", "zeros")]
 )
-#: How experts run where the function imports ONNX Runtime's domain.
-_ORT_HOWS = (*MOE_LAYOUTS, "qmoe", "matmulnbits")
+#: How quantized experts run (:mod:`.experts_quantized`); the first two need ONNX Runtime's domain.
+_QUANTIZED_HOWS = ("qmoe", "matmulnbits", "dequantize")
+
+
+def _uses_ort(how: str) -> bool:
+    return bool(_layouts_of(how) & set(MOE_LAYOUTS)) or how in ("qmoe", "matmulnbits")
 
 
 def _value_types(model: onnx.ModelProto) -> dict[str, tuple[int, tuple]]:
@@ -152,8 +160,19 @@ def _describe_rule(route: RouteConfig) -> str:
     return f"{route.rule}({params}){bounds}"
 
 
+def _ranges_of(how: str) -> list[tuple[int, str]]:
+    """``ranges:1=masked,64=gemm`` → [(1, "masked"), (64, "gemm")]; a single layout → [(1, how)]."""
+    if not how.startswith("ranges:"):
+        return [(1, how)]
+    return [(int(start), layout) for start, _, layout in (part.partition("=") for part in how[7:].split(","))]
+
+
+def _layouts_of(how: str) -> set[str]:
+    return {layout for _, layout in _ranges_of(how)}
+
+
 def _describe_experts(route: RouteConfig, spec: ExpertsSpec, how: str, scheme: QuantScheme | None = None) -> str:
-    """How the experts run: ``how`` is ``portable`` or a layout of target ``ort``."""
+    """How the experts run: ``how`` is ``portable``, a layout of target ``ort``, or ranges of them."""
     if scheme is not None:
         kind = scheme.describe()
         if how == "qmoe":
@@ -161,6 +180,14 @@ def _describe_experts(route: RouteConfig, spec: ExpertsSpec, how: str, scheme: Q
         if how == "matmulnbits":
             return f"MatMulNBits pair per expert ({kind})"
         return f"DequantizeLinear + Gemm per expert ({kind})"
+    if how.startswith("ranges:"):
+        ranges = _ranges_of(how)
+        parts = []
+        for index, (start, layout) in enumerate(ranges):
+            end = ranges[index + 1][0] - 1 if index + 1 < len(ranges) else None
+            span = f"{start}+ tokens" if end is None else f"{start}–{end} tokens"
+            parts.append(f"{span}: {_describe_experts(route, spec, layout)}")
+        return "; ".join(parts)
     if how == "portable":
         return "standard ops"
     if how == "gemm":
@@ -219,12 +246,17 @@ def zero_compute_term(b: NodeBuilder, x: str, ids: str, weights: str, spec: Expe
 class _Definer:
     """Builds (and shares) the function of each block variant."""
 
-    def __init__(self, model: onnx.ModelProto, target: str, fallback: str, layout: str, provider: str):
+    def __init__(self, model: onnx.ModelProto, target: str, fallback: str, layout, provider: str,
+                 budget: float | None = None):
         self.model = model
         self.target = target
         self.fallback = fallback
         self.layout = layout
         self.provider = provider
+        #: Seconds a block variant's layouts may be measured for (None: never; ``auto`` is the fixed default).
+        self.budget = budget
+        #: variant → (its layout plan, how it was chosen), so identical blocks are measured once
+        self.choices: dict[str, tuple[tuple[tuple[int, str], ...], str]] = {}
         self.opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
         self.types = _typed_values(model, block_nodes(model))
         self.functions: dict[str, onnx.FunctionProto] = {}
@@ -250,57 +282,75 @@ class _Definer:
         logits_type, _ = _type_of(self.types, node.input[1], node)
         quantization = _attribute(node, "quantization", "")
         scheme = QuantScheme.from_dict(json.loads(quantization)) if quantization else None
-        how, fallback_reason = self._how(shown, spec, x_type) if scheme is None else self._quantized_how(shown, spec, scheme)
         tensor_specs = tuple(
             (_route_tensor_shape(shown, role, _type_of(self.types, name, node)[1]), _type_of(self.types, name, node)[0])
             for name, role in zip(node.input, roles)
             if role not in _WEIGHT_ROLES
         )
-        key = json.dumps(
-            [_without_block(route), dataclasses.asdict(spec), roles, how, x_type, logits_type, tensor_specs, quantization],
+        variant = json.dumps(
+            [_without_block(route), dataclasses.asdict(spec), roles, x_type, logits_type, tensor_specs, quantization],
             sort_keys=True,
         )
+        if scheme is None:
+            how, fallback_reason, layout_note = self._how(shown, spec, x_type, node, route, logits_type, variant)
+        else:
+            (how, fallback_reason), layout_note = self._quantized_how(shown, spec, scheme), ""
+        key = json.dumps([variant, how])
         if key not in self.overloads:
             digest = hashlib.sha1(key.encode()).hexdigest()[:6]
-            tag = {"portable": "portable", "gemm": "gemm", "dequantize": "portable"}.get(how, "ort")
+            tag = {"portable": "portable", "gemm": "gemm", "dequantize": "portable"}.get(
+                how, "ranges" if how.startswith("ranges:") else "ort")
             overload = f"{route.rule}.{route.router.kind}.{tag}.{digest}"
             self.functions[overload] = self._function(overload, route, spec, roles, how, x_type, logits_type,
                                                       tensor_specs, scheme)
             self.overloads[key] = overload
         overload = self.overloads[key]
-        self.uses_ort |= how in _ORT_HOWS
+        self.uses_ort |= _uses_ort(how)
         experts = _describe_experts(route, spec, how, scheme)
         self._retarget(node, path, overload, route, experts)
-        return BlockFunction(path, overload, _describe_rule(route), experts, fallback_reason or "")
+        return BlockFunction(path, overload, _describe_rule(route), experts, fallback_reason or "", layout_note)
 
-    def _how(self, shown: str, spec: ExpertsSpec, x_type: int) -> tuple[str, str | None]:
-        """(``portable`` or the block's ``ort`` layout, why an ``ort`` block runs in standard ops or None)."""
+    def _how(self, shown: str, spec: ExpertsSpec, x_type: int, node: onnx.NodeProto, route: RouteConfig,
+             logits_type: int, variant: str) -> tuple[str, str | None, str]:
+        """(``portable``, the block's ``ort`` layout, or ``ranges:1=masked,64=gemm``; why an ``ort`` block runs
+        in standard ops, or None; how the layout was chosen)."""
         if self.target != "ort":
-            return "portable", None
-        layout = default_ort_layout(self.provider, spec, x_type) if self.layout == "auto" else self.layout
-        if layout == "gemm":
-            if x_type != FLOAT:
-                raise OnnxExportError(f"block {shown}: the gemm layout computes in float32, and this block is "
-                                      f"{onnx.TensorProto.DataType.Name(x_type)}; use another ort_layout")
-            return "gemm", None
+            return "portable", None, ""
         fallback_reason = unsupported_reason(spec)
-        if fallback_reason and self.fallback == "error":
-            raise OnnxExportError(
-                f"block {shown}: com.microsoft.MoE cannot run these experts exactly ({fallback_reason}); "
-                "use target='portable' or ort_fallback='portable'"
-            )
-        return ("portable" if fallback_reason else layout), fallback_reason
+        plan, note = self._plan(spec, x_type, node, route, logits_type, variant, fallback_reason)
+        resolved: list[tuple[int, str]] = []
+        for start, layout in plan:
+            if layout == "gemm":
+                if x_type != FLOAT:
+                    raise OnnxExportError(f"block {shown}: the gemm layout computes in float32, and this block is "
+                                          f"{onnx.TensorProto.DataType.Name(x_type)}; use another ort_layout")
+            elif fallback_reason:
+                if self.fallback == "error":
+                    raise OnnxExportError(
+                        f"block {shown}: com.microsoft.MoE cannot run these experts exactly ({fallback_reason}); "
+                        "use target='portable' or ort_fallback='portable'"
+                    )
+                layout = "portable"
+            if not resolved or resolved[-1][1] != layout:
+                resolved.append((start, layout))
+        reason = fallback_reason if any(layout == "portable" for _, layout in resolved) else None
+        if len(resolved) == 1:
+            return resolved[0][1], reason, note
+        return "ranges:" + ",".join(f"{start}={layout}" for start, layout in resolved), reason, note
 
     def _quantized_how(self, shown: str, spec: ExpertsSpec, scheme: QuantScheme) -> tuple[str, str | None]:
         """How quantized experts run: ``qmoe``, ``matmulnbits`` (target ort) or ``dequantize`` (portable)."""
         if self.target != "ort":
             return "dequantize", None
-        if self.layout in ("buckets", "slots"):
+        layout = self.layout
+        if not isinstance(layout, str):  # a plan: ((1, "gemm"),) names one layout, more entries are ranges
+            layout = layout[0][1] if len(layout) == 1 else "ranges of layouts"
+        if layout not in ("auto", "masked", "gemm"):
             raise OnnxExportError(
                 f"block {shown}: quantized experts export with ort_layout 'masked' (com.microsoft.QMoE, the default) "
-                f"or 'gemm' (MatMulNBits pairs), not {self.layout!r}"
+                f"or 'gemm' (MatMulNBits pairs), not {layout!r}"
             )
-        if self.layout == "gemm":
+        if layout == "gemm":
             return "matmulnbits", None
         reason = qmoe_unsupported_reason(spec, scheme)
         if reason and self.fallback == "error":
@@ -308,23 +358,62 @@ class _Definer:
                                   "use ort_layout='gemm' (MatMulNBits pairs) or ort_fallback='portable'")
         return ("matmulnbits" if reason else "qmoe"), reason
 
+    def _plan(self, spec: ExpertsSpec, x_type: int, node: onnx.NodeProto, route: RouteConfig, logits_type: int,
+              variant: str, fallback_reason: str | None) -> tuple[tuple[tuple[int, str], ...], str]:
+        """The layout per token-count range and how it was chosen: named by the caller, measured on this
+        machine (:mod:`.layout_tuning`), or the fixed default."""
+        if self.layout != "auto":
+            plan = _normalise_plan(self.layout)
+            return plan, f"{describe_plan(plan)} (named by ort_layout)"
+        if variant in self.choices:
+            return self.choices[variant]
+        default = ((1, default_ort_layout(self.provider, spec, x_type)),)
+        why = "the fixed default for the provider and expert size"
+        choice = None
+        if self.provider != "cpu":
+            why += f" (not measured: no {self.provider} device to measure on)"
+        elif self.budget is None:
+            why += " (not measured: tuning off)"
+        else:
+            native = logits_type == x_type and native_routing_reason(route.router, route.rule, spec) is None
+            moe = [] if fallback_reason else ["masked"] if (native or spec.weight_on_input) else list(MOE_LAYOUTS)
+            candidates = moe + (["gemm"] if x_type == FLOAT else [])
+            description = (f"{_describe_rule(route)} E={spec.num_experts} H={spec.hidden_size} "
+                           f"I={spec.intermediate_size} {spec.description}")
+            choice = choose_layouts(self.model, node, variant, candidates, self.fallback, x_type, logits_type,
+                                    spec.hidden_size, route.router.num_experts, self.budget, description,
+                                    define_blocks)
+            if choice is None:
+                why += " (not measured: fewer than two layouts apply, the inputs are not float32, or the block's " \
+                       "inputs beyond x and the logits are not initializers)"
+        result = (choice.plan, choice.describe()) if choice is not None else (default, f"{default[0][1]} ({why})")
+        self.choices[variant] = result
+        return result
+
     def _function(self, overload, route: RouteConfig, spec: ExpertsSpec, roles, how: str, x_type, logits_type,
                   tensor_specs, scheme: QuantScheme | None = None) -> onnx.FunctionProto:
         b = NodeBuilder(overload)
-        if how in MOE_LAYOUTS and logits_type == x_type and native_routing_reason(route.router, route.rule, spec) is None:
-            # the static MoE model onnxruntime-genai's builder writes: ORT routes from the logits itself
-            out = native_routing_experts(b, "x", "logits", "w1", "w2", "b1" if "b1" in roles else None,
-                                         "b2" if "b2" in roles else None, spec, route.router)
-            return self._finish(b, overload, route, spec, roles, how, out)
-        graph = routing_graph(_without_block(route), logits_type, x_type, spec.hidden_size, tensor_specs, self.opset)
-        tensor_roles = [r for r in roles if r not in _WEIGHT_ROLES]
-        route_inputs = ["logits", *(["x"] if route.uses_x else []), *tensor_roles]
-        routing = splice(graph, f"{overload}/route", route_inputs)
-        b.nodes.extend(routing.nodes)
-        ids, weights = routing.outputs
+        if how.startswith("ranges:"):
+            out = self._ranged(b, overload, route, spec, roles, _ranges_of(how), x_type, logits_type, tensor_specs)
+        else:
+            out = self._experts(b, overload, route, spec, roles, how, x_type, logits_type, tensor_specs, scheme)
+        return self._finish(b, overload, route, spec, roles, how, out)
+
+    def _experts(self, b: NodeBuilder, prefix: str, route: RouteConfig, spec: ExpertsSpec, roles, how: str, x_type,
+                 logits_type, tensor_specs, scheme: QuantScheme | None = None) -> str:
+        """Append the routing and the experts for one layout to ``b``; returns the output's name."""
         present = set(roles)
         b1 = "b1" if "b1" in present else None
         b2 = "b2" if "b2" in present else None
+        if how in MOE_LAYOUTS and logits_type == x_type and native_routing_reason(route.router, route.rule, spec) is None:
+            # the static MoE model onnxruntime-genai's builder writes: ORT routes from the logits itself
+            return native_routing_experts(b, "x", "logits", "w1", "w2", b1, b2, spec, route.router)
+        graph = routing_graph(_without_block(route), logits_type, x_type, spec.hidden_size, tensor_specs, self.opset)
+        tensor_roles = [r for r in roles if r not in _WEIGHT_ROLES]
+        route_inputs = ["logits", *(["x"] if route.uses_x else []), *tensor_roles]
+        routing = splice(graph, f"{prefix}/route", route_inputs)
+        b.nodes.extend(routing.nodes)
+        ids, weights = routing.outputs
         if scheme is not None:
             n1 = 2 * spec.intermediate_size if spec.gated else spec.intermediate_size
             operands = QuantizedOperands(list(roles), spec, scheme, n1)
@@ -346,14 +435,42 @@ class _Definer:
             out = portable_experts(b, "x", ids, weights, "w1", "w2", b1, b2, spec, x_type)
         if spec.zero_compute:
             out = b.op("Add", out, zero_compute_term(b, "x", ids, weights, spec, x_type))
-        return self._finish(b, overload, route, spec, roles, how, out)
+        return out
+
+    def _ranged(self, b: NodeBuilder, overload: str, route: RouteConfig, spec: ExpertsSpec, roles,
+                ranges: list[tuple[int, str]], x_type, logits_type, tensor_specs) -> str:
+        """The experts as an If chain on the token count: ``ranges[0]``'s layout below ``ranges[1]``'s
+        start, and so on; each branch routes and runs its experts itself (outer-scope x, logits, weights)."""
+        tokens = b.op("Gather", b.op("Shape", "x"), b.const(0, INT64), axis=0)  # scalar: T
+
+        def branch(position: int) -> onnx.GraphProto:
+            name = f"{overload}/{position}.{ranges[position][1]}"
+            inner = NodeBuilder(name)
+            if position == len(ranges) - 1:
+                out = self._experts(inner, name, route, spec, roles, ranges[position][1], x_type, logits_type,
+                                    tensor_specs)
+            else:
+                out = choose(inner, position)
+            inner.nodes.append(helper.make_node("Identity", [out], [f"{name}/y"], name=f"{name}/output"))
+            return helper.make_graph(inner.nodes, name, [], [helper.make_tensor_value_info(f"{name}/y", x_type, None)])
+
+        def choose(builder: NodeBuilder, position: int) -> str:  # ranges[position] or a later one
+            below = builder.op("Less", tokens, builder.const(ranges[position + 1][0], INT64))
+            first = f"{overload}/{position}.{ranges[position][1]}"
+            inner = NodeBuilder(first)
+            out = self._experts(inner, first, route, spec, roles, ranges[position][1], x_type, logits_type, tensor_specs)
+            inner.nodes.append(helper.make_node("Identity", [out], [f"{first}/y"], name=f"{first}/output"))
+            then = helper.make_graph(inner.nodes, first, [], [helper.make_tensor_value_info(f"{first}/y", x_type, None)])
+            return builder.op("If", below, then_branch=then, else_branch=branch(position + 1))
+
+        return choose(b, 0)
 
     def _finish(self, b: NodeBuilder, overload, route: RouteConfig, spec: ExpertsSpec, roles, how: str,
                 out: str) -> onnx.FunctionProto:
         """The block's function from the nodes in ``b`` whose output is ``out``."""
         b.nodes.append(helper.make_node("Identity", [out], ["y"], name=f"{overload}/output"))
         imports = [helper.make_opsetid("", self.opset)]
-        if how in _ORT_HOWS:
+        if _uses_ort(how):
             imports.append(helper.make_opsetid(ORT_DOMAIN, 1))
         function = helper.make_function(
             DOMAIN, OP_TYPE, roles, ["y"], b.nodes, imports, overload=overload,
@@ -364,7 +481,7 @@ class _Definer:
                 + {"portable": "standard ONNX ops.", "gemm": "one Gemm pair per expert (standard ONNX ops).",
                    "qmoe": "com.microsoft.QMoE (quantized).", "matmulnbits": "MatMulNBits pairs (quantized).",
                    "dequantize": "DequantizeLinear + Gemm (quantized, standard ONNX ops)."}.get(
-                    how, f"com.microsoft.MoE, layout {how}.")
+                    how, f"{_describe_experts(route, spec, how)}.")
             ),
         )
         return function
@@ -390,8 +507,30 @@ class _Definer:
             entry.key, entry.value = key, value
 
 
+def _normalise_plan(layout) -> tuple[tuple[int, str], ...]:
+    """A layout name, or {first token count: layout} ranges, as sorted ((start, layout), ...) from 1."""
+    if isinstance(layout, str):
+        ranges = {1: layout}
+    elif isinstance(layout, dict):
+        ranges = dict(layout)
+    elif isinstance(layout, (tuple, list)):
+        ranges = dict(layout)
+    else:
+        raise OnnxExportError(f"ort_layout {layout!r}: expected auto, a layout name or {{first token count: layout}}")
+    bad = [v for v in ranges.values() if v not in ORT_LAYOUTS]
+    if bad or not ranges:
+        raise OnnxExportError(f"unknown ORT layout {bad[0] if bad else layout!r}; expected auto or one of "
+                              f"{', '.join(ORT_LAYOUTS)} (or {{first token count: layout}} ranges of them)")
+    starts = sorted(ranges)
+    if any(not isinstance(start, int) or isinstance(start, bool) or start < 1 for start in starts) or starts[0] != 1:
+        raise OnnxExportError(f"ort_layout ranges {layout!r}: the first token counts must be integers ≥ 1, "
+                              "starting at 1")
+    return tuple((start, ranges[start]) for start in starts)
+
+
 def define_blocks(
-    model: onnx.ModelProto, target: str, fallback: str = "portable", layout: str = "auto", provider: str = "cpu"
+    model: onnx.ModelProto, target: str, fallback: str = "portable", layout="auto", provider: str = "cpu",
+    budget: float | None = None,
 ) -> list[BlockFunction]:
     """Give every AdaptiveMoE node of ``model`` a local function for ``target``, in place.
 
@@ -402,9 +541,14 @@ def define_blocks(
             exactly does: ``portable`` (standard ops inside its function) or ``error``.
         layout: for target ``ort``, how the experts run: ``masked``, ``buckets`` or
             ``slots`` (com.microsoft.MoE, :mod:`.experts_ort`), ``gemm`` (pre-packed
-            Gemm pairs, :mod:`.experts_gemm`), or ``auto``: the default for the
-            provider and the block's experts (:func:`.layouts.default_ort_layout`).
+            Gemm pairs, :mod:`.experts_gemm`), ranges of them by token count
+            (``{1: "masked", 64: "gemm"}``: an If on the token count), or
+            ``auto``: measured on this machine per token count when ``budget``
+            allows (:mod:`.layout_tuning`), else the default for the provider
+            and the block's experts (:func:`.layouts.default_ort_layout`).
         provider: ``cpu`` or ``cuda``, the execution provider the model is meant for.
+        budget: seconds ``auto`` may spend measuring each block variant's layouts in ONNX
+            Runtime on this machine (cached per machine); None never measures.
 
     Raises:
         OnnxExportError: naming the block that cannot be exported exactly, and why.
@@ -415,9 +559,9 @@ def define_blocks(
         raise OnnxExportError(f"unknown fallback {fallback!r}; expected one of {', '.join(FALLBACKS)}")
     if provider not in PROVIDERS:
         raise OnnxExportError(f"unknown provider {provider!r}; expected one of {', '.join(PROVIDERS)}")
-    if layout != "auto" and layout not in ORT_LAYOUTS:
-        raise OnnxExportError(f"unknown ORT layout {layout!r}; expected auto or one of {', '.join(ORT_LAYOUTS)}")
-    definer = _Definer(model, target, fallback, layout, provider)
+    if layout != "auto":
+        layout = _normalise_plan(layout)
+    definer = _Definer(model, target, fallback, layout, provider, budget)
     blocks = [definer.define(node) for node in block_nodes(model)]
     model.functions.extend(definer.functions.values())
     domains = {o.domain for o in model.opset_import}
@@ -429,5 +573,7 @@ def define_blocks(
     for block in blocks:
         if block.fallback_reason:
             logger.warning("moepass: %s runs its experts in standard ops: %s", block.path or "<root>", block.fallback_reason)
+        if block.layout:
+            logger.info("moepass: %s experts layout: %s", block.path or "<root>", block.layout)
     logger.info("defined %d MoE blocks with %d functions (target %s)", len(blocks), len(definer.functions), target)
     return blocks

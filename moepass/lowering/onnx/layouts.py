@@ -1,4 +1,4 @@
-"""Which experts layout a block of target ``ort`` gets: per execution provider and expert size.
+"""Which experts layout a block of target ``ort`` gets: the layouts, and the fixed default per provider.
 
 ::
 
@@ -11,7 +11,10 @@
     gemm       one pre-packed Gemm pair per expert (standard    nothing; no per-call weight re-packing
                ops; :mod:`.experts_gemm`)
 
-``auto`` (the default) picks, for ``provider``:
+``auto`` (the default) is measured on the exporting machine for the CPU
+provider (:mod:`.layout_tuning`: the fastest layout per token-count range, in
+ONNX Runtime, cached per machine).  Where it is not measured (tuning off, a
+CUDA provider, non-float32 inputs) it is this fixed default, for ``provider``:
 
 * ``cpu``: ``gemm`` for float32 experts of at least :data:`GEMM_MIN_EXPERT_BYTES`
   (the re-packing com.microsoft.MoE does on every call outweighs the ~15 small

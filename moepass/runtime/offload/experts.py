@@ -23,7 +23,8 @@ from __future__ import annotations
 import torch
 
 from moepass.lowering.cpu import combine_rows, expert_outputs, gather_rows, plan_slots
-from moepass.lowering.cpu_kernels import activate_inplace, choose_kernel, project
+from moepass.lowering.cpu_kernels import activate_inplace, project
+from moepass.lowering.cpu_choice import choose_kernel
 from moepass.lowering.workspace import scratch
 from moepass.runtime.offload.session import OffloadError, lookup
 from moepass.runtime.stats import note_gemm_rows
