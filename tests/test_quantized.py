@@ -283,3 +283,32 @@ def test_grad_mode_trains_everything_but_the_frozen_experts():
             checked += 1
     assert checked > 10
     assert "frozen" in " ".join(moepass.report(compiled).block("model.layers.0.mlp").notes)
+
+
+def test_kernel_choice_is_measured_per_machine_and_followed(tmp_path, monkeypatch):
+    """On first use the quantize stage measures ATen's kernel against dequantize + GEMM per row count
+    (family cpu_quantized of the machine-keyed tables); the op then runs what won, and a second lookup
+    measures nothing."""
+    from moepass.lowering import cpu_quantized
+    from moepass.lowering.cpu_quantized_tuning import prepare_projection
+    from moepass.runtime import tuning
+
+    monkeypatch.setenv("MOEPASS_CACHE_DIR", str(tmp_path))
+    tuning.forget_measured()
+    scheme = SCHEMES["int4g32"]
+    operands = to_aten_cpu(quantize_rtn(torch.randn(2, 64, 64), scheme), torch.bfloat16)
+    timed = []
+
+    def timer(label, names):  # ATen wins up to 4 rows, dequantizing from 16
+        timed.append(label)
+        rows = int(label.split()[-1])
+        return {"aten": 1e-3 * rows, "dequant": 1e-3 * (8 + rows / 4)}
+
+    with tuning.measurement_override(timer):
+        assert prepare_projection(scheme, operands, torch.bfloat16, 30.0, "test") == "measured now"
+        assert prepare_projection(scheme, operands, torch.bfloat16, 30.0, "test") != "measured now"
+    assert len(timed) == 5  # the rows of one measurement; the second call found the table
+    chosen = [cpu_quantized.choose_quantized_kernel(scheme, "aten_cpu", r, 64, 64, torch.bfloat16) for r in (1, 4, 15, 16, 999)]
+    assert chosen == ["aten", "aten", "aten", "dequant", "dequant"]
+    assert prepare_projection(scheme, operands, torch.bfloat16, "off", "test") == "measured earlier in this process"
+    tuning.forget_measured()

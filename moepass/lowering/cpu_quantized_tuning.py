@@ -82,4 +82,5 @@ def prepare_projection(scheme: QuantScheme, operands: list[torch.Tensor], dtype:
     _column.cache_clear()
     if not found:
         return "heuristic (not measured: tuning off)"
-    return f"{found.source} table" if found.source not in ("measured", "process") else "measured now"
+    return {"measured": "measured now", "process": "measured earlier in this process"}.get(
+        found.source, f"{found.source} table")
