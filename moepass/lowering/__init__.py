@@ -3,6 +3,8 @@
 ``run_experts`` picks one from the op's config: ``cpu`` (torch ops, the
 default off-GPU), ``triton`` (fused kernels, the default for CUDA tensors) or
 ``reference`` (a plain per-slot loop, the ground truth in tests).
+``run_quantized_experts`` does the same for ``moepass.quantized_experts``:
+``cpu_quantized`` (ATen's int8/int4 kernels) or the dequantized reference.
 """
 
 from __future__ import annotations

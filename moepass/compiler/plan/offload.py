@@ -21,6 +21,13 @@ stages of this module (see :data:`moepass.compiler.backend.STAGES`)::
     but offloaded experts ops, and refuses a graph that would read a released
     weight anywhere else.
 
+A store written quantized (``moepass offload --experts-dtype int4``) is checked
+against the model's weights quantized the same way (CRC-32 per expert), and its
+blocks' experts op becomes ``moepass.quantized_experts`` reading the codes from
+the store (checked on a random input against the store's codes dequantized);
+the store's quantization decides, and ``experts_dtype`` naming another is an
+error.
+
 A block that cannot be offloaded stays in memory, with the reason in its
 report's notes.
 """
