@@ -207,7 +207,7 @@ def part_offload(args, directory: Path) -> str:
     tokens = token_stream("random", 16 + args.offload_steps + 4)
     rows = []
     results = {}
-    for round_index in range(2):  # alternate the stores twice: the disk and the machine drift
+    for _ in range(2):  # alternate the stores twice: the disk and the machine drift
         for name, store in stores.items():
             torch._dynamo.reset()
             close_all()

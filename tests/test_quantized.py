@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import rel_err, token_ids
 from transformers import MixtralConfig, MixtralForCausalLM
 
 import moepass
-from conftest import rel_err, token_ids
 from moepass.compiler.spec import ExpertsSpec
 from moepass.lowering.cpu_quantized import dequantize_expert, to_aten_cpu
 from moepass.quantize import QuantizeError, QuantScheme, dequantize, parse_scheme, quantize_rtn

@@ -14,10 +14,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import rel_err, token_ids
 from transformers import GptOssConfig, GptOssForCausalLM, MixtralConfig, MixtralForCausalLM
 
 import moepass
-from conftest import rel_err, token_ids
 from moepass.quantize.adapters import AWQ_ORDER, from_torchao_int8
 from moepass.quantize.layout import dequantize
 

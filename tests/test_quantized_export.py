@@ -15,10 +15,10 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
+from conftest import token_ids  # noqa: E402
 from test_quantized import _dequantized_copy, _tiny_mixtral  # noqa: E402
 
 import moepass  # noqa: E402
-from conftest import token_ids  # noqa: E402
 from moepass.exports.onnx import OnnxExportError, prepare_export  # noqa: E402
 from moepass.quantize import parse_scheme  # noqa: E402
 

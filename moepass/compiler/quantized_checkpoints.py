@@ -180,7 +180,7 @@ def _read_gptq(module: nn.Module, path: str, checkpoint) -> tuple:
     if experts is None or not all(hasattr(e, p) for e in experts for p in ("gate_proj", "up_proj", "down_proj")):
         raise _Skip
     linears = {p: [_linear_tensors(getattr(e, p)) for e in experts] for p in ("gate_proj", "up_proj", "down_proj")}
-    first = getattr(experts[0], "down_proj")
+    first = experts[0].down_proj
     bits = int(getattr(first, "bits", 4))
     scales = linears["down_proj"][0]["scales"]
     awq = linears["down_proj"][0]["qweight"].shape[1] != scales.shape[1]  # AWQ packs along the outputs

@@ -53,7 +53,6 @@ from moepass.lowering.cpu_kernels import activate_inplace, project
 from moepass.lowering.workspace import scratch
 from moepass.quantize.layout import (
     QuantizedWeight,
-    dequantize,
     pack_int4,
     pack_int4_row_blocks,
     unpack_int4,

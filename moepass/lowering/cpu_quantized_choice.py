@@ -35,10 +35,15 @@ def _column(key: str, generation: int) -> tuple[tuple[int, ...], tuple[str, ...]
     return tuple(r for r, _ in rows), tuple(k for _, k in rows)
 
 
+@functools.lru_cache(maxsize=512)
+def _shape_column(scheme: QuantScheme, dtype: torch.dtype, out_features: int, in_features: int, generation: int):
+    return _column(projection_key(scheme, dtype, out_features, in_features), generation)
+
+
 def chosen_kernel(scheme: QuantScheme, dtype: torch.dtype, out_features: int, in_features: int,
                   rows: int) -> str | None:
     """The measured kernel for ``rows`` rows of this projection on this machine, or None (no entry)."""
-    column = _column(projection_key(scheme, dtype, out_features, in_features), tuning.generation())
+    column = _shape_column(scheme, dtype, out_features, in_features, tuning.generation())
     if column is None:
         return None
     counts, kernels = column

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from moepass.lowering.cpu_quantized import _project_quantized, operand_shape
-from moepass.lowering.cpu_quantized_choice import FAMILY, _column, projection_key
+from moepass.lowering.cpu_quantized_choice import FAMILY, _column, _shape_column, projection_key
 from moepass.quantize.scheme import QuantScheme
 from moepass.runtime import tuning
 
@@ -80,6 +80,7 @@ def prepare_projection(scheme: QuantScheme, operands: list[torch.Tensor], dtype:
         logger.warning("moepass: could not measure %s (%s): the heuristic choice runs", key, failure)
         return "heuristic (measurement failed)"
     _column.cache_clear()
+    _shape_column.cache_clear()
     if not found:
         return "heuristic (not measured: tuning off)"
     return {"measured": "measured now", "process": "measured earlier in this process"}.get(

@@ -39,11 +39,11 @@ round-off.
 from __future__ import annotations
 
 import numpy as np
-from moepass.lowering.onnx.builder import FLOAT, INT64, NodeBuilder
-from moepass.lowering.onnx.experts_ort import ORT_DOMAIN, _FLOOR, _interleave_index, _masked_logits
 from onnx import TensorProto
 
 from moepass.compiler.spec import ExpertsSpec
+from moepass.lowering.onnx.builder import FLOAT, INT64, NodeBuilder
+from moepass.lowering.onnx.experts_ort import _FLOOR, ORT_DOMAIN, _interleave_index, _masked_logits
 from moepass.quantize.scheme import QuantScheme
 
 __all__ = ["QUANTIZED_HOWS", "QuantizedOperands", "qmoe_unsupported_reason", "qmoe_experts", "matmulnbits_projector",
