@@ -1,13 +1,23 @@
 # The two set-up commands of the README.  torch is installed first, pinned to
-# the CPU wheel this machine caches, so nothing pulls CUDA wheels.
+# the CPU wheel this machine caches, so nothing pulls CUDA wheels; everything
+# else is constrained to constraints.txt, the versions the suite last passed
+# with (`make install LOCK=` installs from pyproject.toml's ranges instead).
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
+LOCK ?= constraints.txt
+CONSTRAIN = $(if $(LOCK),-c $(LOCK),)
 
-.PHONY: install demo test test-fast bench
+# make test-newest: a separate environment with torch pinned (never unpinned:
+# it would pull GBs of CUDA wheels) and the newest release of everything else.
+NEWEST_TORCH ?= torch==2.14.1
+NEWEST_VENV ?= .newest/venv
+NEWEST_WORKERS ?= 2
+
+.PHONY: install demo test test-fast bench lock test-newest
 
 install:
-	$(PYTHON) -m pip install -q "$(TORCH)"
-	$(PYTHON) -m pip install -q -e ".[test]"
+	$(PYTHON) -m pip install -q $(CONSTRAIN) "$(TORCH)"
+	$(PYTHON) -m pip install -q $(CONSTRAIN) -e ".[test]"
 
 demo: install
 	$(PYTHON) -m moepass.cli demo
@@ -22,3 +32,12 @@ test-fast:
 
 bench:
 	$(PYTHON) benchmarks/moe_block_cpu.py
+
+# Rewrite constraints.txt from this environment (after the suite passed in it).
+lock:
+	$(PYTHON) tools/lock.py
+
+# Build $(NEWEST_VENV) with the newest releases, run the zoo, make_traceable,
+# autograd and export tests there, write notes/compat-newest.md.
+test-newest:
+	$(PYTHON) tools/newest.py --venv "$(NEWEST_VENV)" --torch "$(NEWEST_TORCH)" --workers $(NEWEST_WORKERS)

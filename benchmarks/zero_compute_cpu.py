@@ -48,6 +48,7 @@ def build_block(dtype: torch.dtype, seed: int = 0) -> LongcatFlashMoE:
     config = LongcatFlashConfig(
         hidden_size=HIDDEN, expert_ffn_hidden_size=INTER, n_routed_experts=EXPERTS, zero_expert_num=ZERO,
         moe_topk=TOP_K, num_experts_per_tok=TOP_K, hidden_act="silu", routed_scaling_factor=1.0,
+        experts_implementation="eager",  # transformers >= 5.25 would run grouped_mm: the baseline is its loop
     )
     block = LongcatFlashMoE(config)
     generator = torch.Generator().manual_seed(seed)
@@ -63,8 +64,8 @@ def full_rows_variant(block: LongcatFlashMoE):
     experts = block.experts
     spec = ExpertsSpec(dispatch="moepass_op", num_experts=EXPERTS + ZERO, hidden_size=HIDDEN, intermediate_size=INTER)
     config = ExpertsConfig(spec=spec).to_json()
-    w1 = experts.gate_up_proj.detach().clone()  # [E+Z, 2I, H]: the Z extra rows stand for the identity experts
-    w1[EXPERTS:] = 0
+    # [E+Z, 2I, H]: the Z extra rows stand for the identity experts (transformers < 5.25 stores them, unused)
+    w1 = torch.cat([experts.gate_up_proj.detach()[:EXPERTS], experts.gate_up_proj.new_zeros(ZERO, 2 * INTER, HIDDEN)])
     w2 = torch.cat([experts.down_proj.detach(), experts.down_proj.new_zeros(ZERO, HIDDEN, INTER)])
     kinds = ",".join(["identity"] * ZERO)
 

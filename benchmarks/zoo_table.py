@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     outcomes = survey(
         args.families or None,
-        progress=lambda o: print(f"{o.family}: {o.outcome} ({o.seconds:.1f}s)", file=sys.stderr, flush=True),
+        progress=lambda o: print(f"{o.case}: {o.outcome} ({o.seconds:.1f}s)", file=sys.stderr, flush=True),
     )
     print(markdown_table(outcomes))
     counts = {}

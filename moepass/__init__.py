@@ -31,6 +31,7 @@ from moepass.reports.inspection import InspectionReport, inspect
 from moepass.runtime import ops as _ops  # noqa: F401  (registers torch.ops.moepass.*)
 from moepass.runtime import quantized_ops as _quantized_ops  # noqa: F401  (registers torch.ops.moepass.quantized_experts)
 from moepass.runtime.calibrate import calibrate
+from moepass.runtime.expert_parallel.transformers_ep import register_when_imported as _register_expert_parallel
 from moepass.runtime.report import BlockReport, Report, last_report, report
 
 __all__ = [
@@ -65,6 +66,9 @@ __all__ = [
     "policies",
     "report",
 ]
+
+# DistributedConfig(ep_implementation="moepass"): registered when transformers' EP module is imported
+_register_expert_parallel()
 
 #: Subpackages reached as attributes without their own import (``moepass.bundled.load_model()``
 #: after ``import moepass``), imported on first use: the bundled model's data and the zoo are

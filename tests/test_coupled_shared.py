@@ -121,11 +121,12 @@ def _gate_shared_by_first_pick(block) -> None:
 
 def test_shared_branch_that_reads_the_selection_order_is_left_alone():
     # top-3: CPU's unsorted top-2 of 8 comes out best first anyway, its top-3 mostly not
-    block = _inkling(num_experts_per_tok=3).model.layers[0].mlp
+    block = _inkling(num_experts_per_tok=3, n_shared_experts=1).model.layers[0].mlp  # one gamma: the first pick's
     _gate_shared_by_first_pick(block)
     x = torch.randn(1, 24, block.config.hidden_size, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        scores = F.linear(x.reshape(24, -1), block.gate.weight)[:, :-1].sigmoid() + block.gate.e_score_correction_bias
+        shared = block.gate.n_shared_experts
+        scores = F.linear(x.reshape(24, -1), block.gate.weight)[:, :-shared].sigmoid() + block.gate.e_score_correction_bias
         unsorted = torch.topk(scores, block.gate.top_k, dim=-1, sorted=False)[1]
     assert not torch.equal(unsorted, scores.topk(block.gate.top_k, dim=-1)[1])  # the premise: the order differs
     rec = Recorder()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 import torch
 from conftest import rel_err
 
@@ -17,11 +18,22 @@ def _experts_of(model, class_name):
     return [(path, m) for path, m in model.named_modules() if type(m).__name__ == class_name]
 
 
-def test_step37_experts_loop_is_made_traceable_and_rewritten_whole():
-    reference = tiny_family_model("step3p7")
-    model = tiny_family_model("step3p7")
+def _step37(**overrides):
+    """A tiny Step 3.7 whose experts are transformers' Python loop (``experts_implementation="eager"``)."""
+    return tiny_family_model("step3p7", experts_implementation="eager", **overrides)
+
+
+@pytest.mark.parametrize("clamped", [False, True], ids=["plain", "clamped"])
+def test_step37_experts_loop_is_made_traceable_and_rewritten_whole(clamped):
+    """Both of Step 3.7's layer forms: plain, and clamped (stepfun-ai/Step-3.7-Flash's layers 43-44), whose
+    activation make_traceable carries as a lifted program."""
+    overrides = {"text_config.swiglu_limits": [0.0, 7.0]} if clamped else {}
+    reference, model = _step37(**overrides), _step37(**overrides)
     changed = moepass.make_traceable(model)
     assert changed == [path for path, _ in _experts_of(model, "Step3p7Experts")] and len(changed) == 2
+    assert not changed.left
+    specs = [getattr(m, traceable.MARK) for _, m in _experts_of(model, "Step3p7Experts")]
+    assert [s.activation for s in specs] == (["silu", "lifted"] if clamped else ["silu", "silu"])
     inputs = family_inputs(model, 9)
     compiled = torch.compile(model, backend="adaptive_moe", options={"inner": "eager", "policy": "top_p", "p": 0.1})
     with torch.no_grad():
@@ -35,18 +47,91 @@ def test_step37_experts_loop_is_made_traceable_and_rewritten_whole():
     assert all(b.rewritten for b in report.blocks)
 
 
-def test_a_clamped_step37_layer_is_left_as_it_was(caplog):
+def test_make_traceable_is_a_no_op_where_the_experts_are_already_traceable():
+    """transformers >= 5.25 dispatches Step 3.7's experts through experts_implementation (grouped_mm by default)."""
     model = tiny_family_model("step3p7")
-    (first, clamped), (second, _) = _experts_of(model, "Step3p7Experts")
-    clamped.limit = 7.0  # Step 3.7 clamps the experts of two layers: not a plain gated activation
-    with caplog.at_level(logging.WARNING, logger="moepass.compiler.traceable"):
-        assert moepass.make_traceable(model) == [second]
-    assert "forward" not in vars(clamped) and f"left {first}" in caplog.text and "clamped at 7.0" in caplog.text
+    if traceable._experts_implementation(_experts_of(model, "Step3p7Experts")[0][1]) is None:
+        pytest.skip("this transformers' Step 3.7 experts are always a Python loop")
+    result = moepass.make_traceable(model)
+    assert result == [] and len(result.already) == 2 and not result.left
+
+
+def _swap_class(module, **members):
+    """Give ``module`` a class of the same name with ``members`` changed (a new transformers release)."""
+    module.__class__ = type(type(module).__name__, (type(module),), members)
+
+
+def _longcat_loop():
+    overrides = {}
+    from transformers.models.longcat_flash import modeling_longcat_flash
+
+    if hasattr(modeling_longcat_flash.LongcatFlashExperts.forward, "__wrapped__"):
+        overrides["experts_implementation"] = "eager"
+    return tiny_family_model("longcat_flash", **overrides)
+
+
+def _left_alone(model, path, caplog, expected_reason):
+    inputs = family_inputs(model, 7)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        with caplog.at_level(logging.WARNING, logger="moepass.compiler.traceable"):
+            result = moepass.make_traceable(model)
+        assert rel_err(model(**inputs).logits, expected) <= 1e-5  # the other layers may be made traceable
+    assert "forward" not in vars(model.get_submodule(path))  # this one is exactly as it was
+    assert path not in result and expected_reason in result.left[path], result.left
+    assert f"left {path}" in caplog.text and expected_reason in caplog.text
+    return result
+
+
+def test_a_renamed_attribute_leaves_the_module_as_it_was(caplog):
+    model = _longcat_loop()
+    experts = model.model.layers[1].mlp.experts
+    original = type(experts).forward
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):  # the same function, reading gate_up
+        self.gate_up_proj = self.gate_up
+        try:
+            return original(self, hidden_states, top_k_index, top_k_weights)
+        finally:
+            del self.gate_up_proj
+
+    experts.gate_up = experts.gate_up_proj
+    del experts.gate_up_proj
+    _swap_class(experts, forward=forward)
+    result = _left_alone(model, "model.layers.1.mlp.experts", caplog, "no attribute 'gate_up_proj'")
+    assert result == ["model.layers.0.mlp.experts"]  # the other layer is unaffected
+
+
+def test_an_extra_forward_argument_leaves_the_module_as_it_was(caplog):
+    model = _longcat_loop()
+    experts = model.model.layers[0].mlp.experts
+    original = type(experts).forward
+
+    def forward(self, hidden_states, top_k_index, top_k_weights, expert_scale=None):
+        return original(self, hidden_states, top_k_index, top_k_weights)
+
+    _swap_class(experts, forward=forward)
+    _left_alone(model, "model.layers.0.mlp.experts", caplog, "its forward takes (hidden_states, top_k_index, "
+                "top_k_weights, expert_scale)")
+
+
+def test_ids_remapped_inside_the_experts_leave_the_module_as_it_was(caplog):
+    """An experts module that remaps its ids (as LongCat's block does from 5.25) computes another function."""
+    model = _longcat_loop()
+    experts = model.model.layers[0].mlp.experts
+    original = type(experts).forward
+    num_experts = experts.gate_up_proj.shape[0]
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        return original(self, hidden_states, (top_k_index + 1) % num_experts, top_k_weights)
+
+    _swap_class(experts, forward=forward)
+    _left_alone(model, "model.layers.0.mlp.experts", caplog, "differs from its own forward")
 
 
 def test_a_module_whose_moepass_form_differs_is_left_as_it_was(monkeypatch, caplog):
     """The check make_traceable runs on every module: a wrong adapter cannot change the model."""
-    model = tiny_family_model("longcat_flash")
+    model = _longcat_loop()
     inputs = family_inputs(model, 7)
     with torch.no_grad():
         expected = model(**inputs).logits

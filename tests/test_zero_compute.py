@@ -8,6 +8,8 @@ replaces it with moepass ops so the backend sees (and rewrites) the block whole.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from conftest import gradients_after_backward, rel_err, traceable_and_reference
@@ -56,28 +58,54 @@ def test_zero_compute_op_matches_per_slot_reference_and_gradcheck(kinds):
     assert torch.autograd.gradcheck(function, leaves)
 
 
-def _longcat(seed=0):
-    return tiny_family_model("longcat_flash", seed=seed)
+def _longcat(seed=0, eager=False):
+    """A tiny LongCat-Flash; ``eager``: its experts as transformers' Python loop (the 5.24 form always is one)."""
+    overrides = {"experts_implementation": "eager"} if eager and _dispatches_experts() else {}
+    return tiny_family_model("longcat_flash", seed=seed, **overrides)
+
+
+def _dispatches_experts() -> bool:
+    """transformers >= 5.25: LongCat's experts go through ``experts_implementation`` (grouped_mm by default),
+    and the block remaps its identity slots onto real experts at weight 0 and adds their term itself."""
+    from transformers.models.longcat_flash import modeling_longcat_flash
+
+    return hasattr(modeling_longcat_flash.LongcatFlashExperts.forward, "__wrapped__")
 
 
 def test_make_traceable_keeps_the_function_and_is_idempotent():
-    model = _longcat()
+    model = _longcat(eager=True)
     inputs = family_inputs(model, 9)
     with torch.no_grad():
         expected = model(**inputs).logits
         changed = moepass.make_traceable(model)
-        assert changed == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
-        assert moepass.make_traceable(model) == []
+        assert changed == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"] and not changed.left
+        again = moepass.make_traceable(model)
+        assert again == [] and again.already == changed
         actual = model(**inputs).logits
     assert rel_err(actual, expected) <= 1e-5
 
 
-def test_longcat_is_rewritten_whole_and_identity_slots_cost_no_gemm_row():
-    config = _longcat().config
-    num_gemm, num_zero = config.n_routed_experts, config.zero_expert_num
-    reference = _longcat()
+def test_make_traceable_leaves_experts_that_are_already_traceable_alone():
+    """transformers >= 5.25 runs LongCat's experts through grouped_mm: the backend sees the block whole."""
+    if not _dispatches_experts():
+        pytest.skip("this transformers' LongCat experts are always a Python loop")
     model = _longcat()
-    moepass.make_traceable(model)
+    result = moepass.make_traceable(model)
+    assert result == [] and result.already == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    assert all("forward" not in vars(layer.mlp.experts) for layer in model.model.layers)
+
+
+@pytest.mark.parametrize("form", ["as_loaded", "made_traceable", "eager_made_traceable"])
+def test_longcat_is_rewritten_whole_and_identity_slots_cost_no_gemm_row(form):
+    """With and without make_traceable (a no-op where the experts are already traceable): every block whole,
+    exact, and GEMM rows only for slots on GEMM experts — identity slots (remapped onto real experts at
+    weight 0 by transformers >= 5.25) cost none, while the identity term stays the model's own."""
+    build = functools.partial(_longcat, eager=form == "eager_made_traceable")
+    config = build().config
+    num_gemm, num_zero = config.n_routed_experts, config.zero_expert_num
+    reference, model = build(), build()
+    if form != "as_loaded":
+        moepass.make_traceable(model)
     inputs = family_inputs(model, 13)
     compiled = torch.compile(model, backend="adaptive_moe", options={"inner": "eager", "stats": True})
     with torch.no_grad():
@@ -90,10 +118,14 @@ def test_longcat_is_rewritten_whole_and_identity_slots_cost_no_gemm_row():
     report = moepass.report(compiled)
     assert report.graphs == 1  # no graph break left
     assert [b.rewritten for b in report.blocks] == [True, True]
+    model_adds_identity_term = _dispatches_experts()
     for block in report.blocks:
-        assert block.dispatch == "moepass_op" and block.spec.experts.zero_compute == ("identity",) * num_zero
+        kinds = block.spec.experts.zero_compute
+        assert block.spec.experts.num_experts == num_gemm and len(kinds) == num_zero
+        # 5.25: the slots' weight is 0 on the experts' side ("zero"), their term the model's own ops
+        assert set(kinds) == ({"zero"} if model_adds_identity_term else {"identity"})
         ops = [op_name(n) for n in block.graph_after.nodes if n.op == "call_function"]
-        assert {"moepass::route", "moepass::experts", "moepass::zero_compute_experts"} <= set(ops)
+        assert {"moepass::route", "moepass::experts"} <= set(ops)
     counted = stats.routing_stats()
     gemm_slots = sum(k * n for s in counted.values() for k, n in enumerate(s.tokens_per_k))
     zero_slots = sum(s.zero_compute_slots for s in counted.values())
@@ -101,33 +133,69 @@ def test_longcat_is_rewritten_whole_and_identity_slots_cost_no_gemm_row():
     assert zero_slots > 0 and gemm_slots + zero_slots == 2 * tokens * config.num_experts_per_tok
     assert sum(rows) == gemm_slots  # every GEMM row is a slot on a GEMM expert, none for identity slots
     assert all(s.num_experts == num_gemm for s in counted.values())
-    text = str(report)
-    assert "slots went to zero-computation experts" in text
+    assert "slots went to zero-computation experts" in str(report)
 
 
-def test_longcat_adaptive_policy_equals_the_models_own_loop_under_the_same_routing():
-    """The full rewrite (GEMM experts + identity term) against LongCat's own Python loop.
+def test_a_zeroed_slots_term_that_is_not_split_off_keeps_the_block_as_it_was(monkeypatch):
+    """transformers >= 5.25: without the split that keeps the identity term beside the experts, the block is
+    left as it was with the reason — never rewritten into experts that drop the term."""
+    if not _dispatches_experts():
+        pytest.skip("the identity term is the experts module's own before transformers 5.25")
+    import moepass.compiler.detect as detect
 
-    Without make_traceable the backend rewrites the router alone and LongCat's
-    eager loop (identity experts included) runs the slots the policy kept: the
-    model's own semantics under the same adaptive routing.
+    monkeypatch.setattr(detect, "split_coupled_shared", lambda *args, **kwargs: None)
+    reference, model = _longcat(), _longcat()
+    inputs = family_inputs(model, 13)
+    compiled = torch.compile(model, backend="adaptive_moe", options={"inner": "eager"})
+    with torch.no_grad():
+        assert rel_err(compiled(**inputs).logits, reference(**inputs).logits) <= 1e-5
+    blocks = moepass.report(compiled).blocks
+    assert blocks and not any(b.rewritten for b in blocks)
+    assert all("reads their weights elsewhere" in b.reason and b.reason_code == "unsupported_experts" for b in blocks), [
+        b.reason for b in blocks
+    ]
+
+
+def test_longcat_adaptive_policy_is_the_same_whichever_form_its_experts_take():
+    """The full rewrite made from LongCat's experts loop (make_traceable) against the model's other form.
+
+    transformers >= 5.25: against the block as loaded (grouped_mm experts, already whole): the policy
+    decides the slots on GEMM experts, the identity term is the model's own.  Before: against the
+    router-only rewrite, where LongCat's own eager loop (identity experts included) runs the slots the
+    policy kept — the model's own semantics under the same adaptive routing.
     """
     options = {"policy": "top_p", "p": 0.5, "inner": "eager"}
     inputs = family_inputs(_longcat(), 11)
     with torch.no_grad():
-        loop = torch.compile(_longcat(), backend="adaptive_moe", options=options)
-        expected = loop(**inputs).logits
-        report = moepass.report(loop)
-        assert all(b.dispatch == "eager_loop" and "make_traceable" in b.notes[0] for b in report.blocks)
+        other = torch.compile(_longcat(), backend="adaptive_moe", options=options)
+        expected = other(**inputs).logits
+        blocks = moepass.report(other).blocks
+        expected_dispatch = "grouped_mm" if _dispatches_experts() else "eager_loop"
+        assert [b.dispatch for b in blocks] == [expected_dispatch] * 2 and all(b.rewritten for b in blocks)
         torch._dynamo.reset()
-        model = _longcat()
-        moepass.make_traceable(model)
+        model = _longcat(eager=True)
+        assert len(moepass.make_traceable(model)) == 2
         whole = torch.compile(model, backend="adaptive_moe", options=options)
         actual = whole(**inputs).logits
         static = model(**inputs).logits
     assert [b.dispatch for b in moepass.report(whole).blocks] == ["moepass_op", "moepass_op"]
     assert rel_err(actual, expected) <= 1e-5
     assert rel_err(actual, static) > 1e-4  # the policy did drop slots
+
+
+def test_longcat_eager_loop_after_the_remap_is_reported_not_rewritten():
+    """transformers >= 5.25 with experts_implementation="eager" and no make_traceable: the block remaps
+    ids before a loop outside the graph — left as it was (never a half-rewritten remap), and said why."""
+    if not _dispatches_experts():
+        pytest.skip("the identity slots reach the experts loop unremapped before transformers 5.25")
+    reference, model = _longcat(eager=True), _longcat(eager=True)
+    inputs = family_inputs(model, 9)
+    compiled = torch.compile(model, backend="adaptive_moe", options={"inner": "eager", "policy": "top_p", "p": 0.5})
+    with torch.no_grad():
+        assert rel_err(compiled(**inputs).logits, reference(**inputs).logits) <= 1e-6
+    blocks = moepass.report(compiled).blocks
+    assert blocks and not any(b.rewritten for b in blocks)
+    assert all(b.reason_code == "graph_break" and "make_traceable" in b.reason for b in blocks)
 
 
 def test_longcat_gradients_through_the_rewrite_equal_eager():
@@ -141,13 +209,14 @@ def test_longcat_gradients_through_the_rewrite_equal_eager():
     assert all(b.rewritten for b in moepass.report(compiled).blocks) and ops
 
 
-def test_make_traceable_names_a_module_whose_weights_do_not_fit_and_changes_none():
-    model = _longcat()
+def test_make_traceable_leaves_a_module_whose_weights_do_not_fit_as_it_was_and_says_why():
+    model = _longcat(eager=True)
     experts = model.model.layers[1].mlp.experts
     experts.down_proj = torch.nn.Parameter(experts.down_proj[:, :, :-1].detach().clone())
-    with pytest.raises(moepass.TraceableError, match=r"model\.layers\.1\.mlp\.experts .*down_proj \(8, 64, 31\)"):
-        moepass.make_traceable(model)
-    assert "forward" not in vars(model.model.layers[0].mlp.experts)  # all or nothing
+    result = moepass.make_traceable(model)
+    assert result == ["model.layers.0.mlp.experts"]
+    assert "down_proj (8, 64, 31)" in result.left["model.layers.1.mlp.experts"]
+    assert "forward" not in vars(experts)
 
 
 @pytest.mark.parametrize("target", ["ort", "portable"])
@@ -164,8 +233,9 @@ def test_longcat_exports_to_onnx_with_its_identity_experts(tmp_path, target):
         exported = moepass.export_onnx(model, example, str(path), target=target, **policy)
         assert [b.path for b in exported.blocks] == ["model.layers.0.mlp", "model.layers.1.mlp"]
         assert exported.max_error is not None and exported.max_error <= 1e-4
-        functions = onnx.load(str(path)).functions
-        ops = {node.op_type for function in functions for node in function.node}
+        loaded = onnx.load(str(path))
+        ops = {node.op_type for function in loaded.functions for node in function.node}
+        ops |= {node.op_type for node in loaded.graph.node}
         assert "GreaterOrEqual" in ops  # the identity experts' masked term, not a Gemm row
         if target == "ort":
             assert "MoE" in ops

@@ -14,9 +14,12 @@ order (:func:`optimize_graph`; the state they share is
 4. ``rewrite``  — replace validated blocks by ``moepass.route`` + ``moepass.experts``;
 5. plan stages  — change how rewritten blocks' experts run (:mod:`moepass.compiler.plan`):
    ``quantize`` (int8 / int4 experts; its ``quantize_inputs`` stage runs before validation,
-   to give it weights an earlier compile released), ``offload`` (weights in an expert store;
-   its ``offload_inputs`` stage likewise), ``cpu_kernels`` (what the CPU lowering runs for
-   each block on this machine, measured where no table holds it);
+   to give it weights an earlier compile released); ``offload`` (weights in an expert store;
+   its ``offload_inputs`` stage likewise); ``expert_parallel``
+   (experts split over ranks, only kept slots exchanged; its ``expert_parallel_inputs``
+   stage runs before validation, which then runs each rank's experts alone);
+   ``cpu_kernels`` (what the CPU lowering runs for each block on this machine, measured
+   where no table holds it);
 6. ``finish``   — lint and recompile the graph;
 
 then the report records what was found and done (:mod:`moepass.runtime.report`)
@@ -33,6 +36,7 @@ import torch
 import torch.fx as fx
 
 from moepass.compiler.options import BackendOptions
+from moepass.compiler.plan.expert_parallel import expert_parallel_inputs_stage, expert_parallel_stage
 from moepass.compiler.plan.cpu_kernels import KERNEL_CHOICES, cpu_kernels_stage
 from moepass.compiler.plan.offload import offload_inputs_stage, offload_stage
 from moepass.compiler.plan.quantize import has_standins, quantize_inputs_stage, quantize_stage
@@ -46,6 +50,7 @@ from moepass.compiler.stages import (
     run_stages,
     validate_stage,
 )
+from moepass.runtime.expert_parallel import without_communication
 from moepass.runtime.report import BlockReport, Report, record_graph
 
 __all__ = ["adaptive_moe", "optimize_graph", "compile_inner", "graph_needs_gradients", "STAGES"]
@@ -69,10 +74,12 @@ STAGES: tuple[Stage, ...] = (
     Stage("resolve", resolve_stage),
     Stage("quantize_inputs", quantize_inputs_stage, enabled=_quantizing),
     Stage("offload_inputs", offload_inputs_stage, enabled=_offloading),
+    Stage("expert_parallel_inputs", expert_parallel_inputs_stage),
     Stage("validate", validate_stage, enabled=lambda options: options.validate),
     Stage("rewrite", rewrite_stage),
     Stage("quantize", quantize_stage, enabled=_quantizing),
     Stage("offload", offload_stage, enabled=_offloading),
+    Stage("expert_parallel", expert_parallel_stage),
     Stage("cpu_kernels", cpu_kernels_stage, enabled=lambda options: not _offloading(options)),
     Stage("finish", finish_stage),
 )
@@ -109,7 +116,8 @@ def optimize_graph(
         differentiable = graph_needs_gradients(example_inputs)
     state = GraphState(gm=gm, example_inputs=example_inputs, options=options, differentiable=differentiable)
     state.scratch[KERNEL_CHOICES] = kernel_choices
-    run_stages(state, STAGES)
+    with without_communication():  # nothing the stages run may wait on another rank
+        run_stages(state, STAGES)
     return state.gm, [block.report for block in state.blocks]
 
 

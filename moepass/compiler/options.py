@@ -22,6 +22,13 @@ cpu_prepack CPU lowering: run bfloat16 experts on copies     ``"auto"``
            in half the available memory) | ``on`` | ``off``
            (or True / False); see
            :mod:`moepass.lowering.cpu_packed`
+expert_parallel split the experts over the ranks of a     ``None``
+           ``DeviceMesh``: ``{"mesh": mesh}`` (a 1-D mesh)
+           or ``{"mesh": mesh, "mesh_dim": "ep"}``; see
+           :mod:`moepass.compiler.plan.expert_parallel`.
+           Models whose expert weights are ``Shard(0)``
+           DTensors, or that run transformers'
+           ``ep_implementation="moepass"``, need no option
 cpu_tuning CPU lowering: measure this machine's kernel     ``"auto"``
            and path choices for a block shape no table
            holds: ``auto`` (at most
@@ -53,13 +60,23 @@ from moepass.policies import POLICIES, Policy, PolicyError, make_policy
 from moepass.runtime.ops import CPU_PREPACK, LOWERINGS
 from moepass.runtime.tuning import TuningError, tuning_budget
 
-__all__ = ["BackendOptions", "OptionsError", "INNER_COMPILERS"]
+__all__ = ["BackendOptions", "OptionsError", "INNER_COMPILERS", "ExpertParallelOptions"]
 
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 
 
 class OptionsError(ValueError):
     """Bad backend options; the message lists what is valid."""
+
+
+@dataclass(frozen=True, eq=False)
+class ExpertParallelOptions:
+    """``options={"expert_parallel": {"mesh": mesh, "mesh_dim": ...}}``: experts split over one mesh dimension."""
+
+    #: A ``torch.distributed.device_mesh.DeviceMesh``.
+    mesh: Any
+    #: The dimension (index or name) holding the experts; None for a 1-D mesh.
+    mesh_dim: int | str | None = None
 
 
 @dataclass
@@ -77,6 +94,8 @@ class BackendOptions:
     offload: Any = None
     #: Pre-packed bfloat16 expert weights on CPU: ``auto`` | ``on`` | ``off``.
     cpu_prepack: str = "auto"
+    #: Experts split over a mesh (:class:`ExpertParallelOptions`), or None.
+    expert_parallel: ExpertParallelOptions | None = None
     #: Measuring the CPU lowering's choices on first compile: ``auto`` | ``off`` | seconds.
     cpu_tuning: Any = "auto"
     #: Quantized experts (:class:`moepass.quantize.QuantScheme`), or None: the experts stay as they are.
@@ -88,7 +107,7 @@ class BackendOptions:
     quantized_form: str = "auto"
 
     _BACKEND_KEYS = (
-        "policy", "inner", "lowering", "validate", "stats", "offload", "cpu_prepack", "cpu_tuning",
+        "policy", "inner", "lowering", "validate", "stats", "offload", "cpu_prepack", "cpu_tuning", "expert_parallel",
         "experts_dtype", "group_size", "experts_float",
     )
 
@@ -138,6 +157,11 @@ class BackendOptions:
             raise OptionsError(
                 f"option 'cpu_prepack' must be one of {', '.join(CPU_PREPACK)} (or True / False), got {cpu_prepack!r}"
             )
+        expert_parallel = _parse_expert_parallel(backend.get("expert_parallel"))
+        if expert_parallel is not None and offload is not None:
+            raise OptionsError(
+                "options 'expert_parallel' and 'offload' cannot be combined (each rank's experts are in memory)"
+            )
         cpu_tuning = backend.get("cpu_tuning", "auto")
         if isinstance(cpu_tuning, bool):
             cpu_tuning = "auto" if cpu_tuning else "off"
@@ -155,6 +179,7 @@ class BackendOptions:
             mode=mode,
             offload=offload,
             cpu_prepack=cpu_prepack,
+            expert_parallel=expert_parallel,
             cpu_tuning=cpu_tuning,
             quantize=quantize,
             experts_float=experts_float,
@@ -173,6 +198,43 @@ def _parse_offload(value: Any, lowering: str) -> Any:
         return OffloadOptions.parse(value)
     except OffloadOptionsError as error:
         raise OptionsError(str(error)) from None
+
+
+def _parse_expert_parallel(value: Any) -> ExpertParallelOptions | None:
+    """The ``expert_parallel`` option parsed (None when absent)."""
+    if value is None:
+        return None
+    if isinstance(value, ExpertParallelOptions):
+        return value
+    if not isinstance(value, Mapping):
+        raise OptionsError(
+            f"option 'expert_parallel' must be a dict such as {{'mesh': mesh}}, got {type(value).__name__}"
+        )
+    unknown = sorted(set(value) - {"mesh", "mesh_dim"})
+    if unknown:
+        raise OptionsError(
+            f"unknown key(s) {', '.join(map(repr, unknown))} in option 'expert_parallel'; valid: mesh, mesh_dim"
+        )
+    mesh = value.get("mesh")
+    if mesh is None or not all(hasattr(mesh, a) for a in ("get_group", "ndim", "size", "mesh")):
+        raise OptionsError(
+            "option 'expert_parallel' needs 'mesh': a torch.distributed DeviceMesh "
+            f"(init_device_mesh(...)), got {type(mesh).__name__}"
+        )
+    mesh_dim = value.get("mesh_dim")
+    names = tuple(getattr(mesh, "mesh_dim_names", None) or ())
+    if mesh_dim is None and mesh.ndim != 1:
+        raise OptionsError(
+            f"option 'expert_parallel': the mesh has {mesh.ndim} dimensions {names}; name the one holding the "
+            "experts with 'mesh_dim'"
+        )
+    if isinstance(mesh_dim, str) and mesh_dim not in names:
+        raise OptionsError(f"option 'expert_parallel': the mesh has no dimension {mesh_dim!r}; its dimensions: {names}")
+    if isinstance(mesh_dim, int) and not 0 <= mesh_dim < mesh.ndim:
+        raise OptionsError(f"option 'expert_parallel': the mesh has no dimension {mesh_dim} (it has {mesh.ndim})")
+    if mesh_dim is not None and not isinstance(mesh_dim, (int, str)):
+        raise OptionsError(f"option 'expert_parallel': 'mesh_dim' must be an index or a name, got {mesh_dim!r}")
+    return ExpertParallelOptions(mesh=mesh, mesh_dim=mesh_dim)
 
 
 def _parse_quantize(backend: Mapping[str, Any], lowering: str) -> tuple[Any, str]:

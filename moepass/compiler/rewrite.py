@@ -147,6 +147,12 @@ def _value(item: Any, env: dict[fx.Node, Any]) -> Any:
     return env[item] if isinstance(item, fx.Node) else item
 
 
+def _local_value(value: Any) -> Any:
+    """A DTensor weight as its local tensor (validation gives expert-parallel blocks replicated ones)."""
+    to_local = getattr(value, "to_local", None)
+    return to_local() if callable(to_local) and isinstance(value, torch.Tensor) else value
+
+
 def _dense(ids: torch.Tensor, weights: torch.Tensor, num_experts: int) -> torch.Tensor:
     dense = torch.zeros(ids.shape[0], num_experts + 1, dtype=torch.float64)
     return dense.scatter_add_(1, ids.long().clamp(0, num_experts), weights.double())[:, :num_experts]
@@ -179,7 +185,7 @@ def validate_rewrite(gm: fx.GraphModule, flow: Dataflow, plan: BlockRewrite, env
             expected = _dense(local[router.ids].reshape(ids.shape[0], -1), local[router.weights_end].reshape(ids.shape[0], -1).float(), router.spec.num_experts)
             actual = _dense(ids, weights, router.spec.num_experts)
             return relative_error(actual, expected)
-        w = {k: _value(v, local) for k, v in plan.weights.items()}
+        w = {k: _local_value(_value(v, local)) for k, v in plan.weights.items()}
         plan.weight_values = w
         x2d = local[match.experts.x_input].reshape(-1, match.spec.experts.hidden_size)
         quiet = dataclasses.replace(plan.experts_config, collect_stats=False)  # random inputs are not traffic

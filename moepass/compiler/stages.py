@@ -29,7 +29,7 @@ import torch
 import torch.fx as fx
 
 from moepass.compiler.dataflow import Dataflow, example_value
-from moepass.compiler.detect import BlockMatch, BlockRejection, find_moe_blocks, layer_index_of
+from moepass.compiler.detect import BlockMatch, BlockRejection, find_moe_blocks, internal_error_reason, layer_index_of
 from moepass.compiler.detect.common import Mismatch, source_path
 from moepass.compiler.options import BackendOptions
 from moepass.compiler.rewrite import BlockRewrite, apply_rewrite, plan_rewrite, probe_renormalisation, validate_rewrite
@@ -162,8 +162,11 @@ def _block_report(item: BlockMatch | BlockRejection, policy: str, env: dict | No
 
 def detect_stage(state: GraphState) -> None:
     """Find the graph's MoE blocks (matches and rejections, each with its report)."""
-    state.flow = Dataflow(state.gm.graph)
-    found = find_moe_blocks(state.gm, state.flow)
+    try:
+        state.flow = Dataflow(state.gm.graph)
+        found = find_moe_blocks(state.gm, state.flow)
+    except Exception as error:  # a graph this code cannot read goes on unchanged, and the report says why
+        found = [BlockRejection(path="", reason=internal_error_reason("reading the graph for", error))]
     state.env = example_env(state.gm, state.example_inputs)
     policy_name = state.options.policy.describe()
     state.blocks = [BlockState(item, _block_report(item, policy_name, state.env)) for item in found]
@@ -191,9 +194,13 @@ def resolve_stage(state: GraphState) -> None:
         except PolicyError as error:
             raise PolicyError(f"policy {policy_name} does not fit block {block.report.display_path}: {error}") from None
         block.report.graph_before = _region_graph(item)
-        block.plan = plan_rewrite(
-            item, block.resolved, options.lowering, options.stats, state.env, state.differentiable, options.cpu_prepack
-        )
+        try:
+            block.plan = plan_rewrite(
+                item, block.resolved, options.lowering, options.stats, state.env, state.differentiable,
+                options.cpu_prepack,
+            )
+        except Exception as failure:  # nothing changed yet: the block stays as it was
+            block.leave(internal_error_reason("planning the rewrite of", failure))
 
 
 def validate_stage(state: GraphState) -> None:

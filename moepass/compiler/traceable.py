@@ -19,16 +19,24 @@ backend the model still runs the same function (eagerly, through the CPU or
 Triton lowering).
 
 Each supported class has an *adapter* that reads its weights' layout and
-activation from the module.  Weights that do not fit raise
-:class:`TraceableError` and change nothing; a variant the adapter does not
-model is left as it was (logged); and every new forward is run against the
-module's own on a small random input before it is kept — a module where they
-differ is left as it was (logged), so an adapter's mistake cannot change a
-model.  :data:`TRACEABLE_CLASSES` lists the classes known.
+activation from the module.  Everything an adapter reads belongs to another
+library and changes between its releases, so each read fails closed: a
+module whose attributes, weight shapes or forward signature are not the ones
+its adapter models (transformers 5.25 moved LongCat-Flash's
+``num_routed_experts`` to the block and remaps its identity slots there) is
+left exactly as it was, logged, and named with the reason in the result's
+``left``; and every new forward is run against the module's own on a small
+random input before it is kept — a module where they differ is left as it
+was too, so an adapter's mistake cannot change a model.  A module whose class
+dispatches through transformers' ``experts_implementation`` and is set to a
+traceable one (``grouped_mm``, the default since 5.25 for LongCat-Flash and
+Step 3.7) is already seen whole by the backend and not touched.
+:data:`TRACEABLE_CLASSES` lists the classes known.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import types
 from dataclasses import dataclass
@@ -40,7 +48,7 @@ import torch.nn as nn
 from moepass.compiler.spec import ExpertsSpec
 from moepass.runtime.ops import ExpertsConfig
 
-__all__ = ["make_traceable", "TRACEABLE_CLASSES", "TraceableError"]
+__all__ = ["make_traceable", "TRACEABLE_CLASSES", "TraceableError", "TraceableResult"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,11 +57,68 @@ MARK = "_moepass_traceable_spec"
 
 
 class TraceableError(ValueError):
-    """An experts module of a supported class whose weights do not fit its adapter."""
+    """An experts module of a supported class whose attributes or weights do not fit its adapter.
+
+    :func:`make_traceable` does not raise it: the module is left as it was and
+    the message is the reason in :attr:`TraceableResult.left`.
+    """
 
 
-class _NotThisOne(Exception):
+class _NotThisOne(TraceableError):
     """A module of a supported class computing a variant its adapter does not (left as it was, logged)."""
+
+
+class TraceableResult(list):
+    """What :func:`make_traceable` did: the module paths it changed (the list itself), and why it left the others.
+
+    ``left`` maps the path of every module of a supported class that was left
+    exactly as it was to the reason, in words; ``already`` lists the modules
+    that were already traceable (an ``experts_implementation`` other than
+    ``eager``, or changed by an earlier call).
+    """
+
+    def __init__(self, changed=(), left=None, already=None):
+        super().__init__(changed)
+        self.left: dict[str, str] = dict(left or {})
+        self.already: list[str] = list(already or [])
+
+
+def _read(module: nn.Module, name: str, kind: type | tuple[type, ...] = object):
+    """``module.name``, or :class:`TraceableError` naming it when it is missing or not a ``kind``."""
+    try:
+        value = getattr(module, name)
+    except AttributeError:
+        raise TraceableError(f"it has no attribute {name!r} (the adapter was written for another version)") from None
+    if not isinstance(value, kind):
+        raise TraceableError(f"its {name} is a {type(value).__name__}, not the {getattr(kind, '__name__', kind)} the adapter expects")
+    return value
+
+
+def _check_signature(module: nn.Module, expected: tuple[str, ...]) -> None:
+    """:class:`TraceableError` unless the class's forward takes exactly ``expected`` (after self)."""
+    try:
+        parameters = list(inspect.signature(type(module).forward).parameters)[1:]
+    except (TypeError, ValueError):
+        raise TraceableError("its forward's signature cannot be read") from None
+    if tuple(parameters) != expected:
+        raise TraceableError(
+            f"its forward takes ({', '.join(parameters)}); the adapter models ({', '.join(expected)})"
+        )
+
+
+def _experts_implementation(module: nn.Module) -> str | None:
+    """The ``experts_implementation`` a transformers experts class dispatches on, or None when it has none.
+
+    Classes decorated with transformers' ``use_experts_implementation``
+    (LongCat-Flash and Step 3.7 since 5.25) read ``config._experts_implementation``
+    on every call; ``eager`` is their Python loop, anything else is traceable.
+    """
+    config = getattr(module, "config", None)
+    forward = type(module).forward
+    if config is None or not hasattr(forward, "__wrapped__"):
+        return None
+    value = getattr(config, "_experts_implementation", None)
+    return value if isinstance(value, str) else None
 
 
 def _activation_name(act_fn: nn.Module) -> str:
@@ -135,20 +200,38 @@ def _runner(spec: ExpertsSpec) -> Callable:
     return run
 
 
-def _longcat(module: nn.Module) -> tuple[ExpertsSpec, Callable]:
-    """LongCat-Flash: ``gate_up_proj`` [E+Z, 2I, H] (rows ≥ E unused), ``down_proj`` [E, H, I], identity experts ≥ E."""
-    num_experts = int(module.num_routed_experts)
-    zero = int(module.zero_expert_num or 0)
-    if module.gate_up_proj is None or num_experts == 0:
+def _longcat(module: nn.Module) -> tuple[ExpertsSpec, tuple[tuple[nn.Module, Callable], ...]]:
+    """LongCat-Flash's experts, in either of transformers' forms.
+
+    Up to 5.24 the experts module owns the identity experts: ``gate_up_proj``
+    [E+Z, 2I, H] (rows ≥ E unused), ``down_proj`` [E, H, I],
+    ``num_routed_experts`` = E, ``zero_expert_num`` = Z; a slot with id ≥ E
+    adds w·x.  From 5.25 the block (``LongcatFlashMoE``) handles the identity
+    slots itself — it adds their term, remaps their ids onto real experts and
+    sets their weights to 0 — and the experts module is plain stacked experts
+    over E (``num_experts``), read by :func:`_stacked_experts`.
+    """
+    _check_signature(module, ("hidden_states", "top_k_index", "top_k_weights"))
+    if not hasattr(module, "num_routed_experts"):
+        return _stacked_experts(module)
+    num_experts = int(_read(module, "num_routed_experts", int))
+    zero = int(_read(module, "zero_expert_num", (int, type(None))) or 0)
+    gate_up = _read(module, "gate_up_proj", (torch.Tensor, type(None)))
+    if gate_up is None or num_experts == 0:
         raise TraceableError("no routed experts (every expert is an identity)")
-    gate_up, down = module.gate_up_proj, module.down_proj
-    hidden, inter = int(module.hidden_size), int(module.intermediate_size)
-    if tuple(gate_up.shape[1:]) != (2 * inter, hidden) or tuple(down.shape) != (num_experts, hidden, inter):
+    down = _read(module, "down_proj", torch.Tensor)
+    hidden, inter = int(_read(module, "hidden_size", int)), int(_read(module, "intermediate_size", int))
+    if (
+        gate_up.dim() != 3
+        or tuple(gate_up.shape[1:]) != (2 * inter, hidden)
+        or gate_up.shape[0] < num_experts
+        or tuple(down.shape) != (num_experts, hidden, inter)
+    ):
         raise TraceableError(
             f"gate_up_proj {tuple(gate_up.shape)} and down_proj {tuple(down.shape)} are not "
             f"[E+Z, 2I, H] and [E, H, I] with E={num_experts}, I={inter}, H={hidden}"
         )
-    spec = _gated_spec(num_experts, hidden, inter, module.act_fn, ("identity",) * zero)
+    spec = _gated_spec(num_experts, hidden, inter, _read(module, "act_fn", nn.Module), ("identity",) * zero)
     run = _runner(spec)
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
@@ -179,7 +262,10 @@ def _jetmoe(module: nn.Module) -> tuple[ExpertsSpec, tuple[tuple[nn.Module, Call
     router and the two projections are never one block; it stays reported as
     a graph break.
     """
-    router, first, second = module.router, module.input_linear, module.output_linear
+    _check_signature(module, ("layer_input",))
+    router = _read(module, "router", nn.Module)
+    first, second = _read(module, "input_linear", nn.Module), _read(module, "output_linear", nn.Module)
+    _check_signature(router, ("hidden_states",))
     hidden, inter = int(module.input_size), int(module.hidden_size)
     num_experts = int(router.num_experts)
     if not isinstance(getattr(router, "layer", None), nn.Linear) or router.layer.bias is not None:
@@ -218,32 +304,69 @@ def _jetmoe(module: nn.Module) -> tuple[ExpertsSpec, tuple[tuple[nn.Module, Call
 
 
 def _stacked_experts(module: nn.Module) -> tuple[ExpertsSpec, tuple[tuple[nn.Module, Callable], ...]]:
-    """transformers' stacked experts written as a Python loop (Step 3.7's ``Step3p7Experts``).
+    """transformers' stacked experts written as a Python loop (Step 3.7's ``Step3p7Experts``, LongCat-Flash's from 5.25).
 
     ``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I], no biases, a gated
     activation (``_apply_gate`` or ``act_fn``); empty slots carry id E.  Which
-    activation is read from ``act_fn``; a module whose gate does more (Step
-    3.7's clamped layers) fails the check :func:`make_traceable` runs and is
-    left as it was.
+    activation is read from ``act_fn``.  Step 3.7 clamps some layers
+    (``limit``: act(gate) clamped at ``limit`` from above, up at ±``limit``;
+    None or 0 for none): such a layer's activation is carried as a lifted
+    program of exactly those ops.  Anything the check :func:`make_traceable`
+    runs finds different is left as it was.
     """
-    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
-    if not isinstance(gate_up, torch.Tensor) or not isinstance(down, torch.Tensor) or gate_up.dim() != 3 or down.dim() != 3:
-        raise TraceableError("no stacked gate_up_proj / down_proj")
+    _check_signature(module, ("hidden_states", "top_k_index", "top_k_weights"))
+    gate_up, down = _read(module, "gate_up_proj", torch.Tensor), _read(module, "down_proj", torch.Tensor)
+    if gate_up.dim() != 3 or down.dim() != 3:
+        raise TraceableError(f"gate_up_proj {tuple(gate_up.shape)} and down_proj {tuple(down.shape)} are not stacked [E, ., .]")
     num_experts, width, hidden = gate_up.shape
     inter = width // 2
     if width % 2 or tuple(down.shape) != (num_experts, hidden, inter):
         raise TraceableError(
             f"gate_up_proj {tuple(gate_up.shape)} and down_proj {tuple(down.shape)} are not [E, 2I, H] and [E, H, I]"
         )
-    if getattr(module, "limit", float("inf")) != float("inf"):
-        raise _NotThisOne(f"its gate and up projections are clamped at {module.limit} (not a plain gated activation)")
-    spec = _gated_spec(num_experts, hidden, inter, module.act_fn)
+    declared = getattr(module, "num_experts", num_experts)
+    if declared != num_experts:
+        raise TraceableError(f"num_experts={declared} but gate_up_proj holds {num_experts} experts")
+    limit = getattr(module, "limit", None)
+    act_fn = _read(module, "act_fn", nn.Module)
+    if limit is None or limit == 0 or limit == float("inf"):
+        spec = _gated_spec(num_experts, hidden, inter, act_fn)
+    elif isinstance(limit, (int, float)) and limit > 0:
+        spec = _clamped_spec(num_experts, hidden, inter, act_fn, float(limit))
+    else:
+        raise _NotThisOne(f"its limit {limit!r} is not a clamp bound the adapter knows")
     run = _runner(spec)
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         return run(hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj)
 
     return spec, ((module, forward),)
+
+
+def _clamped_spec(num_experts: int, hidden: int, inter: int, act_fn: nn.Module, limit: float) -> ExpertsSpec:
+    """Step 3.7's clamped layers: act(gate).clamp(max=limit) * up.clamp(-limit, limit), as a lifted program."""
+    from moepass.compiler.lifted import ElementwiseProgram
+
+    program = ElementwiseProgram((
+        ("input",),
+        ("slice", ("v", 0), 0, inter, 1),
+        ("slice", ("v", 0), inter, 2 * inter, 1),
+        (_activation_name(act_fn), ("v", 1)),
+        ("clamp", ("v", 3), None, limit),
+        ("clamp", ("v", 2), -limit, limit),
+        ("mul", ("v", 4), ("v", 5)),
+    ))
+    program.check()
+    return ExpertsSpec(
+        dispatch="moepass_op",
+        num_experts=int(num_experts),
+        hidden_size=int(hidden),
+        intermediate_size=int(inter),
+        activation="lifted",
+        gated=False,
+        gate_up_layout="none",
+        program=program.to_json(),
+    )
 
 
 #: DBRX (``DbrxExperts``) also loops in Python, but stores gate and up as two
@@ -274,53 +397,77 @@ def _tolerance(dtype: torch.dtype) -> float:
     return 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
 
 
-def make_traceable(model: nn.Module) -> list[str]:
+def make_traceable(model: nn.Module) -> TraceableResult:
     """Replace the graph-breaking experts loops of ``model`` by moepass ops; returns the module paths changed.
 
     Call it before ``torch.compile(model, backend="adaptive_moe", ...)`` on a
     model whose report says its experts loop graph-broke (only the router was
     rewritten).  The model computes the same function afterwards (the
     experts' weights are used where they are; nothing is copied): each new
-    forward is checked against the module's own on a small random input, and
-    a module where they differ is left as it was (logged).  Calling it twice
-    changes nothing more; if any module's weights do not fit its adapter, none
-    is changed.
+    forward is checked against the module's own on a small random input.
+    Calling it twice changes nothing more; on a model that is already
+    traceable it is a no-op.
 
-    Raises:
-        TraceableError: a module of a supported class whose weights do not
-            fit (names the module and what was found).
+    It never raises on a model it does not understand: a module of a
+    supported class whose attributes, weights or forward signature are not
+    what its adapter models, or whose moepass form differs from its own
+    forward, is left exactly as it was, logged (warning), and named with the
+    reason in the result's ``left`` (:class:`TraceableResult`, a list of the
+    paths changed).
     """
     adapters = {a.class_name: a for a in _ADAPTERS}
     planned = []
+    left: dict[str, str] = {}
+    already: list[str] = []
+
+    def leave(path: str, module: nn.Module, reason: str) -> None:
+        name = path or "<root>"
+        left[name] = reason
+        logger.warning("moepass.make_traceable: left %s (%s) as it was: %s", name, type(module).__name__, reason)
+
     for path, module in model.named_modules():
         adapter = adapters.get(type(module).__name__)
-        if adapter is None or hasattr(module, MARK):
+        if adapter is None:
+            continue
+        if hasattr(module, MARK):
+            already.append(path)
+            continue
+        implementation = _experts_implementation(module)
+        if implementation is not None and implementation != "eager":
+            already.append(path)
+            logger.info(
+                "moepass.make_traceable: %s (%s) runs experts_implementation=%r, already traceable: not changed",
+                path or "<root>", type(module).__name__, implementation,
+            )
             continue
         try:
             planned.append((path, module, *adapter.build(module)))
-        except _NotThisOne as reason:
-            logger.warning("moepass.make_traceable: left %s (%s) as it was: %s", path or "<root>", type(module).__name__, reason)
-        except TraceableError as error:  # raised before any module changed: all or nothing
-            raise TraceableError(f"{path or '<root>'} ({type(module).__name__}): {error}") from None
+        except TraceableError as reason:
+            leave(path, module, str(reason))
+        except Exception as error:  # another library's internals changed under the adapter: fail closed
+            leave(path, module, f"the adapter could not read it ({type(error).__name__}: {error})")
     changed = []
     for path, module, spec, forwards in planned:
         adapter = adapters[type(module).__name__]
-        args = adapter.example(module, spec)
-        with torch.no_grad():
-            expected = _first_tensor(module(*args))
-            for target, forward in forwards:
-                target.forward = types.MethodType(forward, target)
-            error = _relative_error(_first_tensor(module(*args)), expected)
-        if not error <= _tolerance(expected.dtype):  # the adapter does not compute this module's function
-            for target, _ in forwards:
-                del target.forward
-            logger.warning(
-                "moepass.make_traceable: left %s (%s) as it was: its moepass form differs from its own forward "
-                "by %.1e on a random input", path or "<root>", type(module).__name__, error,
+        try:
+            args = adapter.example(module, spec)
+            with torch.no_grad():
+                expected = _first_tensor(module(*args))
+                for target, forward in forwards:
+                    target.forward = types.MethodType(forward, target)
+                error = _relative_error(_first_tensor(module(*args)), expected)
+            failure = None if error <= _tolerance(expected.dtype) else (
+                f"its moepass form differs from its own forward by {error:.1e} on a random input"
             )
+        except Exception as raised:  # the module's own forward or the new one failed on the example
+            failure = f"checking its moepass form against its own forward failed ({type(raised).__name__}: {raised})"
+        if failure is not None:  # the adapter does not compute this module's function
+            for target, _ in forwards:
+                vars(target).pop("forward", None)
+            leave(path, module, failure)
             continue
         setattr(module, MARK, spec)
         changed.append(path)
     if changed:
         logger.info("made %d experts loop(s) traceable: %s", len(changed), ", ".join(changed[:4]))
-    return changed
+    return TraceableResult(changed, left, already)

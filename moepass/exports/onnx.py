@@ -179,6 +179,29 @@ def _check_rewritten(reports: list[BlockReport]) -> None:
                               "outside the graph)")
 
 
+@contextlib.contextmanager
+def failing_closed(step: str) -> Iterator[None]:
+    """Turn an unexpected exception of a step that reads other libraries' internals into one clear export error.
+
+    torch.export, onnxscript and ONNX Runtime change between releases; what
+    they raise that this module does not expect becomes :class:`OnnxExportError`
+    naming the step, before anything is written (moepass's own errors and bad
+    options pass through as they are).
+    """
+    from moepass.compiler.options import OptionsError
+    from moepass.policies import PolicyError
+
+    try:
+        yield
+    except (OnnxExportError, OptionsError, PolicyError):
+        raise
+    except Exception as error:
+        raise OnnxExportError(
+            f"the export failed while {step} ({type(error).__name__}: {str(error).strip().splitlines()[0][:300] if str(error).strip() else ''}); "
+            "nothing was written"
+        ) from error
+
+
 def prepare_export(
     model: torch.nn.Module,
     example_inputs: Any,
@@ -379,11 +402,13 @@ def export_onnx(
     if target not in TARGETS:
         raise OnnxExportError(f"unknown target {target!r}; expected one of {', '.join(TARGETS)}")
     path = Path(path)
-    prepared = prepare_export(
-        model, example_inputs, dynamic_shapes=dynamic_shapes, opset=options.opset, policy=policy, **backend_options
-    )
-    onnx_model, blocks = prepared.lower(target, options.ort_fallback, options.ort_layout, in_place=True,
-                                        provider=options.provider, ort_tuning=options.ort_tuning)
+    with failing_closed("capturing the model"):
+        prepared = prepare_export(
+            model, example_inputs, dynamic_shapes=dynamic_shapes, opset=options.opset, policy=policy, **backend_options
+        )
+    with failing_closed("lowering the blocks to ONNX"):
+        onnx_model, blocks = prepared.lower(target, options.ort_fallback, options.ort_layout, in_place=True,
+                                            provider=options.provider, ort_tuning=options.ort_tuning)
     result = OnnxExport(path, target, prepared.policy, prepared.captured.input_names, prepared.captured.output_names,
                         blocks)
     with _staged(path) as staged:

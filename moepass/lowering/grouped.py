@@ -171,9 +171,9 @@ def _sum_rows_per_token(rows: torch.Tensor, weights, slot_row, num_tokens: int, 
         return ordered.sum(dim=1) if slots > 1 else ordered[:, 0].clone()
     acc = accumulation_dtype(rows.dtype)
     if weights.dtype == rows.dtype:
-        return torch.bmm(weights.reshape(num_tokens, 1, slots), ordered).view(num_tokens, -1)
+        return torch.bmm(weights.reshape(num_tokens, 1, slots), ordered).view(num_tokens, rows.shape[1])
     out = torch.bmm(weights.to(acc).reshape(num_tokens, 1, slots), ordered.to(acc))
-    return out.view(num_tokens, -1).to(rows.dtype)
+    return out.view(num_tokens, rows.shape[1]).to(rows.dtype)
 
 
 def up_forward(x, row_token, row_slot, offsets, weights, w1, b1, spec: ExpertsSpec) -> torch.Tensor:

@@ -8,7 +8,8 @@ op and the policies; :mod:`~moepass.runtime.bucketing` groups tokens by k;
 :mod:`~moepass.runtime.stats` and :mod:`~moepass.runtime.report` record what
 the compiled model did (``moepass.report``); :mod:`~moepass.runtime.calibrate`
 fits a policy to a target average k; :mod:`~moepass.runtime.offload` reads
-experts from a store through a cache.
+experts from a store through a cache; :mod:`~moepass.runtime.expert_parallel`
+splits a block's experts over ranks and exchanges only the kept slots.
 
 May import: :mod:`moepass.policies`, ``moepass.lowering``, :mod:`moepass.quantize`, and the compiler's
 contract (``moepass.compiler.spec``, ``moepass.compiler.lifted``), never the

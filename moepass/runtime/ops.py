@@ -25,6 +25,13 @@ each have an autograd formula (see :mod:`moepass.lowering.grouped`)::
 ``experts`` itself is differentiable too (its backward re-runs the split
 form), so the op is usable on its own in eager code.
 
+An ``experts`` call whose config names an expert-parallel group
+(``ExpertsConfig.expert_parallel``) holds this rank's ``E/R`` experts and
+exchanges the kept slots with the other ranks
+(:mod:`moepass.runtime.expert_parallel.exchange`); its backward is the opaque
+``moepass.expert_parallel_backward``, which exchanges too.  Neither fake
+kernel communicates.
+
 Zero-computation experts (ids E … E+Z−1, LongCat-Flash's identity experts,
 MoE++'s zero/constant experts) never reach the experts op's GEMMs (it treats
 every id ≥ E as empty); their contribution is added beside it::
@@ -59,6 +66,7 @@ __all__ = [
     "expert_activation",
     "experts_down",
     "zero_compute_experts",
+    "expert_parallel_backward",
     "LOWERINGS",
     "CPU_PREPACK",
     "capture_routes",
@@ -124,6 +132,13 @@ class ExpertsConfig:
     #: CPU lowering: run bfloat16 experts on weights pre-packed for oneDNN
     #: (``auto`` | ``on`` | ``off``; see :mod:`moepass.lowering.cpu_packed`).
     cpu_prepack: str = "auto"
+    #: Non-empty when the block's experts are split over ranks: the key of its
+    #: expert-parallel group (:mod:`moepass.runtime.expert_parallel`).  The
+    #: weights are then this rank's ``E/R`` experts and ``ids`` global ids.
+    expert_parallel: str = ""
+    #: A hash of the block's routing policy, so ranks that route differently
+    #: fail at the exchange instead of exchanging mismatched rows.
+    routing_fingerprint: str = ""
 
     def __post_init__(self) -> None:
         if self.lowering not in LOWERINGS:
@@ -234,6 +249,10 @@ def experts(
     cfg = parse_experts_config(config)
     if cfg.collect_stats:
         record_routing(cfg.block, ids, cfg.spec.num_experts, len(cfg.spec.zero_compute))
+    if cfg.expert_parallel:  # experts split over ranks: exchange the kept slots (never in the fake kernel)
+        from moepass.runtime.expert_parallel.exchange import experts_forward as expert_parallel_forward
+
+        return expert_parallel_forward(x, ids, weights, w1, w2, b1, b2, cfg)
     return run_experts(x, ids, weights, w1, w2, b1, b2, cfg)
 
 
@@ -256,6 +275,13 @@ def _experts_backward(ctx, grad_out):
     """
     saved = ctx.saved_tensors
     differentiable = (0, 2, 3, 4, 5, 6)  # x, weights, w1, w2, b1, b2
+    if parse_experts_config(ctx.config).expert_parallel:  # the exchange backwards, in one opaque op
+        needs = [bool(ctx.needs_input_grad[i] and saved[i] is not None) for i in differentiable]
+        grads = expert_parallel_backward(grad_out.contiguous(), *saved, ctx.config, needs)
+        result: list[Optional[torch.Tensor]] = [None] * 8
+        for i, grad, need in zip(differentiable, grads, needs):
+            result[i] = grad if need else None
+        return tuple(result)
     leaves = list(saved)
     wanted = [i for i in differentiable if ctx.needs_input_grad[i] and saved[i] is not None]
     with torch.enable_grad():
@@ -271,6 +297,36 @@ def _experts_backward(ctx, grad_out):
 
 
 experts.register_autograd(_experts_backward, setup_context=_experts_setup_context)
+
+
+@torch.library.custom_op("moepass::expert_parallel_backward", mutates_args=())
+def expert_parallel_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    b1: Optional[torch.Tensor],
+    b2: Optional[torch.Tensor],
+    config: str,
+    needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of an expert-parallel ``experts`` call for (x, weights, w1, w2, b1, b2); empty where not needed.
+
+    Exchanges rows with the other ranks of the block's group (see
+    :mod:`moepass.runtime.expert_parallel.exchange`); its fake kernel does not.
+    """
+    from moepass.runtime.expert_parallel.exchange import experts_backward
+
+    grads = experts_backward(grad_out, x, ids, weights, w1, w2, b1, b2, parse_experts_config(config), needs)
+    return tuple(g if g is not None else x.new_empty(0) for g in grads)
+
+
+@expert_parallel_backward.register_fake
+def _expert_parallel_backward_fake(grad_out, x, ids, weights, w1, w2, b1, b2, config, needs):
+    inputs = (x, weights, w1, w2, b1, b2)
+    return tuple(torch.empty_like(t) if need and t is not None else x.new_empty(0) for t, need in zip(inputs, needs))
 
 
 # --- moepass::zero_compute_experts -------------------------------------------

@@ -43,6 +43,9 @@ __all__ = ["BlockReport", "Report", "REASON_CODES", "classify_reason", "last_rep
 #:   a random input (or could not be run), so the block was kept.
 #: - ``random_in_training``: the block draws random numbers inside (router
 #:   noise, dropout) in training mode; it is rewritten in eval mode.
+#: - ``internal_error``: moepass raised while reading or rewriting the block
+#:   (code that reads another library's graph met a form it did not expect);
+#:   the block ran unchanged — a bug to report, never a wrong answer.
 #: - ``unclassified``: a reason :func:`classify_reason` does not know yet (a bug
 #:   to fix there: every reason must map to one of the codes above).
 REASON_CODES = (
@@ -54,6 +57,7 @@ REASON_CODES = (
     "graph_break",
     "validation_failed",
     "random_in_training",
+    "internal_error",
     "unclassified",
 )
 
@@ -61,6 +65,7 @@ REASON_CODES = (
 # detectors produce free text today; this one table maps it to a code until
 # the producers set the code themselves.
 _REASON_PATTERNS = (
+    ("internal_error", r"^moepass failed while"),
     ("validation_failed", r"^rewrite does not reproduce|^validation could not run|^could not run the block"),
     ("random_in_training", r"draws random numbers"),
     ("not_topk_routing", r"no top-k expert selection|sparsemixer|not an expert selection"),
@@ -76,7 +81,8 @@ _REASON_PATTERNS = (
     (
         "unsupported_experts",
         r"expert weight|expert linear|expert bias|stacked expert|expert projections|experts of different|"
-        r"per-expert|projection has|GEMM does not consume|orientations|cannot tell|per-expert output norm",
+        r"per-expert|projection has|GEMM does not consume|orientations|cannot tell|per-expert output norm|"
+        r"sets some slots. weight to 0",
     ),
 )
 

@@ -35,7 +35,10 @@ models check are kept (:func:`_keep_relations`: multi-head stays multi-head,
 MLA head dims, Mamba heads × head dim), and multimodal RoPE sections are
 sized to the rotary dim, also where the modeling code falls back to a default
 the config does not name.  :data:`FAMILY_OVERRIDES` holds the few per-family
-settings no rule can derive, each with the reason.
+settings no rule can derive, each with the reason.  Only sizes shrink: a
+default that is already small (top-1 routing, two shared experts) is kept, so
+the variant the config class describes — the one real checkpoints use — is
+the one built; :data:`FAMILY_VARIANTS` adds the other variants in real use.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ __all__ = [
     "EXPERT_COUNT",
     "TOP_K",
     "FAMILY_OVERRIDES",
+    "FAMILY_VARIANTS",
     "MoEFamily",
     "discover_moe_families",
     "moe_family",
@@ -249,7 +253,11 @@ def discover_moe_families(prefilter: bool = True) -> tuple[MoEFamily, ...]:
         except Exception as error:  # a config that cannot be built with its defaults
             logger.debug("zoo: config %s has no default instance: %s", model_type, error)
             continue
-        where = _find_moe(config)
+        try:
+            where = _find_moe(config)
+        except Exception as error:  # a config whose attributes this scan cannot read: say so, go on
+            logger.warning("zoo: could not read config %s (%s: %s); it is not in the zoo", model_type, type(error).__name__, error)
+            continue
         if where is not None:
             found[model_type] = (config, where)
     covered = set()
@@ -305,8 +313,6 @@ FAMILY_OVERRIDES: dict[str, dict[str, Any]] = {
     # attn_config.rope_theta; and clip_qkv=None (the default) makes
     # ``clamp(min=None, max=None)`` raise.
     "dbrx": {"attn_config.rope_theta": 10000.0, "attn_config.clip_qkv": 8.0},
-    # ZAYA's config validation accepts num_experts_per_tok == 1 only.
-    "zaya": {"num_experts_per_tok": 1},
     # The config leaves layer_types unset (checkpoints carry it) and the model
     # indexes it per layer: one short-conv layer and one attention layer.
     "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
@@ -324,6 +330,13 @@ FAMILY_OVERRIDES: dict[str, dict[str, Any]] = {
     # The model builds a sliding-window mask whatever the layer types, and the
     # config leaves the window unset.
     "step3p7": {"text_config.sliding_window": 4},
+}
+
+#: Variants of a family that real checkpoints use beside the config class's defaults, each tested as
+#: well: ``{family: {variant: overrides}}`` (overrides as in :data:`FAMILY_OVERRIDES`), each with why.
+FAMILY_VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
+    # stepfun-ai/Step-3.7-Flash clamps its routed experts on two layers (swiglu_limits 7 there, 0 elsewhere)
+    "step3p7": {"clamped": {"text_config.swiglu_limits": [0.0, 7.0]}},
 }
 
 _LAYER_COUNT = re.compile(r"^(num_hidden_layers|num_layers|n_layers|encoder_layers|decoder_layers|num_decoder_layers|num_encoder_layers|depth)$")
@@ -366,7 +379,7 @@ def _shrink_value(name: str, value: Any, default_layers: int | None) -> Any:
     if EXPERT_COUNT.match(name):
         return [EXPERTS] * L if isinstance(value, list) else EXPERTS
     if TOP_K.match(name):
-        return TOP_K_VALUE
+        return min(value, TOP_K_VALUE) if _is_int(value) and value > 0 else TOP_K_VALUE  # a top-1 model stays top-1
     if name in ("n_group", "num_expert_group"):
         return GROUPS if _is_int(value) and value > 1 else value
     if name == "topk_group":
@@ -374,7 +387,7 @@ def _shrink_value(name: str, value: Any, default_layers: int | None) -> Any:
     if "zero_expert" in name and _is_int(value):
         return EXPERTS // 2
     if _SHARED_COUNT.match(name) and (_is_int(value) or value is None):
-        return 1 if value is None else min(value, 1)  # None: the model multiplies by it
+        return 1 if value is None else min(value, 2)  # None: the model multiplies by it; 2 (Inkling) stays 2
     if value is None and _INTERMEDIATE.search(name) and re.search("moe|expert", name):
         return INTERMEDIATE  # configs that switch the experts off leave their size unset
     if name == "head_dim" and value is None:
@@ -501,6 +514,10 @@ def _keep_relations(default: dict[str, Any], out: dict[str, Any]) -> None:
     if _is_int(default.get("qk_head_dim")) and _is_int(out.get("qk_nope_head_dim")) and _is_int(out.get("qk_rope_head_dim")):
         if default["qk_head_dim"] == default.get("qk_nope_head_dim", 0) + default.get("qk_rope_head_dim", 0):
             out["qk_head_dim"] = out["qk_nope_head_dim"] + out["qk_rope_head_dim"]
+    # an attention indexer's heads read one key head's group of query heads (Kolibri 1.1)
+    heads, kv = out.get("num_attention_heads"), out.get("num_key_value_heads")
+    if _is_int(out.get("index_num_heads")) and _is_int(heads) and _is_int(kv) and kv:
+        out["index_num_heads"] = max(1, min(out["index_num_heads"], heads // kv))
     # Mamba: heads × head dim == expand × hidden size
     for heads, head_dim, expand in (
         ("mamba_n_heads", "mamba_d_head", "mamba_expand"),

@@ -41,7 +41,7 @@ import torch.nn as nn
 
 from moepass.compiler.dataflow import op_name
 from moepass.runtime.report import classify_reason
-from moepass.zoo.discovery import MoEFamily, discover_moe_families, moe_family, tiny_family_model
+from moepass.zoo.discovery import FAMILY_VARIANTS, MoEFamily, discover_moe_families, moe_family, tiny_family_model
 
 __all__ = [
     "OUTCOMES",
@@ -50,6 +50,7 @@ __all__ = [
     "FamilyOutcome",
     "family_inputs",
     "moe_blocks_that_ran",
+    "zoo_cases",
     "runnable_model",
     "run_family",
     "survey",
@@ -103,6 +104,15 @@ class FamilyOutcome:
     seconds: float = 0.0
     #: experts modules :func:`moepass.make_traceable` replaced before compiling
     made_traceable: list[str] = field(default_factory=list)
+    #: modules of a class make_traceable knows that it left as they were, and why
+    traceable_left: dict[str, str] = field(default_factory=dict)
+    #: the variant of :data:`moepass.zoo.discovery.FAMILY_VARIANTS` built ("" for the config class's defaults)
+    variant: str = ""
+
+    @property
+    def case(self) -> str:
+        """``family`` or ``family:variant``."""
+        return f"{self.family}:{self.variant}" if self.variant else self.family
 
     @property
     def rewritten(self) -> list[BlockOutcome]:
@@ -261,27 +271,31 @@ def run_family(
     options: dict[str, Any] | None = None,
     tolerance: float = TOLERANCE,
     traceable: bool = True,
+    variant: str = "",
 ) -> FamilyOutcome:
     """Build, compile (static policy, inner eager) and compare one family; never raises.
 
     With ``traceable`` the model first goes through :func:`moepass.make_traceable`
     (as a user whose report names a graph-breaking experts loop would do);
-    the reference is the model before it.
+    the reference is the model before it.  ``variant`` names one of the
+    family's :data:`moepass.zoo.discovery.FAMILY_VARIANTS` ("" for its config class's defaults).
     """
     import moepass
 
     family = family if isinstance(family, MoEFamily) else moe_family(family)
     started = time.perf_counter()
-    result = FamilyOutcome(family=family.name, kind=family.kind, outcome="build failed")
+    result = FamilyOutcome(family=family.name, kind=family.kind, outcome="build failed", variant=variant)
     lengths = list(lengths)
     try:
-        model = runnable_model(tiny_family_model(family), family)
+        overrides = FAMILY_VARIANTS.get(family.name, {})[variant] if variant else {}
+        model = runnable_model(tiny_family_model(family, **overrides), family)
         inputs = [family_inputs(model, length) for length in lengths]
         result.blocks_ran = len(moe_blocks_that_ran(model, inputs[0]))
         with torch.no_grad():
             expected = [_output_tensor(_seeded(model, x)) for x in inputs]
         if traceable:
-            result.made_traceable = moepass.make_traceable(model)
+            made = moepass.make_traceable(model)
+            result.made_traceable, result.traceable_left = list(made), dict(made.left)
     except Exception as error:  # the tiny model cannot be built or run eagerly: not the backend's doing
         result.error = _short_error(error)
         result.seconds = time.perf_counter() - started
@@ -345,17 +359,22 @@ def _classify(result: FamilyOutcome, tolerance: float) -> str:
     return "partial"
 
 
+def zoo_cases(families: Iterable[str | MoEFamily] | None = None) -> list[tuple[MoEFamily, str]]:
+    """(family, variant) for every discovered family (or those named): its defaults ("") and each variant."""
+    chosen = discover_moe_families() if families is None else [f if isinstance(f, MoEFamily) else moe_family(f) for f in families]
+    return [(f, v) for f in chosen for v in ("", *FAMILY_VARIANTS.get(f.name, {}))]
+
+
 def survey(
     families: Iterable[str | MoEFamily] | None = None,
     lengths: Iterable[int] = LENGTHS,
     progress: Callable[[FamilyOutcome], None] | None = None,
 ) -> list[FamilyOutcome]:
-    """:func:`run_family` for every discovered family (or those named), in name order."""
-    chosen = discover_moe_families() if families is None else [f if isinstance(f, MoEFamily) else moe_family(f) for f in families]
+    """:func:`run_family` for every discovered family (or those named) and its variants, in name order."""
     outcomes = []
-    for family in chosen:
-        outcome = run_family(family, lengths)
-        logger.info("zoo: %s: %s (%.1fs)", family.name, outcome.outcome, outcome.seconds)
+    for family, variant in zoo_cases(families):
+        outcome = run_family(family, lengths, variant=variant)
+        logger.info("zoo: %s: %s (%.1fs)", outcome.case, outcome.outcome, outcome.seconds)
         outcomes.append(outcome)
         if progress is not None:
             progress(outcome)
@@ -378,5 +397,7 @@ def markdown_table(outcomes: Iterable[FamilyOutcome]) -> str:
         why = "" if o.outcome == "rewritten" else _cell(o.reason)
         if o.made_traceable:
             why = (why + "; " if why else "") + "experts loop made traceable by moepass.make_traceable"
-        lines.append(f"| {o.family} | {o.kind} | {o.outcome} | {counts} | {error} | {why} |")
+        if o.traceable_left:
+            why = (why + "; " if why else "") + _cell("make_traceable left: " + "; ".join(sorted(set(o.traceable_left.values()))))
+        lines.append(f"| {o.case} | {o.kind} | {o.outcome} | {counts} | {error} | {why} |")
     return "\n".join(lines)

@@ -25,6 +25,7 @@ that were not rewritten, with the reason.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 
@@ -50,7 +51,9 @@ from moepass.compiler.detect.router import RouterMatch, find_router_linear, is_t
 from moepass.compiler.detect.shared import CoupledShared, match_shared_experts, split_coupled_shared
 from moepass.compiler.spec import MoEBlockSpec, SharedExpertSpec, layer_index_of
 
-__all__ = ["BlockMatch", "BlockRejection", "find_moe_blocks", "Mismatch", "layer_index_of"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["BlockMatch", "BlockRejection", "find_moe_blocks", "Mismatch", "layer_index_of", "internal_error_reason"]
 
 
 @dataclass
@@ -144,7 +147,13 @@ _ROUTER_NAME = re.compile(r"(^|[._])(gate|router|gating|routing|switch)([._]|$)"
 
 
 def _expert_loop_consumer(router: RouterMatch, flow: Dataflow) -> str | None:
-    """How the ids leave through an expert loop: "skips_sentinel", "leaves_graph" or None.
+    """How the ids leave through an expert loop: "skips_sentinel", "leaves_graph", "remapped" or None.
+
+    "remapped": the ids leave the graph only after the block rewrote some of
+    them (``where(mask, other, ids)``: LongCat-Flash from transformers 5.25
+    spreads its identity slots over real experts before its experts loop);
+    the router-only rewrite cannot keep that remap consistent with the
+    slots a policy drops, so the block is reported, not rewritten.
 
     "skips_sentinel": in this graph the ids feed ``one_hot(ids, E + 1)`` or
     ``ids == e`` comparisons, which never select id E.  "leaves_graph": the
@@ -155,7 +164,7 @@ def _expert_loop_consumer(router: RouterMatch, flow: Dataflow) -> str | None:
     """
     num_experts = router.spec.num_experts
     frontier = [router.ids]
-    leaves_graph = False
+    leaves_graph = remapped = False
     for _ in range(4):
         next_frontier = []
         for node in frontier:
@@ -169,7 +178,11 @@ def _expert_loop_consumer(router: RouterMatch, flow: Dataflow) -> str | None:
                     leaves_graph = True
                 if name in ("to", "long", "int", "view", "reshape"):
                     next_frontier.append(user)
+                if name == "where" and any(op_name(u) == "output" for u in user.users):
+                    remapped = True
         frontier = next_frontier
+    if remapped and not leaves_graph:
+        return "remapped"
     if not leaves_graph or router.weights_end is None:
         return None
     weights_leave = any(op_name(u) == "output" for u in router.weights_end.users)
@@ -281,7 +294,9 @@ def _coupled_shared(combine: fx.Node, region: Region, router: RouterMatch, flow:
         return None
     token_dims = tuple(tensor_shape(router.linear)[:-1])
     routing = routing_set(router.linear, router.x_base, flow, token_dims)
-    return split_coupled_shared(flow, combine, region.x_base, routing, lambda r: _has_expert_gemm(r, router))
+    return split_coupled_shared(
+        flow, combine, region.x_base, routing, lambda r: _has_expert_gemm(r, router), router.zero_weight_classes
+    )
 
 
 def _closed_region(flow: Dataflow, combine: fx.Node, x_base: fx.Node) -> Region:
@@ -326,73 +341,122 @@ def find_moe_blocks(gm: fx.GraphModule, flow: Dataflow | None = None) -> list[Bl
     router_failures: dict[str, str] = {}
     for anchor in _selection_anchors(gm.graph, flow):
         try:
-            router = _match_any_router(anchor, flow)
-        except Mismatch as error:
-            evidence = _expert_evidence(anchor, flow)
-            if evidence is not None:
-                results.append(BlockRejection(path=evidence, reason=f"router not supported: {error}"))
-            else:
-                block = _router_block_of(anchor)
-                if block is not None:
-                    router_failures.setdefault(block, f"router not supported: {error}")
-            continue
-        combine, region_or_reason, coupled = _find_combine(router, flow)
-        router_block = _router_block(router.module_path)
-        if combine is None:
-            consumer = _expert_loop_consumer(router, flow)
-            if consumer is not None:
-                results.append(_router_only(router, flow, sentinel_safe=consumer == "skips_sentinel"))
-                claimed |= router.param_nodes
-            elif region_or_reason is not None or _expert_evidence(anchor, flow) is not None:
+            try:
+                router = _match_any_router(anchor, flow)
+            except Mismatch as error:
+                evidence = _expert_evidence(anchor, flow)
+                if evidence is not None:
+                    results.append(BlockRejection(path=evidence, reason=f"router not supported: {error}"))
+                else:
+                    block = _router_block_of(anchor)
+                    if block is not None:
+                        router_failures.setdefault(block, f"router not supported: {error}")
+                continue
+            combine, region_or_reason, coupled = _find_combine(router, flow)
+            router_block = _router_block(router.module_path)
+            if combine is None:
+                consumer = _expert_loop_consumer(router, flow)
+                if consumer == "remapped":
+                    results.append(
+                        BlockRejection(
+                            path=router_block or "",
+                            reason="the experts graph-broke after the block remapped some of its expert ids (its "
+                            "experts loop runs outside this graph on ids the router-only rewrite cannot keep "
+                            "consistent): to rewrite it, run the experts with experts_implementation='grouped_mm' "
+                            "or call moepass.make_traceable(model) before torch.compile",
+                            router_kind=router.spec.kind,
+                            dispatch="eager_loop",
+                            num_experts=router.spec.num_experts,
+                            top_k=router.spec.top_k,
+                        )
+                    )
+                    claimed |= router.param_nodes
+                elif consumer is not None:
+                    results.append(_router_only(router, flow, sentinel_safe=consumer == "skips_sentinel"))
+                    claimed |= router.param_nodes
+                elif region_or_reason is not None or _expert_evidence(anchor, flow) is not None:
+                    results.append(
+                        BlockRejection(
+                            path=router_block or "",
+                            reason=region_or_reason or "could not find where the experts' outputs are combined",
+                            router_kind=router.spec.kind,
+                            num_experts=router.spec.num_experts,
+                            top_k=router.spec.top_k,
+                        )
+                    )
+                continue
+            region = region_or_reason
+            hidden = tensor_shape(region.x_base)[-1] if region.free_inputs else tensor_shape(router.weight)[1]
+            try:
+                if not _combine_shape_ok(combine, region.x_base, hidden):
+                    _explain_per_expert_output(region, router, flow)
+                    raise Mismatch(f"the block's output {combine.name} has shape {tensor_shape(combine)}")
+                try:
+                    experts = match_experts(region, router, flow)
+                except Mismatch:
+                    # an [E, H] tensor after the experts that reads like a bias may be a per-expert norm's
+                    # scale (Ergo's post_expert_norm): say so when it is
+                    _explain_per_expert_output(region, router, flow)
+                    raise
+            except Mismatch as error:
                 results.append(
                     BlockRejection(
                         path=router_block or "",
-                        reason=region_or_reason or "could not find where the experts' outputs are combined",
+                        reason=str(error),
                         router_kind=router.spec.kind,
                         num_experts=router.spec.num_experts,
                         top_k=router.spec.top_k,
                     )
                 )
-            continue
-        region = region_or_reason
-        hidden = tensor_shape(region.x_base)[-1] if region.free_inputs else tensor_shape(router.weight)[1]
-        try:
-            if not _combine_shape_ok(combine, region.x_base, hidden):
-                _explain_per_expert_output(region, router, flow)
-                raise Mismatch(f"the block's output {combine.name} has shape {tensor_shape(combine)}")
-            experts = match_experts(region, router, flow)
-        except Mismatch as error:
-            results.append(
-                BlockRejection(
-                    path=router_block or "",
-                    reason=str(error),
-                    router_kind=router.spec.kind,
-                    num_experts=router.spec.num_experts,
-                    top_k=router.spec.top_k,
-                )
+                continue
+            path = _block_path(router_block, _parent(experts.module_path) if experts.spec.dispatch != "module_loop" else experts.module_path)
+            if coupled is not None:
+                shared = (coupled.spec,) if coupled.spec is not None else ()
+            else:
+                shared = match_shared_experts(flow, combine, region.x_base)
+            spec = MoEBlockSpec(
+                path=path,
+                router=router.spec,
+                experts=experts.spec,
+                shared_experts=shared,
+                layer_index=layer_index_of(path),
             )
-            continue
-        path = _block_path(router_block, _parent(experts.module_path) if experts.spec.dispatch != "module_loop" else experts.module_path)
-        shared = (coupled.spec,) if coupled is not None else match_shared_experts(flow, combine, region.x_base)
-        spec = MoEBlockSpec(
-            path=path,
-            router=router.spec,
-            experts=experts.spec,
-            shared_experts=shared,
-            layer_index=layer_index_of(path),
-        )
-        kept = (coupled.shared,) if coupled is not None else ()
-        results.append(
-            BlockMatch(spec=spec, router=router, experts=experts, region=region, shared=shared, kept_readers=kept)
-        )
-        claimed |= {n for n in region.inputs if n.op in ("placeholder", "get_attr")} | router.param_nodes
-    results.extend(_argmax_routers(gm.graph, flow, {r.path for r in results}))
-    results.extend(_unclaimed_experts(gm.graph, claimed, results, router_failures, flow))
+            kept = (coupled.shared,) if coupled is not None else ()
+            results.append(
+                BlockMatch(spec=spec, router=router, experts=experts, region=region, shared=shared, kept_readers=kept)
+            )
+            claimed |= {n for n in region.inputs if n.op in ("placeholder", "get_attr")} | router.param_nodes
+        except Exception as error:  # a graph form this code does not expect: the block stays as it was
+            results.append(BlockRejection(path=_safe_block_of(anchor), reason=internal_error_reason("reading", error)))
+
+    try:
+        results.extend(_argmax_routers(gm.graph, flow, {r.path for r in results}))
+    except Exception as error:  # only reports; nothing to leave unchanged
+        logger.warning("moepass: %s", internal_error_reason("looking for more blocks in", error))
+    try:
+        results.extend(_unclaimed_experts(gm.graph, claimed, results, router_failures, flow))
+    except Exception as error:  # only reports; nothing to leave unchanged
+        logger.warning("moepass: %s", internal_error_reason("looking for more blocks in", error))
     return results
 
 
 #: Ops that reduce a row over its features (a norm's mean square, its root).
 _ROW_REDUCTIONS = {"mean", "rsqrt", "norm", "var", "var_mean", "layer_norm", "rms_norm", "linalg_vector_norm"}
+
+
+def _safe_block_of(anchor: fx.Node) -> str:
+    try:
+        return _router_block_of(anchor) or ""
+    except Exception:  # the graph is what could not be read
+        return ""
+
+
+def internal_error_reason(stage: str, error: BaseException) -> str:
+    """The reason of a block left as it was because moepass raised (code ``internal_error``)."""
+    return (
+        f"moepass failed while {stage} this block ({type(error).__name__}: {error}); the block runs as it was — "
+        "please report it with moepass.report()"
+    )
 
 
 def _explain_per_expert_output(region: Region, router: RouterMatch, flow: Dataflow) -> None:

@@ -27,7 +27,8 @@ __all__ = [
 ]
 
 #: Ops that change a tensor's dtype (or nothing) and keep its values.
-CAST_OPS = {"float", "to", "type", "type_as", "half", "bfloat16", "double", "contiguous", "detach", "clone"}
+#: Ops that keep a tensor's values (``full_tensor``: a DTensor gathered whole, the values it stands for).
+CAST_OPS = {"float", "to", "type", "type_as", "half", "bfloat16", "double", "contiguous", "detach", "clone", "full_tensor"}
 #: Ops that only change a tensor's shape.
 SHAPE_OPS = {"view", "reshape", "view_as", "reshape_as", "flatten", "unsqueeze", "squeeze"}
 

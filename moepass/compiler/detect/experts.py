@@ -19,6 +19,7 @@ and the activation from the ops between the two GEMMs::
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -363,6 +364,8 @@ def _match_stacked(region, router, flow, stacked, stacked_bias, hidden, num_expe
             raise Mismatch(f"expert bias {bias.name} of width {width} fits neither projection")
     if (b1 is None) != (b2 is None):
         raise Mismatch("only one of the two expert projections has a bias")
+    if router.spec.num_experts > num_experts:
+        _check_zeroed_slots_add_nothing(region, router, flow)
     gemm_names = {op_name(gemm1), op_name(gemm2)}
     if gemm_names & _GROUPED_GEMMS:
         dispatch = "grouped_mm"
@@ -390,6 +393,32 @@ def _match_stacked(region, router, flow, stacked, stacked_bias, hidden, num_expe
     )
     x_input = _experts_input(region, router, gemm1, w1, flow, hidden)
     return ExpertsMatch(spec, w1, w2, b1, b2, module_path=module_path_of_param(w1), x_input=x_input)
+
+
+def _check_zeroed_slots_add_nothing(region: Region, router: RouterMatch, flow: Dataflow) -> None:
+    """Mismatch when the block itself uses the weights of the slots it sets to 0 for its experts.
+
+    Slots whose weight the model sets to 0 before its experts become zero
+    experts (no GEMM row, nothing added).  That is only the block's function
+    when nothing else in the block reads their weight: LongCat-Flash (5.25)
+    adds an identity term from it — kept as the model's own when it is a
+    branch beside the experts (:func:`moepass.compiler.detect.shared.split_coupled_shared`),
+    but a block that still holds such a reader cannot be replaced by the experts alone.
+    """
+    on_path = flow.ancestors(router.weights_end) | {router.weights_end}
+    for node in region.nodes:
+        if op_name(node) not in ("masked_fill", "masked_fill_") or node not in on_path:
+            continue
+        source = node.args[0] if node.args else None
+        if not isinstance(source, fx.Node):
+            continue
+        readers = [u for u in source.users if u in region.nodes and u not in on_path]
+        if readers:
+            raise Mismatch(
+                f"the block sets some slots' weight to 0 before its experts ({node.name}) and also reads their "
+                f"weights elsewhere ({', '.join(sorted(r.name for r in readers)[:3])}): a term of its own for those "
+                "slots that the experts op would not compute"
+            )
 
 
 def _expert_selector_index(node: fx.Node, router: RouterMatch, flow: Dataflow) -> int | None:
@@ -428,6 +457,27 @@ def _same_value(a: fx.Node, b: fx.Node) -> bool:
     return _traces_back_to(a, b) or _traces_back_to(b, a)
 
 
+def _remaps_zero_weight_slots(ids: fx.Node, router: RouterMatch, flow: Dataflow) -> bool:
+    """Whether ``ids`` is ``where(ids_r ≥ c, other, ids_r)`` over the router's ids for zero-weight classes only.
+
+    LongCat-Flash (transformers 5.25) spreads its identity slots over real
+    experts before the experts run, at weight 0: the experts see other ids
+    for exactly the slots whose weight the model set to 0.
+    """
+    from moepass.compiler.detect.lifted_router import _classes_of_mask
+
+    for _ in range(4):
+        if op_name(ids) != "where" and op_name(ids) in _PASS_THROUGH and ids.args:
+            ids = ids.args[0]
+    if op_name(ids) != "where" or len(ids.args) != 3 or not isinstance(ids.args[2], fx.Node):
+        return False
+    mask, _, kept = ids.args
+    if not _same_value(kept, router.ids):
+        return False
+    classes = _classes_of_mask(mask, router.ids, flow.ancestors(ids) | {ids}, router.spec.num_experts)
+    return bool(classes) and classes <= router.zero_weight_classes
+
+
 def _match_moepass_op(region, router, flow, own_ops, hidden) -> ExpertsMatch:
     """The experts are already ``moepass.experts`` (a loop :func:`moepass.make_traceable` replaced).
 
@@ -442,8 +492,11 @@ def _match_moepass_op(region, router, flow, own_ops, hidden) -> ExpertsMatch:
     node = own_ops[0]
     x, ids, weights, w1, w2, b1, b2, config = node.args
     spec = parse_experts_config(config).spec
-    if not _same_value(ids, router.ids) or not _same_value(weights, router.weights_end):
+    if not (_same_value(ids, router.ids) or _remaps_zero_weight_slots(ids, router, flow)) or not _same_value(
+        weights, router.weights_end
+    ):
         raise Mismatch(f"{node.name}: its ids and weights are not the router's selection")
+
     zero = [n for n in region.nodes if op_name(n) == "moepass::zero_compute_experts"]
     if spec.zero_compute:
         if len(zero) != 1:
@@ -462,6 +515,13 @@ def _match_moepass_op(region, router, flow, own_ops, hidden) -> ExpertsMatch:
             raise Mismatch(f"{zero[0].name}: zero-computation experts whose {', '.join(wrong)} differ from {node.name}'s")
     elif zero:
         raise Mismatch(f"{zero[0].name}: zero-computation experts the experts op does not declare")
+    total = spec.num_experts + len(spec.zero_compute)
+    if not spec.zero_compute and total < router.spec.num_experts and set(
+        range(total, router.spec.num_experts)
+    ) <= router.zero_weight_classes:
+        # the router's classes past the GEMM experts whose weight the model sets to 0 (LongCat-Flash from
+        # transformers 5.25 remaps them onto real experts at weight 0): zero experts, no GEMM row
+        spec = dataclasses.replace(spec, zero_compute=("zero",) * (router.spec.num_experts - total))
     if spec.hidden_size != hidden or spec.num_experts + len(spec.zero_compute) != router.spec.num_experts:
         raise Mismatch(
             f"{node.name}: {spec.num_experts} experts + {len(spec.zero_compute)} zero-computation ones of width "

@@ -161,7 +161,10 @@ def match_lifted_router(anchor: fx.Node, flow: Dataflow) -> RouterMatch:
             candidates.append(node)
     if not candidates:
         raise Mismatch(f"{anchor.name}: no routing weights of the selection's size leave the router")
-    weights_end = max(candidates, key=flow.position.__getitem__)
+    # weights shaped [..., k] before ones that only hold k values ([..., k, 1]): with as many shared experts
+    # as picks, Inkling's shared gammas reshaped to [T, S, 1] would pass for the routed weights
+    exact = [n for n in candidates if tuple(example_value(n).shape)[len(token_dims):] == (k,)]
+    weights_end = max(exact or candidates, key=flow.position.__getitem__)
     formula_nodes = flow.sorted((flow.ancestors(weights_end) | flow.ancestors(anchor) | {weights_end}) & members)
     params = {weight} | ({bias} if bias is not None else set())
     for node in formula_nodes:  # parameters read directly or through views of them (a squeezed bias)

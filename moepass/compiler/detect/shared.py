@@ -20,6 +20,19 @@ the routed output.  :func:`split_coupled_shared` separates the two::
 The rewrite replaces the routed part (its region ends at R); the shared
 branch, and the router values it reads, stay in the graph as the model's own
 ops.
+
+The same split keeps a model's own term for slots whose weight it sets to 0
+on the experts' side (LongCat-Flash from transformers 5.25: identity slots are
+remapped onto real experts at weight 0, and the block adds x · Σ their
+weights itself)::
+
+    ids, w ─► masked_fill(w, ids ≥ E, 0), where(ids ≥ E, dummy, ids) ─► [routed experts] ─► R ─┐
+       └─────► x · Σ w[ids ≥ E] (router values and x only, no GEMM) ─────────────────────► T ─ add ─► C
+
+The branch T has no GEMM: it is no shared expert but the zero-computation
+slots' term, kept as the model computes it, while those slots cost the
+rewritten experts no GEMM row (their classes are the router's zero-weight
+classes, ids ≥ E).
 """
 
 from __future__ import annotations
@@ -98,7 +111,8 @@ class CoupledShared:
     region: Region
     #: The shared branch's output, left in the graph.
     shared: fx.Node
-    spec: SharedExpertSpec
+    #: None for a zero-computation slots' term (no GEMM of its own: not a shared expert).
+    spec: SharedExpertSpec | None
 
 
 def _expert_widths(nodes: set[fx.Node], hidden: int) -> list[int]:
@@ -116,6 +130,17 @@ def _expert_widths(nodes: set[fx.Node], hidden: int) -> list[int]:
             if len(inner) == 1 and isinstance(inner[0], int):
                 widths.append(inner[0])
     return widths
+
+
+def _is_view_of(node: fx.Node, source: fx.Node) -> bool:
+    """Whether ``node`` is ``source`` through reshapes and casts only."""
+    for _ in range(8):
+        if node is source:
+            return True
+        if op_name(node) not in CAST_OPS | SHAPE_OPS or not node.args or not isinstance(node.args[0], fx.Node):
+            return False
+        node = node.args[0]
+    return False
 
 
 def _by_name(nodes: set[fx.Node]) -> list[fx.Node]:
@@ -144,6 +169,7 @@ def split_coupled_shared(
     x_base: fx.Node,
     routing: set[fx.Node],
     has_expert_gemm: Callable[[Region], bool],
+    zero_weight_classes: frozenset[int] = frozenset(),
 ) -> CoupledShared | None:
     """Split ``combine = routed + shared`` when the shared branch reads the router's values alone.
 
@@ -152,8 +178,11 @@ def split_coupled_shared(
     expert weights.  The split holds when one operand of the add is a closed
     region with the routed experts' GEMMs and the other's own nodes (those
     outside the routed region) read from the routed region nothing but
-    router values, and contain GEMMs of their own (the shared experts).
-    Returns None when ``combine`` is not such a sum.
+    router values, and contain GEMMs of their own (the shared experts) —
+    or, when the router has ``zero_weight_classes`` (slots whose weight the
+    model sets to 0 before its experts), no GEMM at all (those slots' own
+    term, the module docstring's second sketch).  Returns None when
+    ``combine`` is not such a sum.
     """
     if op_name(combine) not in _ADDS or len(combine.args) != 2:
         return None
@@ -176,10 +205,13 @@ def split_coupled_shared(
             and n not in flow.ancestors(x_base) and n is not x_base
         }
         reads = {s for n in own for s in n.all_input_nodes if s in region.nodes}
+        reads = {s for s in reads if not _is_view_of(s, x_base)}  # the block's input, reshaped or cast
         if not reads or not reads <= routing:
             continue  # independent of the router (the ordinary case), or reads the dispatch
         widths = _expert_widths(own, hidden)
         if not widths:
+            if zero_weight_classes and not any(op_name(n) in _GEMMS | {"linear"} for n in own):
+                return CoupledShared(routed=routed, region=region, shared=shared, spec=None)
             continue  # no GEMM of its own: not an expert
         spec = SharedExpertSpec(intermediate_size=int(widths[0]), gate="router")
         return CoupledShared(routed=routed, region=region, shared=shared, spec=spec)

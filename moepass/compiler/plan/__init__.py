@@ -10,7 +10,11 @@ experts run, without touching what they compute:
   (``options={"experts_dtype": ...}``, or a quantized checkpoint's experts adapted
   by :func:`moepass.adapt_quantized_experts`);
 * :mod:`~moepass.compiler.plan.offload` — the experts read their weights (float or
-  quantized) from an expert store through a per-layer cache (``options={"offload": ...}``).
+  quantized) from an expert store through a per-layer cache (``options={"offload": ...}``);
+* :mod:`~moepass.compiler.plan.expert_parallel` — the experts are split over
+  ranks and only kept slots are exchanged (transformers'
+  ``ep_implementation="moepass"``, ``Shard(0)`` DTensor weights, or
+  ``options={"expert_parallel": {"mesh": mesh}}``);
 * :mod:`~moepass.compiler.plan.cpu_kernels` — the CPU lowering's kernel and path
   choices for this machine, looked up or measured (``options={"cpu_tuning": ...}``);
   the graph is unchanged (the op reads the tables when it runs).

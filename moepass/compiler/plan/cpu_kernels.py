@@ -28,7 +28,9 @@ import torch
 import torch.fx as fx
 
 from moepass.compiler.dataflow import example_value
+from moepass.compiler.plan.expert_parallel import local_experts
 from moepass.compiler.stages import BlockState, GraphState
+from moepass.runtime.ops import parse_experts_config
 
 __all__ = ["KERNEL_CHOICES", "cpu_kernels_stage"]
 
@@ -66,10 +68,15 @@ def cpu_kernels_stage(state: GraphState) -> None:
         if weights is None or weights["w1"].dtype != x.dtype:
             continue
         path = item.path or "<root>"
+        spec, top_k = item.spec.experts, item.spec.top_k
+        config = parse_experts_config(block.experts_node().args[7])
+        if config.expert_parallel:  # this rank's experts, run top-1 on the rows it receives
+            spec, weights = local_experts(config, weights)
+            top_k = 1
         try:
             with torch.no_grad():
-                block.report.cpu_kernels = prepare_block(item.spec.experts, weights, item.spec.top_k,
-                                                         options.cpu_prepack, options.cpu_tuning, path)
+                block.report.cpu_kernels = prepare_block(spec, weights, top_k, options.cpu_prepack,
+                                                         options.cpu_tuning, path)
         except (RuntimeError, ValueError, OSError) as failure:  # a lost choice, not a wrong answer
             logger.warning("moepass: could not measure the CPU kernels of %s (%s: %s): it takes the moepass path",
                            path, type(failure).__name__, failure)

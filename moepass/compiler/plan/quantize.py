@@ -240,6 +240,8 @@ def _quantize_call(state: GraphState, call, scheme: QuantScheme | None, notes: l
         return "", None  # a float block in a graph compiled without experts_dtype
     if w1 is None or w2 is None:
         return "its expert weights are computed in the graph, not parameters", None
+    if any(type(w).__name__ == "DTensor" for w in (w1, w2)):
+        return "its experts are split over ranks (expert parallelism): quantized experts are not sharded yet", None
     if checkpoint:  # a quantized checkpoint's experts: its own codes, never quantized again
         layouts = [_released[w1], _released[w2]]
         if scheme is not None and layouts[0].scheme != scheme:
