@@ -122,6 +122,7 @@ except ImportError:
 PROMPT = list(b"import os\n\n\ndef read_config(path):\n    ")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(og is None, reason="onnxruntime-genai is not installed (pip install onnxruntime-genai)")
 def test_genai_folder_of_int4_experts_generates_what_the_compiled_model_does(tmp_path):
     """onnxruntime-genai loads the quantized folder and its greedy tokens are those of a greedy loop over
