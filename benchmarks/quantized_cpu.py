@@ -32,8 +32,10 @@ its section of RESULTS.md):
     0.1, 0.2, 0.3: perplexity, low-precision loads and bytes read per token —
     HOBBIT's quality cost.
 ``llama``
-    llama.cpp (llama-cpp-python + gguf) when installed: reports whether it
-    is; the GGUF conversion of the random model is not written yet.
+    llama.cpp (llama-cpp-python + gguf): reports whether they are installed.
+    Not a comparison yet: llama-cpp-python is a source distribution on the
+    registry here (its build did not finish in 50 minutes on the 2-core
+    machine) and the GGUF conversion of the random model is not written.
 
 ``--quick`` shrinks every part (fewer rounds, smaller offload model, fewer
 decode steps) to check the script runs; its numbers mean nothing.
