@@ -20,17 +20,20 @@ SOURCES = (("moepass", "moepass"),)
 
 #: room -> the rooms its modules may import ("root" is the ``moepass`` package itself, the public facade).
 MAY_IMPORT: dict[str, set[str]] = {
-    "compiler": {"runtime", "policies", "lowering"},
-    "runtime": {"policies", "lowering"},
+    "compiler": {"runtime", "policies", "lowering", "quantize"},
+    "runtime": {"policies", "lowering", "quantize"},
     "policies": set(),
+    "quantize": set(),
     "reports": {"compiler", "runtime", "policies"},
-    "exports": {"compiler", "runtime", "policies", "lowering"},
-    "bundled": {"compiler", "runtime", "policies", "root"},
-    "lowering": {"runtime", "kernels"},
+    "exports": {"compiler", "runtime", "policies", "lowering", "quantize"},
+    "bundled": {"compiler", "runtime", "policies", "quantize", "root"},
+    "lowering": {"runtime", "kernels", "quantize"},
     "kernels": {"runtime", "zoo"},
-    "zoo": {"compiler", "runtime", "policies", "reports", "exports", "bundled", "lowering", "kernels", "root"},
-    "cli": {"compiler", "runtime", "policies", "reports", "exports", "bundled", "lowering", "kernels", "zoo", "root"},
-    "root": {"compiler", "runtime", "policies", "reports", "exports"},
+    "zoo": {"compiler", "runtime", "policies", "quantize", "reports", "exports", "bundled", "lowering", "kernels", "root"},
+    "cli": {
+        "compiler", "runtime", "policies", "quantize", "reports", "exports", "bundled", "lowering", "kernels", "zoo", "root",
+    },
+    "root": {"compiler", "runtime", "policies", "quantize", "reports", "exports"},
 }
 #: Modules every room may import: the block description the compiler hands the rest (the
 #: contract: specs and the lifted elementwise programs they carry), and the version.

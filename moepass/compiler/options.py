@@ -36,6 +36,14 @@ cpu_tuning CPU lowering: measure this machine's kernel     ``"auto"``
            seconds per shape, or what ``$MOEPASS_TUNING``
            says) | ``off`` | seconds; see
            :mod:`moepass.lowering.cpu_tuning`
+experts_dtype quantize the routed experts at compile time:   ``None``
+           ``int8`` (per output channel) | ``int4`` (per
+           group); see :mod:`moepass.compiler.plan.quantize`
+group_size int4: input features per scale (32 | 64 |       64 for int4
+           128 | 256)
+experts_float with ``experts_dtype``: ``keep`` the float     ``"keep"``
+           expert weights in memory, or ``release`` them
+           once quantized
 ========== ============================================== ===========
 
 Any other key is a parameter of the named policy (``{"policy": "top_p",
@@ -90,9 +98,17 @@ class BackendOptions:
     expert_parallel: ExpertParallelOptions | None = None
     #: Measuring the CPU lowering's choices on first compile: ``auto`` | ``off`` | seconds.
     cpu_tuning: Any = "auto"
+    #: Quantized experts (:class:`moepass.quantize.QuantScheme`), or None: the experts stay as they are.
+    quantize: Any = None
+    #: What happens to the float expert weights once quantized: ``keep`` | ``release``.
+    experts_float: str = "keep"
+    #: Not a user option: exporters set ``plain`` so quantized blocks keep the portable layout
+    #: (``auto``: the lowering's own form, e.g. ATen's operands on CPU).
+    quantized_form: str = "auto"
 
     _BACKEND_KEYS = (
         "policy", "inner", "lowering", "validate", "stats", "offload", "cpu_prepack", "cpu_tuning", "expert_parallel",
+        "experts_dtype", "group_size", "experts_float",
     )
 
     @classmethod
@@ -153,6 +169,7 @@ class BackendOptions:
             tuning_budget(cpu_tuning, 1.0)
         except TuningError as error:
             raise OptionsError(f"option 'cpu_tuning': {error}") from None
+        quantize, experts_float = _parse_quantize(backend, lowering)
         return cls(
             policy=policy,
             inner=inner,
@@ -164,6 +181,8 @@ class BackendOptions:
             cpu_prepack=cpu_prepack,
             expert_parallel=expert_parallel,
             cpu_tuning=cpu_tuning,
+            quantize=quantize,
+            experts_float=experts_float,
         )
 
 
@@ -216,3 +235,24 @@ def _parse_expert_parallel(value: Any) -> ExpertParallelOptions | None:
     if mesh_dim is not None and not isinstance(mesh_dim, (int, str)):
         raise OptionsError(f"option 'expert_parallel': 'mesh_dim' must be an index or a name, got {mesh_dim!r}")
     return ExpertParallelOptions(mesh=mesh, mesh_dim=mesh_dim)
+
+
+def _parse_quantize(backend: Mapping[str, Any], lowering: str) -> tuple[Any, str]:
+    """(scheme or None, experts_float) from ``experts_dtype`` / ``group_size`` / ``experts_float``."""
+    from moepass.quantize.scheme import QuantizeError, parse_scheme
+
+    try:
+        scheme = parse_scheme(backend.get("experts_dtype"), backend.get("group_size"))
+    except QuantizeError as error:
+        raise OptionsError(str(error)) from None
+    experts_float = backend.get("experts_float", "keep")
+    if experts_float not in ("keep", "release"):
+        raise OptionsError(f"option 'experts_float' must be 'keep' or 'release', got {experts_float!r}")
+    if scheme is None and "experts_float" in backend:
+        raise OptionsError("option 'experts_float' needs experts_dtype 'int8' or 'int4'")
+    if scheme is not None and lowering not in ("auto", "cpu", "reference"):
+        raise OptionsError(
+            f"quantized experts run on the cpu lowering (ATen's int8/int4 kernels) or the reference; "
+            f"lowering={lowering!r} cannot"
+        )
+    return scheme, experts_float
