@@ -65,3 +65,33 @@ def test_the_hook_refuses_a_link_the_site_does_not_have(tmp_path):
     assert mkdocs_hooks._rewrite_links("[p](docs/page.md#x)", "README.md", "index.md") == "[p](page.md#x)"
     with pytest.raises(PluginError, match="outside docs/"):
         mkdocs_hooks._rewrite_links("[s](src.py)", "README.md", "index.md")
+
+
+def test_the_zoo_table_is_written_into_the_coverage_page(tmp_path, monkeypatch):
+    """benchmarks/zoo_table.py --docs writes between the markers of docs/coverage.md, and only there."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import zoo_table
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert Path(zoo_table.COVERAGE_PAGE).resolve() == ROOT / "docs" / "coverage.md"
+    page = (ROOT / "docs" / "coverage.md").read_text()
+    assert page.count(zoo_table.START) == 1 and page.count(zoo_table.END) == 1
+    assert zoo_table.START not in README_TEXT() and zoo_table.END not in README_TEXT()
+
+    copy = tmp_path / "coverage.md"
+    copy.write_text(page)
+    zoo_table.write_table("| family |\n|---|\n| new |", "1 rewritten", "9.9.9", page=str(copy))
+    written = copy.read_text()
+    assert "| new |" in written and "transformers 9.9.9" in written and "| afmoe |" not in written
+    assert written.split(zoo_table.START)[0] == page.split(zoo_table.START)[0]  # the prose around it is kept
+    assert written.split(zoo_table.END)[1] == page.split(zoo_table.END)[1]
+
+    copy.write_text("# a page without markers\n")
+    with pytest.raises(SystemExit, match="zoo-table:start"):
+        zoo_table.write_table("| t |", "s", "1", page=str(copy))
+    assert copy.read_text() == "# a page without markers\n"  # nothing half-written
+
+
+def README_TEXT() -> str:
+    return (ROOT / "README.md").read_text()
