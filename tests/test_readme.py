@@ -31,7 +31,7 @@ from moepass import bundled
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 _BLOCK = re.compile(r"```(\w+)\n(.*?)```", re.S)
-_NAV_PAGE = re.compile(r"^\s*-\s*(?:[^:]+:\s*)?([\w./-]+\.md)\s*$", re.M)
+_NAV_PAGE = re.compile(r"^\s*-\s.*?([\w./-]+\.md)\s*$", re.M)  # the page of a nav line, titled or not
 
 
 def documents() -> list[Path]:
