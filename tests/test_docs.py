@@ -95,3 +95,14 @@ def test_the_zoo_table_is_written_into_the_coverage_page(tmp_path, monkeypatch):
 
 def README_TEXT() -> str:
     return (ROOT / "README.md").read_text()
+
+
+def test_the_site_configuration_turns_every_broken_link_into_a_failure():
+    """What makes the strict build catch broken links and anchors (a warning each; strict fails on any)."""
+    yaml = pytest.importorskip("yaml")
+    config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
+    assert config["strict"] is True
+    links = config["validation"]["links"]
+    assert links["not_found"] == links["anchors"] == links["unrecognized_links"] == "warn"
+    assert config["validation"]["nav"]["omitted_files"] == "warn"  # a page left out of the navigation
+    assert "tools/mkdocs_hooks.py" in config["hooks"]
