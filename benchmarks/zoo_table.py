@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         help="also replace the table between the zoo markers of docs/coverage.md (--readme is the old name)",
     )
     args = parser.parse_args(argv)
+    if args.docs and args.families:
+        parser.error("--docs writes the whole table: give no family names")
 
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.ERROR)
@@ -86,8 +88,6 @@ def main(argv: list[str] | None = None) -> int:
     summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
     print(f"\n{len(outcomes)} families: {summary} ({time.perf_counter() - started:.0f}s)")
     if args.docs:
-        if args.families:
-            parser.error("--docs writes the whole table: give no family names")
         write_table(markdown_table(outcomes), summary, transformers.__version__)
     if args.json:
         folder = os.path.dirname(os.path.abspath(args.json))
