@@ -169,7 +169,7 @@ def test_four_ranks(four):
 
 
 def test_the_readme_example_runs_under_torchrun():
-    """README's ``torchrun --nproc-per-node 2 examples/expert_parallel.py --policy top_p --p 0.5`` (inner eager,
+    """docs/expert-parallel.md's ``torchrun --nproc-per-node 2 examples/expert_parallel.py --policy top_p --p 0.5`` (inner eager,
     1 new token: the same script, quicker)."""
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",

@@ -85,7 +85,7 @@ def render(versions: dict[str, str]) -> str:
         "# The versions the test suite last passed with (make test, CI): pip constraints, not requirements.",
         f"# Written by `make lock` (python tools/lock.py) on {today} from Python {platform.python_version()} "
         f"on {sys.platform}-{platform.machine()}.",
-        "# pyproject.toml keeps the supported ranges; README \"Supported versions\" says how this is refreshed.",
+        "# pyproject.toml keeps the supported ranges; docs/versions.md (\"Supported versions\") says how this is refreshed.",
     ]
     lines += [f"{name}=={versions[name]}" for name in sorted(versions)]
     return "\n".join(lines) + "\n"
