@@ -2,11 +2,20 @@
 
     python benchmarks/quality.py            # full table + sweeps (~10-15 min on 2 busy cores)
     python benchmarks/quality.py --quick    # fewer tokens and sweep points
+    python benchmarks/quality.py --quantized [--quick]   # bf16 / int8 / int4 experts × static and adaptive
 
 Every policy runs through the compiled model (backend="adaptive_moe", inner
 eager) on the held-out split of the stdlib corpus; average k comes from the
 backend's run-time counters.  Writes the "quality" section of RESULTS.md and
 the Pareto plot benchmarks/quality_pareto.png.
+
+``--quantized`` runs the quantized-experts table instead: the experts as
+trained (bfloat16 weights; computed in float32), int8 per channel and int4 in
+groups of 32 / 64 / 128 (``options={"experts_dtype": ..., "group_size": ...}``,
+round-to-nearest at compile time), each under static routing and the adaptive
+policies, with the expert bytes a one-token decode reads (Σ over layers of the
+layer's average k × one expert's bytes; int4 counts its bfloat16 scales and
+zero offsets) — the "quality_quantized" section of RESULTS.md.
 """
 
 from __future__ import annotations
@@ -67,7 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md and the plot alone")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", help="also dump every result to this JSON file")
+    parser.add_argument("--quantized", action="store_true", help="the quantized-experts table (bf16 / int8 / int4)")
     args = parser.parse_args(argv)
+    if args.quantized:
+        return quantized_table(args)
     if args.quick:
         args.tokens = min(args.tokens, 32768)
     sweeps = SWEEPS_QUICK if args.quick else SWEEPS_FULL
@@ -179,6 +191,97 @@ def main(argv: list[str] | None = None) -> int:
     )
     write_section("quality", body, machine="")  # quality does not depend on the machine
     print(f"wrote {PLOT} and the 'quality' section of benchmarks/RESULTS.md")
+    return 0
+
+
+#: (label, backend options) of each experts dtype in the quantized table.
+EXPERTS_DTYPES = (
+    ("bf16", {}),
+    ("int8", {"experts_dtype": "int8"}),
+    ("int4 g32", {"experts_dtype": "int4", "group_size": 32}),
+    ("int4 g64", {"experts_dtype": "int4", "group_size": 64}),
+    ("int4 g128", {"experts_dtype": "int4", "group_size": 128}),
+)
+
+
+def expert_bytes(model, options: dict) -> int:
+    """Bytes of one expert (both projections) of the bundled model under ``options``."""
+    from moepass.quantize.scheme import parse_scheme, projection_bytes
+
+    config = model.config
+    hidden, inter = config.hidden_size, config.intermediate_size
+    scheme = parse_scheme(options.get("experts_dtype"), options.get("group_size"))
+    return projection_bytes(2 * inter, hidden, scheme) + projection_bytes(hidden, inter, scheme)
+
+
+def quantized_table(args) -> int:
+    """bf16 / int8 / int4 experts × static and the adaptive policies: perplexity, accuracy, bytes read per token."""
+    from moepass.bundled.evaluate import evaluate_policy
+
+    tokens_wanted = min(args.tokens, 16384) if args.quick else args.tokens
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("MOEPASS_PROGRESS", "0")
+    started, load_before = time.time(), os.getloadavg()
+    model = bundled.load_model()
+    batches = bundled.heldout_batches(seq_len=args.seq_len, max_tokens=tokens_wanted)
+    tokens = sum(b.numel() for b in batches)
+    policies = [("static", Static(), "native top-2")]
+    names = bundled.policy_names()
+    for name in ("sensitivity", "skip_ratio", "ada_k"):
+        if name in names and not (args.quick and name != "sensitivity"):
+            policies.append((name, bundled.load_policy(name), "calibrated" if name != "ada_k" else "PPO-trained W_l"))
+    policies.append(("top_p", "top_p", "p=0.65"))
+    print(f"bundled model on {tokens} held-out tokens; experts {', '.join(n for n, _ in EXPERTS_DTYPES)}")
+    header = ["experts", "policy", "setting", "avg k", "ppl/byte", "Δ ppl", "next-byte acc", "Δ acc",
+              "expert KB read / token", "× fewer than bf16 static"]
+    rows, records, baseline = [], [], None
+    for dtype_label, options in EXPERTS_DTYPES:
+        per_expert = expert_bytes(model, options)
+        for label, policy, setting in policies:
+            if isinstance(policy, str):
+                from moepass.policies import make_policy
+
+                policy = make_policy(policy, p=0.65)
+            result = evaluate_policy(model, policy, batches, label=label, setting=setting, options=options)
+            read = sum(k * per_expert for k in result.layer_k.values())
+            if baseline is None:
+                baseline = (result, read)
+            base, base_read = baseline
+            ppl_change = result.perplexity / base.perplexity - 1
+            acc_change = result.accuracy / base.accuracy - 1
+            rows.append([
+                dtype_label, label, setting, f"{result.average_k:.3f}", f"{result.perplexity:.4f}",
+                "—" if result is base else f"{ppl_change * 100:+.2f}%", f"{result.accuracy * 100:.2f}%",
+                "—" if result is base else f"{acc_change * 100:+.2f}%", f"{read / 1024:.0f}",
+                f"{base_read / read:.2f}×",
+            ])
+            records.append({**result.to_dict(), "experts": dtype_label, "bytes_per_token": read,
+                            "perplexity_change_vs_bf16_static": ppl_change})
+            print(" | ".join(rows[-1]), flush=True)
+    seconds, load_after = time.time() - started, os.getloadavg()
+    table = markdown_table(header, rows)
+    print(table)
+    print(f"done in {seconds / 60:.1f} min (load average {load_before[0]:.2f} before, {load_after[0]:.2f} after)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(records, indent=2) + "\n")
+    if args.no_write:
+        return 0
+    body = "\n".join([
+        "## Quantized experts on the bundled model (`benchmarks/quality.py --quantized`)",
+        "",
+        f"{today()}, {machine_description()}; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after; "
+        f"{seconds / 60:.1f} min in all. {tokens} held-out bytes. Every row ran through "
+        "`torch.compile(backend=\"adaptive_moe\", options={\"policy\": ..., \"experts_dtype\": ..., "
+        "\"group_size\": ..., \"stats\": True, \"inner\": \"eager\"})`: the experts quantized once at compile "
+        "time by round-to-nearest (int8 per output channel; int4 per group, asymmetric), activations in float32. "
+        "Bytes read per token: Σ over the 4 layers of the layer's average k × one expert's bytes (bf16 2 bytes a "
+        "weight; int8 1 + a bfloat16 scale per channel; int4 0.5 + a bfloat16 scale and zero offset per group); "
+        "Δ against bf16 static.",
+        "",
+        table,
+    ])
+    write_section("quality_quantized", body)
+    print("wrote the 'quality_quantized' section of benchmarks/RESULTS.md")
     return 0
 
 

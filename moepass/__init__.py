@@ -10,6 +10,7 @@
     moepass.export_mlir(model, (input_ids,), "model.mlir", policy="top_p", p=0.4)  # torch-mlir, run in IREE
     moepass.export_genai(model, "model-genai/", policy="top_p", p=0.4)  # onnxruntime-genai, with the KV cache
     moepass.make_traceable(model)   # before compiling: experts loops that graph-break (LongCat-Flash) become moepass ops
+    moepass.adapt_quantized_experts(model)   # before compiling: experts stored quantized (torchao, GPTQ/AWQ, MXFP4) run as stored
 
 Importing this package registers the ``torch.ops.moepass`` operators; the
 backend itself is found by torch through the ``torch_dynamo_backends`` entry
@@ -19,6 +20,7 @@ point, so ``backend="adaptive_moe"`` works without importing moepass.
 from moepass import policies
 from moepass._version import __version__ as __version__
 from moepass.compiler.options import BackendOptions, OptionsError
+from moepass.compiler.quantized_checkpoints import AdaptedExperts, adapt_quantized_experts
 from moepass.compiler.spec import ExpertsSpec, MoEBlockSpec, RouterSpec, SharedExpertSpec
 from moepass.compiler.traceable import TraceableError, make_traceable
 from moepass.exports.genai import GenaiExport, export_genai
@@ -27,11 +29,14 @@ from moepass.exports.onnx import OnnxExport, OnnxExportError, OnnxExportOptions,
 from moepass.policies import Policy, PolicyError
 from moepass.reports.inspection import InspectionReport, inspect
 from moepass.runtime import ops as _ops  # noqa: F401  (registers torch.ops.moepass.*)
+from moepass.runtime import quantized_ops as _quantized_ops  # noqa: F401  (registers torch.ops.moepass.quantized_experts)
 from moepass.runtime.calibrate import calibrate
 from moepass.runtime.expert_parallel.transformers_ep import register_when_imported as _register_expert_parallel
 from moepass.runtime.report import BlockReport, Report, last_report, report
 
 __all__ = [
+    "AdaptedExperts",
+    "adapt_quantized_experts",
     "BackendOptions",
     "calibrate",
     "export_genai",

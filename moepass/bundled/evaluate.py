@@ -177,6 +177,7 @@ def evaluate_policy(
     setting: str = "",
     inner: str = "eager",
     show_progress: bool = False,
+    options: dict[str, Any] | None = None,
 ) -> EvalResult:
     """Compile ``model`` with ``policy`` and score it on ``batches``.
 
@@ -187,6 +188,7 @@ def evaluate_policy(
         label, setting: what the table shows (default: the policy's name / description).
         inner: the backend's inner compiler (``eager`` compiles fastest).
         show_progress: progress bar over the batches.
+        options: more backend options (``{"experts_dtype": "int4", "group_size": 64}``).
 
     Returns:
         An :class:`EvalResult` whose average k comes from the compiled model's
@@ -202,7 +204,9 @@ def evaluate_policy(
     torch._dynamo.reset()
     stats.reset_stats()
     started = time.perf_counter()
-    compiled = torch.compile(model, backend="adaptive_moe", options={"policy": policy, "stats": True, "inner": inner})
+    compiled = torch.compile(
+        model, backend="adaptive_moe", options={**(options or {}), "policy": policy, "stats": True, "inner": inner}
+    )
     total, correct, count = _forward_all(compiled, batches, f"eval {label} {setting}".strip(), show_progress)
     seconds = time.perf_counter() - started
     counters = stats.routing_stats()
@@ -259,10 +263,12 @@ def evaluate_policies(
     baseline: str = "static",
     inner: str = "eager",
     show_progress: bool = True,
+    options: dict[str, Any] | None = None,
 ) -> list[EvalResult]:
     """Evaluate every run and fill the changes against the run labelled ``baseline``.
 
-    A static run is added first when none is labelled ``baseline``.
+    A static run is added first when none is labelled ``baseline``; ``options``
+    are more backend options for every run (``{"experts_dtype": "int4"}``).
     """
     from moepass.policies import Static
 
@@ -273,7 +279,8 @@ def evaluate_policies(
     results = []
     for run in progress(runs, "policies", enabled=show_progress):
         results.append(
-            evaluate_policy(run.model or model, run.policy, batches, label=run.label, setting=run.setting, inner=inner)
+            evaluate_policy(run.model or model, run.policy, batches, label=run.label, setting=run.setting, inner=inner,
+                            options=options)
         )
     base = next(r for r in results if r.label == baseline)
     return relative_to(results, base)

@@ -75,7 +75,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     batches = bundled.heldout_batches(seq_len=args.seq_len, max_tokens=args.tokens)
     runs = bundled.policy_runs(args.policies or None)
     print(f"bundled model, {sum(b.numel() for b in batches)} held-out tokens, {len(runs)} policies (compiled, inner {args.inner})")
-    results = evaluate.evaluate_policies(model, runs, batches, inner=args.inner)
+    results = evaluate.evaluate_policies(model, runs, batches, inner=args.inner, options=_quantize_options(args))
     header, rows = evaluate.format_table(results)
     print(" | ".join(header))
     for row in rows:
@@ -229,6 +229,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
     out = check_output_dir(args.out)  # before the long part: a bad --out fails at once
     policy, params = _policy_from_args(args)
+    params.update(_quantize_options(args))
     BackendOptions.parse({"policy": policy, "inner": args.inner, **params})  # bad options fail before loading
     started = time.perf_counter()
     loaded = load_model(args.model, seed=args.seed)
@@ -281,6 +282,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {out} is a folder; give the path of the .{args.format} file to write")
     what, choice = _export_format_options(args)
     policy, params = _policy_from_args(args)
+    params.update(_quantize_options(args))
     BackendOptions.parse({"policy": policy, **params})  # bad options fail before loading
     loaded = load_model(args.model, seed=args.seed)
     print(f"loaded {loaded.source}; exporting to {what}", file=sys.stderr)
@@ -378,13 +380,23 @@ def _cmd_offload(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, seed=args.seed)
     example = example_for(args.model, loaded, args.tokens, args.batch, args.seed)
     started = time.perf_counter()
-    manifest, skipped = write_model_store(loaded.model, example, out, overwrite=args.overwrite, source=loaded.source)
+    from moepass.quantize.scheme import parse_scheme
+
+    parse_scheme(args.experts_dtype, args.group_size)  # bad choices fail before loading
+    parse_scheme(args.low_dtype, args.low_group_size)
+    manifest, skipped = write_model_store(
+        loaded.model, example, out, overwrite=args.overwrite, source=loaded.source, experts_dtype=args.experts_dtype,
+        group_size=args.group_size, low_dtype=args.low_dtype, low_group_size=args.low_group_size,
+    )
     for note in skipped:
         print(f"skipped {note}", file=sys.stderr)
     block = manifest.blocks[0]
+    kind = f" {args.experts_dtype}" + (f" g{block.quant['group_size']}" if block.quant.get("group_size") else "") \
+        if block.quant else ""
+    low = f", with {args.low_dtype} copies ({sum(b.nbytes for b in manifest.low) / 1e6:.1f} MB)" if manifest.low else ""
     print(
-        f"wrote {len(manifest.blocks)} blocks × {block.num_experts} experts ({manifest.nbytes / 1e6:.1f} MB, "
-        f"{block.expert_nbytes / 1e6:.2f} MB per expert) to {out} in {time.perf_counter() - started:.1f} s"
+        f"wrote {len(manifest.blocks)} blocks × {block.num_experts}{kind} experts ({manifest.nbytes / 1e6:.1f} MB, "
+        f"{block.expert_nbytes / 1e6:.2f} MB per expert{low}) to {out} in {time.perf_counter() - started:.1f} s"
     )
     print(f'use it with options={{"offload": {{"store": {json.dumps(str(out))}, "cache_gb": ..., "prefetch": True}}}}')
     return 0
@@ -399,6 +411,28 @@ def _add_model_arguments(sub: argparse.ArgumentParser, tokens: int, batch: int, 
     sub.add_argument("--tokens", type=int, default=tokens, help=f"{what} tokens per sequence (default {tokens})")
     sub.add_argument("--batch", type=int, default=batch, help=f"{what} sequences (default {batch})")
     sub.add_argument("--seed", type=int, default=0, help="seed of the random weights and token ids")
+
+
+def _add_quantize_arguments(sub: argparse.ArgumentParser, low: bool = False) -> None:
+    """--experts-dtype and --group-size (and, for offload, --low-dtype / --low-group-size)."""
+    sub.add_argument("--experts-dtype", default=None, choices=["int8", "int4"],
+                     help="quantize the routed experts: int8 per output channel, int4 per group (default: as the model)")
+    sub.add_argument("--group-size", type=int, default=None, help="int4: input features per scale (32, 64, 128, 256)")
+    if low:
+        sub.add_argument("--low-dtype", default=None, choices=["int8", "int4"],
+                         help="also store a lower-precision copy of every expert (HOBBIT: read on a miss of a "
+                         "low-weight slot with offload low_precision_below)")
+        sub.add_argument("--low-group-size", type=int, default=None, help="int4 low copies: input features per scale")
+
+
+def _quantize_options(args: argparse.Namespace) -> dict:
+    """The backend options --experts-dtype / --group-size give."""
+    options = {}
+    if args.experts_dtype is not None:
+        options["experts_dtype"] = args.experts_dtype
+    if args.group_size is not None:
+        options["group_size"] = args.group_size
+    return options
 
 
 def _add_policy_arguments(sub: argparse.ArgumentParser) -> None:
@@ -423,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seq-len", type=int, default=256)
     ev.add_argument("--inner", default="eager", choices=["inductor", "aot_eager", "eager"])
     ev.add_argument("--threads", type=int, default=1)
+    _add_quantize_arguments(ev)
     ev.set_defaults(run=_cmd_eval)
     inspect = commands.add_parser(
         "inspect",
@@ -435,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_arguments(inspect, tokens=64, batch=1)
     _add_policy_arguments(inspect)
+    _add_quantize_arguments(inspect)
     inspect.add_argument("--out", required=True, metavar="DIR", help="folder for index.html, report.txt, report.json")
     inspect.add_argument("--inner", default="eager", choices=["inductor", "aot_eager", "eager"],
                          help="compiler for the rest of the graph (default eager: fast)")
@@ -452,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_arguments(export, tokens=16, batch=2)
     _add_policy_arguments(export)
+    _add_quantize_arguments(export)
     export.add_argument("--out", required=True, metavar="PATH",
                         help="the .onnx or .mlir file to write (--format genai: the folder)")
     export.add_argument("--format", default="onnx", choices=["onnx", "genai", "mlir"],
@@ -493,6 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(offload, tokens=16, batch=1)
     offload.add_argument("--out", required=True, metavar="DIR", help="the store folder to write")
     offload.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
+    _add_quantize_arguments(offload, low=True)
     offload.set_defaults(run=_cmd_offload)
     tune = commands.add_parser(
         "tune",
@@ -528,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
         return args.run(args)
-    except (ValueError, OSError, LookupError) as error:
+    except (ValueError, OSError, LookupError) as error:  # QuantizeError, OptionsError are ValueErrors
         print(f"moepass {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -10,7 +10,7 @@ describes them as :mod:`~moepass.compiler.spec` objects (with programs from
 :mod:`~moepass.compiler.validate` checks the replacement against the original
 before it is kept.
 
-May import: :mod:`moepass.runtime`, :mod:`moepass.policies`, ``moepass.lowering``.
+May import: :mod:`moepass.runtime`, :mod:`moepass.policies`, ``moepass.lowering``, :mod:`moepass.quantize`.
 Imported by everyone for its contract only (``spec`` and ``lifted``); nothing in
 the run time imports the rest of it (``tests/test_layout.py``).
 """

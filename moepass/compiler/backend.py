@@ -13,8 +13,9 @@ order (:func:`optimize_graph`; the state they share is
 3. ``validate`` — run each planned replacement against the original block;
 4. ``rewrite``  — replace validated blocks by ``moepass.route`` + ``moepass.experts``;
 5. plan stages  — change how rewritten blocks' experts run (:mod:`moepass.compiler.plan`):
-   ``offload`` (weights in an expert store; its ``offload_inputs`` stage runs before
-   validation, to read back weights an earlier compile released); ``expert_parallel``
+   ``quantize`` (int8 / int4 experts; its ``quantize_inputs`` stage runs before validation,
+   to give it weights an earlier compile released); ``offload`` (weights in an expert store;
+   its ``offload_inputs`` stage likewise); ``expert_parallel``
    (experts split over ranks, only kept slots exchanged; its ``expert_parallel_inputs``
    stage runs before validation, which then runs each rank's experts alone);
    ``cpu_kernels`` (what the CPU lowering runs for each block on this machine, measured
@@ -38,6 +39,7 @@ from moepass.compiler.options import BackendOptions
 from moepass.compiler.plan.expert_parallel import expert_parallel_inputs_stage, expert_parallel_stage
 from moepass.compiler.plan.cpu_kernels import KERNEL_CHOICES, cpu_kernels_stage
 from moepass.compiler.plan.offload import offload_inputs_stage, offload_stage
+from moepass.compiler.plan.quantize import has_standins, quantize_inputs_stage, quantize_stage
 from moepass.compiler.stages import (
     GraphState,
     Stage,
@@ -60,14 +62,22 @@ def _offloading(options: BackendOptions) -> bool:
     return options.offload is not None
 
 
+def _quantizing(options: BackendOptions) -> bool:
+    """``experts_dtype`` given, or quantized checkpoints' experts adapted (stand-ins exist); in memory only:
+    with offloading, the store holds the quantized experts (the offload stage)."""
+    return (options.quantize is not None or has_standins()) and options.offload is None
+
+
 #: The backend's stages, in order (see the module docstring).
 STAGES: tuple[Stage, ...] = (
     Stage("detect", detect_stage),
     Stage("resolve", resolve_stage),
+    Stage("quantize_inputs", quantize_inputs_stage, enabled=_quantizing),
     Stage("offload_inputs", offload_inputs_stage, enabled=_offloading),
     Stage("expert_parallel_inputs", expert_parallel_inputs_stage),
     Stage("validate", validate_stage, enabled=lambda options: options.validate),
     Stage("rewrite", rewrite_stage),
+    Stage("quantize", quantize_stage, enabled=_quantizing),
     Stage("offload", offload_stage, enabled=_offloading),
     Stage("expert_parallel", expert_parallel_stage),
     Stage("cpu_kernels", cpu_kernels_stage, enabled=lambda options: not _offloading(options)),

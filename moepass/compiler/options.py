@@ -1,42 +1,29 @@
 """The backend's options: parsing, defaults and the errors users see.
 
-``torch.compile(model, backend="adaptive_moe", options={...})`` keys:
+``torch.compile(model, backend="adaptive_moe", options={...})`` keys (the default in parentheses):
 
-========== ============================================== ===========
-key        meaning                                         default
-========== ============================================== ===========
-policy     policy name or a :class:`~moepass.policies.Policy`  ``"static"``
-inner      compiler for the rest of the graph:             ``"inductor"``
-           ``inductor`` | ``aot_eager`` | ``eager``
-lowering   experts implementation:                          ``"auto"``
-           ``auto`` | ``cpu`` | ``triton`` | ``reference``
-validate   check each rewrite against the original block    ``True``
-           on random inputs before committing it
-stats      record tokens per k per block at run time        ``False``
-offload    expert weights in an expert store, loaded        ``None``
-           through a cache with prefetch: a store folder
-           or a dict (:mod:`moepass.runtime.offload.options`)
-cpu_prepack CPU lowering: run bfloat16 experts on copies     ``"auto"``
-           of their weights pre-packed for oneDNN (faster,
-           as much memory again): ``auto`` (when they fit
-           in half the available memory) | ``on`` | ``off``
-           (or True / False); see
-           :mod:`moepass.lowering.cpu_packed`
-expert_parallel split the experts over the ranks of a     ``None``
-           ``DeviceMesh``: ``{"mesh": mesh}`` (a 1-D mesh)
-           or ``{"mesh": mesh, "mesh_dim": "ep"}``; see
-           :mod:`moepass.compiler.plan.expert_parallel`.
-           Models whose expert weights are ``Shard(0)``
-           DTensors, or that run transformers'
-           ``ep_implementation="moepass"``, need no option
-cpu_tuning CPU lowering: measure this machine's kernel     ``"auto"``
-           and path choices for a block shape no table
-           holds: ``auto`` (at most
-           :data:`~moepass.lowering.cpu_tuning.DEFAULT_BUDGET`
-           seconds per shape, or what ``$MOEPASS_TUNING``
-           says) | ``off`` | seconds; see
-           :mod:`moepass.lowering.cpu_tuning`
-========== ============================================== ===========
+* ``policy`` (``"static"``): a policy name or a :class:`~moepass.policies.Policy`.
+* ``inner`` (``"inductor"``): the compiler for the rest of the graph: ``inductor`` | ``aot_eager`` | ``eager``.
+* ``lowering`` (``"auto"``): the experts implementation: ``auto`` | ``cpu`` | ``triton`` | ``reference``.
+* ``validate`` (``True``): check each rewrite against the original block on random inputs before committing it.
+* ``stats`` (``False``): record tokens per k per block at run time.
+* ``offload`` (``None``): expert weights in an expert store, loaded through a cache with prefetch: a store
+  folder or a dict (:mod:`moepass.runtime.offload.options`).
+* ``cpu_prepack`` (``"auto"``): CPU lowering: run bfloat16 experts on copies of their weights pre-packed for
+  oneDNN (faster, as much memory again): ``auto`` (when they fit in half the available memory) | ``on`` |
+  ``off`` (or True / False); see :mod:`moepass.lowering.cpu_packed`.
+* ``expert_parallel`` (``None``): split the experts over the ranks of a ``DeviceMesh``: ``{"mesh": mesh}``
+  (a 1-D mesh) or ``{"mesh": mesh, "mesh_dim": "ep"}``; see :mod:`moepass.compiler.plan.expert_parallel`.
+  Models whose expert weights are ``Shard(0)`` DTensors, or that run transformers'
+  ``ep_implementation="moepass"``, need no option.
+* ``cpu_tuning`` (``"auto"``): CPU lowering: measure this machine's kernel and path choices for a block
+  shape no table holds: ``auto`` (at most :data:`~moepass.lowering.cpu_tuning.DEFAULT_BUDGET` seconds per
+  shape, or what ``$MOEPASS_TUNING`` says) | ``off`` | seconds; see :mod:`moepass.lowering.cpu_tuning`.
+* ``experts_dtype`` (``None``): quantize the routed experts at compile time: ``int8`` (per output channel) |
+  ``int4`` (per group); see :mod:`moepass.compiler.plan.quantize`.
+* ``group_size`` (64 for int4): int4: input features per scale (32 | 64 | 128 | 256).
+* ``experts_float`` (``"keep"``): with ``experts_dtype``: ``keep`` the float expert weights in memory, or
+  ``release`` them once quantized.
 
 Any other key is a parameter of the named policy (``{"policy": "top_p",
 "p": 0.4}``).
@@ -90,9 +77,17 @@ class BackendOptions:
     expert_parallel: ExpertParallelOptions | None = None
     #: Measuring the CPU lowering's choices on first compile: ``auto`` | ``off`` | seconds.
     cpu_tuning: Any = "auto"
+    #: Quantized experts (:class:`moepass.quantize.QuantScheme`), or None: the experts stay as they are.
+    quantize: Any = None
+    #: What happens to the float expert weights once quantized: ``keep`` | ``release``.
+    experts_float: str = "keep"
+    #: Not a user option: exporters set ``plain`` so quantized blocks keep the portable layout
+    #: (``auto``: the lowering's own form, e.g. ATen's operands on CPU).
+    quantized_form: str = "auto"
 
     _BACKEND_KEYS = (
         "policy", "inner", "lowering", "validate", "stats", "offload", "cpu_prepack", "cpu_tuning", "expert_parallel",
+        "experts_dtype", "group_size", "experts_float",
     )
 
     @classmethod
@@ -153,6 +148,7 @@ class BackendOptions:
             tuning_budget(cpu_tuning, 1.0)
         except TuningError as error:
             raise OptionsError(f"option 'cpu_tuning': {error}") from None
+        quantize, experts_float = _parse_quantize(backend, lowering)
         return cls(
             policy=policy,
             inner=inner,
@@ -164,6 +160,8 @@ class BackendOptions:
             cpu_prepack=cpu_prepack,
             expert_parallel=expert_parallel,
             cpu_tuning=cpu_tuning,
+            quantize=quantize,
+            experts_float=experts_float,
         )
 
 
@@ -216,3 +214,24 @@ def _parse_expert_parallel(value: Any) -> ExpertParallelOptions | None:
     if mesh_dim is not None and not isinstance(mesh_dim, (int, str)):
         raise OptionsError(f"option 'expert_parallel': 'mesh_dim' must be an index or a name, got {mesh_dim!r}")
     return ExpertParallelOptions(mesh=mesh, mesh_dim=mesh_dim)
+
+
+def _parse_quantize(backend: Mapping[str, Any], lowering: str) -> tuple[Any, str]:
+    """(scheme or None, experts_float) from ``experts_dtype`` / ``group_size`` / ``experts_float``."""
+    from moepass.quantize.scheme import QuantizeError, parse_scheme
+
+    try:
+        scheme = parse_scheme(backend.get("experts_dtype"), backend.get("group_size"))
+    except QuantizeError as error:
+        raise OptionsError(str(error)) from None
+    experts_float = backend.get("experts_float", "keep")
+    if experts_float not in ("keep", "release"):
+        raise OptionsError(f"option 'experts_float' must be 'keep' or 'release', got {experts_float!r}")
+    if scheme is None and "experts_float" in backend:
+        raise OptionsError("option 'experts_float' needs experts_dtype 'int8' or 'int4'")
+    if scheme is not None and lowering not in ("auto", "cpu", "reference"):
+        raise OptionsError(
+            f"quantized experts run on the cpu lowering (ATen's int8/int4 kernels) or the reference; "
+            f"lowering={lowering!r} cannot"
+        )
+    return scheme, experts_float

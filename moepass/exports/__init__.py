@@ -8,5 +8,5 @@ graph-to-format translations live in ``moepass.lowering.onnx`` and
 ``moepass.lowering.mlir``; they raise the errors of :mod:`~moepass.exports.errors`.
 
 May import: :mod:`moepass.compiler`, :mod:`moepass.runtime`, :mod:`moepass.policies`,
-``moepass.lowering``.
+``moepass.lowering``, :mod:`moepass.quantize`.
 """

@@ -213,6 +213,13 @@ def prepare_mlir(
     options = options or MlirExportOptions()
     if output_type not in OUTPUT_TYPES:
         raise MlirExportError(f"unknown output_type {output_type!r}; expected one of {', '.join(OUTPUT_TYPES)}")
+    if backend_options.get("experts_dtype") not in (None, "float", "none"):
+        raise MlirExportError(
+            "quantized experts do not export to MLIR: torch-mlir has no lowering of ATen's weight-only int8/int4 "
+            "kernels or of a dequantize-then-matmul that stays quantized in the module (the linalg form would carry "
+            "float weights: no memory saved, and not the model that runs); export without experts_dtype, or use "
+            "export_onnx (com.microsoft.QMoE, MatMulNBits, DequantizeLinear)"
+        )
     form = _resolve_form(options.experts_form, output_type)
     _require_toolchain(output_type, options.verify)
     with _as_mlir_errors():
@@ -307,7 +314,7 @@ def export_mlir(
             for the CPU and run on the example), ``tosa`` or ``torch`` (parsed and verified).
         dynamic_shapes: None for static shapes (the example's); else per input
             {axis: Dim or name}, as for :func:`moepass.export_onnx`.  With
-            torch-mlir 20261001 at most one axis may be dynamic (see the README).
+            torch-mlir 20261001 at most one axis may be dynamic (see docs/exports.md).
         options: :class:`MlirExportOptions` (experts form, verification).
         **backend_options: the policy's parameters (``p=0.4``) and backend options (``validate``).
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import os
 import shutil
@@ -248,6 +249,7 @@ def _rewrite_captured(captured, model_name: str, options: BackendOptions) -> tup
     """Rewrite a captured graph's MoE blocks (every one must be) and fuse each into one op."""
     from moepass.lowering.onnx import fuse_blocks
 
+    options = dataclasses.replace(options, quantized_form="plain")  # quantized experts keep the portable layout
     gm, reports = optimize_graph(captured.gm, list(captured.args), options, differentiable=False, kernel_choices=False)
     if not reports:
         logger.warning("moepass: no MoE block found in %s; exporting it as it is", model_name)

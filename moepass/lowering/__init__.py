@@ -3,6 +3,8 @@
 ``run_experts`` picks one from the op's config: ``cpu`` (torch ops, the
 default off-GPU), ``triton`` (fused kernels, the default for CUDA tensors) or
 ``reference`` (a plain per-slot loop, the ground truth in tests).
+``run_quantized_experts`` does the same for ``moepass.quantized_experts``:
+``cpu_quantized`` (ATen's int8/int4 kernels) or the dequantized reference.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import logging
 
 import torch
 
-__all__ = ["run_experts", "resolve_lowering"]
+__all__ = ["run_experts", "run_quantized_experts", "resolve_lowering"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,3 +43,29 @@ def run_experts(x, ids, weights, w1, w2, b1, b2, cfg):
     else:  # guarded by ExpertsConfig, kept for a clear message
         raise ValueError(f"unknown lowering {lowering!r}")
     return experts_forward(x, ids, weights, w1, w2, b1, b2, cfg.spec)
+
+
+def run_quantized_experts(x, ids, weights, w1, w2, b1, b2, cfg):
+    """Dispatch one quantized experts call (:mod:`moepass.runtime.quantized_ops`): CPU or the reference.
+
+    Quantized experts run on the CPU (ATen's weight-only kernels); the
+    reference lowering computes the same codes dequantized in float32.
+    """
+    experts = cfg.experts
+    if experts.offload:  # codes in an expert store: read through its cache (CPU)
+        from moepass.runtime.offload.experts import quantized_experts_forward
+
+        return quantized_experts_forward(x, ids, weights, experts.spec, cfg.scheme, experts.offload)
+    lowering = resolve_lowering(experts.lowering, x.device)
+    if lowering == "reference":
+        from moepass.lowering.reference import quantized_experts_forward
+
+        return quantized_experts_forward(x, ids, weights, w1, w2, b1, b2, experts.spec, cfg.scheme, cfg.form)
+    if lowering != "cpu" or x.device.type != "cpu":
+        raise ValueError(
+            f"quantized experts run on the CPU lowering (ATen's int8/int4 kernels); got lowering {lowering!r} "
+            f"on {x.device.type} tensors"
+        )
+    from moepass.lowering.cpu_quantized import experts_forward
+
+    return experts_forward(x, ids, weights, w1, w2, b1, b2, experts.spec, cfg.scheme, cfg.form)

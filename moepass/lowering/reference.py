@@ -12,7 +12,7 @@ from moepass.lowering.activations import apply_activation
 
 from moepass.compiler.spec import ExpertsSpec
 
-__all__ = ["experts_forward", "expert_mlp"]
+__all__ = ["experts_forward", "expert_mlp", "quantized_experts_forward"]
 
 
 def expert_mlp(x, expert, w1, w2, b1, b2, spec: ExpertsSpec) -> torch.Tensor:
@@ -46,4 +46,18 @@ def experts_forward(x, ids, weights, w1, w2, b1, b2, spec: ExpertsSpec) -> torch
             else:
                 y = expert_mlp(row, expert, w1, w2, b1, b2, spec)
                 out[t] += y[0].float() * w
+    return out.to(x.dtype)
+
+
+def quantized_experts_forward(x, ids, weights, w1, w2, b1, b2, spec: ExpertsSpec, scheme, form: str) -> torch.Tensor:
+    """The dequantized reference of quantized experts: the same codes dequantized and computed in float32."""
+    from moepass.lowering.cpu_quantized import dequantize_expert, operand_shape
+
+    experts = operand_shape(w1, form, scheme)[0]
+    first = torch.stack([dequantize_expert(w1, form, scheme, e, torch.float32) for e in range(experts)])
+    second = torch.stack([dequantize_expert(w2, form, scheme, e, torch.float32) for e in range(experts)])
+    out = experts_forward(
+        x.float(), ids, weights.float(), first, second,
+        None if b1 is None else b1.float(), None if b2 is None else b2.float(), spec,
+    )
     return out.to(x.dtype)

@@ -6,8 +6,11 @@ plan stage takes the rewritten graph and its blocks
 (:class:`moepass.compiler.stages.GraphState`) and changes how a block's
 experts run, without touching what they compute:
 
-* :mod:`~moepass.compiler.plan.offload` — the experts read their weights from an
-  expert store through a per-layer cache (``options={"offload": ...}``);
+* :mod:`~moepass.compiler.plan.quantize` — the experts run on int8 / int4 codes
+  (``options={"experts_dtype": ...}``, or a quantized checkpoint's experts adapted
+  by :func:`moepass.adapt_quantized_experts`);
+* :mod:`~moepass.compiler.plan.offload` — the experts read their weights (float or
+  quantized) from an expert store through a per-layer cache (``options={"offload": ...}``);
 * :mod:`~moepass.compiler.plan.expert_parallel` — the experts are split over
   ranks and only kept slots are exchanged (transformers'
   ``ep_implementation="moepass"``, ``Shard(0)`` DTensor weights, or

@@ -22,7 +22,7 @@ import torch
 
 from moepass.runtime.ops import parse_experts_config, parse_route_config
 
-__all__ = ["moe_block", "zero_compute_term"]
+__all__ = ["moe_block", "quantized_moe_block", "zero_compute_term"]
 
 
 @torch.library.custom_op("moepass::moe_block", mutates_args=())
@@ -66,4 +66,37 @@ def zero_compute_term(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
 
 @moe_block.register_fake
 def _moe_block_fake(x, logits, route_tensors, w1, w2, b1, b2, route_config, experts_config):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("moepass::quantized_moe_block", mutates_args=())
+def quantized_moe_block(
+    x: torch.Tensor,
+    logits: torch.Tensor,
+    route_tensors: list[torch.Tensor],
+    w1: list[torch.Tensor],
+    w2: list[torch.Tensor],
+    b1: Optional[torch.Tensor],
+    b2: Optional[torch.Tensor],
+    route_config: str,
+    quantized_config: str,
+) -> torch.Tensor:
+    """``moe_block`` for quantized experts: route, then ``moepass.quantized_experts`` (plain layout).
+
+    ``w1`` / ``w2``: each projection's [codes, scales(, zeros)] (:mod:`moepass.quantize.layout`);
+    ``quantized_config``: :class:`moepass.runtime.quantized_ops.QuantizedExpertsConfig` as JSON.
+    """
+    from moepass.runtime.quantized_ops import parse_quantized_config
+
+    uses_x = parse_route_config(route_config).uses_x
+    ids, weights = torch.ops.moepass.route(logits, x if uses_x else None, route_tensors, route_config)
+    out = torch.ops.moepass.quantized_experts(x, ids, weights, w1, w2, b1, b2, quantized_config)
+    experts_config = parse_quantized_config(quantized_config).experts.to_json()
+    if parse_experts_config(experts_config).spec.zero_compute:
+        out = out + zero_compute_term(x, ids, weights, experts_config)
+    return out
+
+
+@quantized_moe_block.register_fake
+def _quantized_moe_block_fake(x, logits, route_tensors, w1, w2, b1, b2, route_config, quantized_config):
     return torch.empty_like(x)

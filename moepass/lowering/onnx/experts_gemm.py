@@ -55,6 +55,7 @@ def gemm_experts(
     spec: ExpertsSpec,
     elem_type: int,
     skip_empty: bool = True,
+    project=None,
 ) -> str:
     """Append one Gemm pair per expert on the rows routed to it; returns the [T, H] output (``elem_type``).
 
@@ -62,6 +63,8 @@ def gemm_experts(
         x: [T, H] block input; ids [T, k_max] int64 (E = empty); weights [T, k_max] float32.
         w1, w2, b1, b2: the model's expert weights, stacked over experts (initializers in the main graph).
         skip_empty: run an expert's pair only when a slot picked it (an ``If`` on its row count).
+        project: ``project(b, rows, "w1" | "w2", expert) -> [R, out]`` instead of a Gemm on the gathered
+            weights (quantized experts: :mod:`.experts_quantized`).
     """
     out = b.op("Expand", b.const(0.0, elem_type), b.op("Shape", x))
     trans_b = 0 if spec.transposed else 1
@@ -70,13 +73,14 @@ def gemm_experts(
         picked = b.op("NonZero", b.op("Equal", ids, expert))  # [2, R]: token, slot
         token = b.gather(picked, b.const(0, INT64), axis=0)
         if not skip_empty:
-            out = _expert_pair(b, out, x, weights, picked, token, expert, w1, w2, b1, b2, spec, elem_type, trans_b)
+            out = _expert_pair(b, out, x, weights, picked, token, expert, w1, w2, b1, b2, spec, elem_type, trans_b,
+                               project)
             continue
         # an expert no slot picked runs nothing: its pair sits in the then-branch of an If on its row count
         routed = b.op("Greater", b.op("Squeeze", b.op("Shape", token)), b.const(0, INT64))
         branch = NodeBuilder(f"{b.prefix}/expert{e}")
         updated = _expert_pair(branch, out, x, weights, picked, token, expert, w1, w2, b1, b2, spec, elem_type,
-                               trans_b)
+                               trans_b, project)
         skipped = NodeBuilder(f"{b.prefix}/expert{e}_skipped")
         unchanged = skipped.op("Identity", out)
         out = b.op(
@@ -91,16 +95,20 @@ def gemm_experts(
 
 
 def _expert_pair(b: NodeBuilder, out: str, x: str, weights: str, picked: str, token: str, expert: str, w1: str,
-                 w2: str, b1: str | None, b2: str | None, spec: ExpertsSpec, elem_type: int, trans_b: int) -> str:
+                 w2: str, b1: str | None, b2: str | None, spec: ExpertsSpec, elem_type: int, trans_b: int,
+                 project=None) -> str:
     """``out`` plus expert ``expert``'s weighted outputs on its rows (``token``, ``picked`` from NonZero)."""
     slot_weight = b.op("GatherND", weights, b.op("Transpose", picked, perm=[1, 0]))
     scale = b.unsqueeze(slot_weight if elem_type == FLOAT else b.cast(slot_weight, elem_type), [1])
     rows = b.gather(x, token)
     if spec.weight_on_input:
         rows = b.op("Mul", rows, scale)
-    first = b.op("Gemm", rows, b.gather(w1, expert), b.gather(b1, expert) if b1 else None, transB=trans_b)
-    y = b.op("Gemm", activation(b, first, spec, elem_type), b.gather(w2, expert),
-             b.gather(b2, expert) if b2 else None, transB=trans_b)
+    if project is not None:
+        y = project(b, activation(b, project(b, rows, "w1", expert), spec, elem_type), "w2", expert)
+    else:
+        first = b.op("Gemm", rows, b.gather(w1, expert), b.gather(b1, expert) if b1 else None, transB=trans_b)
+        y = b.op("Gemm", activation(b, first, spec, elem_type), b.gather(w2, expert),
+                 b.gather(b2, expert) if b2 else None, transB=trans_b)
     if not spec.weight_on_input:
         y = b.op("Mul", y, scale)
     return b.op("ScatterND", out, b.unsqueeze(token, [1]), y, reduction="add")

@@ -61,8 +61,13 @@ def portable_experts(
     b2: str | None,
     spec: ExpertsSpec,
     elem_type: int,
+    project=None,
 ) -> str:
-    """Append the expert computation to ``b``; returns the [T, H] output (``elem_type``)."""
+    """Append the expert computation to ``b``; returns the [T, H] output (``elem_type``).
+
+    ``project(b, rows, "w1" | "w2", expert) -> [R, out]`` replaces the Gemm on the gathered weights
+    (quantized experts: ``DequantizeLinear`` then Gemm, :mod:`.experts_quantized`).
+    """
     body = NodeBuilder(f"{b.prefix}/expert")
     expert, cond_in, acc_in = f"{body.prefix}/e", f"{body.prefix}/cond_in", f"{body.prefix}/acc_in"
     picked = body.op("NonZero", body.op("Equal", ids, expert))  # [2, R]: token, slot
@@ -72,11 +77,14 @@ def portable_experts(
     rows = body.gather(x, token)
     if spec.weight_on_input:
         rows = body.op("Mul", rows, scale)
-    first = body.op("Gemm", rows, body.gather(w1, expert), body.gather(b1, expert) if b1 else None,
-                    transB=0 if spec.transposed else 1)
-    hidden = activation(body, first, spec, elem_type)
-    out = body.op("Gemm", hidden, body.gather(w2, expert), body.gather(b2, expert) if b2 else None,
-                  transB=0 if spec.transposed else 1)
+    if project is not None:
+        out = project(body, activation(body, project(body, rows, "w1", expert), spec, elem_type), "w2", expert)
+    else:
+        first = body.op("Gemm", rows, body.gather(w1, expert), body.gather(b1, expert) if b1 else None,
+                        transB=0 if spec.transposed else 1)
+        hidden = activation(body, first, spec, elem_type)
+        out = body.op("Gemm", hidden, body.gather(w2, expert), body.gather(b2, expert) if b2 else None,
+                      transB=0 if spec.transposed else 1)
     if not spec.weight_on_input:
         out = body.op("Mul", out, scale)
     if elem_type != FLOAT:

@@ -39,6 +39,13 @@ from moepass.lowering.onnx.experts_ort import (
     unsupported_reason,
 )
 from moepass.lowering.onnx.experts_portable import portable_experts
+from moepass.lowering.onnx.experts_quantized import (
+    QuantizedOperands,
+    dequantize_projector,
+    matmulnbits_projector,
+    qmoe_experts,
+    qmoe_unsupported_reason,
+)
 from moepass.lowering.onnx.layout_tuning import choose_layouts, describe_plan
 from moepass.lowering.onnx.layouts import ORT_LAYOUTS, PROVIDERS, default_ort_layout
 from moepass.lowering.onnx.routing_graph import routing_graph, splice
@@ -47,6 +54,7 @@ from onnx import helper
 
 from moepass.compiler.spec import ExpertsSpec
 from moepass.exports.errors import OnnxExportError
+from moepass.quantize.scheme import QuantScheme
 from moepass.runtime.ops import RouteConfig, parse_experts_config, parse_route_config
 
 __all__ = ["FALLBACKS", "ORT_LAYOUTS", "PROVIDERS", "TARGETS", "BlockFunction", "block_nodes", "define_blocks"]
@@ -82,11 +90,25 @@ def block_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     return [n for n in model.graph.node if n.domain == DOMAIN and n.op_type == OP_TYPE]
 
 
-def _attribute(node: onnx.NodeProto, name: str) -> str:
+def _attribute(node: onnx.NodeProto, name: str, default: str | None = None) -> str:
     for attr in node.attribute:
         if attr.name == name:
             return attr.s.decode()
+    if default is not None:
+        return default
     raise OnnxExportError(f"node {node.name}: missing attribute {name!r} (not made by moepass?)")
+
+
+#: Inputs of a block node that are not route tensors (float or quantized expert weights).
+_WEIGHT_ROLES = frozenset(
+    ["x", "logits", "w1", "w2", "b1", "b2"] + [f"{w}.{p}" for w in ("w1", "w2") for p in ("codes", "scales", "zeros")]
+)
+#: How quantized experts run (:mod:`.experts_quantized`); the first two need ONNX Runtime's domain.
+_QUANTIZED_HOWS = ("qmoe", "matmulnbits", "dequantize")
+
+
+def _uses_ort(how: str) -> bool:
+    return bool(_layouts_of(how) & set(MOE_LAYOUTS)) or how in ("qmoe", "matmulnbits")
 
 
 def _value_types(model: onnx.ModelProto) -> dict[str, tuple[int, tuple]]:
@@ -149,8 +171,15 @@ def _layouts_of(how: str) -> set[str]:
     return {layout for _, layout in _ranges_of(how)}
 
 
-def _describe_experts(route: RouteConfig, spec: ExpertsSpec, how: str) -> str:
+def _describe_experts(route: RouteConfig, spec: ExpertsSpec, how: str, scheme: QuantScheme | None = None) -> str:
     """How the experts run: ``how`` is ``portable``, a layout of target ``ort``, or ranges of them."""
+    if scheme is not None:
+        kind = scheme.describe()
+        if how == "qmoe":
+            return f"com.microsoft.QMoE {kind} (k={route.depth}, exact per-slot weights through router_weights)"
+        if how == "matmulnbits":
+            return f"MatMulNBits pair per expert ({kind})"
+        return f"DequantizeLinear + Gemm per expert ({kind})"
     if how.startswith("ranges:"):
         ranges = _ranges_of(how)
         parts = []
@@ -251,25 +280,33 @@ class _Definer:
             raise OnnxExportError(f"block {shown}: empty slots encoded as {route.empty_slots!r}; only 'sentinel' exports")
         x_type, _ = _type_of(self.types, node.input[0], node)
         logits_type, _ = _type_of(self.types, node.input[1], node)
+        quantization = _attribute(node, "quantization", "")
+        scheme = QuantScheme.from_dict(json.loads(quantization)) if quantization else None
         tensor_specs = tuple(
             (_route_tensor_shape(shown, role, _type_of(self.types, name, node)[1]), _type_of(self.types, name, node)[0])
             for name, role in zip(node.input, roles)
-            if role not in ("x", "logits", "w1", "w2", "b1", "b2")
+            if role not in _WEIGHT_ROLES
         )
-        variant = json.dumps([_without_block(route), dataclasses.asdict(spec), roles, x_type, logits_type, tensor_specs],
-                             sort_keys=True)
-        how, fallback_reason, layout_note = self._how(shown, spec, x_type, node, route, logits_type, variant)
+        variant = json.dumps(
+            [_without_block(route), dataclasses.asdict(spec), roles, x_type, logits_type, tensor_specs, quantization],
+            sort_keys=True,
+        )
+        if scheme is None:
+            how, fallback_reason, layout_note = self._how(shown, spec, x_type, node, route, logits_type, variant)
+        else:
+            (how, fallback_reason), layout_note = self._quantized_how(shown, spec, scheme), ""
         key = json.dumps([variant, how])
         if key not in self.overloads:
             digest = hashlib.sha1(key.encode()).hexdigest()[:6]
-            tag = {"portable": "portable", "gemm": "gemm"}.get(how, "ranges" if how.startswith("ranges:") else "ort")
+            tag = {"portable": "portable", "gemm": "gemm", "dequantize": "portable"}.get(
+                how, "ranges" if how.startswith("ranges:") else "ort")
             overload = f"{route.rule}.{route.router.kind}.{tag}.{digest}"
             self.functions[overload] = self._function(overload, route, spec, roles, how, x_type, logits_type,
-                                                      tensor_specs)
+                                                      tensor_specs, scheme)
             self.overloads[key] = overload
         overload = self.overloads[key]
-        self.uses_ort |= bool(_layouts_of(how) & set(MOE_LAYOUTS))
-        experts = _describe_experts(route, spec, how)
+        self.uses_ort |= _uses_ort(how)
+        experts = _describe_experts(route, spec, how, scheme)
         self._retarget(node, path, overload, route, experts)
         return BlockFunction(path, overload, _describe_rule(route), experts, fallback_reason or "", layout_note)
 
@@ -300,6 +337,26 @@ class _Definer:
         if len(resolved) == 1:
             return resolved[0][1], reason, note
         return "ranges:" + ",".join(f"{start}={layout}" for start, layout in resolved), reason, note
+
+    def _quantized_how(self, shown: str, spec: ExpertsSpec, scheme: QuantScheme) -> tuple[str, str | None]:
+        """How quantized experts run: ``qmoe``, ``matmulnbits`` (target ort) or ``dequantize`` (portable)."""
+        if self.target != "ort":
+            return "dequantize", None
+        layout = self.layout
+        if not isinstance(layout, str):  # a plan: ((1, "gemm"),) names one layout, more entries are ranges
+            layout = layout[0][1] if len(layout) == 1 else "ranges of layouts"
+        if layout not in ("auto", "masked", "gemm"):
+            raise OnnxExportError(
+                f"block {shown}: quantized experts export with ort_layout 'masked' (com.microsoft.QMoE, the default) "
+                f"or 'gemm' (MatMulNBits pairs), not {layout!r}"
+            )
+        if layout == "gemm":
+            return "matmulnbits", None
+        reason = qmoe_unsupported_reason(spec, scheme)
+        if reason and self.fallback == "error":
+            raise OnnxExportError(f"block {shown}: com.microsoft.QMoE cannot run these experts exactly ({reason}); "
+                                  "use ort_layout='gemm' (MatMulNBits pairs) or ort_fallback='portable'")
+        return ("matmulnbits" if reason else "qmoe"), reason
 
     def _plan(self, spec: ExpertsSpec, x_type: int, node: onnx.NodeProto, route: RouteConfig, logits_type: int,
               variant: str, fallback_reason: str | None) -> tuple[tuple[tuple[int, str], ...], str]:
@@ -334,16 +391,16 @@ class _Definer:
         return result
 
     def _function(self, overload, route: RouteConfig, spec: ExpertsSpec, roles, how: str, x_type, logits_type,
-                  tensor_specs) -> onnx.FunctionProto:
+                  tensor_specs, scheme: QuantScheme | None = None) -> onnx.FunctionProto:
         b = NodeBuilder(overload)
         if how.startswith("ranges:"):
             out = self._ranged(b, overload, route, spec, roles, _ranges_of(how), x_type, logits_type, tensor_specs)
         else:
-            out = self._experts(b, overload, route, spec, roles, how, x_type, logits_type, tensor_specs)
+            out = self._experts(b, overload, route, spec, roles, how, x_type, logits_type, tensor_specs, scheme)
         return self._finish(b, overload, route, spec, roles, how, out)
 
     def _experts(self, b: NodeBuilder, prefix: str, route: RouteConfig, spec: ExpertsSpec, roles, how: str, x_type,
-                 logits_type, tensor_specs) -> str:
+                 logits_type, tensor_specs, scheme: QuantScheme | None = None) -> str:
         """Append the routing and the experts for one layout to ``b``; returns the output's name."""
         present = set(roles)
         b1 = "b1" if "b1" in present else None
@@ -352,12 +409,24 @@ class _Definer:
             # the static MoE model onnxruntime-genai's builder writes: ORT routes from the logits itself
             return native_routing_experts(b, "x", "logits", "w1", "w2", b1, b2, spec, route.router)
         graph = routing_graph(_without_block(route), logits_type, x_type, spec.hidden_size, tensor_specs, self.opset)
-        tensor_roles = [r for r in roles if r not in ("x", "logits", "w1", "w2", "b1", "b2")]
+        tensor_roles = [r for r in roles if r not in _WEIGHT_ROLES]
         route_inputs = ["logits", *(["x"] if route.uses_x else []), *tensor_roles]
         routing = splice(graph, f"{prefix}/route", route_inputs)
         b.nodes.extend(routing.nodes)
         ids, weights = routing.outputs
-        if how in MOE_LAYOUTS:
+        if scheme is not None:
+            n1 = 2 * spec.intermediate_size if spec.gated else spec.intermediate_size
+            operands = QuantizedOperands(list(roles), spec, scheme, n1)
+            biases = {"w1": b1, "w2": b2}
+            if how == "qmoe":
+                out = qmoe_experts(b, "x", ids, weights, operands, b1, b2, route.depth, x_type)
+            elif how == "matmulnbits":
+                out = gemm_experts(b, "x", ids, weights, "", "", b1, b2, spec, x_type,
+                                   project=matmulnbits_projector(operands, biases, x_type))
+            else:
+                out = portable_experts(b, "x", ids, weights, "", "", b1, b2, spec, x_type,
+                                       project=dequantize_projector(operands, biases, x_type))
+        elif how in MOE_LAYOUTS:
             k_min, k_max = _k_bounds(route)
             out = ort_experts(b, "x", ids, weights, "w1", "w2", b1, b2, spec, k_min, k_max, x_type, how)
         elif how == "gemm":
@@ -401,7 +470,7 @@ class _Definer:
         """The block's function from the nodes in ``b`` whose output is ``out``."""
         b.nodes.append(helper.make_node("Identity", [out], ["y"], name=f"{overload}/output"))
         imports = [helper.make_opsetid("", self.opset)]
-        if _layouts_of(how) & set(MOE_LAYOUTS):
+        if _uses_ort(how):
             imports.append(helper.make_opsetid(ORT_DOMAIN, 1))
         function = helper.make_function(
             DOMAIN, OP_TYPE, roles, ["y"], b.nodes, imports, overload=overload,
@@ -409,7 +478,9 @@ class _Definer:
                 f"MoE block: routing {_describe_rule(route)} on a {route.router.description} router "
                 f"({route.router.num_experts} experts), ids/weights [T,{route.depth}] with empty id "
                 f"{route.router.num_experts}; experts {spec.description}, "
-                + {"portable": "standard ONNX ops.", "gemm": "one Gemm pair per expert (standard ONNX ops)."}.get(
+                + {"portable": "standard ONNX ops.", "gemm": "one Gemm pair per expert (standard ONNX ops).",
+                   "qmoe": "com.microsoft.QMoE (quantized).", "matmulnbits": "MatMulNBits pairs (quantized).",
+                   "dequantize": "DequantizeLinear + Gemm (quantized, standard ONNX ops)."}.get(
                     how, f"{_describe_experts(route, spec, how)}.")
             ),
         )
@@ -419,6 +490,7 @@ class _Definer:
         """Turn the translated node into a call of its function: no attributes, metadata instead."""
         route_json = _attribute(node, "route_config")
         experts_json = _attribute(node, "experts_config")
+        quantization = _attribute(node, "quantization", "")
         del node.attribute[:]
         node.overload = overload
         node.name = path or "<root>"
@@ -429,6 +501,7 @@ class _Definer:
             ("moepass.experts", experts),
             ("moepass.route_config", route_json),
             ("moepass.experts_config", experts_json),
+            *((("moepass.quantization", quantization),) if quantization else ()),
         ):
             entry = node.metadata_props.add()
             entry.key, entry.value = key, value

@@ -42,6 +42,8 @@ logger = logging.getLogger(__name__)
 _ROUTE = torch.ops.moepass.route.default
 _EXPERTS = torch.ops.moepass.experts.default
 _BLOCK = torch.ops.moepass.moe_block.default
+_QUANTIZED = torch.ops.moepass.quantized_experts.default
+_QUANTIZED_BLOCK = torch.ops.moepass.quantized_moe_block.default
 _ZERO_COMPUTE = torch.ops.moepass.zero_compute_experts.default
 
 
@@ -53,8 +55,17 @@ class FusedBlock:
     node: fx.Node
 
 
+def _experts_config(experts: fx.Node):
+    """The :class:`~moepass.runtime.ops.ExpertsConfig` of an experts node, float or quantized."""
+    if experts.target is _QUANTIZED:
+        from moepass.runtime.quantized_ops import parse_quantized_config
+
+        return parse_quantized_config(experts.args[7]).experts
+    return parse_experts_config(experts.args[7])
+
+
 def _route_of(experts: fx.Node) -> fx.Node:
-    config = parse_experts_config(experts.args[7])
+    config = _experts_config(experts)
     block = config.block or "<root>"
     if config.slots_per_token:
         raise OnnxExportError(
@@ -91,7 +102,7 @@ def _zero_compute_of(experts: fx.Node) -> list[fx.Node]:
     Only in the form the rewrite writes: same x, ids and weights, its term
     added to the experts' output and read nowhere else.
     """
-    if not parse_experts_config(experts.args[7]).spec.zero_compute:
+    if not _experts_config(experts).spec.zero_compute:
         return []
     x, ids, weights = experts.args[:3]
     for zero in ids.users:
@@ -99,7 +110,7 @@ def _zero_compute_of(experts: fx.Node) -> list[fx.Node]:
             (add,) = zero.users
             if add.target is operator.add and set(add.args) == {experts, zero} and len(experts.users) == 1:
                 return [zero, add]
-    block = parse_experts_config(experts.args[7]).block or "<root>"
+    block = _experts_config(experts).block or "<root>"
     raise OnnxExportError(f"block {block}: its zero-computation experts are not added to its experts' output")
 
 
@@ -107,13 +118,14 @@ def fuse_blocks(gm: fx.GraphModule) -> list[FusedBlock]:
     """Replace every route → experts pair of ``gm`` by one ``moe_block`` node, in place."""
     graph = gm.graph
     fused = []
-    for experts in [n for n in graph.nodes if n.op == "call_function" and n.target is _EXPERTS]:
+    for experts in [n for n in graph.nodes if n.op == "call_function" and n.target in (_EXPERTS, _QUANTIZED)]:
         route = _route_of(experts)
         x, ids, weights, w1, w2, b1, b2, experts_config = experts.args
         logits, _, tensors, route_config = route.args
+        target = _QUANTIZED_BLOCK if experts.target is _QUANTIZED else _BLOCK
         with graph.inserting_before(experts):
             args = (x, logits, tensors, w1, w2, b1, b2, route_config, experts_config)
-            node = graph.create_node("call_function", _BLOCK, args, {}, name=experts.name.replace("moe_out", "moe_block", 1))
+            node = graph.create_node("call_function", target, args, {}, name=experts.name.replace("moe_out", "moe_block", 1))
         node.meta.update(experts.meta)
         zero = _zero_compute_of(experts)
         if zero:  # the block op adds the zero-computation term itself
@@ -124,7 +136,7 @@ def fuse_blocks(gm: fx.GraphModule) -> list[FusedBlock]:
         experts.replace_all_uses_with(node)
         for dead in (experts, ids, weights, route):
             graph.erase_node(dead)
-        path = parse_experts_config(experts_config).block
+        path = _experts_config(experts).block
         fused.append(FusedBlock(path, node))
     leftover = [n for n in graph.nodes if n.op == "call_function" and n.target is _ROUTE]
     if leftover:
@@ -154,7 +166,7 @@ def unrewritten_experts(gm: fx.GraphModule) -> list[str]:
         if node in live:
             continue
         live.add(node)
-        if node.target is not _BLOCK:  # what a moe_block reads is accounted for
+        if node.target not in (_BLOCK, _QUANTIZED_BLOCK):  # what a moe_block reads is accounted for
             stack.extend(node.all_input_nodes)
     paths = []
     for node in gm.graph.nodes:

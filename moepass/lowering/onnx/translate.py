@@ -8,6 +8,9 @@
              ↦  moepass.AdaptiveMoE(x, logits, *tensors, w1, w2, b1?, b2?)
                    route_config, experts_config: the op's JSON configs (string attributes)
                    input_roles: "x,logits,<tensor roles>,w1,w2[,b1][,b2]"
+           moepass.quantized_moe_block(x, logits, tensors, [codes, scales, zeros?] × 2, b1, b2, ...)
+             ↦  moepass.AdaptiveMoE(x, logits, *tensors, w1.codes, w1.scales[, w1.zeros], w2..., b1?, b2?)
+                   quantization: the scheme's JSON (bits, group size)
 
 The node has no definition yet: :mod:`moepass.lowering.onnx.functions` turns
 its attributes into a local function for the chosen target.
@@ -48,6 +51,8 @@ _SCHEMA = OpSchema(
         OpSchema.Attribute("route_config", OpSchema.AttrType.STRING, "RouteConfig JSON"),
         OpSchema.Attribute("experts_config", OpSchema.AttrType.STRING, "ExpertsConfig JSON"),
         OpSchema.Attribute("input_roles", OpSchema.AttrType.STRING, "comma-separated role of each input"),
+        OpSchema.Attribute("quantization", OpSchema.AttrType.STRING, "QuantScheme JSON (quantized experts)",
+                           required=False),
     ],
 )
 _ADAPTIVE_MOE = onnxscript.values.Op(onnxscript.values.Opset(DOMAIN, 1), OP_TYPE, _SCHEMA)
@@ -62,6 +67,27 @@ def _translate_block(x, logits, route_tensors, w1, w2, b1, b2, route_config: str
             inputs.append(value)
     return _ADAPTIVE_MOE(
         *inputs, route_config=route_config, experts_config=experts_config, input_roles=",".join(roles)
+    )
+
+
+def _translate_quantized_block(x, logits, route_tensors, w1, w2, b1, b2, route_config: str, quantized_config: str):
+    """A quantized block: inputs ``w1.codes``, ``w1.scales`` (, ``w1.zeros``), the same for w2."""
+    import json
+
+    from moepass.runtime.quantized_ops import parse_quantized_config
+
+    config = parse_quantized_config(quantized_config)
+    names = ("codes", "scales", "zeros")
+    roles = ["x", "logits", *parse_route_config(route_config).tensor_roles]
+    roles += [f"w1.{names[i]}" for i in range(len(w1))] + [f"w2.{names[i]}" for i in range(len(w2))]
+    inputs = [x, logits, *route_tensors, *w1, *w2]
+    for role, value in (("b1", b1), ("b2", b2)):
+        if value is not None:
+            roles.append(role)
+            inputs.append(value)
+    return _ADAPTIVE_MOE(
+        *inputs, route_config=route_config, experts_config=config.experts.to_json(), input_roles=",".join(roles),
+        quantization=json.dumps(config.scheme.to_dict(), sort_keys=True),
     )
 
 
@@ -89,7 +115,10 @@ def to_onnx(
             opset_version=opset,
             input_names=list(input_names),
             output_names=list(output_names),
-            custom_translation_table={torch.ops.moepass.moe_block.default: _translate_block},
+            custom_translation_table={
+                torch.ops.moepass.moe_block.default: _translate_block,
+                torch.ops.moepass.quantized_moe_block.default: _translate_quantized_block,
+            },
         )
     except Exception as error:
         raise OnnxExportError(f"torch.onnx could not translate the rewritten model: {root_cause(error)}") from error

@@ -71,6 +71,9 @@ class LayerStats:
     #: Seconds spent in reads (both threads) and the number of reads.
     read_s: float = 0.0
     reads: int = 0
+    #: Misses served by the lower-precision copy (HOBBIT) and the bytes they read.
+    low_loads: int = 0
+    low_bytes_read: int = 0
 
     @property
     def hit_rate(self) -> float:
@@ -141,6 +144,11 @@ class LayerCache:
     def capacity(self) -> int:
         """Cache slots (the scratch slot not counted)."""
         return len(self._slots)
+
+    def is_ready(self, expert: int) -> bool:
+        """Whether ``expert`` is resident or being read into the cache now (a full copy is there or on its way)."""
+        with self._cond:
+            return expert in self._resident
 
     def resident(self) -> list[int]:
         """Experts held (ready) now, for tests and reports."""

@@ -29,7 +29,7 @@ from moepass.lowering.workspace import scratch
 from moepass.runtime.offload.session import OffloadError, lookup
 from moepass.runtime.stats import note_gemm_rows
 
-__all__ = ["experts_forward"]
+__all__ = ["experts_forward", "quantized_experts_forward"]
 
 
 def _check_inputs(x: torch.Tensor, path: str) -> None:
@@ -62,11 +62,16 @@ def experts_forward(x, ids, weights, spec, key: str) -> torch.Tensor:
     for count in counts:
         starts.append(start)
         start += count
+    largest = _largest_weight_per_expert(weights, plan, spec.num_experts) if session.options.low_precision_below else None
     try:
         order = session.begin_call(path, x, counts)  # pins resident experts, starts the next layer's prefetch
         for expert in order:
             count = counts[expert]
             rows = slice(starts[expert], starts[expert] + count)
+            if largest is not None and session.low_copy_wanted(path, expert, largest[expert]):
+                _low_precision_expert(session, path, expert, xs[rows], h[rows], y[rows], spec, x.dtype)
+                note_gemm_rows(count)
+                continue
             views = provider.acquire(expert)
             try:
                 up = choose_kernel(count, first.shape, first.torch_dtype, spec.transposed)
@@ -76,6 +81,85 @@ def experts_forward(x, ids, weights, spec, key: str) -> torch.Tensor:
                 project(down, a, y[rows], views["w2"], views.get("b2"), spec.transposed)
             finally:
                 provider.release(expert)
+            note_gemm_rows(count)
+    finally:
+        provider.end()
+    return combine_rows(y, weights, plan, spec)
+
+
+def _low_precision_expert(session, path: str, expert: int, xs, h, y, spec, dtype) -> None:
+    """HOBBIT: one expert's rows computed on its lower-precision copy from the store (read now, not cached)."""
+    from moepass.lowering.cpu_quantized import project_rows, stored_expert_operands
+    from moepass.quantize.scheme import QuantScheme
+
+    stored, views = session.low_copy(path, expert)
+    scheme = QuantScheme.from_dict({k: v for k, v in stored.quant.items() if k != "row_block"})
+    row_block = int(stored.quant.get("row_block", 0))
+    first, form = stored_expert_operands(views, "w1", scheme, row_block, dtype)
+    project_rows(xs, h, first, views.get("b1"), scheme, form)
+    a = activate_inplace(h, spec).contiguous()
+    second, form = stored_expert_operands(views, "w2", scheme, row_block, dtype)
+    project_rows(a, y, second, views.get("b2"), scheme, form)
+
+
+def _largest_weight_per_expert(weights: torch.Tensor, plan, num_experts: int) -> list[float]:
+    """The largest routing weight each expert gets in this call (0 for experts without rows)."""
+    row_weights = weights.reshape(-1).index_select(0, plan.row_slot).float()
+    largest = torch.zeros(num_experts)
+    if row_weights.numel():
+        experts = torch.repeat_interleave(torch.arange(num_experts), torch.tensor(plan.counts))
+        largest.scatter_reduce_(0, experts, row_weights, reduce="amax")
+    return largest.tolist()
+
+
+def quantized_experts_forward(x, ids, weights, spec, scheme, key: str) -> torch.Tensor:
+    """``moepass.quantized_experts`` for a block whose quantized experts live in the offload store ``key`` names.
+
+    Each expert's stored codes are used as read (int4 in this machine's ATen row-block order): the
+    projections are those of the in-memory quantized op (:mod:`moepass.lowering.cpu_quantized`), on
+    the same operands, so the result is the in-memory one.  With HOBBIT on (``low_precision_below``), a
+    miss of an expert whose largest routing weight in the call is below it reads the store's
+    lower-precision copy instead, uses it for this call and does not cache it.
+    """
+    from moepass.lowering.cpu_quantized import project_rows, stored_expert_operands
+    from moepass.quantize.scheme import QuantScheme
+
+    session, path = lookup(key)
+    _check_inputs(x, path)
+    provider = session.provider(path)
+    plan = plan_slots(ids, spec.num_experts)
+    counts = plan.counts
+    xs = gather_rows(x, weights, plan, spec)
+    y = expert_outputs(x.shape[1], plan, x.dtype)
+    block = provider.block
+    n1 = block.tensor("w1.codes").shape[0]
+    h = scratch("h", (plan.rows, n1), x.dtype)
+    starts, start = [], 0
+    for count in counts:
+        starts.append(start)
+        start += count
+    largest = _largest_weight_per_expert(weights, plan, spec.num_experts) if session.options.low_precision_below else None
+    try:
+        order = session.begin_call(path, x, counts)
+        for expert in order:
+            count = counts[expert]
+            rows = slice(starts[expert], starts[expert] + count)
+            low = largest is not None and session.low_copy_wanted(path, expert, largest[expert])
+            if low:
+                stored, views = session.low_copy(path, expert)
+                use = QuantScheme.from_dict({k: v for k, v in stored.quant.items() if k != "row_block"})
+            else:
+                stored, views, use = block, provider.acquire(expert), scheme
+            try:
+                row_block = int(stored.quant.get("row_block", 0))
+                first, form = stored_expert_operands(views, "w1", use, row_block, x.dtype)
+                project_rows(xs[rows], h[rows], first, views.get("b1"), use, form)
+                a = activate_inplace(h[rows], spec).contiguous()
+                second, form = stored_expert_operands(views, "w2", use, row_block, x.dtype)
+                project_rows(a, y[rows], second, views.get("b2"), use, form)
+            finally:
+                if not low:
+                    provider.release(expert)
             note_gemm_rows(count)
     finally:
         provider.end()

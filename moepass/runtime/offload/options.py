@@ -26,6 +26,10 @@ profile_calls  calls of the first block (a decode step is one) run with the    3
 io             ``auto`` | ``direct`` (O_DIRECT) | ``drop_cache`` (read, then    ``auto``
                drop the pages) | ``page_cache`` (let the OS cache the store)
 verify         check every load's CRC-32 against the manifest                   ``False``
+low_precision_ HOBBIT: on a cache miss of an expert whose largest routing      ``0`` (off)
+below          weight in the call is below this, read its lower-precision
+               copy (a store written with ``low_dtype``) instead of the full
+               expert, use it once, do not cache it
 ============== ================================================================ ==============
 """
 
@@ -59,6 +63,9 @@ class OffloadOptions:
     profile_calls: int = 32
     io: str = "auto"
     verify: bool = False
+    #: HOBBIT: misses of experts whose largest routing weight in the call is below this read the
+    #: store's lower-precision copy (0: off).
+    low_precision_below: float = 0.0
 
     @classmethod
     def parse(cls, value: Any) -> OffloadOptions:
@@ -72,7 +79,8 @@ class OffloadOptions:
                 f"option 'offload' must be a store folder or a dict with 'store', got {type(value).__name__}"
             )
         data = dict(value)
-        valid = ("store", "cache_gb", "cache_bytes", "cache", "allocation", "prefetch", "profile_calls", "io", "verify")
+        valid = ("store", "cache_gb", "cache_bytes", "cache", "allocation", "prefetch", "profile_calls", "io", "verify",
+                 "low_precision_below")
         unknown = sorted(set(data) - set(valid))
         if unknown:
             raise OffloadOptionsError(
@@ -111,6 +119,9 @@ class OffloadOptions:
         calls = data.get("profile_calls", 32)
         if isinstance(calls, bool) or not isinstance(calls, int) or calls < 1:
             raise OffloadOptionsError(f"offload 'profile_calls' must be an integer ≥ 1, got {calls!r}")
+        below = data.get("low_precision_below", 0.0)
+        if isinstance(below, bool) or not isinstance(below, (int, float)) or not 0 <= below <= 1:
+            raise OffloadOptionsError(f"offload 'low_precision_below' must be a routing weight in [0, 1], got {below!r}")
         io = data.get("io", "auto")
         if io not in IO_MODES:
             raise OffloadOptionsError(f"unknown offload io {io!r}; valid: {', '.join(IO_MODES)}")
@@ -123,13 +134,15 @@ class OffloadOptions:
             profile_calls=calls,
             io=io,
             verify=data.get("verify", False),
+            low_precision_below=float(below),
         )
 
     def describe(self) -> str:
         """One line for reports."""
         budget = f"{self.cache_bytes / 1e6:.1f} MB" if self.cache_bytes else "no budget"
         split = "explicit allocation" if self.allocation is not None else self.cache
-        return f"store {self.store}, cache {split} ({budget}), prefetch {'on' if self.prefetch else 'off'}"
+        low = f", low-precision copies below weight {self.low_precision_below:g}" if self.low_precision_below else ""
+        return f"store {self.store}, cache {split} ({budget}), prefetch {'on' if self.prefetch else 'off'}{low}"
 
     def replace(self, **changes: Any) -> OffloadOptions:
         """A copy with ``changes``."""

@@ -34,7 +34,7 @@ from moepass.runtime.offload.allocation import allocate_slots, even_split, miss_
 from moepass.runtime.offload.cache import DirectLoader, LayerCache, LayerStats
 from moepass.runtime.offload.options import OffloadOptions
 from moepass.runtime.offload.prefetch import Prefetcher
-from moepass.runtime.offload.store import ExpertReader, open_store
+from moepass.runtime.offload.store import ExpertReader, StoredBlock, aligned_buffer, expert_views, open_store
 
 __all__ = ["OffloadError", "OffloadSession", "NextRouter", "session_for", "lookup", "close_all", "sessions"]
 
@@ -101,6 +101,13 @@ class OffloadSession:
             "even split" if options.cache in ("lru", "allocated") and self.total_slots else "none"
         )
         self.prefetcher = Prefetcher(f"moepass-prefetch-{self.key}") if options.prefetch else None
+        if options.low_precision_below and not self.manifest.low:
+            raise OffloadError(
+                f"offload 'low_precision_below' needs lower-precision copies of the experts, and the store {self.root} "
+                "has none: write it with `moepass offload --low-dtype int4` (write_model_store(..., low_dtype='int4'))"
+            )
+        #: block path -> (its low-precision copy, one read buffer, typed views of it)
+        self._low: dict[str, tuple[StoredBlock, Any, dict]] = {}
         with _registry_lock:
             _sessions[self.key] = self
         logger.info("offload session %s: %s, %d cache slots, reads with %s", self.key, options.describe(),
@@ -221,6 +228,32 @@ class OffloadSession:
         experts = [e for e in predict_experts(router, x) if e < stored]
         self._predicted[target] = frozenset(experts)
         self.prefetcher.submit(self.caches[target], experts)
+
+    def low_copy_wanted(self, path: str, expert: int, weight: float) -> bool:
+        """HOBBIT: whether this call of ``path`` should use ``expert``'s lower-precision copy.
+
+        Only on a miss (the full expert is neither resident nor being read) of
+        an expert whose largest routing weight in the call is below
+        ``low_precision_below``; never while validating.
+        """
+        below = self.options.low_precision_below
+        if not below or self._validating or weight >= below or self.manifest.low_block(path) is None:
+            return False
+        return not self.caches[path].is_ready(expert)
+
+    def low_copy(self, path: str, expert: int) -> tuple[StoredBlock, dict]:
+        """Read ``expert``'s lower-precision copy into the layer's one buffer for it; (its block entry, views)."""
+        entry = self._low.get(path)
+        if entry is None:
+            block = self.manifest.low_block(path)
+            buffer = aligned_buffer(block.stride)
+            entry = self._low[path] = (block, buffer, expert_views(block, buffer))
+        block, buffer, views = entry
+        got = self.reader.read(block, expert, buffer)
+        stats = self.caches[path].stats
+        stats.low_loads += 1
+        stats.low_bytes_read += got
+        return block, views
 
     # --- results ------------------------------------------------------------------
 

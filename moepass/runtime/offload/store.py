@@ -77,8 +77,10 @@ MANIFEST = "manifest.json"
 #: reading it, so the next read goes to the disk again), ``page_cache`` (plain
 #: reads, the OS may cache: a warm store).
 IO_MODES = ("auto", "direct", "drop_cache", "page_cache")
-#: The expert tensors of a block, in the order they lie in each expert's range.
-TENSOR_NAMES = ("w1", "w2", "b1", "b2")
+#: The expert tensors of a block, in the order they lie in each expert's range: float weights
+#: (``w1``, ``w2``) or quantized ones (the packed layout of :mod:`moepass.quantize.layout`:
+#: ``w1.codes``, ``w1.scales``, ``w1.zeros``, the same for ``w2``), then biases.
+TENSOR_NAMES = ("w1", "w2", "w1.codes", "w1.scales", "w1.zeros", "w2.codes", "w2.scales", "w2.zeros", "b1", "b2")
 
 _SAFETENSORS_DTYPES = {
     torch.float32: "F32",
@@ -137,6 +139,10 @@ class StoredBlock:
     crc32: tuple[int, ...]
     #: The block's :class:`~moepass.compiler.spec.ExpertsSpec` as a dict (what the lowering needs).
     spec: dict[str, Any] = field(default_factory=dict)
+    #: Quantized experts: the :class:`~moepass.quantize.QuantScheme` as a dict, plus ``row_block``
+    #: (int4 codes stored in ATen's CPU row-block order for that block size, 0: plain order);
+    #: empty for float experts.
+    quant: dict[str, Any] = field(default_factory=dict)
 
     @property
     def expert_nbytes(self) -> int:
@@ -186,10 +192,17 @@ class StoreManifest:
     blocks: tuple[StoredBlock, ...]
     #: Where the weights came from (for people reading the manifest).
     source: str = ""
+    #: Lower-precision copies of blocks' experts (HOBBIT: read instead of the full expert on a miss of
+    #: low routing weight), one entry per block that has one, in its own file.
+    low: tuple[StoredBlock, ...] = ()
 
     def block(self, path: str) -> StoredBlock | None:
         """The entry of block ``path``, or None."""
         return next((b for b in self.blocks if b.path == path), None)
+
+    def low_block(self, path: str) -> StoredBlock | None:
+        """The lower-precision copy of block ``path``'s experts, or None."""
+        return next((b for b in self.low if b.path == path), None)
 
     @property
     def paths(self) -> list[str]:
@@ -205,6 +218,8 @@ class StoreManifest:
         """The manifest file's text."""
         data = {"format": FORMAT, "source": self.source, "alignment": ALIGNMENT,
                 "blocks": [b.to_dict() for b in self.blocks]}
+        if self.low:
+            data["low_blocks"] = [b.to_dict() for b in self.low]
         return json.dumps(data, indent=1)
 
     @classmethod
@@ -221,9 +236,10 @@ class StoreManifest:
             raise ExpertStoreError(f"{where}: alignment {data.get('alignment')} is not {ALIGNMENT}")
         try:
             blocks = tuple(StoredBlock.from_dict(b) for b in data["blocks"])
+            low = tuple(StoredBlock.from_dict(b) for b in data.get("low_blocks", ()))
         except (KeyError, TypeError) as error:
             raise ExpertStoreError(f"{where}: malformed block entry ({type(error).__name__}: {error})") from None
-        return cls(blocks, data.get("source", ""))
+        return cls(blocks, data.get("source", ""), low)
 
 
 # --- writing ------------------------------------------------------------------
@@ -240,11 +256,14 @@ class BlockWeights:
     params: dict[str, str] = field(default_factory=dict)
     #: The block's ExpertsSpec as a dict.
     spec: dict[str, Any] = field(default_factory=dict)
+    #: Quantized experts: see :attr:`StoredBlock.quant`.
+    quant: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_experts(self) -> int:
         """E (the first dimension of w1)."""
-        return int(self.tensors["w1"].shape[0])
+        first = self.tensors.get("w1")
+        return int((first if first is not None else self.tensors["w1.codes"]).shape[0])
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -257,9 +276,9 @@ def expert_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 
 
-def _file_name(path: str) -> str:
+def _file_name(path: str, variant: str = "") -> str:
     safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in path) or "root"
-    return f"{safe}.safetensors"
+    return f"{safe}.{variant}.safetensors" if variant else f"{safe}.safetensors"
 
 
 def _layout(weights: BlockWeights) -> tuple[list[StoredTensor], int]:
@@ -312,7 +331,7 @@ def _safetensors_header(block: StoredBlock, metadata: dict[str, str]) -> bytes:
     return text + b" " * (total - 8 - len(text))
 
 
-def _block_entry(weights: BlockWeights) -> tuple[StoredBlock, list[torch.Tensor | None]]:
+def _block_entry(weights: BlockWeights, variant: str = "") -> tuple[StoredBlock, list[torch.Tensor | None]]:
     stored, stride = _layout(weights)
     crcs = []
     for expert in range(weights.num_experts):
@@ -321,8 +340,9 @@ def _block_entry(weights: BlockWeights) -> tuple[StoredBlock, list[torch.Tensor 
             crc = zlib.crc32(expert_bytes(weights.tensors[tensor.name][expert]), crc)
         crcs.append(crc)
     block = StoredBlock(
-        path=weights.path, file=_file_name(weights.path), num_experts=weights.num_experts, tensors=tuple(stored),
-        data_offset=0, stride=stride, crc32=tuple(crcs), spec=dict(weights.spec),
+        path=weights.path, file=_file_name(weights.path, variant), num_experts=weights.num_experts,
+        tensors=tuple(stored), data_offset=0, stride=stride, crc32=tuple(crcs), spec=dict(weights.spec),
+        quant=dict(weights.quant),
     )
     header = _safetensors_header(block, {"format": FORMAT, "block": weights.path})
     return dataclasses.replace(block, data_offset=8 + len(header)), [weights.tensors.get(t.name) for t in stored]
@@ -344,11 +364,13 @@ def _write_block(directory: Path, block: StoredBlock, tensors: list[torch.Tensor
         os.fsync(handle.fileno())
 
 
-def write_store(blocks: Iterable[BlockWeights], out: str | Path, source: str = "", overwrite: bool = False) -> StoreManifest:
+def write_store(blocks: Iterable[BlockWeights], out: str | Path, source: str = "", overwrite: bool = False,
+                low: Iterable[BlockWeights] = ()) -> StoreManifest:
     """Write an expert store to the folder ``out``.
 
     Args:
         blocks: each MoE block's stacked expert weights (CPU tensors), in layer order.
+        low: lower-precision copies of blocks' experts (HOBBIT), each in a file of its own.
         out: the store folder; written into a temporary folder beside it and
             renamed into place, so a failure leaves nothing half-written.
         source: a note on where the weights came from (kept in the manifest).
@@ -376,7 +398,14 @@ def write_store(blocks: Iterable[BlockWeights], out: str | Path, source: str = "
             logger.info("wrote %s: %d experts × %d bytes", block.file, block.num_experts, block.expert_nbytes)
         if not entries:
             raise ExpertStoreError("no MoE block with stacked expert weights to write")
-        manifest = StoreManifest(tuple(entries), source)
+        low_entries = []
+        for weights in low:
+            if weights.path not in seen:
+                raise ExpertStoreError(f"a lower-precision copy of block {weights.path}, which the store does not hold")
+            block, tensors = _block_entry(weights, "low")
+            _write_block(staging, block, tensors)
+            low_entries.append(block)
+        manifest = StoreManifest(tuple(entries), source, tuple(low_entries))
         (staging / MANIFEST).write_text(manifest.to_json())
         umask = os.umask(0)
         os.umask(umask)
@@ -410,7 +439,7 @@ def open_store(path: str | Path) -> tuple[Path, StoreManifest]:
             f"{root} is not an expert store (no {MANIFEST}); write one with `moepass offload --model ... --out {root}`"
         )
     manifest = StoreManifest.from_json(manifest_path.read_text(), str(manifest_path))
-    for block in manifest.blocks:
+    for block in (*manifest.blocks, *manifest.low):
         check_block_file(root, block)
     return root, manifest
 

@@ -1,0 +1,51 @@
+"""Which kernel a quantized projection runs at each row count, read from this machine's tables (family
+``cpu_quantized``; :mod:`moepass.lowering.cpu_quantized_tuning` measures them and says what they hold).
+
+Read once per process and table change (``lru_cache`` keyed by
+:func:`moepass.runtime.tuning.generation`): a call pays a dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from moepass.quantize.scheme import QuantScheme
+from moepass.runtime import tuning
+
+__all__ = ["FAMILY", "chosen_kernel", "projection_key"]
+
+FAMILY = tuning.Family("cpu_quantized", version=1, shipped=None)
+
+
+def projection_key(scheme: QuantScheme, dtype: torch.dtype, out_features: int, in_features: int) -> str:
+    """The entry key of one quantized projection shape."""
+    kind = "int8" if scheme.bits == 8 else f"int4 g{scheme.group_of(in_features)}"
+    return f"quantized {kind} {str(dtype).removeprefix('torch.')} {out_features}x{in_features}"
+
+
+@functools.lru_cache(maxsize=512)
+def _column(key: str, generation: int) -> tuple[tuple[int, ...], tuple[str, ...]] | None:
+    del generation  # a cache key: the tables' state
+    found = tuning.lookup(FAMILY, key)
+    if not found or not found.entry.get("kernels"):
+        return None
+    rows = sorted((int(r), k) for r, k in found.entry["kernels"].items())
+    return tuple(r for r, _ in rows), tuple(k for _, k in rows)
+
+
+@functools.lru_cache(maxsize=512)
+def _shape_column(scheme: QuantScheme, dtype: torch.dtype, out_features: int, in_features: int, generation: int):
+    return _column(projection_key(scheme, dtype, out_features, in_features), generation)
+
+
+def chosen_kernel(scheme: QuantScheme, dtype: torch.dtype, out_features: int, in_features: int,
+                  rows: int) -> str | None:
+    """The measured kernel for ``rows`` rows of this projection on this machine, or None (no entry)."""
+    column = _shape_column(scheme, dtype, out_features, in_features, tuning.generation())
+    if column is None:
+        return None
+    counts, kernels = column
+    position = max(i for i, count in enumerate(counts) if count <= rows) if rows >= counts[0] else 0
+    return kernels[position]
