@@ -298,3 +298,18 @@ def test_mlir_export_refuses_a_block_with_an_output_function_and_says_why(tmp_pa
     with pytest.raises(MlirExportError, match="each slot's output before the routing weight"):
         export_mlir(model, (family_inputs(model, 7)["input_ids"],), str(path))
     assert not path.exists()
+
+
+def test_experts_dtype_leaves_experts_with_an_output_function_in_float_and_says_why():
+    """The quantized experts op was never checked on per-slot rows: the block stays rewritten, its experts float."""
+    reference, model = _ergo(), _ergo()
+    inputs = family_inputs(model, 7)
+    compiled = torch.compile(model, backend="adaptive_moe", options={"inner": "eager", "experts_dtype": "int8"})
+    with torch.no_grad():
+        assert rel_err(compiled(**inputs).logits, reference(**inputs).logits) <= 1e-5
+    blocks = moepass.report(compiled).blocks
+    assert blocks and all(b.rewritten for b in blocks)
+    for block in blocks:
+        assert any("experts not quantized" in n and "per-expert output norm" in n for n in block.notes), block.notes
+        ops = {op_name(n) for n in block.graph_after.nodes if n.op == "call_function"}
+        assert "moepass::quantized_experts" not in ops and "moepass::experts" in ops
