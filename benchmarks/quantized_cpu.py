@@ -3,6 +3,14 @@
 Parts (``--parts``; each prints its table and, unless ``--no-write``, writes
 its section of RESULTS.md):
 
+``decode``
+    the experts op alone at 1, 2, 4 and 8 tokens (``--decode-tokens``),
+    bfloat16 activations, Mixtral / OLMoE / Qwen3 shapes: moepass bf16 (the
+    float lowering's GEMV), ATen int8 / int4 (g64), and moepass's native
+    kernel on int8 / int4 (the ``native`` form, kernels pinned), interleaved
+    (A, B, C, … medians and bests), each call routed to experts the previous
+    calls did not read; each variant checked against its dequantized
+    reference first.  Prints × bf16 and × the int4 memory floor.
 ``block``
     transformers' own Mixtral-shaped (8, top-2, 1024, 2816 — the scaled
     Mixtral of the other CPU benchmarks), OLMoE (64, top-8, 2048, 1024) and
@@ -42,7 +50,7 @@ decode steps) to check the script runs; its numbers mean nothing.
 
 Usage::
 
-    python benchmarks/quantized_cpu.py [--parts block ort offload hobbit llama] [--quick] [--no-write]
+    python benchmarks/quantized_cpu.py [--parts decode block ort offload hobbit llama] [--quick] [--no-write]
 """
 
 from __future__ import annotations
