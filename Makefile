@@ -13,7 +13,7 @@ NEWEST_TORCH ?= torch==2.14.1
 NEWEST_VENV ?= .newest/venv
 NEWEST_WORKERS ?= 2
 
-.PHONY: install demo test test-fast bench lock test-newest
+.PHONY: install demo test test-fast bench lock test-newest docs docs-serve
 
 install:
 	$(PYTHON) -m pip install -q $(CONSTRAIN) "$(TORCH)"
@@ -29,6 +29,15 @@ test: install
 
 test-fast:
 	$(PYTHON) -m pytest -q -n 2 --dist loadfile -m "not inductor and not slow"
+
+# The documentation site (mkdocs.yml, docs/): a strict build into site/ (a broken link, anchor or
+# API reference fails it, as in tests/test_docs.py), or served at http://127.0.0.1:8000, rebuilt on edit
+# (not strict there: a half-written page shows its warnings in the log instead of stopping the server).
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(PYTHON) -m mkdocs build --strict
+
+docs-serve: install
+	NO_MKDOCS_2_WARNING=1 $(PYTHON) -m mkdocs serve
 
 bench:
 	$(PYTHON) benchmarks/moe_block_cpu.py

@@ -3,7 +3,8 @@
     python benchmarks/zoo_table.py                 # all discovered families
     python benchmarks/zoo_table.py mixtral dbrx    # some
     python benchmarks/zoo_table.py --json out.json # also the raw outcomes
-    python benchmarks/zoo_table.py --readme        # also replace the README's coverage table
+    python benchmarks/zoo_table.py --docs          # also replace the coverage table of docs/coverage.md
+                                                   # (--readme: the same; the table lived in the README)
 
 Tiny random models (hidden 64, 2 layers both MoE, 8 experts, top-2), static
 policy, inner compiler eager, logits against eager at [2, 8] and [2, 13].
@@ -25,35 +26,48 @@ import warnings
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 
-README = os.path.join(os.path.dirname(__file__), "..", "README.md")
+#: The page that holds the coverage table (the site's "Model coverage"; the README links to it).
+COVERAGE_PAGE = os.path.join(os.path.dirname(__file__), "..", "docs", "coverage.md")
 START, END = "<!-- zoo-table:start -->", "<!-- zoo-table:end -->"
 
 
-def write_readme_table(table: str, summary: str, transformers_version: str) -> None:
-    """Replace the README's text between the zoo markers with ``table`` (atomically)."""
+def table_block(table: str, summary: str, transformers_version: str, torch_version: str, date: str) -> str:
+    """The text between (and including) the zoo markers: a dated summary line, then the table."""
+    return (
+        f"{START}\n*{summary} — transformers {transformers_version}, torch {torch_version}, {date} "
+        f"(the table `python benchmarks/zoo_table.py --docs` writes)*\n\n{table}\n\n{END}"
+    )
+
+
+def write_table(table: str, summary: str, transformers_version: str, page: str = COVERAGE_PAGE) -> None:
+    """Replace the text between the zoo markers of ``page`` with ``table`` (atomically)."""
     import torch
 
-    with open(README) as handle:
+    with open(page) as handle:
         text = handle.read()
-    if START not in text or END not in text:
-        raise SystemExit(f"README.md has no {START} … {END} markers to write the table between")
-    block = (
-        f"{START}\n<details><summary>{summary} — transformers {transformers_version}, torch "
-        f"{torch.__version__.split('+')[0]}, {time.strftime('%Y-%m-%d')} (the table "
-        f"<code>python benchmarks/zoo_table.py --readme</code> writes)</summary>\n\n{table}\n\n</details>\n{END}"
-    )
+    if text.count(START) != 1 or text.count(END) != 1 or text.index(START) > text.index(END):
+        raise SystemExit(f"{os.path.relpath(page)} needs one {START} … {END} pair to write the table between")
+    block = table_block(table, summary, transformers_version, torch.__version__.split("+")[0], time.strftime("%Y-%m-%d"))
     text = text[: text.index(START)] + block + text[text.index(END) + len(END) :]
-    with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(README), delete=False, suffix=".tmp") as handle:
+    with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(page), delete=False, suffix=".tmp") as handle:
         handle.write(text)
-    os.replace(handle.name, README)
+    os.replace(handle.name, page)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("families", nargs="*", help="family names (transformers model_type); default: all")
     parser.add_argument("--json", help="also write the outcomes as JSON to this file")
-    parser.add_argument("--readme", action="store_true", help="also replace the table between the README's zoo markers")
+    parser.add_argument(
+        "--docs",
+        "--readme",
+        dest="docs",
+        action="store_true",
+        help="also replace the table between the zoo markers of docs/coverage.md (--readme is the old name)",
+    )
     args = parser.parse_args(argv)
+    if args.docs and args.families:
+        parser.error("--docs writes the whole table: give no family names")
 
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.ERROR)
@@ -73,10 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         counts[o.outcome] = counts.get(o.outcome, 0) + 1
     summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
     print(f"\n{len(outcomes)} families: {summary} ({time.perf_counter() - started:.0f}s)")
-    if args.readme:
-        if args.families:
-            parser.error("--readme writes the whole table: give no family names")
-        write_readme_table(markdown_table(outcomes), summary, transformers.__version__)
+    if args.docs:
+        write_table(markdown_table(outcomes), summary, transformers.__version__)
     if args.json:
         folder = os.path.dirname(os.path.abspath(args.json))
         with tempfile.NamedTemporaryFile("w", dir=folder, delete=False, suffix=".tmp") as handle:

@@ -32,6 +32,7 @@ import argparse
 import datetime
 import json
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -111,13 +112,17 @@ def main() -> None:
 
     model.forward = torch.compile(model.forward, backend="adaptive_moe", options=options)
     generated = model.generate(input_ids, max_new_tokens=args.max_new_tokens, do_sample=False)
-    print(json.dumps({
+    line = json.dumps({
         "rank": rank, "world": world, "layout": args.layout, "policy": args.policy, "tokens": input_ids.numel(),
         "rows_sent": traffic.rows_sent, "rows_local": traffic.rows_local, "bytes_sent": traffic.bytes,
         "error_vs_one_process": error,
         "expert_parallel_blocks": str(moepass.report(fast)).count("expert parallel over"),
         "text": bundled.decode(generated[0].cpu()),
-    }), flush=True)
+    })
+    # one write of the whole line: the ranks share one stdout, and print's separate writes of the text and
+    # its newline could interleave with another rank's line
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), (line + "\n").encode())
     dist.destroy_process_group()
 
 

@@ -49,6 +49,13 @@ def tables(tmp_path, monkeypatch):
     tuning.forget_measured()
 
 
+def _same_threads(env: dict) -> dict:
+    """The environment for a second process that is the same machine as this one: the thread
+    count is part of the machine key, and a test worker runs one thread (conftest) where a new
+    process would start with one per core."""
+    return {**env, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+
+
 class FakeClock:
     def __init__(self):
         self.now = 0.0
@@ -115,7 +122,7 @@ def test_stored_entries_merge_atomically_and_a_fresh_process_finds_them(tables):
     assert not tuning.lookup(family, "c")
     script = ("from moepass.runtime import tuning; f = tuning.Family('probe_family', 1); "
               "found = tuning.lookup(f, 'b'); print(found.source, found.entry['x'])")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = _same_threads({**os.environ, "PYTHONPATH": str(ROOT)})
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["cache", "2"], out.stderr
 
@@ -366,7 +373,8 @@ def test_the_first_compile_measures_caches_and_a_second_process_reuses(tmp_path,
             fast(ids)
         print("SOURCE", moepass.report(fast).block("model.layers.0.mlp").cpu_kernels.source)
     """)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MOEPASS_TUNING": "auto", "MOEPASS_CACHE_DIR": str(tmp_path)}
+    env = _same_threads({**os.environ, "PYTHONPATH": str(ROOT), "MOEPASS_TUNING": "auto",
+                         "MOEPASS_CACHE_DIR": str(tmp_path)})
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert "SOURCE cache" in out.stdout, out.stdout + out.stderr
     assert "measuring" not in out.stderr  # a second process adds no measurement

@@ -24,7 +24,9 @@ def test_router_only_rewrite(family):
     assert block.rewritten and block.dispatch == "eager_loop"
     assert "router only" in block.notes[0]
     ops = rec.ops()
-    assert ops.count("moepass::route") == 1 and "moepass::experts" not in ops and "topk" not in ops
+    assert ops.count("moepass::route") == 1 and "moepass::experts" not in ops
+    # the loop that reads the ids runs outside this graph: it gets the model's own ids, from its own top-k
+    assert "topk" in ops and block.spec.router.kind != "lifted"
 
 
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])

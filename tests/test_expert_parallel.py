@@ -92,8 +92,8 @@ def test_transformers_ep_with_fsdp_equals_one_process(two):
         assert result["eager_error"] <= STATIC, (rank, result["eager_error"])
         run = result["top_p"]
         assert run["error"] <= SAME_POLICY, (rank, run)
-        # FSDP's hooks split each block in two graphs (the router's writes dropped slots as a repeated expert
-        # at weight 0); the experts op still sends only the kept remote slots
+        # FSDP's hooks split each block in two graphs (the router's keeps the model's ids, a dropped slot at
+        # weight -0.0); the experts op still sends only the kept remote slots
         assert run["rows_sent"] == run["remote_kept"] > 0, (rank, run)
         assert run["rows_sent"] + run["rows_local"] == run["kept"] < run["slots"], (rank, run)
         name, error = _worst(result["gradient_errors"])
@@ -169,7 +169,7 @@ def test_four_ranks(four):
 
 
 def test_the_readme_example_runs_under_torchrun():
-    """README's ``torchrun --nproc-per-node 2 examples/expert_parallel.py --policy top_p --p 0.5`` (inner eager,
+    """docs/expert-parallel.md's ``torchrun --nproc-per-node 2 examples/expert_parallel.py --policy top_p --p 0.5`` (inner eager,
     1 new token: the same script, quicker)."""
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",

@@ -39,12 +39,14 @@ def test_capture_flag_is_enough_without_fullgraph():
     assert [b.rewritten for b in rec.reports[0]] == [True]
 
 
-def test_without_capture_the_loop_breaks_and_nothing_is_claimed():
-    """Dynamo skips the frame; the pass sees only expert MLPs and claims nothing."""
+def test_without_capture_the_loop_breaks_and_the_block_is_reported():
+    """Dynamo skips the block's frame; the pass sees only expert MLPs, rewrites nothing, and says why."""
     model = ReferenceMoE().eval()
     rec = Recorder()
     x = torch.randn(3, 4, 32)
     with torch.no_grad():
         out = torch.compile(model, backend=rec)(x)
     assert torch.equal(out, model(x))
-    assert all(blocks == [] for blocks in rec.reports)
+    entries = [b for blocks in rec.reports for b in blocks]
+    assert entries and all(not b.rewritten and b.reason_code == "graph_break" for b in entries)
+    assert "ReferenceMoE.forward" in entries[0].reason and "make_traceable" in entries[0].reason

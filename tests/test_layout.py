@@ -4,7 +4,7 @@ Every module of the package (``moepass/``, with ``moepass/lowering/`` and
 ``moepass/kernels/``) is parsed with
 ``ast``; an import anywhere in a module (also inside a function) is an edge,
 except imports under ``if TYPE_CHECKING:``, which never run.  The rules are
-the ones each subpackage's docstring states; README "Layout" draws them.
+the ones each subpackage's docstring states; docs/architecture.md ("Layout") draws them.
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def test_no_import_cycles(graph):
 
 def test_every_module_is_in_a_room(graph):
     unknown = sorted(m for m in graph if room(m) not in MAY_IMPORT and m not in SHARED)
-    assert not unknown, f"modules outside the rooms (put them in a subpackage, see README 'Layout'): {unknown}"
+    assert not unknown, f"modules outside the rooms (put them in a subpackage, see docs/architecture.md, 'Layout'): {unknown}"
 
 
 def test_imports_follow_the_rooms(graph):

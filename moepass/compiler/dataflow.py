@@ -25,6 +25,7 @@ __all__ = [
     "op_name",
     "is_inplace",
     "mutated_node",
+    "written_value",
     "example_value",
     "tensor_shape",
     "is_param_like",
@@ -155,6 +156,19 @@ def mutated_node(node: fx.Node) -> fx.Node | None:
         return out if isinstance(out, fx.Node) else None
     first = node.args[0] if node.args else None
     return first if isinstance(first, fx.Node) else None
+
+
+def written_value(node: fx.Node) -> fx.Node:
+    """The node whose recorded value is what ``node`` leaves behind.
+
+    ``out[mask] = y`` (``operator.setitem``) returns nothing: the value it
+    leaves is ``out``'s tensor after the write.  Every other node is its own.
+    """
+    if not isinstance(example_value(node), torch.Tensor):
+        target = mutated_node(node)
+        if target is not None and isinstance(example_value(target), torch.Tensor):
+            return target
+    return node
 
 
 _MULTI_VIEW_OPS = {"chunk", "split", "unbind", "tensor_split", "split_with_sizes"}

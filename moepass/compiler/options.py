@@ -1,50 +1,29 @@
 """The backend's options: parsing, defaults and the errors users see.
 
-``torch.compile(model, backend="adaptive_moe", options={...})`` keys:
+``torch.compile(model, backend="adaptive_moe", options={...})`` keys (the default in parentheses):
 
-========== ============================================== ===========
-key        meaning                                         default
-========== ============================================== ===========
-policy     policy name or a :class:`~moepass.policies.Policy`  ``"static"``
-inner      compiler for the rest of the graph:             ``"inductor"``
-           ``inductor`` | ``aot_eager`` | ``eager``
-lowering   experts implementation:                          ``"auto"``
-           ``auto`` | ``cpu`` | ``triton`` | ``reference``
-validate   check each rewrite against the original block    ``True``
-           on random inputs before committing it
-stats      record tokens per k per block at run time        ``False``
-offload    expert weights in an expert store, loaded        ``None``
-           through a cache with prefetch: a store folder
-           or a dict (:mod:`moepass.runtime.offload.options`)
-cpu_prepack CPU lowering: run bfloat16 experts on copies     ``"auto"``
-           of their weights pre-packed for oneDNN (faster,
-           as much memory again): ``auto`` (when they fit
-           in half the available memory) | ``on`` | ``off``
-           (or True / False); see
-           :mod:`moepass.lowering.cpu_packed`
-expert_parallel split the experts over the ranks of a     ``None``
-           ``DeviceMesh``: ``{"mesh": mesh}`` (a 1-D mesh)
-           or ``{"mesh": mesh, "mesh_dim": "ep"}``; see
-           :mod:`moepass.compiler.plan.expert_parallel`.
-           Models whose expert weights are ``Shard(0)``
-           DTensors, or that run transformers'
-           ``ep_implementation="moepass"``, need no option
-cpu_tuning CPU lowering: measure this machine's kernel     ``"auto"``
-           and path choices for a block shape no table
-           holds: ``auto`` (at most
-           :data:`~moepass.lowering.cpu_tuning.DEFAULT_BUDGET`
-           seconds per shape, or what ``$MOEPASS_TUNING``
-           says) | ``off`` | seconds; see
-           :mod:`moepass.lowering.cpu_tuning`
-experts_dtype quantize the routed experts at compile time:   ``None``
-           ``int8`` (per output channel) | ``int4`` (per
-           group); see :mod:`moepass.compiler.plan.quantize`
-group_size int4: input features per scale (32 | 64 |       64 for int4
-           128 | 256)
-experts_float with ``experts_dtype``: ``keep`` the float     ``"keep"``
-           expert weights in memory, or ``release`` them
-           once quantized
-========== ============================================== ===========
+* ``policy`` (``"static"``): a policy name or a :class:`~moepass.policies.Policy`.
+* ``inner`` (``"inductor"``): the compiler for the rest of the graph: ``inductor`` | ``aot_eager`` | ``eager``.
+* ``lowering`` (``"auto"``): the experts implementation: ``auto`` | ``cpu`` | ``triton`` | ``reference``.
+* ``validate`` (``True``): check each rewrite against the original block on random inputs before committing it.
+* ``stats`` (``False``): record tokens per k per block at run time.
+* ``offload`` (``None``): expert weights in an expert store, loaded through a cache with prefetch: a store
+  folder or a dict (:mod:`moepass.runtime.offload.options`).
+* ``cpu_prepack`` (``"auto"``): CPU lowering: run bfloat16 experts on copies of their weights pre-packed for
+  oneDNN (faster, as much memory again): ``auto`` (when they fit in half the available memory) | ``on`` |
+  ``off`` (or True / False); see :mod:`moepass.lowering.cpu_packed`.
+* ``expert_parallel`` (``None``): split the experts over the ranks of a ``DeviceMesh``: ``{"mesh": mesh}``
+  (a 1-D mesh) or ``{"mesh": mesh, "mesh_dim": "ep"}``; see :mod:`moepass.compiler.plan.expert_parallel`.
+  Models whose expert weights are ``Shard(0)`` DTensors, or that run transformers'
+  ``ep_implementation="moepass"``, need no option.
+* ``cpu_tuning`` (``"auto"``): CPU lowering: measure this machine's kernel and path choices for a block
+  shape no table holds: ``auto`` (at most :data:`~moepass.lowering.cpu_tuning.DEFAULT_BUDGET` seconds per
+  shape, or what ``$MOEPASS_TUNING`` says) | ``off`` | seconds; see :mod:`moepass.lowering.cpu_tuning`.
+* ``experts_dtype`` (``None``): quantize the routed experts at compile time: ``int8`` (per output channel) |
+  ``int4`` (per group); see :mod:`moepass.compiler.plan.quantize`.
+* ``group_size`` (64 for int4): int4: input features per scale (32 | 64 | 128 | 256).
+* ``experts_float`` (``"keep"``): with ``experts_dtype``: ``keep`` the float expert weights in memory, or
+  ``release`` them once quantized.
 
 Any other key is a parameter of the named policy (``{"policy": "top_p",
 "p": 0.4}``).

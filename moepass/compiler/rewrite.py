@@ -14,8 +14,12 @@ Full block (pattern → check → replacement)::
 
 Router only (the experts loop graph-broke)::
 
-    pattern      logits ─► [router ops] ─► ids, weights ─► (graph output / one_hot(E+1) / ids == e)
-    replacement  ids', w' = moepass.route(logits, x, tensors, route_config)
+    pattern      logits ─► [router ops] ─► ids, weights ─► (one_hot(E+1) / ids == e in this graph)
+    replacement  ids', w' = moepass.route(logits, x, tensors, route_config)    (sentinel: id E, weight 0)
+
+    pattern      logits ─► [router ops] ─► ids, weights ─► graph output (read where the graph does not show)
+    replacement  _, w' = moepass.route(logits, x, [ids, weights, …], route_config)   (the model's ids stay;
+                 a dropped slot's weight is 0)
 
 Every applied rewrite bumps ``torch._dynamo.utils.counters["moepass"]``.
 """
@@ -32,7 +36,7 @@ import torch
 import torch.fx as fx
 from torch._dynamo.utils import counters
 
-from moepass.compiler.dataflow import Dataflow, alias_root, example_value, mutated_node, tensor_shape
+from moepass.compiler.dataflow import Dataflow, alias_root, example_value, mutated_node, op_name, tensor_shape, written_value
 from moepass.compiler.detect import BlockMatch
 from moepass.compiler.detect.common import Mismatch
 from moepass.compiler.detect.region import satellites
@@ -80,6 +84,39 @@ def _stack_modules(nodes: Any, env: dict[fx.Node, Any], dim_cat: int = 1) -> tor
     return torch.stack([env[n].detach() for n in nodes])
 
 
+@dataclass(frozen=True)
+class StackInGraph:
+    """Per-expert weights stacked by nodes in the graph on every call (``torch.stack`` / ``torch.cat``).
+
+    Used when the graph will be differentiated: the gradients reach each
+    expert's own parameters, and an optimizer's updates are seen by the next
+    call (a snapshot taken at compile time would have neither).
+    """
+
+    #: [[gate_e...], [up_e...]] or [[w_e...]]: groups stacked, then joined on their first feature axis.
+    groups: tuple[tuple[fx.Node, ...], ...]
+
+    @staticmethod
+    def of(nodes: Any) -> "StackInGraph | None":
+        if nodes is None:
+            return None
+        groups = nodes if nodes and isinstance(nodes[0], list) else [nodes]
+        return StackInGraph(tuple(tuple(group) for group in groups))
+
+    def evaluate(self, env: dict[fx.Node, Any]) -> torch.Tensor:
+        parts = [torch.stack([env[n] for n in group]) for group in self.groups]
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+    def emit(self, inserter: "_Inserter", name: str) -> fx.Node:
+        parts = [
+            inserter.call("call_function", torch.stack, (list(group),), f"{name}_stack_{i}_{inserter.tag}")
+            for i, group in enumerate(self.groups)
+        ]
+        if len(parts) == 1:
+            return parts[0]
+        return inserter.call("call_function", torch.cat, (parts, 1), f"{name}_cat_{inserter.tag}")
+
+
 def plan_rewrite(
     match: BlockMatch,
     resolved: ResolvedPolicy,
@@ -100,7 +137,11 @@ def plan_rewrite(
     if router.correction_bias is not None:
         roles.append("correction_bias")
         tensors.append(router.correction_bias)
-    if router.spec.kind == "lifted":
+    model_order = match.experts is None and match.empty_slots == "model_ids"
+    if model_order:  # the model's own selection, left in its order (see RouteConfig.empty_slots)
+        roles += ["model_ids", "model_weights"]
+        tensors += [router.ids, router.weights_end]
+    elif router.spec.kind == "lifted":
         roles += ["selected_ids", "selected_weights"]
         tensors += [router.ids, router.weights_end]
     static_roles = tuple(roles)
@@ -118,9 +159,11 @@ def plan_rewrite(
         uses_x=resolved.uses_x,
         renormalize=resolved.renormalize,
         block=match.path,
-        empty_slots="sentinel" if match.sentinel_safe else "repeat_first",
+        empty_slots=match.empty_slots if match.experts is None else "sentinel",
     )
-    static_config = RouteConfig(router=match.spec.router, tensor_roles=static_roles, block=match.path)
+    static_config = RouteConfig(
+        router=match.spec.router, tensor_roles=static_roles, block=match.path, empty_slots=route_config.empty_slots
+    )
     experts_config = None
     weights: dict[str, Any] = {}
     if match.experts is not None:
@@ -128,7 +171,9 @@ def plan_rewrite(
         experts_config = ExpertsConfig(
             spec=experts.spec, lowering=lowering, block=match.path, collect_stats=collect_stats, cpu_prepack=cpu_prepack
         )
-        if experts.spec.stacked_from_modules:
+        if experts.spec.stacked_from_modules and differentiable:
+            weights = {name: StackInGraph.of(getattr(experts, name)) for name in ("w1", "w2", "b1", "b2")}
+        elif experts.spec.stacked_from_modules:
             weights = {
                 "w1": _stack_modules(experts.w1, env),
                 "w2": _stack_modules(experts.w2, env),
@@ -144,6 +189,8 @@ def plan_rewrite(
 
 
 def _value(item: Any, env: dict[fx.Node, Any]) -> Any:
+    if isinstance(item, StackInGraph):
+        return item.evaluate(env)
     return env[item] if isinstance(item, fx.Node) else item
 
 
@@ -197,7 +244,7 @@ def validate_rewrite(gm: fx.GraphModule, flow: Dataflow, plan: BlockRewrite, env
             out = out + torch.ops.moepass.zero_compute_experts(
                 x2d, ids, weights, spec.num_experts, ",".join(zero_compute), None
             )
-    expected = local[region.combine]
+    expected = local[written_value(region.combine)]
     error = relative_error(out.reshape(expected.shape).float(), expected.float())
     selection = router.anchor if router.spec.kind == "lifted" else None  # apply_rewrite sorts a lifted top-k
     return max(error, kept_readers_error(gm, flow, region, match.kept_readers, selection, local))
@@ -271,7 +318,9 @@ class _Inserter:
         first = next(n for n in self.gm.graph.nodes if n.op != "placeholder")
         with self.gm.graph.inserting_before(first):
             node = self.gm.graph.get_attr(attr)
-        node.meta["example_value"] = self.fake_mode.from_tensor(item) if self.fake_mode else item
+        # static sizes: a constant bound into the graph has no source a guard could name, so a
+        # symbolic size here would fail guard creation once an op's fake kernel reads it
+        node.meta["example_value"] = self.fake_mode.from_tensor(item, static_shapes=True) if self.fake_mode else item
         self.created.append(node)
         return node
 
@@ -313,7 +362,10 @@ def apply_rewrite(gm: fx.GraphModule, flow: Dataflow, plan: BlockRewrite) -> lis
         _sort_selection(router.anchor)
     inserter = _Inserter(gm, combine, combine, tag)
     tensors = [inserter.bind(t, f"route{i}") for i, t in enumerate(plan.route_tensors)]
-    weights = {k: inserter.bind(v, k) for k, v in plan.weights.items()}
+    weights = {
+        k: v.emit(inserter, f"moe_{k}") if isinstance(v, StackInGraph) else inserter.bind(v, k)
+        for k, v in plan.weights.items()
+    }
     hidden = match.spec.experts.hidden_size
     x_experts = match.experts.x_input
     x2d = inserter.call("call_method", "reshape", (x_experts, -1, hidden), f"moe_x_{tag}")
@@ -351,11 +403,11 @@ def apply_rewrite(gm: fx.GraphModule, flow: Dataflow, plan: BlockRewrite) -> lis
             f"moe_zero_compute_{tag}",
         )
         out = inserter.call("call_function", operator.add, (out, zero), f"moe_out_all_{tag}")
-    expected_shape = tensor_shape(combine)
+    expected_shape = tensor_shape(written_value(combine))
     if expected_shape is not None and len(expected_shape) != 2:
         shaped_like = match.region.x_base if tensor_shape(match.region.x_base) == expected_shape else x_experts
         out = inserter.call("call_method", "view_as", (out, shaped_like), f"moe_out_view_{tag}")
-    combine_value = example_value(combine)
+    combine_value = example_value(written_value(combine))
     if isinstance(combine_value, torch.Tensor) and combine_value.dtype != example_value(x_experts).dtype:
         out = inserter.call("call_method", "to", (out, combine_value.dtype), f"moe_out_cast_{tag}")
     for reader in readers:
@@ -403,11 +455,19 @@ def _insert_split_experts(inserter, x2d, ids, weights_node, weights, experts_jso
 
 
 def _apply_router_only(gm: fx.GraphModule, flow: Dataflow, plan: BlockRewrite, tag: str) -> list[fx.Node]:
+    """Insert the route op after the router; its ids and weights replace the model's where they are read.
+
+    ``model_ids``: the model's ids stay as they are (the route op returns them
+    unchanged) and only the weights are replaced, in the model's shape.
+    ``sentinel``: both are replaced (a top-1 ``argmax``'s [T] ids keep that shape).
+    """
     router = plan.match.router
+    model_order = plan.route_config.empty_slots == "model_ids"
     after = router.anchor
-    if router.spec.kind == "lifted":
-        _sort_selection(router.anchor)
-        after = max(router.anchor, router.weights_end, key=flow.position.__getitem__)
+    if router.spec.kind == "lifted" or model_order:
+        if not model_order:
+            _sort_selection(router.anchor)
+        after = max(router.anchor, router.weights_end, router.ids, key=flow.position.__getitem__)
     inserter = _Inserter(gm, after, router.anchor, tag)
     tensors = [inserter.bind(t, f"route{i}") for i, t in enumerate(plan.route_tensors)]
     x_arg = None
@@ -426,10 +486,15 @@ def _apply_router_only(gm: fx.GraphModule, flow: Dataflow, plan: BlockRewrite, t
     if isinstance(old_weights, torch.Tensor) and old_weights.dtype != torch.float32:
         weights = inserter.call("call_method", "to", (weights, old_weights.dtype), f"moe_weights_cast_{tag}")
     router_nodes = plan.match.region.nodes
+    if model_order or len(tensor_shape(router.weights_end) or ()) != 2:
+        weights = inserter.call("call_method", "view_as", (weights, router.weights_end), f"moe_weights_view_{tag}")
+    if len(tensor_shape(router.ids) or ()) == 1 and not model_order:  # argmax: one id per token
+        ids = inserter.call("call_method", "reshape", (ids, -1), f"moe_ids_view_{tag}")
     weights_users = [u for u in router.weights_end.users if u not in router_nodes and u not in inserter.created]
-    for user in list(router.ids.users):
-        if user not in inserter.created and user not in router_nodes:
-            user.replace_input_with(router.ids, ids)
+    if not model_order:
+        for user in list(router.ids.users):
+            if user not in inserter.created and user not in router_nodes:
+                user.replace_input_with(router.ids, ids)
     for user in weights_users:
         user.replace_input_with(router.weights_end, weights)
     remove_dead_nodes(gm.graph, router_nodes - {router.linear})
@@ -441,8 +506,10 @@ def _sort_selection(topk: fx.Node) -> None:
     """Make a lifted router's top-k return its picks best first (the same set).
 
     Policies keep a prefix of the ranking; the model's weight formula is the
-    same function of its picks in any order.
+    same function of its picks in any order.  A top-1 (``argmax``) is sorted.
     """
+    if op_name(topk) != "topk":
+        return
     if len(topk.args) > 4:
         topk.args = (*topk.args[:4], True, *topk.args[5:])
     else:

@@ -55,6 +55,7 @@ DISPATCH_KINDS = (
     "batched_mm",  # transformers batched_mm experts (gather weights per token, bmm)
     "dense_bmm",  # every expert on every token, scaled by dense scores (Llama 4)
     "module_loop",  # nn.ModuleList of expert MLPs and a Python loop over experts
+    "dense_modules",  # nn.ModuleList of expert MLPs, each on every token, combined through a [T, E] gate matrix
     "eager_loop",  # transformers eager experts: the loop graph-breaks, router only
     "moepass_op",  # already moepass.experts (moepass.make_traceable replaced a graph-breaking loop)
 )

@@ -29,8 +29,16 @@ import torch
 import torch.fx as fx
 
 from moepass.compiler.dataflow import Dataflow, example_value
-from moepass.compiler.detect import BlockMatch, BlockRejection, find_moe_blocks, internal_error_reason, layer_index_of
+from moepass.compiler.detect import (
+    GRAPH_BREAK_REMEDY,
+    BlockMatch,
+    BlockRejection,
+    find_moe_blocks,
+    internal_error_reason,
+    layer_index_of,
+)
 from moepass.compiler.detect.common import Mismatch, source_path
+from moepass.compiler.graph_breaks import blocks_compiled_in_pieces, graph_break_here
 from moepass.compiler.options import BackendOptions
 from moepass.compiler.rewrite import BlockRewrite, apply_rewrite, plan_rewrite, probe_renormalisation, validate_rewrite
 from moepass.compiler.subgraph import extract
@@ -49,8 +57,11 @@ logger = logging.getLogger(__name__)
 #: What makes a graph-broken experts loop traceable, as the report says it.
 WHOLE_BLOCK_HINT = (
     "to rewrite the experts too: experts_implementation='grouped_mm' where the model offers it, "
-    f"or moepass.make_traceable(model) before torch.compile for {', '.join(TRACEABLE_CLASSES)}"
+    f"or moepass.make_traceable(model) before torch.compile for {', '.join(TRACEABLE_CLASSES)} and blocks whose "
+    "experts are a ModuleList"
 )
+#: Blocks already warned about as compiled in pieces (each expert's graph would warn again).
+_WARNED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
 
 
 @dataclass
@@ -161,7 +172,13 @@ def _block_report(item: BlockMatch | BlockRejection, policy: str, env: dict | No
 
 
 def detect_stage(state: GraphState) -> None:
-    """Find the graph's MoE blocks (matches and rejections, each with its report)."""
+    """Find the graph's MoE blocks (matches and rejections, each with its report).
+
+    Also the MoE blocks running in eager Python around this graph, which
+    holds their experts (dynamo left the block's frame: its router and experts
+    never reach the backend together), so no block goes unreported; and a
+    router compiled in a frame of its own is named by the block around it.
+    """
     try:
         state.flow = Dataflow(state.gm.graph)
         found = find_moe_blocks(state.gm, state.flow)
@@ -170,9 +187,55 @@ def detect_stage(state: GraphState) -> None:
     state.env = example_env(state.gm, state.example_inputs)
     policy_name = state.options.policy.describe()
     state.blocks = [BlockState(item, _block_report(item, policy_name, state.env)) for item in found]
+    around = {}
+    try:  # reports only: a failure here says less, it changes nothing
+        state.blocks.extend(_blocks_in_pieces(found, state.env, state.example_inputs))
+        if any(isinstance(item, BlockMatch) and item.experts is None for item in found):
+            around = {id(b.router_weight): b for b in blocks_compiled_in_pieces(state.example_inputs, router_too=True)}
+    except Exception as error:
+        logger.debug("moepass: blocks around this graph not read: %s", error)
     for block in state.blocks:
-        if isinstance(block.item, BlockRejection):
-            logger.info("moepass: left %s as it was: %s", block.report.display_path, block.item.reason)
+        item = block.item
+        enclosing = around.get(id(state.env.get(item.router.weight))) if isinstance(item, BlockMatch) else None
+        if enclosing is not None and not block.report.path:
+            block.report.anchor_name = enclosing.router_weight_name
+            item.router_recognised = True
+        if isinstance(item, BlockRejection):
+            logger.info("moepass: left %s as it was: %s", block.report.display_path, item.reason)
+
+
+def _blocks_in_pieces(found: list, env: dict, example_inputs: list[Any]) -> list[BlockState]:
+    """Blocks running in eager Python around this graph, which holds one of their experts (never silent).
+
+    Named by the router's weight (its full path is found when the report is read).
+    """
+    known = {id(env.get(item.router.weight if isinstance(item, BlockMatch) else item.anchor)) for item in found}
+    states = []
+    for block in blocks_compiled_in_pieces(example_inputs):
+        if id(block.router_weight) in known:
+            continue
+        where = f" ({block.reason})" if block.reason else ""
+        if getattr(block.module, "_moepass_own_forward_in_training", False) and block.module.training:
+            where += (
+                "; moepass.make_traceable kept the block's own forward in train(), where its moepass form differs "
+                "(router noise, dropout or an auxiliary loss): it is rewritten in eval()"
+            )
+        reason = (
+            f"the experts loop graph-broke: dynamo left {type(block.module).__name__}.{block.method} to "
+            f"eager Python{where}, so its router and its {block.shape.num_experts} experts "
+            f"({block.shape.experts_name}) never reach the backend together — only each expert's MLP is "
+            f"compiled, on its own; to rewrite the block: {GRAPH_BREAK_REMEDY}"
+        )
+        report = BlockReport(
+            anchor=weakref.ref(block.router_weight), anchor_name=block.router_weight_name, path="", router="?",
+            dispatch="eager_loop", num_experts=block.shape.num_experts, top_k=None, rewritten=False, reason=reason,
+            in_pieces=True,
+        )
+        states.append(BlockState(BlockRejection(path="", reason=reason, dispatch="eager_loop"), report))
+        if block.module not in _WARNED:
+            _WARNED.add(block.module)
+            logger.warning("moepass: left %s as it was: %s", type(block.module).__name__, reason)
+    return states
 
 
 def resolve_stage(state: GraphState) -> None:
@@ -193,6 +256,13 @@ def resolve_stage(state: GraphState) -> None:
             block.resolved = options.policy.resolve(item.spec)
         except PolicyError as error:
             raise PolicyError(f"policy {policy_name} does not fit block {block.report.display_path}: {error}") from None
+        unsafe = _adaptive_router_only_unsafe(item, block.resolved)
+        if unsafe:
+            block.leave(
+                f"the experts graph-broke away from their router, and policy {policy_name} cannot be applied to the "
+                f"router alone: {unsafe}; to apply it: {GRAPH_BREAK_REMEDY}"
+            )
+            continue
         block.report.graph_before = _region_graph(item)
         try:
             block.plan = plan_rewrite(
@@ -236,23 +306,50 @@ def rewrite_stage(state: GraphState) -> None:
         entry.rewritten = True
         entry.graph_after = extract(block.inserted, [block.inserted[-1]])
         if item.experts is None:
+            broke = graph_break_here() or next(
+                (f"{type(b.module).__name__}.{b.method} ran in eager Python: {b.reason}"
+                 for b in blocks_compiled_in_pieces(state.example_inputs, router_too=True) if b.reason), "")
             entry.notes.append(
-                "router only: the experts loop graph-broke, so its GEMMs run in eager PyTorch "
-                f"({WHOLE_BLOCK_HINT})"
+                "router only: the experts loop graph-broke" + (f" ({broke})" if broke else "")
+                + f", so its GEMMs run in eager PyTorch ({WHOLE_BLOCK_HINT})"
             )
-            if not item.sentinel_safe and block.resolved.rule != "static":
+            if item.empty_slots == "model_ids" and block.resolved.rule != "static":
                 entry.notes.append(
-                    "empty slots get weight 0 and a repeated expert id (the loop outside this graph may not "
-                    f"skip id E), so they save no compute ({WHOLE_BLOCK_HINT})"
+                    "a dropped slot keeps the model's expert id at weight 0 (the code that reads the ids runs "
+                    "outside this graph, or counts them): right numbers, but dropped slots save no compute"
                 )
+        elif item.spec.experts.stacked_from_modules and state.differentiable:
+            entry.notes.append("expert weights stacked in the graph on every call (gradients reach each expert)")
         elif item.spec.experts.stacked_from_modules:
-            entry.notes.append("expert weights stacked at compile time (a snapshot)")
+            entry.notes.append(
+                "expert weights stacked at compile time (a snapshot: later changes to them are not seen; "
+                "moepass.make_traceable(model) uses them in place)"
+            )
 
 
 def finish_stage(state: GraphState) -> None:
     """Check and recompile the graph."""
     state.gm.graph.lint()
     state.gm.recompile()
+
+
+def _adaptive_router_only_unsafe(item: BlockMatch, resolved: ResolvedPolicy) -> str:
+    """Why ``resolved`` (an adaptive rule) cannot be applied to a router whose experts are not in the graph ("" if it can)."""
+    if item.experts is not None or item.empty_slots != "model_ids" or resolved.rule == "static":
+        return ""
+    if item.adaptive_unsafe:
+        return item.adaptive_unsafe
+    if not item.router_recognised:
+        return (
+            "its top-k is not recognisably an expert router from this graph (more classes than the hidden size, "
+            "or no router-like module name), and no MoE block around it was found"
+        )
+    if resolved.k_max is not None and resolved.k_max > item.spec.top_k:
+        return (
+            f"k_max={resolved.k_max} is above the model's k={item.spec.top_k}, and the code that reads the ids "
+            "expects that many slots"
+        )
+    return ""
 
 
 def _check_layer_overrides(policy, found: list[BlockMatch | BlockRejection]) -> None:

@@ -468,6 +468,13 @@ def make_traceable(model: nn.Module) -> TraceableResult:
             continue
         setattr(module, MARK, spec)
         changed.append(path)
+    # blocks whose experts are a ModuleList (hand-written, remote code): moepass.compiler.traceable_lists
+    from moepass.compiler.traceable_lists import make_expert_lists_traceable
+
+    lists_changed, lists_left, lists_already = make_expert_lists_traceable(model, skip=tuple(changed))
+    changed += lists_changed
+    left.update(lists_left)
+    already += lists_already
     if changed:
         logger.info("made %d experts loop(s) traceable: %s", len(changed), ", ".join(changed[:4]))
     return TraceableResult(changed, left, already)

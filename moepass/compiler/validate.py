@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from moepass.compiler.dataflow import Dataflow, example_value
+from moepass.compiler.dataflow import Dataflow, example_value, op_name
 from moepass.compiler.detect.region import Region
 
 __all__ = ["run_region", "relative_error", "tolerance_for", "concrete_shape", "example_env", "kept_readers_error"]
@@ -130,7 +130,7 @@ def kept_readers_error(
     rewrite sorts; None when the rewrite leaves the router's nodes as they
     are) recomputed from the sorted selection.
     """
-    if not readers or selection is None:
+    if not readers or selection is None or op_name(selection) != "topk":
         return 0.0  # nothing outside reads the router, or the rewrite leaves its nodes as they were
     interpreter = fx.Interpreter(gm)
     x_base = region.x_base

@@ -314,7 +314,7 @@ def export_mlir(
             for the CPU and run on the example), ``tosa`` or ``torch`` (parsed and verified).
         dynamic_shapes: None for static shapes (the example's); else per input
             {axis: Dim or name}, as for :func:`moepass.export_onnx`.  With
-            torch-mlir 20261001 at most one axis may be dynamic (see the README).
+            torch-mlir 20261001 at most one axis may be dynamic (see docs/exports.md).
         options: :class:`MlirExportOptions` (experts form, verification).
         **backend_options: the policy's parameters (``p=0.4``) and backend options (``validate``).
 

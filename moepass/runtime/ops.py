@@ -102,8 +102,10 @@ class RouteConfig:
     #: Module path of the block, for calibration capture.
     block: str = ""
     #: How empty slots are written: "sentinel" (id E, weight 0: consumers skip
-    #: them) or "repeat_first" (the token's first expert, weight 0: for
-    #: consumers outside the graph that may not know the sentinel).
+    #: them) or "model_ids" (for a router-only rewrite whose ids are consumed
+    #: where moepass cannot see: the ids are the model's own, unchanged, in its
+    #: order — tensors "model_ids", "model_weights" — and a dropped slot keeps
+    #: its expert at weight -0.0; the static rule returns the model's selection as it is).
     empty_slots: str = "sentinel"
 
     def to_json(self) -> str:
@@ -113,8 +115,10 @@ class RouteConfig:
 
     @property
     def depth(self) -> int:
-        """The number of slots per token (k_max, or native k)."""
-        return self.router.top_k if self.k_max is None else self.k_max
+        """The number of slots per token (k_max, or native k; the model's k for "model_ids")."""
+        if self.k_max is None or self.empty_slots == "model_ids":
+            return self.router.top_k
+        return self.k_max
 
 
 @dataclass(frozen=True)
@@ -189,6 +193,9 @@ def _route_composite(
     selected = None
     if "selected_ids" in named:
         selected = (named["selected_ids"].reshape(logits.shape[0], -1), named["selected_weights"].reshape(logits.shape[0], -1))
+    if cfg.empty_slots == "model_ids" and "model_ids" in named:
+        return _route_in_model_order(logits, x, cfg, rule, rule_tensors, named)
+    # (without the model's selection — a capture hook re-routing the logits it saw — the policy's own routing)
     ids, weights = routing.route(
         logits,
         cfg.router,
@@ -201,15 +208,51 @@ def _route_composite(
         renormalize=cfg.renormalize,
         selected=selected,
     )
-    if cfg.empty_slots == "repeat_first":
-        num_experts = cfg.router.num_experts
-        first = torch.where(ids[:, :1] < num_experts, ids[:, :1], torch.zeros_like(ids[:, :1]))
-        ids = torch.where(ids < num_experts, ids, first)
     return ids, weights
 
 
+def _route_in_model_order(logits, x, cfg: RouteConfig, rule, rule_tensors, named) -> tuple[torch.Tensor, torch.Tensor]:
+    """``empty_slots="model_ids"``: the model's own ids, each with the weight the policy gives it (0: dropped).
+
+    The ids are the model's, unchanged and in its slot order, so whatever
+    consumes them (a loop outside the graph that counts slots per expert with
+    ``scatter_``, sorts them, one-hots them) sees exactly what it always saw.
+    """
+    from moepass.runtime import routing
+
+    tokens = logits.shape[0]
+    model_ids = named["model_ids"].reshape(tokens, -1).long()
+    model_weights = named["model_weights"].reshape(tokens, -1).float()
+    if rule is None and cfg.k_min is None and cfg.k_max is None:
+        return model_ids, model_weights  # static: the model's own selection, bit for bit
+    selected = None
+    if cfg.router.kind == "lifted":  # rank the model's picks best first (its top-k may be unsorted)
+        order = torch.sort(model_weights, dim=-1, descending=True, stable=True)[1]
+        selected = (model_ids.gather(1, order), model_weights.gather(1, order))
+    ids, weights = routing.route(
+        logits,
+        cfg.router,
+        rule,
+        k_min=cfg.k_min,
+        k_max=cfg.k_max,
+        x=x,
+        correction_bias=named.get("correction_bias"),
+        tensors=rule_tensors,
+        renormalize=cfg.renormalize,
+        selected=selected,
+    )
+    num_experts = cfg.router.num_experts
+    columns = ids.clamp(0, num_experts)
+    dense = torch.zeros(tokens, num_experts + 1, dtype=weights.dtype, device=weights.device).scatter(1, columns, weights)
+    kept = torch.zeros(tokens, num_experts + 1, dtype=torch.bool, device=ids.device).scatter(1, columns, ids < num_experts)
+    rows = model_ids.clamp(0, num_experts)
+    # a dropped slot weighs -0.0: exactly nothing to any consumer, and its sign tells moepass's own experts
+    # exchange (when the experts run expert-parallel in another graph) that the slot needs no row
+    return model_ids, torch.where(kept.gather(1, rows), dense.gather(1, rows), torch.full_like(model_weights, -0.0))
+
+
 #: Route tensor roles that describe the router itself (not a policy's tensors).
-_ROUTER_ROLES = ("correction_bias", "selected_ids", "selected_weights")
+_ROUTER_ROLES = ("correction_bias", "selected_ids", "selected_weights", "model_ids", "model_weights")
 
 _lib.impl("route", _route_composite, "CompositeImplicitAutograd")
 route = torch.ops.moepass.route

@@ -125,6 +125,9 @@ class BlockReport:
     #: that frame, and :func:`report` recovers its full path from the model.
     anchor: Any = field(default=None, repr=False, compare=False)
     anchor_name: str = ""
+    #: Seen only around a graph that holds its experts (its router ran outside every graph the
+    #: backend saw): an entry of the same block from a graph that holds its router takes precedence.
+    in_pieces: bool = False
     #: What the CPU lowering runs for this block on this machine and why
     #: (:class:`moepass.lowering.cpu_tuning.BlockKernels`: the path per row-count
     #: range with the measured times), None off the CPU lowering.
@@ -326,6 +329,9 @@ def record_graph(blocks: list[BlockReport], params: list[torch.Tensor], policy: 
             target._params[id(p)] = p
         target.graphs += 1
         for entry in blocks:
+            same = [b for b in target.blocks if _identity(b) == _identity(entry)]
+            if entry.in_pieces and any(not b.in_pieces for b in same):
+                continue  # the graph that holds its router said more
             target.blocks = [b for b in target.blocks if _identity(b) != _identity(entry)]
             target.blocks.append(entry)
         target.blocks.sort(key=lambda b: _natural_key(b.path))
@@ -363,7 +369,8 @@ def _resolve_paths(report_: Report, module: torch.nn.Module) -> None:
             path = f"{name}.{relative}" if relative else name
             if other is not owner and type(other) is type(owner) and path not in known:
                 twin = dataclasses.replace(entry, path=path, anchor=None, anchor_name="")
-                twin.notes = [*entry.notes, f"runs the graph compiled for {entry.path}"]
+                twin.notes = [*entry.notes, f"runs the graph compiled for {entry.path}" if not entry.in_pieces else
+                              f"a block of the class of {entry.path}: its experts loop breaks the same way"]
                 report_.blocks.append(twin)
     if changed:
         unique: dict[str, BlockReport] = {}
@@ -371,7 +378,15 @@ def _resolve_paths(report_: Report, module: torch.nn.Module) -> None:
             kept = unique.get(entry.path)
             if kept is None or (entry.rewritten and not kept.rewritten):
                 unique[entry.path] = entry
+        # a router compiled in a frame of its own names its block by the router's path: the block's own entry says it
+        for path in [p for p in unique if _ROUTER_PART.search(p.rsplit(".", 1)[-1]) and "." in p]:
+            if path.rsplit(".", 1)[0] in unique and not unique[path].rewritten:
+                del unique[path]
         report_.blocks = sorted(unique.values(), key=lambda b: _natural_key(b.path))
+
+
+#: A module named like a router (``gate``, ``router``, ``gating``).
+_ROUTER_PART = re.compile(r"^(gate|router|gating|routing|switch)$")
 
 
 def _natural_key(path: str) -> list:

@@ -1,7 +1,8 @@
 """Find the MoE blocks of a torch-level FX graph.
 
 For every ``topk`` that selects experts (helpers of a group-limited selection
-excluded) the detector:
+excluded), and every top-1 pick by ``argmax`` (or ``max(dim)``'s indices)
+over a router's scores, the detector:
 
 1. matches the router (:mod:`moepass.compiler.detect.router`);
 2. walks the post-dominators of the ``topk`` to the first node with the size
@@ -15,9 +16,12 @@ excluded) the detector:
    branch staying in the graph.
 
 When no combine node exists because the experts loop graph-broke (transformers'
-``eager`` experts, a hand-written loop compiled without ``fullgraph``), the
-router alone is matched: its ids and weights leave the graph and the loop that
-consumes them skips the sentinel id ``E``.
+``eager`` experts, remote code that counts the ids on the host), the router
+alone is matched where that is safe for whatever reads its ids
+(:func:`_router_only`): consumers in this graph that skip id ``E`` get the
+sentinel; consumers it does not show get the model's own ids unchanged, a
+dropped slot at weight 0.  Otherwise — and for every router-like selection
+whose router does not match — the block is reported with the reason.
 
 Stacked expert weights that no matched router reaches are reported as blocks
 that were not rewritten, with the reason.
@@ -32,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from moepass.compiler.dataflow import Dataflow, example_value, op_name, tensor_shape
+from moepass.compiler.dataflow import Dataflow, example_value, op_name, tensor_shape, written_value
 from moepass.compiler.detect.common import (
     Mismatch,
     arg,
@@ -45,7 +49,13 @@ from moepass.compiler.detect.common import (
 )
 from moepass.compiler.detect.experts import _GEMMS as _EXPERT_GEMMS
 from moepass.compiler.detect.experts import ExpertsMatch, match_experts
-from moepass.compiler.detect.lifted_router import match_lifted_router, routing_set
+from moepass.compiler.detect.lifted_router import (
+    feeds_capacity,
+    is_top1_selection,
+    match_lifted_router,
+    match_top1_router,
+    routing_set,
+)
 from moepass.compiler.detect.region import ForeignInputs, Region, block_region
 from moepass.compiler.detect.router import RouterMatch, find_router_linear, is_topk, match_router
 from moepass.compiler.detect.shared import CoupledShared, match_shared_experts, split_coupled_shared
@@ -53,7 +63,10 @@ from moepass.compiler.spec import MoEBlockSpec, SharedExpertSpec, layer_index_of
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BlockMatch", "BlockRejection", "find_moe_blocks", "Mismatch", "layer_index_of", "internal_error_reason"]
+__all__ = [
+    "BlockMatch", "BlockRejection", "find_moe_blocks", "Mismatch", "layer_index_of", "internal_error_reason",
+    "GRAPH_BREAK_REMEDY",
+]
 
 
 @dataclass
@@ -67,8 +80,16 @@ class BlockMatch:
     #: only) up to the router's ids and weights.
     region: Region
     shared: tuple[SharedExpertSpec, ...] = ()
-    #: Router only: whether the consumer of the ids is seen to skip the sentinel id E.
-    sentinel_safe: bool = True
+    #: Router only: how the route op writes a dropped slot for the code that consumes the ids —
+    #: "sentinel" (every consumer in this graph skips id E: dropped slots cost nothing) or
+    #: "model_ids" (consumers this graph does not show: the model's ids unchanged, weight 0).
+    empty_slots: str = "sentinel"
+    #: Router only: why an adaptive policy cannot be applied safely ("" when it can).
+    adaptive_unsafe: str = ""
+    #: Router only, ids read where this graph does not show: whether the top-k is recognisably an
+    #: expert router from the graph alone (E ≤ H and a router-like module name); the backend may
+    #: confirm it from the block it runs in.
+    router_recognised: bool = True
     #: Values outside the region that read its router nodes and stay in the
     #: graph (a shared branch the router weighs): validation checks the rewrite
     #: leaves them unchanged.
@@ -110,6 +131,9 @@ def _selection_anchors(graph: fx.Graph, flow: Dataflow) -> list[fx.Node]:
     by_linear: dict[fx.Node, list[fx.Node]] = {}
     loose = []
     for node in graph.nodes:
+        if is_top1_selection(node) and _top1_over_router(node):
+            by_linear.setdefault(find_router_linear(node.args[0])[0], []).append(node)
+            continue
         if not is_topk(node) or not node.args or not isinstance(node.args[0], fx.Node):
             continue
         try:
@@ -130,6 +154,25 @@ def _selection_anchors(graph: fx.Graph, flow: Dataflow) -> list[fx.Node]:
     return flow.sorted(anchors + [n for n in loose if n not in helpers])
 
 
+def _top1_over_router(node: fx.Node) -> bool:
+    """Whether an ``argmax`` / ``max(dim)`` picks among the outputs of a router-like linear ([E, H], E ≤ H).
+
+    ``max`` is also how a group-limited router scores its groups and how a
+    numerically stable softmax starts: only a pick over the last axis of a
+    router's [.., E] scores, whose indices are used, is a selection.
+    """
+    try:
+        linear, _ = find_router_linear(node.args[0])
+    except Mismatch:
+        return False
+    weight = resolve_param(arg(linear, 1, "weight"))
+    shape = tensor_shape(weight) if weight is not None else None
+    scores = tensor_shape(node.args[0])
+    if shape is None or len(shape) != 2 or not all(isinstance(s, int) for s in shape) or scores is None:
+        return False
+    return scores[-1] == shape[0] and shape[0] <= shape[1] and shape[0] > 1
+
+
 def _has_expert_gemm(region: Region, router: RouterMatch) -> bool:
     """Whether the region multiplies by expert weights (stacked, or per-expert linears)."""
     for source in region.inputs:
@@ -146,50 +189,76 @@ def _has_expert_gemm(region: Region, router: RouterMatch) -> bool:
 _ROUTER_NAME = re.compile(r"(^|[._])(gate|router|gating|routing|switch)([._]|$)")
 
 
-def _expert_loop_consumer(router: RouterMatch, flow: Dataflow) -> str | None:
-    """How the ids leave through an expert loop: "skips_sentinel", "leaves_graph", "remapped" or None.
+#: Ops that pass the selected ids on unchanged in value (their users are the consumers).
+_IDS_PASS = {"to", "long", "int", "view", "reshape", "unsqueeze", "squeeze", "flatten", "contiguous", "type", "clone"}
+#: Ops through which the routing weights reach the experts linearly (a dropped slot's weight 0 adds nothing).
+_WEIGHTS_LINEAR = _IDS_PASS | {"float", "half", "bfloat16", "double", "type_as", "detach", "getitem", "mul", "mul_",
+                                "imul", "__mul__", "expand", "expand_as", "permute", "transpose", "index_select",
+                                "gather", "output"}
 
-    "remapped": the ids leave the graph only after the block rewrote some of
-    them (``where(mask, other, ids)``: LongCat-Flash from transformers 5.25
-    spreads its identity slots over real experts before its experts loop);
-    the router-only rewrite cannot keep that remap consistent with the
-    slots a policy drops, so the block is reported, not rewritten.
 
-    "skips_sentinel": in this graph the ids feed ``one_hot(ids, E + 1)`` or
-    ``ids == e`` comparisons, which never select id E.  "leaves_graph": the
-    loop graph-broke before using them; the ids and weights are graph outputs,
-    the router looks like one (E ≤ hidden size) and its weight lives in a
-    module named like a router (the hint), so a top-k used for sampling is
-    never taken for one.  What consumes them then cannot be checked.
+def _looks_like_router(router: RouterMatch) -> bool:
+    """Whether a top-k whose experts are not in this graph selects experts (not tokens to sample, say).
+
+    Its linear maps the hidden size to at most as many classes (E ≤ H), or its
+    weight lives in a module named like a router.
+    """
+    num_experts, hidden = tensor_shape(router.weight)
+    return router.spec.top_k < num_experts and (
+        num_experts <= hidden or bool(_ROUTER_NAME.search(router.module_path or ""))
+    )
+
+
+def _ids_consumers(router: RouterMatch, inside: set[fx.Node]) -> set[str]:
+    """How the selected ids are used outside the router's own nodes ``inside``.
+
+    "skips": ``one_hot(ids, E + 1)`` or ``ids == e`` (never selects id E);
+    "leaves": a graph output (what reads it runs where this graph does not
+    show); "remapped": a ``where(mask, other, ids)`` that leaves the graph (the
+    block rewrites some ids before its loop: LongCat-Flash from transformers
+    5.25 spreads its identity slots over real experts); "other": anything else
+    in the graph (``scatter_`` counts, sorts, ``one_hot(ids, E)``, gathers).
     """
     num_experts = router.spec.num_experts
-    frontier = [router.ids]
-    leaves_graph = remapped = False
-    for _ in range(4):
-        next_frontier = []
-        for node in frontier:
-            for user in node.users:
-                name = op_name(user)
-                if name == "one_hot" and arg(user, 1, "num_classes") == num_experts + 1:
-                    return "skips_sentinel"
-                if name in ("eq", "__eq__") and any(isinstance(a, int) for a in user.args):
-                    return "skips_sentinel"
-                if name == "output":
-                    leaves_graph = True
-                if name in ("to", "long", "int", "view", "reshape"):
-                    next_frontier.append(user)
-                if name == "where" and any(op_name(u) == "output" for u in user.users):
-                    remapped = True
-        frontier = next_frontier
-    if remapped and not leaves_graph:
-        return "remapped"
-    if not leaves_graph or router.weights_end is None:
-        return None
-    weights_leave = any(op_name(u) == "output" for u in router.weights_end.users)
-    hidden = tensor_shape(router.weight)[1]
-    if weights_leave and num_experts <= hidden and _ROUTER_NAME.search(router.module_path or ""):
-        return "leaves_graph"
-    return None
+    found: set[str] = set()
+    frontier, seen = [router.ids], {router.ids}
+    while frontier:
+        node = frontier.pop()
+        for user in node.users:
+            if user in seen or (user in inside and user is not router.ids):
+                continue
+            seen.add(user)
+            name = op_name(user)
+            if name == "one_hot" and arg(user, 1, "num_classes") == num_experts + 1:
+                found.add("skips")
+            elif name in ("eq", "__eq__") and any(isinstance(a, int) and not isinstance(a, bool) for a in user.args):
+                found.add("skips")
+            elif name == "output":
+                found.add("leaves")
+            elif name in _IDS_PASS:
+                frontier.append(user)
+            elif name == "where" and any(op_name(u) == "output" for u in user.users):
+                found.add("remapped")
+            else:
+                found.add("other")
+    return found
+
+
+def _weights_reach_experts_linearly(router: RouterMatch, inside: set[fx.Node]) -> bool:
+    """Whether every use of the routing weights outside the router is linear in them (or leaves the graph)."""
+    frontier, seen = [router.weights_end], {router.weights_end}
+    while frontier:
+        node = frontier.pop()
+        for user in node.users:
+            if user in seen or user in inside:
+                continue
+            seen.add(user)
+            if op_name(user) not in _WEIGHTS_LINEAR:
+                return False
+            if op_name(user) in _IDS_PASS | {"float", "half", "bfloat16", "double", "type_as", "detach", "expand",
+                                             "expand_as", "permute", "transpose"}:
+                frontier.append(user)
+    return True
 
 
 def _router_block(module_path: str | None) -> str | None:
@@ -270,9 +339,9 @@ def _find_combine_from_router_input(
     x_base = router.x_base
     last_reason = None
     for candidate in flow.post_dominators(router.anchor):
-        if candidate.op in ("placeholder", "output") or tensor_shape(candidate) is None:
+        if candidate.op in ("placeholder", "output") or tensor_shape(written_value(candidate)) is None:
             continue
-        if not same_numel(candidate, x_base):
+        if not same_numel(written_value(candidate), x_base):
             continue
         try:
             region = _closed_region(flow, candidate, x_base)
@@ -324,7 +393,7 @@ def _closed_region(flow: Dataflow, combine: fx.Node, x_base: fx.Node) -> Region:
 
 
 def _combine_shape_ok(combine: fx.Node, x_base: fx.Node, hidden: int) -> bool:
-    shape = tensor_shape(combine)
+    shape = tensor_shape(written_value(combine))
     if shape is None:
         return False
     if len(shape) == 2 and shape[-1] == hidden:
@@ -339,93 +408,11 @@ def find_moe_blocks(gm: fx.GraphModule, flow: Dataflow | None = None) -> list[Bl
     claimed: set[fx.Node] = set()
     #: why the router of a block (by path) did not match, for blocks found later by their weights
     router_failures: dict[str, str] = {}
+    #: router-like selections whose router did not match, by block (reported if nothing says more)
+    unmatched: dict[str, BlockRejection] = {}
     for anchor in _selection_anchors(gm.graph, flow):
         try:
-            try:
-                router = _match_any_router(anchor, flow)
-            except Mismatch as error:
-                evidence = _expert_evidence(anchor, flow)
-                if evidence is not None:
-                    results.append(BlockRejection(path=evidence, reason=f"router not supported: {error}"))
-                else:
-                    block = _router_block_of(anchor)
-                    if block is not None:
-                        router_failures.setdefault(block, f"router not supported: {error}")
-                continue
-            combine, region_or_reason, coupled = _find_combine(router, flow)
-            router_block = _router_block(router.module_path)
-            if combine is None:
-                consumer = _expert_loop_consumer(router, flow)
-                if consumer == "remapped":
-                    results.append(
-                        BlockRejection(
-                            path=router_block or "",
-                            reason="the experts graph-broke after the block remapped some of its expert ids (its "
-                            "experts loop runs outside this graph on ids the router-only rewrite cannot keep "
-                            "consistent): to rewrite it, run the experts with experts_implementation='grouped_mm' "
-                            "or call moepass.make_traceable(model) before torch.compile",
-                            router_kind=router.spec.kind,
-                            dispatch="eager_loop",
-                            num_experts=router.spec.num_experts,
-                            top_k=router.spec.top_k,
-                        )
-                    )
-                    claimed |= router.param_nodes
-                elif consumer is not None:
-                    results.append(_router_only(router, flow, sentinel_safe=consumer == "skips_sentinel"))
-                    claimed |= router.param_nodes
-                elif region_or_reason is not None or _expert_evidence(anchor, flow) is not None:
-                    results.append(
-                        BlockRejection(
-                            path=router_block or "",
-                            reason=region_or_reason or "could not find where the experts' outputs are combined",
-                            router_kind=router.spec.kind,
-                            num_experts=router.spec.num_experts,
-                            top_k=router.spec.top_k,
-                        )
-                    )
-                continue
-            region = region_or_reason
-            hidden = tensor_shape(region.x_base)[-1] if region.free_inputs else tensor_shape(router.weight)[1]
-            try:
-                if not _combine_shape_ok(combine, region.x_base, hidden):
-                    _explain_per_expert_output(region, router, flow)
-                    raise Mismatch(f"the block's output {combine.name} has shape {tensor_shape(combine)}")
-                try:
-                    experts = match_experts(region, router, flow)
-                except Mismatch:
-                    # an [E, H] tensor after the experts that reads like a bias may be a per-expert norm's
-                    # scale (Ergo's post_expert_norm): say so when it is
-                    _explain_per_expert_output(region, router, flow)
-                    raise
-            except Mismatch as error:
-                results.append(
-                    BlockRejection(
-                        path=router_block or "",
-                        reason=str(error),
-                        router_kind=router.spec.kind,
-                        num_experts=router.spec.num_experts,
-                        top_k=router.spec.top_k,
-                    )
-                )
-                continue
-            path = _block_path(router_block, _parent(experts.module_path) if experts.spec.dispatch != "module_loop" else experts.module_path)
-            if coupled is not None:
-                shared = (coupled.spec,) if coupled.spec is not None else ()
-            else:
-                shared = match_shared_experts(flow, combine, region.x_base)
-            spec = MoEBlockSpec(
-                path=path,
-                router=router.spec,
-                experts=experts.spec,
-                shared_experts=shared,
-                layer_index=layer_index_of(path),
-            )
-            kept = (coupled.shared,) if coupled is not None else ()
-            results.append(
-                BlockMatch(spec=spec, router=router, experts=experts, region=region, shared=shared, kept_readers=kept)
-            )
-            claimed |= {n for n in region.inputs if n.op in ("placeholder", "get_attr")} | router.param_nodes
+            _read_selection(anchor, flow, results, claimed, router_failures, unmatched)
         except Exception as error:  # a graph form this code does not expect: the block stays as it was
             results.append(BlockRejection(path=_safe_block_of(anchor), reason=internal_error_reason("reading", error)))
 
@@ -437,11 +424,111 @@ def find_moe_blocks(gm: fx.GraphModule, flow: Dataflow | None = None) -> list[Bl
         results.extend(_unclaimed_experts(gm.graph, claimed, results, router_failures, flow))
     except Exception as error:  # only reports; nothing to leave unchanged
         logger.warning("moepass: %s", internal_error_reason("looking for more blocks in", error))
+    known = {r.path for r in results}
+    results.extend(rejection for path, rejection in unmatched.items() if path not in known)  # never silent
     return results
 
 
-#: Ops that reduce a row over its features (a norm's mean square, its root).
-_ROW_REDUCTIONS = {"mean", "rsqrt", "norm", "var", "var_mean", "layer_norm", "rms_norm", "linalg_vector_norm"}
+def _read_selection(
+    anchor: fx.Node,
+    flow: Dataflow,
+    results: list,
+    claimed: set[fx.Node],
+    router_failures: dict[str, str],
+    unmatched: dict[str, BlockRejection],
+) -> None:
+    """Match the block around one selection; append its match or rejection to ``results``."""
+    try:
+        router = _match_any_router(anchor, flow)
+    except Mismatch as error:
+        reason = str(error) if str(error).startswith("no top-k expert selection") else f"router not supported: {error}"
+        evidence = _expert_evidence(anchor, flow)
+        if evidence is not None:
+            results.append(BlockRejection(path=evidence, reason=reason))
+            return
+        block = _router_block_of(anchor)
+        if block is None:
+            return
+        router_failures.setdefault(block, reason)
+        weight = _router_like_weight(anchor)
+        owner = _router_block(module_path_of_param(weight)) if weight is not None else None
+        if owner is not None:  # a router-like selection: reported unless a more precise reason comes later
+            unmatched.setdefault(owner, BlockRejection(
+                path=owner, reason=reason, router_kind=op_name(anchor), num_experts=tensor_shape(weight)[0],
+                anchor=weight,
+            ))
+        return
+    combine, region_or_reason, coupled = _find_combine(router, flow)
+    router_block = _router_block(router.module_path)
+    if combine is None:
+        evidence = _expert_evidence(anchor, flow)
+        if region_or_reason is not None and evidence is not None:
+            results.append(
+                BlockRejection(
+                    path=router_block or "",
+                    reason=region_or_reason,
+                    router_kind=router.spec.kind,
+                    num_experts=router.spec.num_experts,
+                    top_k=router.spec.top_k,
+                    anchor=router.weight,
+                )
+            )
+        elif _looks_like_router(router):
+            results.append(_router_only(router, flow))
+            claimed |= router.param_nodes
+        elif region_or_reason is not None or evidence is not None:
+            results.append(
+                BlockRejection(
+                    path=router_block or "",
+                    reason=region_or_reason or "could not find where the experts' outputs are combined",
+                    router_kind=router.spec.kind,
+                    num_experts=router.spec.num_experts,
+                    top_k=router.spec.top_k,
+                    anchor=router.weight,
+                )
+            )
+        return
+    region = region_or_reason
+    hidden = tensor_shape(region.x_base)[-1] if region.free_inputs else tensor_shape(router.weight)[1]
+    try:
+        if not _combine_shape_ok(combine, region.x_base, hidden):
+            _explain_per_expert_output(region, router, flow)
+            raise Mismatch(f"the block's output {combine.name} has shape {tensor_shape(combine)}")
+        try:
+            experts = match_experts(region, router, flow)
+        except Mismatch:
+            # an [E, H] tensor after the experts that reads like a bias may be a per-expert norm's
+            # scale (Ergo's post_expert_norm): say so when it is
+            _explain_per_expert_output(region, router, flow)
+            raise
+    except Mismatch as error:
+        results.append(
+            BlockRejection(
+                path=router_block or "",
+                reason=str(error),
+                router_kind=router.spec.kind,
+                num_experts=router.spec.num_experts,
+                top_k=router.spec.top_k,
+            )
+        )
+        return
+    path = _block_path(router_block, _parent(experts.module_path) if not experts.spec.stacked_from_modules else experts.module_path)
+    if coupled is not None:
+        shared = (coupled.spec,) if coupled.spec is not None else ()
+    else:
+        shared = match_shared_experts(flow, combine, region.x_base)
+    spec = MoEBlockSpec(
+        path=path,
+        router=router.spec,
+        experts=experts.spec,
+        shared_experts=shared,
+        layer_index=layer_index_of(path),
+    )
+    kept = (coupled.shared,) if coupled is not None else ()
+    results.append(
+        BlockMatch(spec=spec, router=router, experts=experts, region=region, shared=shared, kept_readers=kept)
+    )
+    claimed |= {n for n in region.inputs if n.op in ("placeholder", "get_attr")} | router.param_nodes
 
 
 def _safe_block_of(anchor: fx.Node) -> str:
@@ -457,6 +544,10 @@ def internal_error_reason(stage: str, error: BaseException) -> str:
         f"moepass failed while {stage} this block ({type(error).__name__}: {error}); the block runs as it was — "
         "please report it with moepass.report()"
     )
+
+
+#: Ops that reduce a row over its features (a norm's mean square, its root).
+_ROW_REDUCTIONS = {"mean", "rsqrt", "norm", "var", "var_mean", "layer_norm", "rms_norm", "linalg_vector_norm"}
 
 
 def _explain_per_expert_output(region: Region, router: RouterMatch, flow: Dataflow) -> None:
@@ -499,6 +590,8 @@ def _explain_per_expert_output(region: Region, router: RouterMatch, flow: Datafl
 
 def _match_any_router(anchor: fx.Node, flow: Dataflow) -> RouterMatch:
     """A named router kind when the router is one (fused fast paths), else the lifted general case."""
+    if is_top1_selection(anchor):
+        return match_top1_router(anchor, flow)
     try:
         return match_router(anchor, flow)
     except Mismatch as named:
@@ -508,30 +601,78 @@ def _match_any_router(anchor: fx.Node, flow: Dataflow) -> RouterMatch:
             raise Mismatch(f"{general} (as a named kind: {named})") from None
 
 
-def _router_only(router: RouterMatch, flow: Dataflow, sentinel_safe: bool) -> BlockMatch | BlockRejection:
+#: What a user can do about a block whose experts did not reach the backend with its router.
+GRAPH_BREAK_REMEDY = (
+    "moepass.make_traceable(model) before torch.compile (it replaces the experts loop by moepass ops), or "
+    "torch.compile(..., fullgraph=True) / torch._dynamo.config.capture_dynamic_output_shape_ops = True "
+    "when the loop can be captured"
+)
+
+
+def _router_only(router: RouterMatch, flow: Dataflow) -> BlockMatch | BlockRejection:
+    """The router of a block whose experts are not in this graph: rewritten alone where that is safe.
+
+    The ids' consumers decide how a dropped slot is written: every consumer in
+    this graph skips id E (``ids == e``, ``one_hot(ids, E + 1)``): the sentinel,
+    and a dropped slot costs nothing.  Otherwise (consumers outside the graph,
+    or ones that count slots): the model's own ids, unchanged — any consumer
+    sees what it always saw — with weight 0 on a dropped slot, which needs
+    every use of the weights to be linear in them (the experts' outputs times
+    their weights); where that is not seen, an adaptive policy does not apply.
+    """
     path = _router_block(router.module_path) or ""
-    if router.weights_end is None:
+
+    def rejected(reason: str) -> BlockRejection:
         return BlockRejection(
             path=path,
-            reason="the experts graph-broke and this router's weights are dense scores; nothing to rewrite",
+            reason=reason,
             router_kind=router.spec.kind,
             dispatch="eager_loop",
             num_experts=router.spec.num_experts,
             top_k=router.spec.top_k,
+            anchor=router.weight,
+        )
+
+    if router.weights_end is None:
+        return rejected(
+            "the experts graph-broke away from their router and this router's weights are dense scores; "
+            f"nothing to rewrite alone ({GRAPH_BREAK_REMEDY})"
         )
     try:
         region = block_region(flow, router.weights_end, router.x_base, router.ids)
     except Mismatch as error:
-        return BlockRejection(
-            path=path,
-            reason=str(error),
-            router_kind=router.spec.kind,
-            dispatch="eager_loop",
-            num_experts=router.spec.num_experts,
-            top_k=router.spec.top_k,
+        return rejected(f"the experts graph-broke away from their router, and the router cannot be rewritten alone: {error}")
+    consumers = _ids_consumers(router, region.nodes)
+    if not consumers:
+        return rejected(
+            "the experts graph-broke away from their router, and nothing in or out of this graph reads the selected "
+            f"expert ids ({GRAPH_BREAK_REMEDY})"
         )
+    if "remapped" in consumers and "leaves" not in consumers:
+        return rejected(
+            "the experts graph-broke after the block remapped some of its expert ids (its experts loop runs "
+            "outside this graph on ids the router-only rewrite cannot keep consistent): to rewrite it, run the "
+            "experts with experts_implementation='grouped_mm' or call moepass.make_traceable(model) before "
+            "torch.compile"
+        )
+    consumers.discard("remapped")  # beside the ids themselves: the remap reads the model's ids, left unchanged
+    if "other" in consumers:  # sorted or counted here, the experts run elsewhere on what is derived from them
+        return rejected(
+            "the experts graph-broke away from their router: this graph sorts or counts the selected expert ids "
+            f"and the experts run in another graph or in eager Python on what it derives ({GRAPH_BREAK_REMEDY})"
+        )
+    empty_slots = "sentinel" if consumers == {"skips"} else "model_ids"
+    unsafe = ""
+    if empty_slots == "model_ids" and not _weights_reach_experts_linearly(router, region.nodes):
+        unsafe = "the routing weights are used in this graph by more than a product with the experts' outputs"
+    recognised = empty_slots == "sentinel" or bool(
+        _ROUTER_NAME.search(router.module_path or "") and router.spec.num_experts <= tensor_shape(router.weight)[1]
+    )
     spec = MoEBlockSpec(path=path, router=router.spec, experts=None, layer_index=layer_index_of(path))
-    return BlockMatch(spec=spec, router=router, experts=None, region=region, sentinel_safe=sentinel_safe)
+    return BlockMatch(
+        spec=spec, router=router, experts=None, region=region, empty_slots=empty_slots, adaptive_unsafe=unsafe,
+        router_recognised=recognised,
+    )
 
 
 def _expert_evidence(anchor: fx.Node, flow: Dataflow) -> str | None:
@@ -553,6 +694,23 @@ def _expert_evidence(anchor: fx.Node, flow: Dataflow) -> str | None:
 
 
 _SPARSEMIXER_OPS = {"max", "masked_fill", "softmax", "gather", "abs", "clamp"}
+
+
+def _router_like_weight(anchor: fx.Node) -> fx.Node | None:
+    """The [E, H] weight of the linear behind a selection, when it looks like a router's (E ≤ H, or named like one)."""
+    try:
+        linear, _ = find_router_linear(anchor.args[0])
+    except Mismatch:
+        return None
+    weight = resolve_param(arg(linear, 1, "weight"))
+    shape = tensor_shape(weight) if weight is not None else None
+    if shape is None or len(shape) != 2 or not all(isinstance(s, int) for s in shape):
+        return None
+    scores = tensor_shape(anchor.args[0]) or ()
+    if not scores or scores[-1] != shape[0]:
+        return None  # the selection is not over this linear's classes (a product of two key sets, say)
+    named = bool(_ROUTER_NAME.search(module_path_of_param(weight) or ""))
+    return weight if shape[0] <= shape[1] or named else None
 
 
 def _router_block_of(anchor: fx.Node) -> str | None:
@@ -581,7 +739,7 @@ def _argmax_routers(graph: fx.Graph, flow: Dataflow, known: set[str]) -> list[Bl
         if shape is None or len(shape) != 2 or shape[0] > shape[1] or not _ROUTER_NAME.search(module or ""):
             continue
         path = _router_block(module) or ""
-        if path in known or any(r.path == path for r in found):
+        if path in known or any(r.path == path for r in found) or not feeds_capacity(node, flow):
             continue
         found.append(
             BlockRejection(

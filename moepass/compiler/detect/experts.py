@@ -4,10 +4,14 @@ Two families of weights are recognised:
 
 * **stacked**: two [E, a, b] parameters (``gate_up_proj``, ``down_proj``) and
   optionally two [E, n] biases, used by a grouped GEMM (``grouped_mm``), by
-  per-token gathered weights and ``bmm`` (``batched_mm``), or by a ``bmm``
-  over every expert (Llama 4's ``dense_bmm``);
+  per-token gathered weights and ``bmm`` / ``matmul`` / ``einsum``
+  (``batched_mm``), or by a ``bmm`` or ``einsum`` over every expert
+  (``dense_bmm``, Llama 4);
 * **per-expert modules**: E sets of nn.Linear weights selected in a Python
-  loop by ``ids == e`` (``module_loop``); the rewrite stacks them.
+  loop by ``ids == e`` (``module_loop``), or each run on every token and
+  combined through a gate matrix zero outside the top-k (``dense_modules``:
+  expert e is the e-th module of their ``ModuleList``); the rewrite stacks
+  them (at compile time, or in the graph when it will be differentiated).
 
 For both, the orientation of each weight is read from how its GEMM uses it,
 and the activation from the ops between the two GEMMs::
@@ -45,7 +49,7 @@ from moepass.lowering.activations import apply_activation
 __all__ = ["ExpertsMatch", "match_experts"]
 
 _GROUPED_GEMMS = {"transformers::grouped_mm_fallback", "_grouped_mm", "grouped_mm"}
-_GEMMS = _GROUPED_GEMMS | {"bmm", "mm", "matmul", "linear", "baddbmm", "addmm"}
+_GEMMS = _GROUPED_GEMMS | {"bmm", "mm", "matmul", "linear", "baddbmm", "addmm", "einsum"}
 _ACTIVATIONS = {"silu": "silu", "relu": "relu", "gelu": "gelu"}
 #: Ops between the two GEMMs that only move data around.
 _PLUMBING = CAST_OPS | {
@@ -98,6 +102,11 @@ def _first_gemm(param: fx.Node, region: Region) -> tuple[fx.Node, int, int, bool
                 continue
             seen.add(user)
             name = op_name(user)
+            if name == "einsum":
+                operands = einsum_operands(user)[1]
+                if node not in operands:
+                    raise Mismatch(f"{user.name}: an einsum whose operands cannot be read")
+                return user, operands.index(node), transposes, gathered
             if name in _GEMMS:
                 position = next(i for i, a in enumerate(user.args) if a is node) if node in user.args else 1
                 return user, position, transposes, gathered
@@ -110,9 +119,47 @@ def _first_gemm(param: fx.Node, region: Region) -> tuple[fx.Node, int, int, bool
     raise Mismatch(f"expert weight {param.name} is not used by a matrix multiply")
 
 
+def einsum_operands(node: fx.Node) -> tuple[str, list]:
+    """(equation without spaces, operands) of an ``einsum`` call in either spelling
+    (``einsum(eq, a, b)`` or ``einsum(eq, [a, b])``)."""
+    equation, *operands = node.args
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = list(operands[0])
+    if not isinstance(equation, str):
+        raise Mismatch(f"{node.name}: einsum with a non-constant equation")
+    return equation.replace(" ", ""), operands
+
+
+def _einsum_weight_transposed(gemm: fx.Node, position: int, transposes: int) -> bool:
+    """Whether an expert weight that reaches an ``einsum`` as operand ``position`` is stored [E, in, out].
+
+    The weight's last two subscripts are its stored axes 1 and 2 (gathered by
+    ids or not, the expert axis leads): the one summed away (absent from the
+    output) is its input axis.
+    """
+    equation, operands = einsum_operands(gemm)
+    if "->" not in equation or "..." in equation:
+        raise Mismatch(f"{gemm.name}: einsum {equation!r} without an explicit output (or with an ellipsis)")
+    inputs, output = equation.split("->")
+    subscripts = inputs.split(",")
+    if len(subscripts) != len(operands) or position >= len(subscripts) or len(subscripts[position]) < 3:
+        raise Mismatch(f"{gemm.name}: einsum {equation!r} does not contract a 3-D expert weight")
+    axis1, axis2 = subscripts[position][-2:]
+    summed = [letter not in output for letter in (axis1, axis2)]
+    if summed == [False, True]:
+        stored_in_out = False  # [E, out, in]: the last axis is contracted
+    elif summed == [True, False]:
+        stored_in_out = True
+    else:
+        raise Mismatch(f"{gemm.name}: einsum {equation!r} does not contract exactly one axis of the expert weight")
+    return stored_in_out != (transposes % 2 == 1)
+
+
 def _stored_transposed(gemm: fx.Node, position: int, transposes: int) -> bool:
     """Whether a weight reaching ``gemm`` at ``position`` is stored [in, out]."""
     name = op_name(gemm)
+    if name == "einsum":
+        return _einsum_weight_transposed(gemm, position, transposes)
     if name in ("linear",):
         return transposes % 2 == 1
     if name in ("addmm", "baddbmm"):
@@ -532,21 +579,58 @@ def _match_moepass_op(region, router, flow, own_ops, hidden) -> ExpertsMatch:
     return ExpertsMatch(spec, w1, w2, b1, b2, module_path=module, x_input=x)
 
 
+def _module_list_index(weights: list[fx.Node]) -> dict[fx.Node, int] | None:
+    """Each weight's index in the ``ModuleList`` that holds the experts (``experts.3.up_proj.weight`` → 3).
+
+    The list is the longest module path the weights share; the component
+    after it must be an integer for every weight.  None when it is not.
+    """
+    paths = {w: module_path_of_param(w) for w in weights}
+    if any(p is None for p in paths.values()):
+        return None
+    owner = common_module_path(paths.values())
+    depth = len(owner.split(".")) if owner else 0
+    found = {}
+    for weight, path in paths.items():
+        parts = path.split(".")
+        if len(parts) <= depth or not parts[depth].isdigit():
+            return None
+        found[weight] = int(parts[depth])
+    return found
+
+
 def _match_module_loop(region, router, flow, params, hidden) -> ExpertsMatch:
+    """Per-expert ``nn.Linear`` modules: selected in a loop by ``ids == e``, or (dense) each run on every token.
+
+    Dense: no per-expert selection reaches the experts; each expert runs on
+    every token and a gate matrix that is zero outside the top-k combines
+    them.  Expert e is then the e-th module of the ``ModuleList`` that holds
+    them (validation proves the rewrite reproduces the block).
+    """
     num_experts = router.spec.num_experts
     selectors = {}
     for node in region.nodes:
         index = _expert_selector_index(node, router, flow)
         if index is not None:
             selectors[node] = index
-    if not selectors:
-        raise Mismatch("expert weights are not stacked and no per-expert selection (ids == e) was found")
     linears = [n for n in region.nodes if op_name(n) == "linear" and n is not router.linear]
     per_expert: dict[int, list[fx.Node]] = {}
+    listed = None
+    if not selectors:
+        weights = [resolve_param(arg(lin, 1, "weight")) for lin in linears]
+        listed = _module_list_index([w for w in weights if w is not None]) if all(weights) else None
+        if listed is None or not linears:
+            raise Mismatch(
+                "expert weights are not stacked, no per-expert selection (ids == e) was found, and the expert "
+                "linears are not the modules of one ModuleList"
+            )
     for lin in linears:
         weight = resolve_param(arg(lin, 1, "weight"))
         if weight is None or weight not in params:
             raise Mismatch(f"{lin.name}: an expert linear whose weight is not a parameter")
+        if listed is not None:
+            per_expert.setdefault(listed[weight], []).append(lin)
+            continue
         found = {selectors[s] for s in flow.ancestors(lin) if s in selectors}
         if len(found) != 1:
             raise Mismatch(f"{lin.name}: cannot tell which expert it belongs to ({len(found)} selections reach it)")
@@ -616,7 +700,7 @@ def _match_module_loop(region, router, flow, params, hidden) -> ExpertsMatch:
             raise Mismatch("experts of different shapes")
     first_gemm = (gates or ups)[0]
     spec = ExpertsSpec(
-        dispatch="module_loop",
+        dispatch="module_loop" if listed is None else "dense_modules",
         num_experts=num_experts,
         hidden_size=hidden,
         intermediate_size=inter,

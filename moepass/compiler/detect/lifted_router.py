@@ -30,7 +30,7 @@ from moepass.compiler.detect.common import CAST_OPS, SHAPE_OPS, Mismatch, arg, m
 from moepass.compiler.detect.router import RouterMatch, _check_last_dim, _getitem_users, _topk_k, _x_base
 from moepass.compiler.spec import RouterSpec
 
-__all__ = ["match_lifted_router", "routing_set"]
+__all__ = ["match_lifted_router", "match_top1_router", "is_top1_selection", "feeds_capacity", "routing_set"]
 
 #: Ops that only plumb values; left out of the formula shown to users.
 _QUIET = CAST_OPS | SHAPE_OPS | {"getitem", "squeeze", "expand", "expand_as", "contiguous"}
@@ -80,8 +80,14 @@ def _per_token(node: fx.Node, token_dims: tuple) -> bool:
     return len(shape) > len(token_dims) and all(_same(a, b) for a, b in zip(shape, token_dims))
 
 
-def routing_set(linear: fx.Node, x_base: fx.Node, flow: Dataflow, token_dims: tuple) -> set[fx.Node]:
-    """Nodes computed from the router's logits alone (plus parameters), in per-token layout."""
+def routing_set(
+    linear: fx.Node, x_base: fx.Node, flow: Dataflow, token_dims: tuple, per_token_ids: fx.Node | None = None
+) -> set[fx.Node]:
+    """Nodes computed from the router's logits alone (plus parameters), in per-token layout.
+
+    ``per_token_ids`` is a selection with one value per token (an ``argmax``,
+    [T]): a member though it has no feature axis.
+    """
     from_input = flow.descendants(x_base) | {x_base}
     members = {linear}
     for node in flow.sorted(flow.descendants(linear)):
@@ -90,7 +96,7 @@ def routing_set(linear: fx.Node, x_base: fx.Node, flow: Dataflow, token_dims: tu
         sources = node.all_input_nodes
         if not all(s in members or s not in from_input or _is_scalar(s) for s in sources):
             continue
-        if _per_token(node, token_dims):
+        if _per_token(node, token_dims) or node is per_token_ids:
             members.add(node)
     return members
 
@@ -265,3 +271,113 @@ def _zero_weight_classes(
             found |= _classes_of_mask(arg(node, 1, "mask"), ids, members, num_experts)
     return frozenset(found)
 
+
+
+def is_top1_selection(node: fx.Node) -> bool:
+    """Whether ``node`` picks one entry per row by value: ``argmax(s, -1)``, or ``max(s, -1)`` whose indices are used."""
+    if node.op not in ("call_function", "call_method") or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    name = op_name(node)
+    if arg(node, 2, "keepdim", False):  # a [.., 1] pick: sparsemixer thresholds, not a selection of experts
+        return False
+    if name == "argmax":
+        return arg(node, 1, "dim") is not None
+    if name == "max":
+        dim = arg(node, 1, "dim")
+        return isinstance(dim, int) and 1 in _getitem_users(node)
+    return False
+
+
+def feeds_capacity(ids: fx.Node, flow: Dataflow) -> bool:
+    """Whether the selected ids are counted in token order against a capacity (a ``cumsum`` over them)."""
+    return any(op_name(n) == "cumsum" for n in flow.descendants(ids))
+
+
+def match_top1_router(anchor: fx.Node, flow: Dataflow) -> RouterMatch:
+    """Match a router that picks one expert per token by ``argmax`` (or ``max(dim)``'s indices).
+
+    The selection is a top-1 of the same scores; it is matched as a lifted
+    router of k = 1 (the model's weight formula, e.g. the chosen expert's
+    probability gathered by its id, stays in the graph).  A selection whose
+    ids are counted against an expert capacity (Switch Transformers, NLLB-MoE:
+    a ``cumsum`` over them, tokens past the capacity skip the experts) is not
+    a top-k routing.
+    """
+    _check_last_dim(anchor, arg(anchor, 1, "dim"), op_name(anchor))
+    if arg(anchor, 2, "keepdim", False):
+        raise Mismatch(f"{anchor.name}: {op_name(anchor)}(keepdim=True) selection")
+    scores = anchor.args[0]
+    score_shape = tensor_shape(scores)
+    if score_shape is None or len(score_shape) < 2 or not isinstance(score_shape[-1], int):
+        raise Mismatch(f"{anchor.name}: selects from {scores.name}, whose last axis is not a fixed expert count")
+    num_experts = score_shape[-1]
+    linear = _router_linear(scores, flow, num_experts)
+    weight = resolve_param(arg(linear, 1, "weight"))
+    hidden = tensor_shape(weight)[1]
+    raw_bias = arg(linear, 2, "bias")
+    bias = resolve_param(raw_bias)
+    if raw_bias is not None and bias is None:
+        raise Mismatch(f"{linear.name}: router bias is not a parameter")
+    x_input = arg(linear, 0, "input")
+    if (tensor_shape(x_input) or (None,))[-1] != hidden:
+        raise Mismatch(f"{linear.name}: router input is not [.., {hidden}]")
+    x_base = _x_base(x_input)
+    token_dims = tuple(tensor_shape(linear)[:-1])
+    ids = anchor if op_name(anchor) == "argmax" else _getitem_users(anchor)[1]
+    if feeds_capacity(ids, flow):
+        raise Mismatch(
+            "no top-k expert selection: the router picks experts by argmax with an expert capacity "
+            "(tokens over capacity skip the experts); only top-k routers are supported"
+        )
+    members = routing_set(linear, x_base, flow, token_dims, per_token_ids=anchor if ids is anchor else None)
+    if anchor not in members:
+        raise Mismatch(f"{anchor.name}: the scores it selects from depend on more than the router's logits")
+    members.add(ids)
+    candidates = []
+    for node in members & flow.descendants(anchor):
+        value = example_value(node)
+        if not isinstance(value, torch.Tensor) or not value.dtype.is_floating_point:
+            continue
+        trailing = tuple(value.shape)[len(token_dims):]
+        if not all(isinstance(size, int) for size in trailing) or sympy.prod(trailing) != 1:
+            continue
+        if any(user not in members for user in node.users):
+            candidates.append(node)
+    if not candidates:
+        raise Mismatch(f"{anchor.name}: no routing weight of the chosen expert leaves the router (a top-1 with no weight)")
+    weights_end = max(candidates, key=flow.position.__getitem__)
+    formula_nodes = flow.sorted((flow.ancestors(weights_end) | flow.ancestors(anchor) | {weights_end}) & members)
+    params = {weight} | ({bias} if bias is not None else set())
+    for node in formula_nodes:
+        for source in node.all_input_nodes:
+            if source in members or source is x_base:
+                continue
+            if source.op in ("placeholder", "get_attr"):
+                params.add(source)
+                continue
+            viewed = _viewed_parameter(source)
+            if viewed is not None:
+                params.add(viewed)
+    spec = RouterSpec(
+        kind="lifted",
+        num_experts=num_experts,
+        top_k=1,
+        linear_has_bias=bias is not None,
+        hidden_size=hidden,
+        formula=_formula(formula_nodes),
+    )
+    return RouterMatch(
+        spec=spec,
+        anchor=anchor,
+        linear=linear,
+        x_input=x_input,
+        x_base=x_base,
+        weight=weight,
+        bias=bias,
+        correction_bias=None,
+        ids=ids,
+        weights_start=weights_end,
+        weights_end=weights_end,
+        module_path=module_path_of_param(weight),
+        param_nodes=params,
+    )

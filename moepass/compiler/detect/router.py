@@ -274,6 +274,8 @@ def match_router(anchor: fx.Node, flow: Dataflow) -> RouterMatch:
         gathers = [u for u in ids.users if op_name(u) == "gather"]
         weights_start = gathers[0] if gathers else values
     elif "softmax" in path_ops:
+        if group_topks:  # DeepSeek-V2's group-limited greedy: groups scored by their best expert
+            raise Mismatch(f"{anchor.name}: group-limited selection over softmax scores (carried as a lifted router)")
         kind = "softmax_topk"
         weights_start = values
     else:

@@ -36,9 +36,9 @@ While the backend compiles (:func:`without_communication`), an expert-parallel
 call runs its local experts only and communicates nothing: validation compares
 two such calls, and nothing collective runs at compile time.
 
-Empty slots written as a repeated expert at weight 0 (``moepass.route``'s
-``repeat_first`` form, used when the consumer of the ids sat in another graph)
-are recognised and not sent either: a slot whose weight is 0 and whose expert
+Empty slots written as a repeated expert at weight 0, or as the model's own
+expert at weight -0.0 (``moepass.route`` for a router rewritten alone, its
+experts in another graph), are recognised and not sent either: a slot whose weight is 0 and whose expert
 an earlier slot of the same token already names adds exactly nothing.
 
 On CUDA tensors (NCCL) the same code runs: the header and the rows are
@@ -144,10 +144,12 @@ def kept_slots(ids: torch.Tensor, weights: torch.Tensor, num_experts: int) -> to
     """``ids`` with every slot that needs no expert row as ``num_experts`` (the sentinel).
 
     Not kept: ids outside [0, E) (dropped slots, null experts, zero-computation
-    experts) and slots that repeat an earlier slot's expert of the same token at
-    weight 0 (the ``repeat_first`` form of an empty slot).
+    experts), slots that repeat an earlier slot's expert of the same token at
+    weight 0 (an empty slot written as a repeated expert), and slots at weight
+    -0.0 (how ``moepass.route`` drops a slot whose ids a router-only rewrite
+    leaves as the model's own: the router in another graph).
     """
-    valid = (ids >= 0) & (ids < num_experts)
+    valid = (ids >= 0) & (ids < num_experts) & ~((weights == 0) & torch.signbit(weights))
     if ids.shape[1] > 1:
         repeats = torch.zeros_like(valid)
         for j in range(1, ids.shape[1]):
