@@ -12,8 +12,10 @@ repacking, no second copy), so the plain form serves it, the ONNX exports and
 offloading alike.  On a CPU with AVX-512 BF16 and bfloat16 activations an int4
 projection streams 128 codes per step: one ``vpermw`` per 32 nibbles turns
 codes into bfloat16 and ``vdpbf16ps`` multiplies them with the activations
-(on the 2-core CI machine, one core, one row, weights in cache: 35 G weights/s
-against 19 for ``_weight_int4pack_mm_for_cpu``); AVX2 machines and other
+(on the 2-core CI machine, loaded, one core, one row, best of 40 interleaved
+rounds over 16 experts: 20–24 G weights/s against 17–18 for
+``_weight_int4pack_mm_for_cpu``; at the op level, one token, about on par with
+it — docs/quantized.md, Limits); AVX2 machines and other
 activation dtypes take a float32 FMA path, anything else portable C++.
 Products of integer codes and activations are exact in float32, so results
 differ from ``x · deq(W)ᵀ`` in float32 by summation order only (checked to

@@ -111,8 +111,8 @@ FORM_KERNELS = {"aten_cpu": ("aten", "dequant"), "plain": ("dequant",), "native"
 #: rows against 60 ms to dequantize (unpacking nibbles costs ~10 ns a weight in torch ops) + 0.5–20 ms.
 ATEN_UP_TO_ROWS = {8: 8, 4: 256}
 #: Rows per expert up to which the native kernel runs in the native form (a heuristic until the machine's
-#: table measures it): on the CI machine it streams a Mixtral-shaped int4 expert at 1–8 rows faster than
-#: ``_weight_int4pack_mm_for_cpu``; from 16 rows dequantizing + oneDNN's bfloat16 GEMM wins.
+#: table measures it; the native form itself exists only where the table measured it faster): from 16 rows
+#: dequantizing + oneDNN's bfloat16 GEMM wins on the CI machine.
 GEMV_UP_TO_ROWS = 8
 
 
