@@ -3,6 +3,14 @@
 Parts (``--parts``; each prints its table and, unless ``--no-write``, writes
 its section of RESULTS.md):
 
+``decode``
+    the experts op alone at 1, 2, 4 and 8 tokens (``--decode-tokens``),
+    bfloat16 activations, Mixtral / OLMoE / Qwen3 shapes: moepass bf16 (the
+    float lowering's GEMV), ATen int8 / int4 (g64), and moepass's native
+    kernel on int8 / int4 (the ``native`` form, kernels pinned), interleaved
+    (A, B, C, … medians and bests), each call routed to experts the previous
+    calls did not read; each variant checked against its dequantized
+    reference first.  Prints × bf16 and × the int4 memory floor.
 ``block``
     transformers' own Mixtral-shaped (8, top-2, 1024, 2816 — the scaled
     Mixtral of the other CPU benchmarks), OLMoE (64, top-8, 2048, 1024) and
@@ -42,7 +50,7 @@ decode steps) to check the script runs; its numbers mean nothing.
 
 Usage::
 
-    python benchmarks/quantized_cpu.py [--parts block ort offload hobbit llama] [--quick] [--no-write]
+    python benchmarks/quantized_cpu.py [--parts decode block ort offload hobbit llama] [--quick] [--no-write]
 """
 
 from __future__ import annotations
@@ -64,8 +72,27 @@ import moepass
 import moepass.runtime.stats
 from moepass.quantize.scheme import parse_scheme, projection_bytes
 
-PARTS = ("block", "ort", "offload", "hobbit", "llama")
+PARTS = ("decode", "block", "ort", "offload", "hobbit", "llama")
 INT4_GROUP = 64
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def interleaved_samples(fns, rounds: int, min_seconds: float, warmup: int = 2) -> dict[str, list[float]]:
+    """Every sample of each ``fn`` in seconds, timed A, B, C, A, B, C, … (medians and bests are read off them)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    started = time.perf_counter()
+    while min(len(s) for s in samples.values()) < rounds or time.perf_counter() - started < min_seconds:
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - t0)
+    return samples
 
 
 def _rel(actual, expected) -> float:
@@ -142,6 +169,140 @@ def part_block(args, read_bandwidth: float) -> str:
         "## Quantized experts: MoE blocks on CPU (`benchmarks/quantized_cpu.py --parts block`)", "",
         f"{today()}, {machine_description()}; read bandwidth {read_bandwidth / 1e9:.1f} GB/s; bfloat16 activations; "
         f"int4 groups of {INT4_GROUP}; interleaved medians of {args.rounds}+ rounds; top-p calibrated to 0.65 × native k.",
+        "", markdown_table(header, rows),
+    ])
+
+
+# --- decode: the experts op alone ---------------------------------------------------------------------
+
+
+def _forced_kernels(shape, dtype, kernel_by_form: dict[str, str]) -> dict[str, dict]:
+    """Tuning entries (family cpu_quantized) that make every row count of ``shape``'s projections run
+    ``kernel_by_form[form]`` (the op-level comparison pins kernels instead of reading the machine's table)."""
+    from moepass.lowering.cpu_quantized_choice import projection_key
+    from moepass.lowering.cpu_quantized_tuning import ROWS
+
+    entries = {}
+    for scheme in (parse_scheme("int8"), parse_scheme("int4", INT4_GROUP)):
+        for out_features, in_features in ((2 * shape.inter, shape.hidden), (shape.hidden, shape.inter)):
+            for native in (False, True):
+                key = projection_key(scheme, dtype, out_features, in_features, native)
+                entries[key] = {"kernels": {form: {str(r): kernel for r in ROWS} for form, kernel in kernel_by_form.items()}}
+    return entries
+
+
+def _routings(shape, tokens: int, count: int, generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``count`` routings of ``tokens`` tokens, each token top-k distinct experts, cycling through all experts
+    so that consecutive calls read other experts (a real model's next layer does: no cache reuse)."""
+    order = torch.randperm(shape.experts, generator=generator).tolist()
+    routings, cursor = [], 0
+    for _ in range(count):
+        ids = []
+        for _ in range(tokens):
+            ids.append([order[(cursor + j) % shape.experts] for j in range(shape.top_k)])
+            cursor += shape.top_k
+        weights = torch.softmax(torch.randn(tokens, shape.top_k, generator=generator), dim=-1)
+        routings.append((torch.tensor(ids, dtype=torch.int64), weights.to(torch.bfloat16)))
+    return routings
+
+
+def read_bandwidths(quick: bool) -> dict[str, float]:
+    """Bytes per second two streaming kernels read on this machine: ``torch.sum`` over a float32 buffer and a
+    bfloat16 GEMV (F.linear of one row) over a matrix, both far larger than the caches."""
+    import torch.nn.functional as F
+    from _common import time_it
+
+    size = (1 << 26) if quick else (1 << 28)  # bytes of the GEMV's matrix
+    matrix = torch.empty(size // 2 // 4096, 4096, dtype=torch.bfloat16).normal_()
+    row = torch.randn(1, 4096, dtype=torch.bfloat16)
+    gemv = size / time_it(lambda: F.linear(row, matrix), repeat=10)
+    summed = memory_bandwidths((1 << 28) if quick else (1 << 30))["read"]
+    return {"sum": summed, "bf16 gemv": gemv}
+
+
+def part_decode(args, bandwidths: dict[str, float]) -> str:
+    """One- and few-token calls of the experts op alone: bf16 moepass, ATen int8/int4, the native kernel."""
+    from moepass.compiler.spec import ExpertsSpec
+    from moepass.lowering.cpu_quantized import to_aten_cpu
+    from moepass.quantize import dequantize, quantize_rtn
+    from moepass.runtime import tuning
+    from moepass.runtime.ops import ExpertsConfig
+    from moepass.runtime.quantized_ops import QuantizedExpertsConfig
+
+    read = max(bandwidths.values())
+    rows = []
+    for shape_name in args.shapes:
+        shape = SHAPES[shape_name]
+        generator = torch.Generator().manual_seed(0)
+        spec = ExpertsSpec(dispatch="grouped_mm", num_experts=shape.experts, hidden_size=shape.hidden,
+                           intermediate_size=shape.inter, activation="silu", gated=True, gate_up_layout="concat")
+        w1 = (torch.randn(shape.experts, 2 * shape.inter, shape.hidden, generator=generator) * 0.02).to(torch.bfloat16)
+        w2 = (torch.randn(shape.experts, shape.hidden, shape.inter, generator=generator) * 0.02).to(torch.bfloat16)
+        float_config = ExpertsConfig(spec=spec, lowering="cpu").to_json()
+        variants = {"moepass bf16": (w1, w2, float_config)}
+        references = {}
+        for bits, scheme in (("int8", parse_scheme("int8")), ("int4", parse_scheme("int4", INT4_GROUP))):
+            layouts = [quantize_rtn(w, scheme) for w in (w1, w2)]
+            references[bits] = [dequantize(layout) for layout in layouts]
+            for form, label in (("aten_cpu", "ATen"), ("native", "native")):
+                operands = [list(lay.tensors().values()) if form == "native" else to_aten_cpu(lay, torch.bfloat16)
+                            for lay in layouts]
+                config = QuantizedExpertsConfig(ExpertsConfig(spec=spec, lowering="cpu"), scheme, form).to_json()
+                variants[f"{bits} {label}"] = (*operands, config)
+        del w1, w2
+        for tokens in args.decode_tokens:
+            routings = _routings(shape, tokens, args.rotations, generator)
+            xs = [torch.randn(tokens, shape.hidden, generator=generator).to(torch.bfloat16) for _ in routings]
+            state = {"i": 0}
+
+            def call(first, second, config, state=state, routings=routings, xs=xs):
+                i = state["i"] = (state["i"] + 1) % len(routings)
+                ids, weights = routings[i]
+                if isinstance(first, torch.Tensor):
+                    return torch.ops.moepass.experts(xs[i], ids, weights, first, second, None, None, config)
+                return torch.ops.moepass.quantized_experts(xs[i], ids, weights, first, second, None, None, config)
+
+            with tuning.override_entries("cpu_quantized", _forced_kernels(shape, torch.bfloat16,
+                                                                          {"aten_cpu": "aten", "native": "gemv"})), \
+                    torch.no_grad():
+                ids, weights = routings[0]
+                for name, (first, second, config) in variants.items():  # each against its dequantized reference
+                    if name == "moepass bf16":
+                        continue
+                    deq = references[name.split()[0]]
+                    expected = torch.ops.moepass.experts(xs[0].float(), ids, weights.float(), *deq, None, None,
+                                                         ExpertsConfig(spec=spec, lowering="reference").to_json())
+                    got = torch.ops.moepass.quantized_experts(xs[0], ids, weights, first, second, None, None, config)
+                    error = _rel(got, expected)
+                    assert error < 3e-2, (shape_name, name, tokens, error)  # bfloat16 rounding of h and the output
+                samples = interleaved_samples({n: (lambda v=v: call(*v)) for n, v in variants.items()},
+                                              rounds=args.rounds, min_seconds=args.min_seconds)
+            hit = len({int(e) for e in routings[0][0].flatten()})
+            floor = hit * _operand_bytes(shape, parse_scheme("int4", INT4_GROUP)) / read
+            median_bf16, best_bf16 = _median(samples["moepass bf16"]), min(samples["moepass bf16"])
+            for name, values in samples.items():
+                median, best = _median(values), min(values)
+                rows.append([shape.label, str(tokens), name, f"{median * 1e3:.3f}", f"{best * 1e3:.3f}",
+                             f"{median_bf16 / median:.2f}× / {best_bf16 / best:.2f}×",
+                             f"{median / floor:.2f}× / {best / floor:.2f}×" if name.startswith("int4") else "—"])
+                print(" | ".join(rows[-1]), flush=True)
+            rows.append([shape.label, str(tokens), "int4 memory floor", f"{floor * 1e3:.3f}", "", "", ""])
+            print(" | ".join(rows[-1]), flush=True)
+        del variants, references
+    header = ["shape", "tokens", "variant", "median ms", "best ms", "× bf16 (median / best)", "× int4 floor (median / best)"]
+    from moepass.lowering import cpu_qgemv
+
+    native = (f"native kernel path {cpu_qgemv.PATHS.get(cpu_qgemv.best_path())}" if cpu_qgemv.available()
+              else f"native kernel unavailable ({cpu_qgemv.unavailable_reason()})")
+    return "\n".join([
+        "## Quantized experts: one- and few-token decode, the experts op alone (`benchmarks/quantized_cpu.py --parts decode`)",
+        "",
+        f"{today()}, {machine_description()}; bfloat16 activations; int4 groups of {INT4_GROUP}; {native}. "
+        f"Each call routes its tokens to experts the previous {args.rotations - 1} calls did not use (cycling through "
+        f"all experts: no cache reuse from call to call, as in a model whose layers each read their own experts). "
+        f"Interleaved rounds (≥ {args.rounds}): median and best. The int4 memory floor is the hit experts' int4 bytes "
+        f"(half a byte per weight + a bfloat16 scale and offset per group) ÷ the faster of two streaming reads "
+        f"measured in this run ({', '.join(f'{k} {v / 1e9:.1f} GB/s' for k, v in bandwidths.items())}).",
         "", markdown_table(header, rows),
     ])
 
@@ -300,6 +461,8 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 512])
+    parser.add_argument("--decode-tokens", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--rotations", type=int, default=16, help="decode: routings cycled through (distinct experts)")
     parser.add_argument("--ort-tokens", type=int, nargs="+", default=[1, 512])
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--min-seconds", type=float, default=2.0)
@@ -314,17 +477,20 @@ def main() -> None:
     if args.quick:
         args.shapes = args.shapes[:1] if args.shapes == list(SHAPES) else args.shapes
         args.tokens, args.ort_tokens, args.rounds, args.min_seconds = [1, 32], [1, 32], 3, 0.0
+        args.decode_tokens, args.rotations = [1, 3], 4
         args.offload_hidden, args.offload_intermediate, args.offload_layers, args.offload_steps = 256, 512, 2, 4
         args.hobbit_tokens = 64
     os.environ.setdefault("MOEPASS_PROGRESS", "0")
-    read = memory_bandwidths(1 << 28 if args.quick else 1 << 30)["read"]
-    print(f"machine: {machine_description()}; read bandwidth {read / 1e9:.1f} GB/s")
+    bandwidths = read_bandwidths(args.quick)
+    read = bandwidths["sum"]
+    print(f"machine: {machine_description()}; read bandwidth {', '.join(f'{k} {v / 1e9:.1f} GB/s' for k, v in bandwidths.items())}")
     directory = Path(tempfile.mkdtemp(prefix="moepass-quantized-"))
     try:
         sections = {}
         for part in args.parts:
             started = time.perf_counter()
             body = {
+                "decode": lambda: part_decode(args, bandwidths),
                 "block": lambda: part_block(args, read),
                 "ort": lambda: part_ort(args, directory),
                 "offload": lambda: part_offload(args, directory),

@@ -296,19 +296,22 @@ def test_kernel_choice_is_measured_per_machine_and_followed(tmp_path, monkeypatc
     monkeypatch.setenv("MOEPASS_CACHE_DIR", str(tmp_path))
     tuning.forget_measured()
     scheme = SCHEMES["int4g32"]
-    operands = to_aten_cpu(quantize_rtn(torch.randn(2, 64, 64), scheme), torch.bfloat16)
+    layout = quantize_rtn(torch.randn(2, 64, 64), scheme)
     timed = []
 
     def timer(label, names):  # ATen wins up to 4 rows, dequantizing from 16
         timed.append(label)
+        assert sorted(names) == ["aten_cpu:aten", "aten_cpu:dequant"]  # the native kernel is not asked for
         rows = int(label.split()[-1])
-        return {"aten": 1e-3 * rows, "dequant": 1e-3 * (8 + rows / 4)}
+        return {"aten_cpu:aten": 1e-3 * rows, "aten_cpu:dequant": 1e-3 * (8 + rows / 4)}
 
     with tuning.measurement_override(timer):
-        assert prepare_projection(scheme, operands, torch.bfloat16, 30.0, "test") == "measured now"
-        assert prepare_projection(scheme, operands, torch.bfloat16, 30.0, "test") != "measured now"
+        assert prepare_projection(scheme, layout, torch.bfloat16, ["aten_cpu"], 30.0, "test")[1] == "measured now"
+        assert prepare_projection(scheme, layout, torch.bfloat16, ["aten_cpu"], 30.0, "test")[1] != "measured now"
     assert len(timed) == 5  # the rows of one measurement; the second call found the table
     chosen = [cpu_quantized.choose_quantized_kernel(scheme, "aten_cpu", r, 64, 64, torch.bfloat16) for r in (1, 4, 15, 16, 999)]
     assert chosen == ["aten", "aten", "aten", "dequant", "dequant"]
-    assert prepare_projection(scheme, operands, torch.bfloat16, "off", "test") == "measured earlier in this process"
+    found = prepare_projection(scheme, layout, torch.bfloat16, ["aten_cpu"], "off", "test")
+    assert found[1] == "measured earlier in this process"
+    assert found[0]["kernels"] == {"aten_cpu": {"1": "aten", "4": "aten", "16": "dequant", "64": "dequant", "256": "dequant"}}
     tuning.forget_measured()

@@ -16,18 +16,28 @@ Only the projections differ from :mod:`moepass.lowering.cpu`: each runs one of
     int4 in groups: ``torch.ops.aten._weight_int4pack_mm_for_cpu(xs, packed, G, scale_and_zero)``
     on the weights packed once by ``_convert_weight_to_int4pack_for_cpu`` (ATen's own order, which
     depends on the CPU's vector ISA — so it is made on the machine that runs it, never stored);
+``gemv``
+    moepass's own kernel (:mod:`moepass.lowering.cpu_qgemv`, C++ built on first use): every expert
+    with rows in one call, on the plain layout as stored, output rows split over the threads;
 ``dequant``
-    the expert's weights dequantized to the activations' dtype into a scratch buffer, then the
-    float kernel of :mod:`moepass.lowering.cpu_kernels` (a GEMM at many rows beats the weight-only
-    kernels, whose inner loops are made for a few rows).
+    the expert's weights dequantized to the activations' dtype into a scratch buffer (``native``
+    form, int4: by the native kernel), then the float kernel of
+    :mod:`moepass.lowering.cpu_kernels` (a GEMM at many rows beats the weight-only kernels, whose
+    inner loops are made for a few rows).
 
-:func:`choose_quantized_kernel` picks per projection and row count.
+:func:`choose_quantized_kernel` picks per projection and row count; which *form* a block's operands
+take (and so whether ``aten`` or ``gemv`` runs its few-row projections) is chosen at compile time
+from this machine's measurements (:mod:`moepass.lowering.cpu_quantized_tuning`).
 
-The operands come in one of two *forms* (the op's config says which):
+The operands come in one of three *forms* (the op's config says which):
 
 ``plain``
     the portable layout of :mod:`moepass.quantize.layout` (codes, float32 scales, zero points);
-    any scheme; projections run ``dequant``.
+    any scheme; projections run ``dequant`` (never the native kernel: the plain form never builds it).
+``native``
+    the same tensors as ``plain``, chosen at compile time only where the native kernel was built,
+    checked and measured faster on this machine; projections run ``gemv`` for few rows, ``dequant``
+    beyond (and ``dequant`` everywhere should the library be missing in this process).
 ``aten_cpu``
     what the ATen kernels take, made by :func:`to_aten_cpu` from the plain layout once, at
     compile time: int8 per channel ``[codes [E,N,K] int8, scales [E,N]]`` (the same codes);
@@ -44,6 +54,7 @@ from __future__ import annotations
 import functools
 import logging
 
+import numpy as np
 import torch
 
 from moepass.compiler.spec import ExpertsSpec
@@ -63,6 +74,8 @@ from moepass.runtime.stats import note_gemm_rows
 
 __all__ = [
     "FORMS",
+    "FORM_KERNELS",
+    "PLAIN_FORMS",
     "ATEN_DTYPES",
     "QUANTIZED_KERNELS",
     "aten_cpu_supported",
@@ -70,6 +83,8 @@ __all__ = [
     "dequantize_expert",
     "choose_quantized_kernel",
     "ATEN_UP_TO_ROWS",
+    "GEMV_UP_TO_ROWS",
+    "native_gemv_usable",
     "experts_forward",
     "operand_shape",
     "aten_int4_row_block",
@@ -80,17 +95,25 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-FORMS = ("plain", "aten_cpu")
+FORMS = ("plain", "aten_cpu", "native")
+#: Forms whose operands are the portable layout as stored.
+PLAIN_FORMS = ("plain", "native")
 #: Activation dtypes the ATen weight-only kernels run fast (in float32 they take a scalar path: on the
 #: CI machine 4× (int8) and 12–50× (int4) slower than a float32 GEMM on the dequantized weights).
 ATEN_DTYPES = (torch.bfloat16, torch.float16)
-QUANTIZED_KERNELS = ("aten", "dequant")
+QUANTIZED_KERNELS = ("aten", "dequant", "gemv")
+#: Kernels each form can run.
+FORM_KERNELS = {"aten_cpu": ("aten", "dequant"), "plain": ("dequant",), "native": ("gemv", "dequant")}
 #: Rows per expert up to which the ATen kernels run, by bits (a heuristic until the machine's table
 #: measures it).  On the 2-core CI machine, one thread, a Mixtral-shaped expert (5632×1024) in
 #: bfloat16: ``_weight_int8pack_mm`` 0.30 / 0.61 / 12 ms at 1 / 4 / 16 rows against 3 ms to
 #: dequantize + 0.5–3 ms of GEMM; ``_weight_int4pack_mm_for_cpu`` 0.30 / 6.3 / 45 ms at 1 / 16 / 128
 #: rows against 60 ms to dequantize (unpacking nibbles costs ~10 ns a weight in torch ops) + 0.5–20 ms.
 ATEN_UP_TO_ROWS = {8: 8, 4: 256}
+#: Rows per expert up to which the native kernel runs in the native form (a heuristic until the machine's
+#: table measures it; the native form itself exists only where the table measured it faster): from 16 rows
+#: dequantizing + oneDNN's bfloat16 GEMM wins on the CI machine.
+GEMV_UP_TO_ROWS = 8
 
 
 def aten_cpu_supported(scheme: QuantScheme, in_features: int) -> bool:
@@ -196,7 +219,7 @@ def dequantize_expert(operands: list[torch.Tensor], form: str, scheme: QuantSche
     """
     _, out_features, in_features = operand_shape(operands, form, scheme)
     group = scheme.group_of(in_features)
-    if form == "plain":
+    if form in PLAIN_FORMS:
         codes, scales = operands[0][expert], operands[1][expert]
         if scheme.bits == 8:
             values = codes.to(dtype)
@@ -222,22 +245,36 @@ def dequantize_expert(operands: list[torch.Tensor], form: str, scheme: QuantSche
     return matrix.reshape(out_features, in_features)
 
 
+def native_gemv_usable(scheme: QuantScheme, in_features: int, dtype: torch.dtype) -> bool:
+    """Whether the native kernel (:mod:`moepass.lowering.cpu_qgemv`) runs this projection here (builds the library
+    on first call: only the compile-time choice with tuning on, and the ``native`` form, ask)."""
+    from moepass.lowering import cpu_qgemv
+
+    return cpu_qgemv.supports(scheme, in_features, dtype) and cpu_qgemv.available()
+
+
 def choose_quantized_kernel(scheme: QuantScheme, form: str, rows: int, out_features: int, in_features: int,
                             dtype: torch.dtype) -> str:
-    """The kernel (:data:`QUANTIZED_KERNELS`) for one projection of ``rows`` rows.
+    """The kernel (:data:`QUANTIZED_KERNELS`) for one projection of ``rows`` rows in ``form``.
 
     The one place the choice is made: this machine's measured table
     (:mod:`moepass.lowering.cpu_quantized_tuning`, family ``cpu_quantized``),
-    else a heuristic — the ATen kernels up to :data:`ATEN_UP_TO_ROWS` rows;
-    beyond, the weights are dequantized and a float GEMM runs.
+    else a heuristic — the ATen kernels up to :data:`ATEN_UP_TO_ROWS` rows, the
+    native kernel up to :data:`GEMV_UP_TO_ROWS`; beyond, the weights are
+    dequantized and a float GEMM runs.  ``gemv`` only in the ``native`` form
+    and where the native kernel is available and takes the scheme.
     """
-    if form != "aten_cpu":
+    if form not in ("aten_cpu", "native"):
+        return "dequant"
+    if form == "native" and not native_gemv_usable(scheme, in_features, dtype):
         return "dequant"
     from moepass.lowering.cpu_quantized_choice import chosen_kernel
 
-    measured = chosen_kernel(scheme, dtype, out_features, in_features, rows)
+    measured = chosen_kernel(scheme, dtype, out_features, in_features, rows, form)
     if measured is not None:
         return measured
+    if form == "native":
+        return "gemv" if rows <= GEMV_UP_TO_ROWS else "dequant"
     return "aten" if rows <= ATEN_UP_TO_ROWS[scheme.bits] else "dequant"
 
 
@@ -251,27 +288,56 @@ def _run_aten(scheme: QuantScheme, operands: list[torch.Tensor], expert: int, xs
                                                      scale_and_zero[expert])
 
 
+def _dequantize_into(matrix: torch.Tensor, operands: list[torch.Tensor], form: str, scheme: QuantScheme,
+                     expert: int) -> None:
+    """matrix [out, in] ← expert ``expert``'s weights in matrix's dtype (the native kernel for native-form int4)."""
+    if form == "native" and scheme.bits == 4 and matrix.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        from moepass.lowering import cpu_qgemv
+
+        if cpu_qgemv.available():
+            zeros = operands[2][expert] if len(operands) > 2 else None
+            cpu_qgemv.dequantize_int4(operands[0][expert], operands[1][expert], zeros,
+                                      scheme.group_of(matrix.shape[1]), matrix.dtype, out=matrix)
+            return
+    matrix.copy_(dequantize_expert(operands, form, scheme, expert, matrix.dtype))
+
+
 def _project_quantized(inputs: torch.Tensor, outputs: torch.Tensor, counts: list[int], operands: list[torch.Tensor],
                        bias: torch.Tensor | None, scheme: QuantScheme, form: str, note: bool,
-                       kernel: str | None = None) -> None:
+                       kernel: str | None = None, tasks=None) -> None:
     """outputs[rows of e] = inputs[rows of e] · deq(W[e])ᵀ (+ b[e]) for every expert e with rows
-    (``kernel`` forces one, for measuring)."""
+    (``kernel`` forces one, for measuring; ``tasks``: :func:`moepass.lowering.cpu_qgemv.expert_tasks` of
+    ``counts``, when the caller has it).
+
+    The experts whose kernel is ``gemv`` run in one native call; the others one by one.
+    """
     _, out_features, in_features = operand_shape(operands, form, scheme)
     dtype = inputs.dtype
+    choices = {count: kernel or choose_quantized_kernel(scheme, form, count, out_features, in_features, dtype)
+               for count in set(counts) if count}
+    if "gemv" in choices.values():
+        from moepass.lowering import cpu_qgemv
+
+        if tasks is None:
+            tasks = cpu_qgemv.expert_tasks(counts)
+        if len(choices) > 1:  # some experts' row counts take another kernel
+            keep = np.fromiter((choices[int(c)] == "gemv" for c in tasks[2]), dtype=bool, count=tasks.shape[1])
+            tasks = np.ascontiguousarray(tasks[:, keep])
+        cpu_qgemv.project(inputs, outputs, tasks, operands, bias, scheme)
     start = 0
     for expert, count in enumerate(counts):
         if not count:
             continue
         rows = slice(start, start + count)
-        chosen = kernel or choose_quantized_kernel(scheme, form, count, out_features, in_features, dtype)
+        chosen = choices[count]
         if chosen == "aten":
             result = _run_aten(scheme, operands, expert, inputs[rows], in_features)
             if bias is not None:
                 result = result.add_(bias[expert].to(result.dtype))
             outputs[rows].copy_(result)
-        else:
+        elif chosen == "dequant":
             matrix = scratch("dequantized", (out_features, in_features), dtype)
-            matrix.copy_(dequantize_expert(operands, form, scheme, expert, dtype))
+            _dequantize_into(matrix, operands, form, scheme, expert)
             float_kernel = choose_kernel(count, (out_features, in_features), dtype, False)
             project(float_kernel, inputs[rows], outputs[rows], matrix, None if bias is None else bias[expert], False)
         if note:
@@ -314,10 +380,15 @@ def experts_forward(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w
     xs = gather_rows(x, weights, plan, spec)
     n1 = operand_shape(w1, form, scheme)[1]
     h = scratch("h", (xs.shape[0], n1), x.dtype)
-    _project_quantized(xs, h, plan.counts, w1, b1, scheme, form, note=False)
+    tasks = None
+    if form == "native":  # the experts' (first row, rows), once for both projections of the native kernel
+        from moepass.lowering.cpu_qgemv import expert_tasks
+
+        tasks = expert_tasks(plan.counts)
+    _project_quantized(xs, h, plan.counts, w1, b1, scheme, form, note=False, tasks=tasks)
     a = activate_inplace(h, spec)
     if not a.is_contiguous():
         a = a.contiguous()
     y = expert_outputs(x.shape[1], plan, x.dtype)
-    _project_quantized(a, y, plan.counts, w2, b2, scheme, form, note=True)
+    _project_quantized(a, y, plan.counts, w2, b2, scheme, form, note=True, tasks=tasks)
     return combine_rows(y, weights, plan, spec)

@@ -16,34 +16,46 @@ from moepass.runtime import tuning
 
 __all__ = ["FAMILY", "chosen_kernel", "projection_key"]
 
-FAMILY = tuning.Family("cpu_quantized", version=1, shipped=None)
+#: Version 2: entries hold a kernel column per operand form (``native`` with the native ``gemv``, ``aten_cpu``).
+FAMILY = tuning.Family("cpu_quantized", version=2, shipped=None)
 
 
-def projection_key(scheme: QuantScheme, dtype: torch.dtype, out_features: int, in_features: int) -> str:
-    """The entry key of one quantized projection shape."""
+def projection_key(scheme: QuantScheme, dtype: torch.dtype, out_features: int, in_features: int,
+                   native: bool = False) -> str:
+    """The entry key of one quantized projection shape (``native``: measured with the native kernel among the
+    candidates — an entry measured without it does not answer for a process that has it)."""
     kind = "int8" if scheme.bits == 8 else f"int4 g{scheme.group_of(in_features)}"
-    return f"quantized {kind} {str(dtype).removeprefix('torch.')} {out_features}x{in_features}"
+    return f"quantized {kind} {str(dtype).removeprefix('torch.')} {out_features}x{in_features}" + (" +gemv" if native else "")
 
 
 @functools.lru_cache(maxsize=512)
-def _column(key: str, generation: int) -> tuple[tuple[int, ...], tuple[str, ...]] | None:
+def _column(key: str, form: str, generation: int) -> tuple[tuple[int, ...], tuple[str, ...]] | None:
     del generation  # a cache key: the tables' state
     found = tuning.lookup(FAMILY, key)
-    if not found or not found.entry.get("kernels"):
+    kernels = found.entry.get("kernels", {}).get(form) if found else None
+    if not kernels:
         return None
-    rows = sorted((int(r), k) for r, k in found.entry["kernels"].items())
+    rows = sorted((int(r), k) for r, k in kernels.items())
     return tuple(r for r, _ in rows), tuple(k for _, k in rows)
 
 
 @functools.lru_cache(maxsize=512)
-def _shape_column(scheme: QuantScheme, dtype: torch.dtype, out_features: int, in_features: int, generation: int):
-    return _column(projection_key(scheme, dtype, out_features, in_features), generation)
+def _shape_column(scheme: QuantScheme, dtype: torch.dtype, out_features: int, in_features: int, form: str,
+                  native: bool, generation: int):
+    return _column(projection_key(scheme, dtype, out_features, in_features, native), form, generation)
 
 
 def chosen_kernel(scheme: QuantScheme, dtype: torch.dtype, out_features: int, in_features: int,
-                  rows: int) -> str | None:
-    """The measured kernel for ``rows`` rows of this projection on this machine, or None (no entry)."""
-    column = _shape_column(scheme, dtype, out_features, in_features, tuning.generation())
+                  rows: int, form: str = "aten_cpu") -> str | None:
+    """The measured kernel for ``rows`` rows of this projection in ``form`` on this machine, or None (no entry)."""
+    generation = tuning.generation()
+    # the native form's column is only in entries measured with the native kernel; ATen's is in either (never
+    # asks for the native library: the run-time choice builds nothing)
+    column = None
+    for native in ((True,) if form == "native" else (False, True)):
+        column = _shape_column(scheme, dtype, out_features, in_features, form, native, generation)
+        if column is not None:
+            break
     if column is None:
         return None
     counts, kernels = column

@@ -1,76 +1,119 @@
-"""Which kernel a quantized projection runs at each row count, measured on the machine (family ``cpu_quantized``).
+"""Which form a quantized block's operands take, and which kernel each projection runs per row count, measured
+on the machine (family ``cpu_quantized``).
 
 An entry of :mod:`moepass.runtime.tuning`'s machine-keyed tables per
-quantized projection shape::
+quantized projection shape (`` +gemv`` when the native kernel was among the candidates)::
 
-    quantized <int8|int4 gG> <dtype> <out>x<in>
-        {"kernels": {"1": "aten", "4": "aten", "16": "dequant", …},
-         "microseconds": {"1": {"aten": 81.0, "dequant": 940.0}, …}}
+    quantized <int8|int4 gG> <dtype> <out>x<in>[ +gemv]
+        {"kernels": {"aten_cpu": {"1": "aten", "16": "dequant", …},      the best kernel of each form
+                     "native":   {"1": "gemv", "16": "dequant", …}},     per row count
+         "microseconds": {"1": {"aten_cpu:aten": 81.0, "aten_cpu:dequant": 940.0,
+                                "native:gemv": 45.0, "native:dequant": 600.0}, …}}
 
-``aten`` is ATen's weight-only kernel on the block's operands
-(``_weight_int8pack_mm`` / ``_weight_int4pack_mm_for_cpu``), ``dequant`` the
-expert dequantized into the activations' dtype and a float GEMM
-(:mod:`moepass.lowering.cpu_quantized`).  The backend's quantize stage calls
-:func:`prepare_projection` for each projection it quantizes into ATen's form:
-the entry is looked up (the user's cache) or measured there and then on one
-expert of the block's own operands, at :data:`ROWS`, within the budget of
-``options={"cpu_tuning": ...}`` / ``$MOEPASS_TUNING``
-(:data:`DEFAULT_BUDGET` seconds per shape by default), and stored for later
-compiles and processes.  :func:`moepass.lowering.cpu_quantized_choice.chosen_kernel`
-reads it back at run time (cached per process and table generation); a shape with no entry takes the
-heuristic of :data:`moepass.lowering.cpu_quantized.ATEN_UP_TO_ROWS`.
+The candidates, on one expert of the block's own weights at :data:`ROWS`:
+``aten_cpu:aten`` (ATen's weight-only kernel on its own operands),
+``aten_cpu:dequant`` (those operands dequantized + a float GEMM),
+``native:gemv`` (moepass's native kernel on the portable layout,
+:mod:`moepass.lowering.cpu_qgemv`) and ``native:dequant``.  The ATen form is a
+candidate for 16-bit activations and the schemes ATen takes; the native form
+only when measuring is allowed (tuning on: the library is built then, ~3 s
+once per machine, into the cache folder) and the kernel builds, loads, passes
+its check and takes the scheme.  A block with neither runs the ``plain`` form
+(dequantize + GEMM: nothing to choose).
+
+The backend's quantize stage calls :func:`choose_form` for each block it
+quantizes: the two projections' entries are looked up (the user's cache) or
+measured there and then, within the budget of ``options={"cpu_tuning": ...}``
+/ ``$MOEPASS_TUNING`` (:data:`DEFAULT_BUDGET` seconds per shape by default),
+and stored; the block takes the form whose best kernels cost less over the
+row counts (geometric mean of the two projections' summed times, so decode and
+prefill weigh alike; ``plain`` must win by :data:`MARGIN` to replace ATen's
+form).  :func:`moepass.lowering.cpu_quantized_choice.chosen_kernel` reads the
+kernel columns back at run time.  With tuning off, or no complete entry, the
+native form is never chosen and nothing is built: ATen's form (else
+``plain``) with the heuristics of :mod:`moepass.lowering.cpu_quantized` —
+the same choice on every machine with the same shapes.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import torch
 
-from moepass.lowering.cpu_quantized import _project_quantized, operand_shape
+from moepass.lowering.cpu_quantized import (
+    ATEN_DTYPES,
+    FORM_KERNELS,
+    _project_quantized,
+    aten_cpu_supported,
+    native_gemv_usable,
+    to_aten_cpu,
+)
 from moepass.lowering.cpu_quantized_choice import FAMILY, _column, _shape_column, projection_key
+from moepass.quantize.layout import QuantizedWeight
 from moepass.quantize.scheme import QuantScheme
 from moepass.runtime import tuning
 
-__all__ = ["DEFAULT_BUDGET", "ROWS", "prepare_projection"]
+__all__ = ["DEFAULT_BUDGET", "ROWS", "MARGIN", "candidate_forms", "prepare_projection", "choose_form", "block_form"]
 
 logger = logging.getLogger(__name__)
 
-#: Rows per expert the two kernels are compared at.
+#: Rows per expert the kernels are compared at.
 ROWS = (1, 4, 16, 64, 256)
 #: Seconds a first compile may spend measuring one projection shape.
 DEFAULT_BUDGET = 4.0
-#: A kernel must beat the other by this much to be chosen over ``aten`` (noise does not pick).
+#: A kernel (or form) must beat ATen's by this much to be chosen over it (noise does not pick).
 MARGIN = 0.10
 
 
-def prepare_projection(scheme: QuantScheme, operands: list[torch.Tensor], dtype: torch.dtype, setting: Any,
-                       description: str) -> str:
-    """Look up, or measure within the budget ``setting`` gives, the kernel table of one quantized projection
-    in ATen's form; returns how it was found (for the report)."""
-    experts, out_features, in_features = operand_shape(operands, "aten_cpu", scheme)
-    key = projection_key(scheme, dtype, out_features, in_features)
+def candidate_forms(scheme: QuantScheme, layouts: list[QuantizedWeight], dtype: torch.dtype,
+                    native: bool) -> list[str]:
+    """The operand forms a block of ``layouts`` may take on this machine for activations of ``dtype``
+    (``native``: whether the native kernel may be asked for — building it if need be)."""
+    forms = []
+    if dtype in ATEN_DTYPES and all(aten_cpu_supported(scheme, lay.shape[2]) for lay in layouts):
+        forms.append("aten_cpu")
+    if native and all(native_gemv_usable(scheme, lay.shape[2], dtype) for lay in layouts):
+        forms.append("native")
+    return forms or ["plain"]
+
+
+def prepare_projection(scheme: QuantScheme, layout: QuantizedWeight, dtype: torch.dtype, forms: list[str],
+                       setting: Any, description: str) -> tuple[dict | None, str]:
+    """Look up, or measure within the budget ``setting`` gives, the kernel table of one quantized projection;
+    returns (its entry or None, how it was found — for the report)."""
+    _, out_features, in_features = layout.shape
+    native = "native" in forms
+    key = projection_key(scheme, dtype, out_features, in_features, native)
     budget = tuning.tuning_budget(setting, DEFAULT_BUDGET)
-    one = [t[:1] for t in operands]  # one expert: what a row count costs does not depend on which
+    one = layout.expert(0)  # one expert: what a row count costs does not depend on which
+    operands = {"native": list(one.tensors().values())}
+    if "aten_cpu" in forms:
+        operands["aten_cpu"] = to_aten_cpu(one, dtype)
+    candidates = [(form, kernel) for form in forms for kernel in FORM_KERNELS[form]]
 
     def measure(measurement: tuning.Measurement) -> dict:
-        kernels, times = {}, {}
+        kernels: dict[str, dict[str, str]] = {form: {} for form in forms}
+        times: dict[str, dict[str, float]] = {}
         for rows in ROWS:
             x = torch.randn(rows, in_features).to(dtype)
             out = torch.empty(rows, out_features, dtype=dtype)
 
-            def run(kernel: str):
-                return lambda: _project_quantized(x, out, [rows], one, None, scheme, "aten_cpu", note=False,
+            def run(form: str, kernel: str):
+                return lambda: _project_quantized(x, out, [rows], operands[form], None, scheme, form, note=False,
                                                   kernel=kernel)
 
-            samples = measurement.compare(f"{key} rows {rows}", {"aten": run("aten"), "dequant": run("dequant")},
-                                          cost_hint=rows * out_features * in_features + out_features * in_features)
+            samples = measurement.compare(
+                f"{key} rows {rows}", {f"{form}:{kernel}": run(form, kernel) for form, kernel in candidates},
+                cost_hint=rows * out_features * in_features + out_features * in_features)
             if samples is None:
                 continue
-            aten, dequant = tuning.best(samples["aten"]), tuning.best(samples["dequant"])
-            kernels[str(rows)] = "dequant" if dequant < aten * (1 - MARGIN) else "aten"
-            times[str(rows)] = {"aten": round(aten * 1e6, 1), "dequant": round(dequant * 1e6, 1)}
+            best = {name: tuning.best(values) for name, values in samples.items()}
+            times[str(rows)] = {name: round(seconds * 1e6, 1) for name, seconds in best.items()}
+            for form in forms:
+                kernels[form][str(rows)] = _best_kernel(form, best)
         return {"kernels": kernels, "microseconds": times}
 
     try:
@@ -78,10 +121,71 @@ def prepare_projection(scheme: QuantScheme, operands: list[torch.Tensor], dtype:
             found = tuning.obtain(FAMILY, key, measure, budget, description)
     except (RuntimeError, ValueError, OSError) as failure:  # a lost choice, not a wrong answer
         logger.warning("moepass: could not measure %s (%s): the heuristic choice runs", key, failure)
-        return "heuristic (measurement failed)"
+        return None, "heuristic (measurement failed)"
     _column.cache_clear()
     _shape_column.cache_clear()
     if not found:
-        return "heuristic (not measured: tuning off)"
-    return {"measured": "measured now", "process": "measured earlier in this process"}.get(
-        found.source, f"{found.source} table")
+        return None, "heuristic (not measured: tuning off)"
+    how = {"measured": "measured now", "process": "measured earlier in this process"}.get(found.source,
+                                                                                          f"{found.source} table")
+    return found.entry, how
+
+
+def _best_kernel(form: str, seconds: dict[str, float]) -> str:
+    """The kernel of ``form`` to run, from one row count's best times (ATen's own kernel keeps its place unless
+    dequantizing beats it by :data:`MARGIN`)."""
+    timed = {kernel: seconds[f"{form}:{kernel}"] for kernel in FORM_KERNELS[form] if f"{form}:{kernel}" in seconds}
+    if form == "aten_cpu":
+        return "dequant" if timed["dequant"] < timed["aten"] * (1 - MARGIN) else "aten"
+    return min(timed, key=timed.get)
+
+
+def _form_seconds(entry: dict, form: str, rows: str) -> float | None:
+    timed = entry.get("microseconds", {}).get(rows, {})
+    values = [seconds for name, seconds in timed.items() if name.startswith(f"{form}:")]
+    return min(values) if values else None
+
+
+def block_form(entries: list[dict], forms: list[str]) -> str:
+    """The form a block runs, from its projections' entries: the lowest geometric mean over the row counts all
+    entries measured of the summed best times (``native`` replaces ``aten_cpu`` only when :data:`MARGIN` faster)."""
+    if len(forms) == 1:
+        return forms[0]
+    scores = {form: 0.0 for form in forms}
+    counted = 0
+    for rows in map(str, ROWS):
+        totals = {}
+        for form in forms:
+            parts = [_form_seconds(entry, form, rows) for entry in entries]
+            if any(part is None for part in parts):
+                break
+            totals[form] = sum(parts)
+        else:
+            for form in forms:
+                scores[form] += math.log(totals[form])
+            counted += 1
+    if not counted:
+        return "aten_cpu" if "aten_cpu" in forms else forms[0]
+    if "aten_cpu" in forms and "native" in forms:
+        return "native" if scores["native"] / counted < scores["aten_cpu"] / counted + math.log(1 - MARGIN) else "aten_cpu"
+    return min(forms, key=scores.get)
+
+
+def choose_form(scheme: QuantScheme, layouts: list[QuantizedWeight], dtype: torch.dtype, setting: Any,
+                description: str) -> tuple[str, str]:
+    """The operand form of a block's quantized experts on this machine and the report's words on how the
+    kernels were chosen (see the module docstring).  With tuning off nothing is built and ``native`` is never
+    chosen."""
+    measuring = tuning.tuning_budget(setting, DEFAULT_BUDGET) is not None
+    forms = candidate_forms(scheme, layouts, dtype, native=measuring)
+    if forms == ["plain"]:
+        return "plain", ""  # dequantize + GEMM is all the plain form has: nothing to choose
+    found = [prepare_projection(scheme, layout, dtype, forms, setting, f"{description} {name}")
+             for name, layout in zip(("w1", "w2"), layouts)]
+    entries = [entry for entry, _ in found]
+    hows = sorted({how for _, how in found})
+    if all(entry is not None for entry in entries):
+        form = block_form(entries, forms)
+    else:  # not measured (completely): never the native kernel, which is a candidate only where it measured faster
+        form = forms[0] if forms[0] != "native" else "plain"
+    return form, f"form {form}; kernels by row count: {', '.join(hows)}"

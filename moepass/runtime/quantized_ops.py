@@ -45,12 +45,12 @@ class QuantizedExpertsConfig:
 
     experts: ExpertsConfig
     scheme: QuantScheme
-    #: How the weight lists are stored: ``plain`` | ``aten_cpu`` (see :mod:`moepass.lowering.cpu_quantized`).
+    #: How the weight lists are stored: ``plain`` | ``aten_cpu`` | ``native`` (plain's tensors; see :mod:`moepass.lowering.cpu_quantized`).
     form: str = "plain"
 
     def __post_init__(self) -> None:
-        if self.form not in ("plain", "aten_cpu"):
-            raise ValueError(f"unknown quantized form {self.form!r}; expected plain or aten_cpu")
+        if self.form not in ("plain", "aten_cpu", "native"):
+            raise ValueError(f"unknown quantized form {self.form!r}; expected plain, aten_cpu or native")
         if self.experts.spec.transposed:
             raise ValueError("quantized expert weights are [E, out, in]; the spec must not be transposed")
 

@@ -10,8 +10,10 @@ the backend runs two stages of this module (see :data:`moepass.compiler.backend.
     round-to-nearest (:func:`moepass.quantize.quantize_rtn`: int8 per output
     channel, int4 per group with integer zero points) — once per weight
     tensor and scheme, cached across recompiles — into the packed layout,
-    puts it in the lowering's form (the ATen CPU kernels' operands for the
-    ``cpu`` lowering, :mod:`moepass.lowering.cpu_quantized`), and replaces the
+    puts it in the form the ``cpu`` lowering measured fastest on this machine
+    (:mod:`moepass.lowering.cpu_quantized_tuning`: the ATen CPU kernels'
+    operands, or the packed layout itself — for moepass's native kernel only where
+    it was measured faster, never with tuning off), and replaces the
     block's ``moepass.experts`` op (or its split form, in grad mode) by
     ``moepass.quantized_experts``.  The new op is checked on a random input
     against the *dequantized reference* — the float op on the same codes
@@ -54,7 +56,7 @@ from moepass.compiler.rewrite import remove_dead_nodes
 from moepass.compiler.stages import BlockState, GraphState
 from moepass.compiler.validate import relative_error, tolerance_for
 from moepass.lowering import resolve_lowering
-from moepass.lowering.cpu_quantized import ATEN_DTYPES, aten_cpu_supported, to_aten_cpu
+from moepass.lowering.cpu_quantized import PLAIN_FORMS, to_aten_cpu
 from moepass.quantize.layout import QuantizedWeight, dequantize, quantize_rtn
 from moepass.quantize.scheme import QuantizeError, QuantScheme
 from moepass.runtime.ops import ExpertsConfig, parse_experts_config
@@ -134,7 +136,7 @@ def quantized_layout(weight: torch.Tensor, scheme: QuantScheme, transposed: bool
 
 def _operands(weight: torch.Tensor, layout: QuantizedWeight, form: str, dtype: torch.dtype) -> list[torch.Tensor]:
     """The op's tensors for ``layout`` in ``form`` (cached beside the layout)."""
-    if form == "plain":
+    if form in PLAIN_FORMS:
         return list(layout.tensors().values())
     entries = _cache.get(weight)
     key = (id(layout), form, dtype)
@@ -260,17 +262,15 @@ def _quantize_call(state: GraphState, call, scheme: QuantScheme | None, notes: l
             layouts = [quantized_layout(w, scheme, spec.transposed) for w in (w1, w2)]
         except QuantizeError as error:
             return str(error), None
-    form = "plain"  # float32 activations: ATen's weight-only kernels take a scalar path (4–50× a float GEMM)
-    if state.options.quantized_form != "plain" and lowering == "cpu" and dtype in ATEN_DTYPES and all(aten_cpu_supported(scheme, lay.shape[2]) for lay in layouts):
-        form = "aten_cpu"
-    operands = [_operands(w, lay, form, dtype) for w, lay in zip((w1, w2), layouts)]
-    kernels = ""
-    if form == "aten_cpu":  # this machine's kernel choice per row count: its table, or measured now
-        from moepass.lowering.cpu_quantized_tuning import prepare_projection
+    form, kernels = "plain", ""
+    if state.options.quantized_form != "plain" and lowering == "cpu":
+        # this machine's choice: ATen's operands (16-bit activations), or the plain layout with the native
+        # kernel where measured faster, and the kernel per row count — its table, or measured now
+        from moepass.lowering.cpu_quantized_tuning import choose_form
 
-        found = {prepare_projection(scheme, ops, dtype, state.options.cpu_tuning, f"{path or '<root>'} {name}")
-                 for name, ops in zip(("w1", "w2"), operands)}
-        kernels = f"; kernels by row count: {', '.join(sorted(found))}"
+        form, how = choose_form(scheme, layouts, dtype, state.options.cpu_tuning, path or "<root>")
+        kernels = f"; {how}" if how else ""
+    operands = [_operands(w, lay, form, dtype) for w, lay in zip((w1, w2), layouts)]
     new_spec = dataclasses.replace(spec, transposed=False)
     qconfig = QuantizedExpertsConfig(dataclasses.replace(config, spec=new_spec), scheme, form)
     error = _check_against_dequantized(state, x, b1, b2, layouts, operands, qconfig, spec.num_experts)
