@@ -70,13 +70,19 @@ def _longcat_loop():
     return tiny_family_model("longcat_flash", **overrides)
 
 
+def _output(result):
+    """A causal LM's logits, or an encoder's last hidden state."""
+    logits = getattr(result, "logits", None)
+    return logits if logits is not None else result.last_hidden_state
+
+
 def _left_alone(model, path, caplog, expected_reason):
     inputs = family_inputs(model, 7)
     with torch.no_grad():
-        expected = model(**inputs).logits
+        expected = _output(model(**inputs))
         with caplog.at_level(logging.WARNING, logger="moepass.compiler.traceable"):
             result = moepass.make_traceable(model)
-        assert rel_err(model(**inputs).logits, expected) <= 1e-5  # the other layers may be made traceable
+        assert rel_err(_output(model(**inputs)), expected) <= 1e-5  # the other layers may be made traceable
     assert "forward" not in vars(model.get_submodule(path))  # this one is exactly as it was
     assert path not in result and expected_reason in result.left[path], result.left
     assert f"left {path}" in caplog.text and expected_reason in caplog.text
@@ -141,3 +147,53 @@ def test_a_module_whose_moepass_form_differs_is_left_as_it_was(monkeypatch, capl
     assert "differs from its own forward" in caplog.text
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, expected)
+
+
+def _privacy_filter():
+    """A tiny OpenAI Privacy Filter (its encoder): its experts default to transformers' eager loop (the model picks it)."""
+    return tiny_family_model("openai_privacy_filter")
+
+
+def test_privacy_filter_experts_loop_is_made_traceable_and_rewritten_whole():
+    """The model runs its experts in float32 in a Python loop that graph-breaks (its own default); made
+    traceable, each block is one graph and rewritten whole, exact under static and adaptive under top-p."""
+    reference, model = _privacy_filter(), _privacy_filter()
+    changed = moepass.make_traceable(model)
+    assert changed == [path for path, _ in _experts_of(model, "OpenAIPrivacyFilterExperts")] and len(changed) == 2
+    assert not changed.left
+    spec = getattr(model.get_submodule(changed[0]), traceable.MARK)
+    assert (spec.activation, spec.gate_up_layout, spec.transposed, spec.has_bias) == ("swiglu_clamp", "concat", True, True)
+    inputs = family_inputs(model, 9)
+    with torch.no_grad():
+        expected = reference(**inputs).last_hidden_state
+        assert rel_err(model(**inputs).last_hidden_state, expected) <= 1e-5
+        for policy in ({"policy": "static"}, {"policy": "top_p", "p": 0.3}):
+            torch._dynamo.reset()
+            compiled = torch.compile(model, backend="adaptive_moe", options={"inner": "eager", **policy})
+            actual = compiled(**inputs).last_hidden_state
+            report = moepass.report(compiled)
+            assert report.graphs == 1 and [b.rewritten for b in report.blocks] == [True, True]
+            assert [b.dispatch for b in report.blocks] == ["moepass_op", "moepass_op"]
+            if policy["policy"] == "static":
+                assert rel_err(actual, expected) <= 1e-5
+            else:
+                assert rel_err(actual, expected) > 1e-4  # the policy dropped slots: the experts are moepass's
+
+
+def test_privacy_filter_experts_with_a_renamed_bias_are_left_as_they_were(caplog):
+    model = _privacy_filter()
+    experts = model.layers[1].mlp.experts
+    original = type(experts).forward
+
+    def forward(self, hidden_states, router_indices=None, routing_weights=None):  # the same function, renamed bias
+        self.down_proj_bias = self.down_bias
+        try:
+            return original(self, hidden_states, router_indices, routing_weights)
+        finally:
+            del self.down_proj_bias
+
+    experts.down_bias = experts.down_proj_bias
+    del experts.down_proj_bias
+    _swap_class(experts, forward=forward)
+    result = _left_alone(model, "layers.1.mlp.experts", caplog, "no attribute 'down_proj_bias'")
+    assert result == ["layers.0.mlp.experts"]

@@ -13,6 +13,7 @@ import functools
 import pytest
 import torch
 from conftest import gradients_after_backward, rel_err, traceable_and_reference
+from reference_routing import choose_k
 
 import moepass
 from moepass.compiler.dataflow import op_name
@@ -98,8 +99,9 @@ def test_make_traceable_leaves_experts_that_are_already_traceable_alone():
 @pytest.mark.parametrize("form", ["as_loaded", "made_traceable", "eager_made_traceable"])
 def test_longcat_is_rewritten_whole_and_identity_slots_cost_no_gemm_row(form):
     """With and without make_traceable (a no-op where the experts are already traceable): every block whole,
-    exact, and GEMM rows only for slots on GEMM experts — identity slots (remapped onto real experts at
-    weight 0 by transformers >= 5.25) cost none, while the identity term stays the model's own."""
+    exact, and GEMM rows only for slots on GEMM experts — identity slots cost none.  transformers >= 5.25
+    remaps them onto real experts at weight 0 and adds their term in the block: the rewrite takes the
+    router's true selection and writes that term as moepass.zero_compute_experts, as for 5.24's form."""
     build = functools.partial(_longcat, eager=form == "eager_made_traceable")
     config = build().config
     num_gemm, num_zero = config.n_routed_experts, config.zero_expert_num
@@ -118,14 +120,12 @@ def test_longcat_is_rewritten_whole_and_identity_slots_cost_no_gemm_row(form):
     report = moepass.report(compiled)
     assert report.graphs == 1  # no graph break left
     assert [b.rewritten for b in report.blocks] == [True, True]
-    model_adds_identity_term = _dispatches_experts()
     for block in report.blocks:
         kinds = block.spec.experts.zero_compute
-        assert block.spec.experts.num_experts == num_gemm and len(kinds) == num_zero
-        # 5.25: the slots' weight is 0 on the experts' side ("zero"), their term the model's own ops
-        assert set(kinds) == ({"zero"} if model_adds_identity_term else {"identity"})
+        assert block.spec.experts.num_experts == num_gemm and kinds == ("identity",) * num_zero
         ops = [op_name(n) for n in block.graph_after.nodes if n.op == "call_function"]
-        assert {"moepass::route", "moepass::experts"} <= set(ops)
+        assert {"moepass::route", "moepass::experts", "moepass::zero_compute_experts"} <= set(ops)
+        assert "where" not in ops and "masked_fill" not in ops  # the remap and the model's own term are gone
     counted = stats.routing_stats()
     gemm_slots = sum(k * n for s in counted.values() for k, n in enumerate(s.tokens_per_k))
     zero_slots = sum(s.zero_compute_slots for s in counted.values())
@@ -159,10 +159,10 @@ def test_a_zeroed_slots_term_that_is_not_split_off_keeps_the_block_as_it_was(mon
 def test_longcat_adaptive_policy_is_the_same_whichever_form_its_experts_take():
     """The full rewrite made from LongCat's experts loop (make_traceable) against the model's other form.
 
-    transformers >= 5.25: against the block as loaded (grouped_mm experts, already whole): the policy
-    decides the slots on GEMM experts, the identity term is the model's own.  Before: against the
-    router-only rewrite, where LongCat's own eager loop (identity experts included) runs the slots the
-    policy kept — the model's own semantics under the same adaptive routing.
+    transformers >= 5.25: against the block as loaded (grouped_mm experts, already whole); both remap
+    their identity slots in the block, and both are rewritten with the router's true selection and
+    identity experts.  Before: against the router-only rewrite, where LongCat's own eager loop (identity
+    experts included) runs the slots the policy kept — the model's own semantics under the same routing.
     """
     options = {"policy": "top_p", "p": 0.5, "inner": "eager"}
     inputs = family_inputs(_longcat(), 11)
@@ -181,6 +181,83 @@ def test_longcat_adaptive_policy_is_the_same_whichever_form_its_experts_take():
     assert [b.dispatch for b in moepass.report(whole).blocks] == ["moepass_op", "moepass_op"]
     assert rel_err(actual, expected) <= 1e-5
     assert rel_err(actual, static) > 1e-4  # the policy did drop slots
+
+
+def _longcat_block_reference(block, x, rule, params):
+    """LongCat's block under a policy, per token in float64: the router's selection (ids over E GEMM and Z
+    identity experts, best first, their true weights), k by the rule over that selection's weights
+    normalised (a lifted router: mass within the model's top-k), then Σ_j w_j · expert_j(x) with identity
+    experts adding w_j · x.  Returns (out [T, H], slots kept on GEMM experts, min decision margin)."""
+    router, experts = block.router, block.experts
+    num_gemm = experts.gate_up_proj.shape[0]
+    logits = x.double() @ router.classifier.weight.double().T
+    scores = torch.softmax(logits, dim=-1)
+    choice = scores + router.e_score_correction_bias.double()
+    out, gemm_slots, margin = torch.zeros_like(x, dtype=torch.float64), 0, float("inf")
+    for t in range(x.shape[0]):
+        ranked = sorted(range(scores.shape[1]), key=lambda e: -float(choice[t, e]))
+        margin = min(margin, float(choice[t, ranked[router.top_k - 1]] - choice[t, ranked[router.top_k]]))
+        order = ranked[: router.top_k]
+        values = [float(scores[t, e]) * router.routed_scaling_factor for e in order]
+        probs = [v / sum(values) for v in values]
+        k, margins = choose_k(rule, params, probs, None, None, (), router.top_k)
+        margin = min([margin] + [abs(m) for m in margins])
+        for e, w in zip(order[: max(1, min(k, router.top_k))], values):
+            if e >= num_gemm:
+                out[t] += w * x[t].double()
+                continue
+            gate, up = (experts.gate_up_proj[e].double() @ x[t].double()).chunk(2)
+            out[t] += w * (experts.down_proj[e].double() @ (torch.nn.functional.silu(gate) * up))
+            gemm_slots += 1
+    return out, gemm_slots, margin
+
+
+class _Longcat524Form(torch.nn.Module):
+    """transformers 5.24's LongCat block as moepass.make_traceable writes it: the router's selection goes to
+    moepass.experts (ids ≥ E cost no GEMM row) and moepass.zero_compute_experts adds the identity term."""
+
+    def __init__(self, block):
+        from moepass.compiler import traceable
+
+        super().__init__()
+        self.router, self.experts = block.router, block.experts
+        num_gemm, hidden, width = block.experts.gate_up_proj.shape
+        spec = traceable._gated_spec(num_gemm, hidden, width // 2, block.experts.act_fn, ("identity",) * block.zero_expert_num)
+        self.run = traceable._runner(spec)
+
+    def forward(self, hidden_states):
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])
+        _, weights, ids = self.router(x)
+        return self.run(x, ids, weights, self.experts.gate_up_proj, self.experts.down_proj).reshape(hidden_states.shape)
+
+
+@pytest.mark.parametrize("rule,params", [("top_p", {"p": 0.5}), ("threshold", {"T": 0.05})])
+def test_longcat_block_under_a_policy_equals_the_per_token_reference_and_the_make_traceable_form(rule, params):
+    """Every LongCat form gets one semantics: the route op sees the router's true selection (identity slots
+    included, with their weights), the policy decides over all of it, identity experts add w·x and cost
+    no GEMM row.  transformers 5.25's block (remap in the block) equals a per-token reference and the
+    5.24 / make_traceable form of the same weights, and its GEMM rows are its kept slots on real experts."""
+    block = _longcat(seed=3).model.layers[0].mlp
+    tokens = 24
+    x = torch.randn(1, tokens, block.experts.gate_up_proj.shape[-1], generator=torch.Generator().manual_seed(5))
+    options = {"policy": rule, **params, "inner": "eager"}
+    with torch.no_grad():
+        expected, gemm_slots, margin = _longcat_block_reference(block, x[0], rule, params)
+        assert margin > 1e-5  # no token on a decision boundary (float32 against float64)
+        compiled = torch.compile(block, backend="adaptive_moe", options=options)
+        compiled(x)
+        with stats.count_gemm_rows() as rows:
+            actual = compiled(x)[0]
+        report = moepass.report(compiled)
+        torch._dynamo.reset()
+        other = torch.compile(_Longcat524Form(block), backend="adaptive_moe", options=options)(x)[0]
+        static = block(x)[0]
+    assert [b.rewritten for b in report.blocks] == [True]
+    assert report.blocks[0].spec.experts.zero_compute == ("identity",) * block.zero_expert_num
+    assert rel_err(actual, expected) <= 1e-5 and rel_err(other, expected) <= 1e-5
+    assert rel_err(actual, other) <= 1e-5
+    assert rel_err(actual, static) > 1e-3  # the policy dropped slots
+    assert sum(rows) == gemm_slots < tokens * block.router.top_k
 
 
 def test_longcat_eager_loop_after_the_remap_is_reported_not_rewritten():

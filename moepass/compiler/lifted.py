@@ -17,6 +17,19 @@ experts op's config string), it evaluates with torch ops (autograd and
 Inductor see through it in the split form), and
 :mod:`moepass.lowering.onnx` translates it op by op.  Ops outside the
 whitelist make lifting fail with the op's name, which reaches the report.
+
+Row functions.  A program may also reduce each row over its features
+(``mean``, ``rms_norm``: a norm is still a function of one row) and read
+tensors given beside it: ``("tensor", j)`` is tensor j broadcast over the rows
+(a norm's scale [W]) and ``("expert_tensor", j)`` the row of tensor j [E, W]
+that belongs to each row's expert.  Per-slot output functions — a norm each
+expert applies to its output before the routing weight, Ergo's and Muse
+Spark's ``post_expert_norm`` — are such programs::
+
+    FX (after the down GEMM, per slot)                        program
+    y ─► float ─► rms_norm(eps) ─► mul(W[ids]) ─► to ─► ·w    v0 = input   v1 = cast(v0, float32)
+                                                              v2 = rms_norm(v1, eps)
+                                                              v3 = expert_tensor 0   v4 = mul(v2, v3)
 """
 
 from __future__ import annotations
@@ -84,6 +97,8 @@ _BINARY_SPELLINGS = {
     "truediv": "div", "itruediv": "div", "div": "div", "div_": "div", "__truediv__": "div", "true_divide": "div",
     "pow": "pow", "__pow__": "pow", "maximum": "maximum", "minimum": "minimum",
 }
+#: Program instructions besides the unary and binary ops.
+_STRUCTURAL = ("slice", "clamp", "rsub", "cast", "mean", "rms_norm", "tensor", "expert_tensor")
 #: Ops that keep values and dtype.
 _IDENTITY = {"contiguous", "clone", "detach"}
 #: Casts: op name → the dtype it casts to (None: read from the arguments).
@@ -124,16 +139,34 @@ class ElementwiseProgram:
             raise LiftError("a program starts with ('input',)")
         for index, op in enumerate(self.ops[1:], start=1):
             name = op[0]
-            if name not in UNARY_OPS and name not in BINARY_OPS and name not in ("slice", "clamp", "rsub", "cast"):
+            if name not in UNARY_OPS and name not in BINARY_OPS and name not in _STRUCTURAL:
                 raise LiftError(f"instruction {index}: unknown op {name!r}")
             if name == "cast" and op[2] not in _DTYPES:
                 raise LiftError(f"instruction {index}: cast to an unknown dtype {op[2]!r}")
+            if name in ("tensor", "expert_tensor") and (len(op) != 2 or not isinstance(op[1], int) or op[1] < 0):
+                raise LiftError(f"instruction {index}: {name} names no tensor ({op!r})")
             for operand in op[1:]:
                 if isinstance(operand, tuple) and (operand[0] != "v" or not 0 <= operand[1] < index):
                     raise LiftError(f"instruction {index}: bad operand {operand!r}")
 
-    def __call__(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-        """Evaluate on ``x`` whose features lie along ``dim``."""
+    @property
+    def tensor_reads(self) -> dict[int, str]:
+        """The tensors the program reads: index → ``"tensor"`` or ``"expert_tensor"``."""
+        return {op[1]: op[0] for op in self.ops if op[0] in ("tensor", "expert_tensor")}
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        dim: int = -1,
+        tensors: tuple[torch.Tensor, ...] | list[torch.Tensor] = (),
+        experts: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Evaluate on ``x`` whose features lie along ``dim``.
+
+        ``tensors`` are the tensors the program reads; ``experts`` [rows] the
+        expert of each row (for ``expert_tensor``: rows of x along the first axis,
+        features last).
+        """
         values: list[Any] = [x]
 
         def get(operand):
@@ -141,7 +174,17 @@ class ElementwiseProgram:
 
         for op in self.ops[1:]:
             name, operands = op[0], op[1:]
-            if name == "slice":
+            if name in ("tensor", "expert_tensor"):
+                if operands[0] >= len(tensors) or (name == "expert_tensor" and experts is None):
+                    raise ValueError(f"the program reads {name} {operands[0]}, which was not given")
+                tensor = tensors[operands[0]]
+                values.append(tensor[experts] if name == "expert_tensor" else tensor)
+            elif name == "mean":
+                values.append(get(operands[0]).mean(dim=dim, keepdim=True))
+            elif name == "rms_norm":
+                source = get(operands[0]).movedim(dim, -1)
+                values.append(F.rms_norm(source, (source.shape[-1],), eps=operands[1]).movedim(-1, dim))
+            elif name == "slice":
                 source, start, stop, step = get(operands[0]), operands[1], operands[2], operands[3]
                 index = [slice(None)] * source.ndim
                 index[dim] = slice(start, stop, step)
@@ -161,13 +204,16 @@ class ElementwiseProgram:
         return out.to(x.dtype) if out.dtype != x.dtype else out
 
     def output_width(self, width: int) -> int:
-        """Features of the output for an input of ``width`` features."""
+        """Features of the output for an input of ``width`` features (a program reading no tensors)."""
         return int(self(torch.zeros(1, width)).shape[-1])
 
     def describe(self) -> str:
         """A compact formula-like text, e.g. ``mul(silu(slice(x,0,64)), slice(x,64,128))``."""
         texts: list[str] = ["x"]
         for op in self.ops[1:]:
+            if op[0] in ("tensor", "expert_tensor"):
+                texts.append(f"t{op[1]}" + ("[e]" if op[0] == "expert_tensor" else ""))
+                continue
             parts = [texts[o[1]] if isinstance(o, tuple) else _number(o) for o in op[1:]]
             texts.append(f"{op[0]}({','.join(parts)})")
         return texts[-1]
@@ -228,6 +274,7 @@ def lift_elementwise(
     source: fx.Node | list[fx.Node],
     output: fx.Node,
     passthrough: dict[fx.Node, fx.Node] | None = None,
+    tensors: dict[fx.Node, tuple] | None = None,
 ) -> ElementwiseProgram:
     """Lift the subgraph ``nodes`` computing ``output`` from ``source`` into a program.
 
@@ -236,12 +283,15 @@ def lift_elementwise(
     vocabulary acting along the last axis, reading only ``source``, other
     nodes of the set, and Python scalars.  ``passthrough`` maps nodes the
     caller accounts for elsewhere (a bias add, a mask of empty slots, a view
-    of the rows) to the input whose value they forward.  ``source`` may be a
+    of the rows) to the input whose value they forward.  ``tensors`` maps
+    values computed outside the set that the program may read to their
+    instruction, ``("tensor", j)`` or ``("expert_tensor", j)``.  ``source`` may be a
     list of nodes read as one input concatenated along the features (a gate
     and an up projection computed by separate linears).  Raises
     :class:`LiftError` naming the first node that does not fit.
     """
     passthrough = passthrough or {}
+    tensors = tensors or {}
     ops: list[tuple] = [("input",)]
     if isinstance(source, fx.Node):
         index: dict[fx.Node, int] = {source: 0}
@@ -260,6 +310,10 @@ def lift_elementwise(
     ordered = sorted(nodes | {output}, key=_topological_key(anchor, nodes | {output}))
 
     def ref(value: Any, node: fx.Node) -> Any:
+        if isinstance(value, fx.Node) and value in tensors and value not in index:
+            index[value] = len(ops)  # a tensor read beside the input, emitted before its first reader
+            widths[value] = int(example_value(value).shape[-1]) if example_value(value).dim() else 1
+            ops.append(tuple(tensors[value]))
         if isinstance(value, fx.Node):
             if value not in index:
                 raise LiftError(f"{node.name} ({op_name(node)}) reads {value.name}, computed outside the activation")
@@ -312,6 +366,34 @@ def lift_elementwise(
             continue
         if name in ("chunk", "split"):
             continue  # handled through its getitem users
+        if name in ("mean", "sum") and isinstance(args[0], fx.Node):
+            dims = args[1] if len(args) > 1 else node.kwargs.get("dim")
+            dims = tuple(dims) if isinstance(dims, (list, tuple)) else (dims,)
+            shape = example_value(args[0]).shape
+            rank = len(shape)
+            keepdim = args[2] if len(args) > 2 else node.kwargs.get("keepdim", False)
+            if name == "mean" and dims in ((-1,), (rank - 1,)) and keepdim:
+                emit(node, ("mean", ref(args[0], node)), 1)
+                continue
+            if dims != (None,) and all(isinstance(d, int) and d % rank != rank - 1 and shape[d] == 1 for d in dims):
+                index[node] = index[args[0]] if args[0] in index else _missing(node, args[0])  # over size-1 row axes
+                widths[node] = widths[args[0]]
+                continue
+            raise LiftError(f"{node.name}: {name} over {dims} (keepdim={keepdim}), not a row's mean over its features")
+        if name == "rms_norm" and isinstance(args[0], fx.Node):
+            shape = args[1] if len(args) > 1 else node.kwargs.get("normalized_shape")
+            weight = args[2] if len(args) > 2 else node.kwargs.get("weight")
+            eps = args[3] if len(args) > 3 else node.kwargs.get("eps")
+            if list(shape) != [widths.get(args[0], -1)] or not (eps is None or _scalar(eps)):
+                raise LiftError(f"{node.name}: rms_norm over {shape!r}, not the row's features")
+            if weight is None:
+                emit(node, ("rms_norm", ref(args[0], node), eps), widths[args[0]])
+            else:
+                normalized = ref(args[0], node)
+                normed = len(ops)
+                ops.append(("rms_norm", normalized, eps))
+                emit(node, ("mul", ("v", normed), ref(weight, node)), widths[args[0]])
+            continue
         if name == "getitem":
             bounds = _feature_slice(node, widths.get(args[0], -1)) if isinstance(args[0], fx.Node) else None
             if bounds is None:

@@ -12,6 +12,11 @@ Full block (pattern → check → replacement)::
                           (+ moepass.zero_compute_experts(x, ids, w, E, kinds, None) when the
                           block has zero-computation experts: ids E… cost no GEMM row)
 
+    with a per-slot output function (a per-expert norm before the routing weight)::
+
+                 rows   = moepass.experts(repeat_interleave(x, K), ids.reshape(-1, 1), ones, …, rows_config)
+                 C'     = moepass.expert_output(rows, ids, w, output_tensors, experts_config)
+
 Router only (the experts loop graph-broke)::
 
     pattern      logits ─► [router ops] ─► ids, weights ─► (one_hot(E+1) / ids == e in this graph)
@@ -43,7 +48,15 @@ from moepass.compiler.detect.region import satellites
 from moepass.compiler.detect.router import _x_base
 from moepass.compiler.validate import concrete_shape, kept_readers_error, relative_error, run_region
 from moepass.policies import ResolvedPolicy
-from moepass.runtime.ops import ExpertsConfig, RouteConfig, parse_route_config, routes_not_captured, split_experts
+from moepass.runtime.ops import (
+    ExpertsConfig,
+    RouteConfig,
+    experts_with_output,
+    parse_route_config,
+    routes_not_captured,
+    slot_rows_config,
+    split_experts,
+)
 
 __all__ = [
     "BlockRewrite", "plan_rewrite", "validate_rewrite", "apply_rewrite", "remove_dead_nodes", "probe_renormalisation",
@@ -222,6 +235,7 @@ def validate_rewrite(gm: fx.GraphModule, flow: Dataflow, plan: BlockRewrite, env
     local = dict(env)
     local[x_base] = random_x
     region = match.region
+    _draw_output_tensors(gm, match, local, generator)
     local = run_region(gm, flow, region, local)
     logits = local[router.linear]
     logits = logits.reshape(-1, logits.shape[-1])  # [B, S, E] logits (ZAYA's router MLP) as [T, E]
@@ -236,8 +250,14 @@ def validate_rewrite(gm: fx.GraphModule, flow: Dataflow, plan: BlockRewrite, env
         plan.weight_values = w
         x2d = local[match.experts.x_input].reshape(-1, match.spec.experts.hidden_size)
         quiet = dataclasses.replace(plan.experts_config, collect_stats=False)  # random inputs are not traffic
-        run = split_experts if plan.differentiable else torch.ops.moepass.experts
-        out = run(x2d, ids, weights, w["w1"], w["w2"], w["b1"], w["b2"], quiet.to_json())
+        if match.spec.experts.output:
+            tensors = [local[t] for t in match.experts.output_tensors]
+            out = experts_with_output(
+                x2d, ids, weights, w["w1"], w["w2"], w["b1"], w["b2"], tensors, quiet.to_json(), plan.differentiable
+            )
+        else:
+            run = split_experts if plan.differentiable else torch.ops.moepass.experts
+            out = run(x2d, ids, weights, w["w1"], w["w2"], w["b1"], w["b2"], quiet.to_json())
         zero_compute = match.spec.experts.zero_compute
         if zero_compute:
             spec = match.spec.experts
@@ -248,6 +268,40 @@ def validate_rewrite(gm: fx.GraphModule, flow: Dataflow, plan: BlockRewrite, env
     error = relative_error(out.reshape(expected.shape).float(), expected.float())
     selection = router.anchor if router.spec.kind == "lifted" else None  # apply_rewrite sorts a lifted top-k
     return max(error, kept_readers_error(gm, flow, region, match.kept_readers, selection, local))
+
+
+def _draw_output_tensors(gm: fx.GraphModule, match: BlockMatch, env: dict[fx.Node, Any], generator: torch.Generator) -> None:
+    """Give the parameters a per-slot output function reads random values (in ``env``, for validation only).
+
+    A per-expert norm's scales are often all ones until trained (Ergo's are),
+    and then a function that read another expert's row would pass: drawn at
+    random, every expert's row differs, so validation proves each slot meets
+    its own expert's.
+    """
+    if match.experts is None or not match.spec.experts.output:
+        return
+    params: set[fx.Node] = set()
+    for node in match.experts.output_tensors:
+        params |= _sources(node) | ({node} if node.op in ("placeholder", "get_attr") else set())
+    for param in sorted(params, key=lambda n: n.name):
+        value = env.get(param)
+        if value is None and param.op == "get_attr":
+            value = fx.Interpreter(gm).fetch_attr(param.target)
+        if isinstance(value, torch.Tensor) and value.dtype.is_floating_point:
+            drawn = torch.rand(value.shape, generator=generator, dtype=torch.float32) + 0.5
+            env[param] = drawn.to(dtype=value.dtype, device=value.device)
+
+
+def _sources(node: fx.Node) -> set[fx.Node]:
+    """The graph inputs (parameters, buffers) ``node`` is computed from."""
+    seen, frontier = set(), [node]
+    while frontier:
+        current = frontier.pop()
+        for source in current.all_input_nodes:
+            if source not in seen:
+                seen.add(source)
+                frontier.append(source)
+    return {n for n in seen if n.op in ("placeholder", "get_attr")}
 
 
 def _fake_mode(gm: fx.GraphModule):
@@ -324,9 +378,9 @@ class _Inserter:
         self.created.append(node)
         return node
 
-    def call(self, op: str, target: Any, args: tuple, name_hint: str) -> fx.Node:
+    def call(self, op: str, target: Any, args: tuple, name_hint: str, kwargs: dict | None = None) -> fx.Node:
         with self.gm.graph.inserting_after(self.anchor):
-            node = self.gm.graph.create_node(op, target, args, {}, name=name_hint)
+            node = self.gm.graph.create_node(op, target, args, kwargs or {}, name=name_hint)
         for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
             if key in self.meta_from.meta:
                 node.meta[key] = self.meta_from.meta[key]
@@ -385,7 +439,9 @@ def apply_rewrite(gm: fx.GraphModule, flow: Dataflow, plan: BlockRewrite) -> lis
     ids = inserter.call("call_function", operator.getitem, (route, 0), f"moe_ids_{tag}")
     weights_node = inserter.call("call_function", operator.getitem, (route, 1), f"moe_weights_{tag}")
     experts_json = plan.experts_config.to_json()
-    if plan.differentiable:
+    if match.spec.experts.output:
+        out = _insert_experts_with_output(inserter, plan, x2d, ids, weights_node, weights, experts_json, tag)
+    elif plan.differentiable:
         out = _insert_split_experts(inserter, x2d, ids, weights_node, weights, experts_json, match.spec, tag)
     else:
         out = inserter.call(
@@ -450,6 +506,36 @@ def _insert_split_experts(inserter, x2d, ids, weights_node, weights, experts_jso
         "call_function",
         ops.experts_down.default,
         (a, row_token, row_slot, offsets, weights_node, weights["w2"], weights["b2"], experts_json),
+        f"moe_out_{tag}",
+    )
+
+
+def _insert_experts_with_output(inserter, plan, x2d, ids, weights_node, weights, experts_json, tag) -> fx.Node:
+    """A block with a per-slot output function: each slot a row through the experts op, then moepass.expert_output.
+
+    The nodes :func:`moepass.runtime.ops.experts_with_output` runs: the experts
+    (fused, or split when differentiable) see one slot per row with weight 1.
+    """
+    slots = plan.route_config.depth
+    rows_json = slot_rows_config(experts_json, slots)
+    x_slots = inserter.call("call_function", torch.repeat_interleave, (x2d, slots), f"moe_x_slots_{tag}", {"dim": 0})
+    ids_slots = inserter.call("call_method", "reshape", (ids, -1, 1), f"moe_ids_slots_{tag}")
+    ones = inserter.call(
+        "call_function", torch.ones_like, (ids_slots,), f"moe_unit_weights_{tag}", {"dtype": torch.float32}
+    )
+    if plan.differentiable:
+        rows = _insert_split_experts(inserter, x_slots, ids_slots, ones, weights, rows_json, plan.match.spec, tag)
+    else:
+        rows = inserter.call(
+            "call_function",
+            torch.ops.moepass.experts.default,
+            (x_slots, ids_slots, ones, weights["w1"], weights["w2"], weights["b1"], weights["b2"], rows_json),
+            f"moe_rows_{tag}",
+        )
+    return inserter.call(
+        "call_function",
+        torch.ops.moepass.expert_output.default,
+        (rows, ids, weights_node, list(plan.match.experts.output_tensors), experts_json),
         f"moe_out_{tag}",
     )
 

@@ -175,6 +175,14 @@ class ExpertsSpec:
     #: Zero-computation experts after the ``num_experts`` GEMM experts: the
     #: kind (:data:`ZERO_COMPUTE_KINDS`) of ids E, E+1, …  Empty for most models.
     zero_compute: tuple[str, ...] = ()
+    #: A per-slot output function: the JSON of a lifted program each slot's
+    #: expert output row goes through before its routing weight multiplies it
+    #: (a norm per expert: Ergo's and Muse Spark's ``post_expert_norm``); it may
+    #: read tensors given beside it, shared or indexed by the slot's expert
+    #: (:class:`moepass.compiler.lifted.ElementwiseProgram`).  "" for none: the
+    #: routing weight multiplies the down projection directly.  See
+    #: :func:`moepass.runtime.ops.experts_with_output` for how it is run.
+    output: str = ""
 
     def __post_init__(self) -> None:
         if isinstance(self.zero_compute, list):  # from JSON
@@ -190,6 +198,12 @@ class ExpertsSpec:
             raise ValueError("a lifted activation needs its program, and only a lifted one has a program")
         if self.gate_up_layout not in ("concat", "interleaved", "none"):
             raise ValueError(f"unknown gate_up_layout {self.gate_up_layout!r}")
+        if self.output:
+            from moepass.compiler.lifted import ElementwiseProgram
+
+            ElementwiseProgram.from_json(self.output)  # raises LiftError (a ValueError) naming what is wrong
+            if self.weight_on_input:
+                raise ValueError("a per-slot output function with the routing weight on the expert input")
 
     @property
     def description(self) -> str:
@@ -207,6 +221,10 @@ class ExpertsSpec:
             parts.append("biases")
         if self.weight_on_input:
             parts.append("weight on input")
+        if self.output:
+            from moepass.compiler.lifted import ElementwiseProgram
+
+            parts.append(f"output {ElementwiseProgram.from_json(self.output).describe()} per slot")
         if self.zero_compute:
             counts = {k: self.zero_compute.count(k) for k in ZERO_COMPUTE_KINDS if k in self.zero_compute}
             parts.append("+ " + ", ".join(f"{n} {k}" for k, n in counts.items()) + " zero-computation")

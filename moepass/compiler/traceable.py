@@ -2,7 +2,8 @@
 
 Some models run their experts in a Python loop over the experts that were hit
 (``for e in expert_hit: int(e.item()) …``: LongCat-Flash and DBRX in
-transformers), or split their rows by per-expert counts taken out as Python
+transformers, and OpenAI Privacy Filter, whose own default
+``experts_implementation`` is that loop), or split their rows by per-expert counts taken out as Python
 ints (``.tolist()``: JetMoE).  Dynamo cannot trace such a loop (its length and
 indices are data), so it graph-breaks and the backend sees the router alone
 (or, for JetMoE, router and experts in different graphs): the loop keeps
@@ -369,6 +370,68 @@ def _clamped_spec(num_experts: int, hidden: int, inter: int, act_fn: nn.Module, 
     )
 
 
+def _privacy_filter(module: nn.Module) -> tuple[ExpertsSpec, tuple[tuple[nn.Module, Callable], ...]]:
+    """OpenAI Privacy Filter's experts (``OpenAIPrivacyFilterExperts``): gpt-oss's clamped SwiGLU, in float32.
+
+    The model's own default is transformers' ``eager`` experts (its
+    ``get_correct_experts_implementation`` picks it: "very sensitive to
+    accumulation orders"), a Python loop over the experts hit that
+    graph-breaks.  The weights are stored transposed, ``gate_up_proj``
+    [E, H, 2I] (gate columns, then up: ``chunk(2)``) with ``gate_up_proj_bias``
+    [E, 2I], ``down_proj`` [E, I, H] with ``down_proj_bias`` [E, H];
+    the activation is ``(clamp(up, ±limit) + 1) · g · sigmoid(alpha · g)`` with
+    ``g = clamp(gate, max=limit)``.  Every projection, the activation and the
+    weighted sum run in float32 whatever the weights' dtype, and the sum is
+    cast back to the input's dtype at the end: the new forward does the same
+    (float32 tokens, weights and routing weights into ``moepass.experts``,
+    which accumulates in float32).  Its one-hot has ``num_experts`` classes,
+    so the loop would fail on the sentinel id E; the experts op skips it.
+    """
+    _check_signature(module, ("hidden_states", "router_indices", "routing_weights"))
+    gate_up, down = _read(module, "gate_up_proj", torch.Tensor), _read(module, "down_proj", torch.Tensor)
+    gate_up_bias = _read(module, "gate_up_proj_bias", torch.Tensor)
+    down_bias = _read(module, "down_proj_bias", torch.Tensor)
+    num_experts = int(_read(module, "num_experts", int))
+    hidden, inter = int(_read(module, "hidden_size", int)), int(_read(module, "intermediate_size", int))
+    expected = {
+        "gate_up_proj": (gate_up, (num_experts, hidden, 2 * inter)),
+        "gate_up_proj_bias": (gate_up_bias, (num_experts, 2 * inter)),
+        "down_proj": (down, (num_experts, inter, hidden)),
+        "down_proj_bias": (down_bias, (num_experts, hidden)),
+    }
+    wrong = [f"{name} {tuple(t.shape)}" for name, (t, shape) in expected.items() if tuple(t.shape) != shape]
+    if wrong:
+        raise TraceableError(
+            f"{', '.join(wrong)} not [E, H, 2I], [E, 2I], [E, I, H], [E, H] with E={num_experts}, I={inter}, H={hidden}"
+        )
+    alpha, limit = _read(module, "alpha", (int, float)), _read(module, "limit", (int, float))
+    if not limit > 0:
+        raise _NotThisOne(f"its limit {limit!r} is not a clamp bound the adapter knows")
+    spec = ExpertsSpec(
+        dispatch="moepass_op",
+        num_experts=num_experts,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        activation="swiglu_clamp",
+        gated=True,
+        gate_up_layout="concat",
+        transposed=True,
+        has_bias=True,
+        swiglu_alpha=float(alpha),
+        swiglu_limit=float(limit),
+    )
+    config = ExpertsConfig(spec=spec).to_json()
+
+    def forward(self, hidden_states, router_indices=None, routing_weights=None):
+        out = torch.ops.moepass.experts(
+            hidden_states.float(), router_indices, routing_weights.float(), self.gate_up_proj.float(),
+            self.down_proj.float(), self.gate_up_proj_bias.float(), self.down_proj_bias.float(), config,
+        )
+        return out.to(hidden_states.dtype)
+
+    return spec, ((module, forward),)
+
+
 #: DBRX (``DbrxExperts``) also loops in Python, but stores gate and up as two
 #: tensors: running it with one [E, 2I, H] operand would copy both on every
 #: call, so it stays router-only until the experts op takes them apart.
@@ -376,6 +439,7 @@ _ADAPTERS = (
     _Adapter("LongcatFlashExperts", _longcat, _routed_example),
     _Adapter("JetMoeMoE", _jetmoe, _block_example),
     _Adapter("Step3p7Experts", _stacked_experts, _routed_example),
+    _Adapter("OpenAIPrivacyFilterExperts", _privacy_filter, _routed_example),
 )
 
 #: Classes whose graph-breaking loops :func:`make_traceable` replaces: experts modules

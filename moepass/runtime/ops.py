@@ -32,6 +32,17 @@ exchanges the kept slots with the other ranks
 ``moepass.expert_parallel_backward``, which exchanges too.  Neither fake
 kernel communicates.
 
+A block whose experts apply a function to each slot's output row before its
+routing weight (a per-expert norm: ``ExpertsSpec.output``, Ergo's and Muse
+Spark's ``post_expert_norm``) runs each slot as a row of its own, then the
+function, then the weighted sum (:func:`experts_with_output`)::
+
+    x[t] per slot ─► moepass.experts(x_slots, ids [T·K, 1], ones, …) ─► rows [T·K, H]   (any lowering, any form)
+    rows ─► moepass.expert_output(rows, ids, weights, tensors, config) ─► Σ_k w·f(row) [T, H]   (composite)
+
+Dropped slots still cost no GEMM row; ``f`` is plain torch ops that autograd,
+Inductor and the exporters see.
+
 Zero-computation experts (ids E … E+Z−1, LongCat-Flash's identity experts,
 MoE++'s zero/constant experts) never reach the experts op's GEMMs (it treats
 every id ≥ E as empty); their contribution is added beside it::
@@ -66,6 +77,9 @@ __all__ = [
     "expert_activation",
     "experts_down",
     "zero_compute_experts",
+    "expert_output",
+    "experts_with_output",
+    "slot_rows_config",
     "expert_parallel_backward",
     "LOWERINGS",
     "CPU_PREPACK",
@@ -143,6 +157,11 @@ class ExpertsConfig:
     #: A hash of the block's routing policy, so ranks that route differently
     #: fail at the exchange instead of exchanging mismatched rows.
     routing_fingerprint: str = ""
+    #: 0: ``ids`` holds each token's slots ([T, K]).  K > 0: each row of ``ids``
+    #: is one slot, K consecutive rows one token's (a block with a per-slot
+    #: output function runs its slots as rows, :func:`experts_with_output`);
+    #: statistics count them per token.
+    slots_per_token: int = 0
 
     def __post_init__(self) -> None:
         if self.lowering not in LOWERINGS:
@@ -290,8 +309,14 @@ def experts(
     from moepass.runtime.stats import record_routing
 
     cfg = parse_experts_config(config)
+    if cfg.spec.output:
+        raise ValueError(
+            f"block {cfg.block or '<root>'}: its experts have a per-slot output function; run them with "
+            "moepass.runtime.ops.experts_with_output (the experts op computes the slots' rows, slot_rows_config)"
+        )
     if cfg.collect_stats:
-        record_routing(cfg.block, ids, cfg.spec.num_experts, len(cfg.spec.zero_compute))
+        per_token = ids.reshape(-1, cfg.slots_per_token) if cfg.slots_per_token else ids
+        record_routing(cfg.block, per_token, cfg.spec.num_experts, len(cfg.spec.zero_compute))
     if cfg.expert_parallel:  # experts split over ranks: exchange the kept slots (never in the fake kernel)
         from moepass.runtime.expert_parallel.exchange import experts_forward as expert_parallel_forward
 
@@ -421,6 +446,65 @@ _lib.impl("zero_compute_experts", _zero_compute_composite, "CompositeImplicitAut
 zero_compute_experts = torch.ops.moepass.zero_compute_experts
 
 
+# --- moepass::expert_output: a per-slot output function, then the weighted sum --
+
+_lib.define("expert_output(Tensor rows, Tensor ids, Tensor weights, Tensor[] tensors, str config) -> Tensor")
+
+
+def _expert_output_composite(
+    rows: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, tensors: list[torch.Tensor], config: str
+) -> torch.Tensor:
+    """Σ over each token's slots of ``weight · f(row)``, [T, H] in ``rows.dtype``.
+
+    ``rows`` [T·K, H] is each slot's expert output, a token's K slots in
+    consecutive rows (0 for an empty slot); ``ids``, ``weights`` [T, K];
+    ``f`` the spec's output program, reading ``tensors`` (an ``expert_tensor``
+    at each row's expert).  Empty slots (ids outside [0, E)) add nothing.
+    Sums in float32 (or wider), as transformers' experts do.
+    """
+    from moepass.lowering.activations import lifted_program
+
+    spec = parse_experts_config(config).spec
+    tokens, slots = ids.shape
+    flat = ids.reshape(-1)
+    live = (flat >= 0) & (flat < spec.num_experts)
+    experts = torch.where(live, flat, torch.zeros_like(flat))
+    y = lifted_program(spec.output)(rows, -1, list(tensors), experts)
+    accumulate = torch.promote_types(y.dtype, torch.float32)
+    scale = torch.where(live, weights.reshape(-1).to(accumulate), 0.0).unsqueeze(-1)
+    weighted = torch.where(live.unsqueeze(-1), y.to(accumulate), 0.0) * scale
+    return weighted.view(tokens, slots, -1).sum(dim=1).to(rows.dtype)
+
+
+_lib.impl("expert_output", _expert_output_composite, "CompositeImplicitAutograd")
+expert_output = torch.ops.moepass.expert_output
+
+
+def slot_rows_config(config: str, slots: int) -> str:
+    """The experts op's config that computes the slots' rows of a block with a per-slot output function."""
+    cfg = parse_experts_config(config)
+    rows = dataclasses.replace(cfg, spec=dataclasses.replace(cfg.spec, output=""), slots_per_token=slots)
+    return rows.to_json()
+
+
+def experts_with_output(x, ids, weights, w1, w2, b1, b2, tensors, config: str, differentiable: bool = False):
+    """The experts of a block with a per-slot output function (``ExpertsSpec.output``), [T, H].
+
+    Each slot runs as a row of its own — its token's row of ``x``, its id,
+    weight 1 — through the experts op (``differentiable``: its split form),
+    then :data:`expert_output` applies the function and the routing weights.
+    An empty slot costs no GEMM row.
+    """
+    slots = ids.shape[1]
+    rows_config = slot_rows_config(config, slots)
+    x_slots = x.repeat_interleave(slots, dim=0)
+    ids_slots = ids.reshape(-1, 1)
+    ones = torch.ones_like(ids_slots, dtype=torch.float32)
+    run = split_experts if differentiable else experts
+    rows = run(x_slots, ids_slots, ones, w1, w2, b1, b2, rows_config)
+    return expert_output(rows, ids, weights, list(tensors), config)
+
+
 # --- the split form: expert_rows, experts_up, expert_activation, experts_down --
 
 _lib.define("expert_rows(Tensor ids, int num_experts) -> (Tensor, Tensor, Tensor)")
@@ -473,6 +557,8 @@ def experts_up(
     cfg = parse_experts_config(config)
     if cfg.collect_stats:
         tokens, slots = weights.shape
+        if cfg.slots_per_token:  # one slot per row: K consecutive rows are a token's
+            tokens, slots = tokens * slots // cfg.slots_per_token, cfg.slots_per_token
         live_tokens = torch.div(row_slot[: int(offsets[-1])], slots, rounding_mode="floor")
         record_k(cfg.block, torch.bincount(live_tokens, minlength=tokens), slots, cfg.spec.num_experts)
     return up_forward(x, row_token, row_slot, offsets, weights, w1, b1, cfg.spec)

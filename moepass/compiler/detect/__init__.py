@@ -13,7 +13,14 @@ over a router's scores, the detector:
 4. names any shared experts (:mod:`moepass.compiler.detect.shared`); when the
    router also weighs the shared experts (Inkling), the first such node is
    ``routed + shared`` and the combine is the routed operand, the shared
-   branch staying in the graph.
+   branch staying in the graph.  When the branch is the block's own term for
+   identity experts (LongCat-Flash from transformers 5.25,
+   :mod:`moepass.compiler.detect.identity_term`) the combine stays the sum and
+   those experts become zero-computation experts of the rewritten block.
+
+Experts that run at a width of their own, between projections from and back
+to the block's hidden size (Muse Spark), are matched at the latest value of
+that width before the first combine (:func:`_latent_block`).
 
 When no combine node exists because the experts loop graph-broke (transformers'
 ``eager`` experts, remote code that counts the ids on the host), the router
@@ -29,6 +36,7 @@ that were not rewritten, with the reason.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from dataclasses import dataclass, field
@@ -45,10 +53,12 @@ from moepass.compiler.detect.common import (
     ndim,
     resolve_param,
     same_numel,
+    same_tokens,
     source_path,
 )
 from moepass.compiler.detect.experts import _GEMMS as _EXPERT_GEMMS
 from moepass.compiler.detect.experts import ExpertsMatch, match_experts
+from moepass.compiler.detect.identity_term import match_identity_term
 from moepass.compiler.detect.lifted_router import (
     feeds_capacity,
     is_top1_selection,
@@ -341,8 +351,9 @@ def _find_combine_from_router_input(
     for candidate in flow.post_dominators(router.anchor):
         if candidate.op in ("placeholder", "output") or tensor_shape(written_value(candidate)) is None:
             continue
-        if not same_numel(written_value(candidate), x_base):
-            continue
+        written = written_value(candidate)
+        if not same_numel(written, x_base) or tensor_shape(written)[-1] != tensor_shape(x_base)[-1]:
+            continue  # (per-slot rows [T·k, W] can hold as many numbers as [T, H])
         try:
             region = _closed_region(flow, candidate, x_base)
         except Mismatch as error:
@@ -390,6 +401,41 @@ def _closed_region(flow: Dataflow, combine: fx.Node, x_base: fx.Node) -> Region:
                 raise  # a router with layers of its own (an MLP): it stays outside the block
             x_base = earlier[0]
     return block_region(flow, combine, x_base)
+
+
+def _latent_block(
+    router: RouterMatch, flow: Dataflow, combine: fx.Node, region: Region, error: Mismatch
+) -> tuple[fx.Node, Region, ExpertsMatch] | None:
+    """The block cut at its experts' own width, when they run between projections from and back to hidden.
+
+    Muse Spark projects the block input to a narrower width (and normalises
+    it) before its experts and projects their combined output back: no value
+    of the block input's size holds the experts' weighted sum, so the first
+    combine (after the projection back) has weights that are not the
+    experts'.  The block then ends at the latest value before that combine
+    with the tokens' rows at another width whose region holds the experts:
+    the router still reads the block input, the experts read the projected
+    tokens, and both projections stay the model's own ops.  None when no
+    such cut matches (``error`` then stands).
+    """
+    hidden = tensor_shape(router.weight)[1]
+    candidates = [
+        n for n in flow.post_dominators(router.anchor)
+        if flow.position[n] < flow.position[combine] and n.op not in ("placeholder", "output")
+        and tensor_shape(n) is not None and len(tensor_shape(n)) >= 2 and isinstance(tensor_shape(n)[-1], int)
+        and tensor_shape(n)[-1] != hidden and same_tokens(n, region.x_base)
+    ]
+    for candidate in reversed(candidates):
+        try:
+            latent = _closed_region(flow, candidate, region.x_base)
+            if not _has_expert_gemm(latent, router):
+                continue
+            experts = match_experts(latent, router, flow, width=int(tensor_shape(candidate)[-1]))
+        except Mismatch:
+            continue
+        logger.debug("%s: experts at width %s (%s)", router.module_path, tensor_shape(candidate)[-1], error)
+        return candidate, latent, experts
+    return None
 
 
 def _combine_shape_ok(combine: fx.Node, x_base: fx.Node, hidden: int) -> bool:
@@ -489,6 +535,16 @@ def _read_selection(
             )
         return
     region = region_or_reason
+    if coupled is not None and coupled.spec is None and coupled.combine is not None:
+        # the block's own term for the slots it zeroes: identity experts (LongCat-Flash from 5.25)
+        # become zero-computation experts of the whole block, with the router's true selection
+        identity = match_identity_term(coupled.shared, region.x_base, router, flow)
+        if identity is not None:
+            router = dataclasses.replace(
+                router, weights_start=identity.weights, weights_end=identity.weights,
+                identity_classes=identity.classes,
+            )
+            combine, region, coupled = coupled.combine, block_region(flow, coupled.combine, region.x_base), None
     hidden = tensor_shape(region.x_base)[-1] if region.free_inputs else tensor_shape(router.weight)[1]
     try:
         if not _combine_shape_ok(combine, region.x_base, hidden):
@@ -496,11 +552,14 @@ def _read_selection(
             raise Mismatch(f"the block's output {combine.name} has shape {tensor_shape(combine)}")
         try:
             experts = match_experts(region, router, flow)
-        except Mismatch:
-            # an [E, H] tensor after the experts that reads like a bias may be a per-expert norm's
-            # scale (Ergo's post_expert_norm): say so when it is
-            _explain_per_expert_output(region, router, flow)
-            raise
+        except Mismatch as error:
+            latent = _latent_block(router, flow, combine, region, error)
+            if latent is None:
+                if not str(error).startswith("per-expert output function"):
+                    # a row norm after the experts that was not even reached: say so
+                    _explain_per_expert_output(region, router, flow)
+                raise
+            combine, region, experts = latent
     except Mismatch as error:
         results.append(
             BlockRejection(
@@ -553,11 +612,11 @@ _ROW_REDUCTIONS = {"mean", "rsqrt", "norm", "var", "var_mean", "layer_norm", "rm
 def _explain_per_expert_output(region: Region, router: RouterMatch, flow: Dataflow) -> None:
     """Raise the precise reason when each expert's output rows pass through a row norm before their weight.
 
-    Muse Spark normalises every expert's output (an RMSNorm over its
-    features, ``post_expert_norm``) before the routing weight multiplies it,
-    and runs its experts at a latent width between two projections: no
-    value of the block input's size holds the weighted sum, and the experts
-    op could not compute it (it weights the down projection directly).
+    Ergo and Muse Spark normalise every expert's output (``post_expert_norm``)
+    before the routing weight multiplies it; the experts matcher lifts such a
+    function (``ExpertsSpec.output``).  This names the norm when the block
+    failed before that could be tried (its weights did not match), and whether
+    the experts run at a width of their own.
     """
     experts_params = {
         n for n in region.inputs
@@ -583,8 +642,8 @@ def _explain_per_expert_output(region: Region, router: RouterMatch, flow: Datafl
     ) else ""
     raise Mismatch(
         f"per-expert output norm: each expert's output rows are normalised ({', '.join(reductions[:3])}: a row "
-        f"norm over their {width} features, e.g. post_expert_norm) before the routing weight multiplies them; the "
-        f"moepass experts op weights the down projection directly and has no per-expert output function{latent}"
+        f"norm over their {width} features, e.g. post_expert_norm) before the routing weight multiplies them, in a "
+        f"form moepass could not lift as a per-slot output function{latent}"
     )
 
 

@@ -21,6 +21,7 @@ __all__ = [
     "resolve_param",
     "sym_product",
     "same_numel",
+    "same_tokens",
     "ndim",
     "CAST_OPS",
     "SHAPE_OPS",
@@ -126,6 +127,17 @@ def sym_product(shape: tuple | None) -> sympy.Expr | None:
 def same_numel(a: fx.Node, b: fx.Node) -> bool:
     """Whether two tensor nodes have provably equal numel (no guards added)."""
     pa, pb = sym_product(tensor_shape(a)), sym_product(tensor_shape(b))
+    if pa is None or pb is None:
+        return False
+    return sympy.simplify(pa - pb) == 0
+
+
+def same_tokens(a: fx.Node, b: fx.Node) -> bool:
+    """Whether two tensor nodes hold provably as many rows (all axes but the last), whatever their widths."""
+    sa, sb = tensor_shape(a), tensor_shape(b)
+    if not sa or not sb:
+        return False
+    pa, pb = sym_product(sa[:-1]), sym_product(sb[:-1])
     if pa is None or pb is None:
         return False
     return sympy.simplify(pa - pb) == 0

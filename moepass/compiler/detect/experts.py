@@ -38,7 +38,7 @@ from moepass.compiler.detect.common import (
     module_path_of_param,
     ndim,
     resolve_param,
-    same_numel,
+    same_tokens,
 )
 from moepass.compiler.detect.region import Region
 from moepass.compiler.detect.router import RouterMatch
@@ -85,6 +85,8 @@ class ExpertsMatch:
     #: The tokens the experts read (rows gathered per slot): the block input,
     #: or a transform of it the router does not see (Gemma 4's pre-norm).
     x_input: fx.Node | None = None
+    #: The tensors the per-slot output function (``spec.output``) reads, in its order.
+    output_tensors: tuple[fx.Node, ...] = ()
 
 
 def _first_gemm(param: fx.Node, region: Region) -> tuple[fx.Node, int, int, bool]:
@@ -306,7 +308,7 @@ def _experts_input(region: Region, router: RouterMatch, gemm1: fx.Node, weight: 
         if node is None:
             break
         shape = tensor_shape(node)
-        if node not in routed and shape is not None and shape[-1] == hidden and same_numel(node, region.x_base):
+        if node not in routed and shape is not None and shape[-1] == hidden and same_tokens(node, region.x_base):
             return node
         if op_name(node) not in _TOKEN_PLUMBING:
             break
@@ -320,11 +322,18 @@ def _weight_on_input(router: RouterMatch, gemm1: fx.Node, flow: Dataflow) -> boo
     return router.weights_start in flow.ancestors(gemm1)
 
 
-def match_experts(region: Region, router: RouterMatch, flow: Dataflow) -> ExpertsMatch:
-    """Match the routed experts of ``region``; raises :class:`Mismatch` with the reason."""
+def match_experts(region: Region, router: RouterMatch, flow: Dataflow, width: int | None = None) -> ExpertsMatch:
+    """Match the routed experts of ``region``; raises :class:`Mismatch` with the reason.
+
+    ``width``: the experts run at a width of their own, between projections
+    from and back to the block's hidden size (Muse Spark); the region then
+    ends at the experts' combined output of that width, and weights applied
+    to the tokens before any routing reaches them (the projection into that
+    width) are not the experts'.
+    """
     num_experts = _gemm_experts(region, router)
     # the experts' own width: the router's input, or the tokens beside a router that stays outside the block
-    hidden = tensor_shape(region.x_base)[-1] if region.free_inputs else tensor_shape(router.weight)[1]
+    hidden = width or (tensor_shape(region.x_base)[-1] if region.free_inputs else tensor_shape(router.weight)[1])
     params = [
         n
         for n in region.inputs
@@ -333,6 +342,8 @@ def match_experts(region: Region, router: RouterMatch, flow: Dataflow) -> Expert
         and n not in router.param_nodes
         and tensor_shape(n) is not None
     ]
+    if width is not None:
+        params = [p for p in params if not _before_dispatch(p, region, router, flow)]
     own_ops = [n for n in region.nodes if op_name(n) == "moepass::experts"]
     if own_ops:
         return _match_moepass_op(region, router, flow, own_ops, hidden)
@@ -350,6 +361,16 @@ def match_experts(region: Region, router: RouterMatch, flow: Dataflow) -> Expert
         f"mixed expert weights: {len(stacked)} stacked [E, ., .] and {len(others)} others "
         f"({', '.join(sorted(p.name for p in others)[:3])})"
     )
+
+
+def _before_dispatch(param: fx.Node, region: Region, router: RouterMatch, flow: Dataflow) -> bool:
+    """Whether ``param`` is applied to the tokens before routing reaches them (a projection into the experts' width)."""
+    routed = flow.descendants(router.ids) | {router.ids}
+    try:
+        gemm = _first_gemm(param, region)[0]
+    except Mismatch:
+        return False
+    return gemm not in routed and not flow.ancestors(gemm) & routed
 
 
 def _gemm_experts(region: Region, router: RouterMatch) -> int:
@@ -397,6 +418,8 @@ def _match_stacked(region, router, flow, stacked, stacked_bias, hidden, num_expe
         raise Mismatch(f"gated activation but the first projection has {n1} outputs for intermediate {inter}")
     if not gated and not program and n1 != inter:
         raise Mismatch(f"first projection has {n1} outputs but the second takes {inter}")
+    output, output_tensors, output_params = _output_function(region, router, flow, gemm2, num_experts, stacked_bias)
+    stacked_bias = [p for p in stacked_bias if p not in output_params]
     b1 = b2 = None
     for bias in stacked_bias:
         width = tensor_shape(bias)[1]
@@ -435,11 +458,142 @@ def _match_stacked(region, router, flow, stacked, stacked_bias, hidden, num_expe
         swiglu_limit=limit,
         program=program,
         # router classes past the GEMM experts whose weight the model forces to 0 (ZAYA's skip class):
-        # zero experts, so the report counts the slots that went to them
-        zero_compute=("zero",) * (router.spec.num_experts - num_experts),
+        # zero experts, so the report counts the slots that went to them; those the block serves as
+        # identity experts itself (LongCat-Flash from 5.25): identity experts
+        zero_compute=_zero_compute_kinds(router, num_experts),
+        output=output,
     )
     x_input = _experts_input(region, router, gemm1, w1, flow, hidden)
-    return ExpertsMatch(spec, w1, w2, b1, b2, module_path=module_path_of_param(w1), x_input=x_input)
+    return ExpertsMatch(
+        spec, w1, w2, b1, b2, module_path=module_path_of_param(w1), x_input=x_input, output_tensors=output_tensors
+    )
+
+
+#: Ops of a per-row function after the down projection that are more than plumbing (a norm's reduction).
+_ROW_FUNCTION_OPS = {"mean", "rsqrt", "norm", "var", "var_mean", "layer_norm", "rms_norm", "linalg_vector_norm"}
+#: Constructors of all-ones tensors (transformers' experts called with unit routing weights per row: Ergo).
+_ONES = {"new_ones", "ones", "ones_like"}
+
+
+def _is_unit(node) -> bool:
+    """Whether ``node`` is all ones: a ones constructor, through views, casts and row gathers."""
+    for _ in range(12):
+        if not isinstance(node, fx.Node):
+            return False
+        name = op_name(node)
+        if name in _ONES:
+            return True
+        if name in ("full", "new_full") and arg(node, 2 if name == "new_full" else 1, "fill_value") == 1:
+            return True
+        if name not in CAST_OPS | {"view", "reshape", "unsqueeze", "squeeze", "expand", "getitem", "flatten"}:
+            return False
+        node = node.args[0]
+    return False
+
+
+def _routing_multiply(gemm2: fx.Node, weights: fx.Node, region: Region, flow: Dataflow) -> tuple[fx.Node, fx.Node] | None:
+    """(the multiply by the routing weights after the down projection, its operand from the projection)."""
+    weighted = flow.descendants(weights) | {weights}
+    after = flow.descendants(gemm2) & region.nodes
+    for node in flow.sorted(after):
+        if op_name(node) not in ("mul", "imul", "mul_", "__mul__") or len(node.args) != 2:
+            continue
+        a, b = node.args
+        for rows, scale in ((a, b), (b, a)):
+            if isinstance(rows, fx.Node) and isinstance(scale, fx.Node) and (rows is gemm2 or rows in after) and (
+                scale in weighted and rows not in weighted
+            ):
+                return node, rows
+    return None
+
+
+def _output_function(
+    region: Region, router: RouterMatch, flow: Dataflow, gemm2: fx.Node, num_experts: int, stacked_bias: list[fx.Node]
+) -> tuple[str, tuple[fx.Node, ...], set[fx.Node]]:
+    """A function of each slot's output row applied before the routing weight (a per-expert norm), if one.
+
+    Returns (the program's JSON, the tensors it reads, the [E, ·] parameters
+    among them) — ("", (), set()) when the routing weight multiplies the down
+    projection's rows directly, up to plumbing (the usual case).  Between the
+    down projection and the multiply, row plumbing passes through: views,
+    casts, row gathers (undoing the sort by expert), a product with unit
+    weights (transformers' experts called once per slot, Ergo), a sum over a
+    size-1 axis, a bias gathered by expert right after the projection, masks
+    of empty slots.  What is left must lift (:func:`lift_elementwise`) with
+    tensors computed from parameters alone — shared ([W]) or gathered by the
+    routing ids ([E, W] indexed by each row's expert).  Which rows a gathered
+    tensor meets is proven by validation, which draws such tensors at random.
+    """
+    weights = router.weights_end
+    found = _routing_multiply(gemm2, weights, region, flow) if weights is not None else None
+    if found is None:
+        return "", (), set()
+    _, end = found
+    from_tokens = flow.descendants(region.x_base) | {region.x_base}
+    routed = flow.descendants(router.ids) | {router.ids}
+    between = (flow.descendants(gemm2) & (flow.ancestors(end) | {end}) & region.nodes) - {gemm2}
+    passthrough: dict[fx.Node, fx.Node] = {}
+    tensors: dict[fx.Node, tuple] = {}
+    tensor_nodes: list[fx.Node] = []
+    params: set[fx.Node] = set()
+    chain = between | {gemm2}
+
+    def tensor(node: fx.Node, kind: str, source: fx.Node) -> None:
+        if node not in tensors:
+            tensors[node] = (kind, len(tensor_nodes))
+            tensor_nodes.append(source)
+
+    for node in flow.sorted(between):
+        name = op_name(node)
+        inside = [a for a in node.all_input_nodes if a in chain]
+        outside = [a for a in node.all_input_nodes if a not in chain]
+        if name in ("mul", "imul", "mul_", "__mul__") and len(inside) == 1 and outside and all(
+            _is_unit(a) for a in outside
+        ):
+            passthrough[node] = inside[0]
+        elif name in ("getitem", "index_select") and len(inside) == 1 and node.args[0] is inside[0] and outside and all(
+            not example_value(a).dtype.is_floating_point for a in outside
+        ):
+            passthrough[node] = inside[0]  # rows regrouped (the sort by expert undone): a row function commutes
+        elif _is_sentinel_mask(node, router.ids, flow):
+            passthrough[node] = node.args[0]
+        elif name in ("add", "add_", "iadd") and len(inside) == 1 and len(outside) == 1 and _traces_back_to(
+            inside[0], gemm2
+        ) and any(p in flow.ancestors(outside[0]) | {outside[0]} for p in stacked_bias):
+            passthrough[node] = inside[0]  # the down projection's bias, gathered by expert: b2
+        for source in outside:
+            if source in passthrough or source.op in ("placeholder", "get_attr") and source in region.inputs and (
+                ndim(source) not in (1, 2)
+            ):
+                continue
+            value = example_value(source)
+            if not isinstance(value, torch.Tensor) or not value.dtype.is_floating_point or node in passthrough:
+                continue
+            if op_name(source) == "getitem" and isinstance(source.args[1], fx.Node) and source.args[1] in routed:
+                table = source.args[0]
+                shape = tensor_shape(table)
+                if table not in from_tokens and shape is not None and len(shape) == 2 and shape[0] == num_experts:
+                    tensor(source, "expert_tensor", table)
+                    params |= {a for a in flow.ancestors(table) | {table} if a.op in ("placeholder", "get_attr")}
+                    continue
+            if source not in from_tokens and source not in routed:
+                tensor(source, "tensor", source)
+    if not any(op_name(n) in _ROW_FUNCTION_OPS for n in between) and not tensors:
+        return "", (), set()  # plumbing only: the routing weight multiplies the projection's rows
+    try:
+        program = lift_elementwise(between, gemm2, end, passthrough, tensors)
+    except LiftError as error:
+        raise Mismatch(f"per-expert output function after the down projection: {error}") from None
+    if not any(op[0] not in ("input", "cast") and op != ("mul", ("v", len(program.ops) - 2), 1) for op in program.ops):
+        return "", (), set()
+    return program.to_json(), tuple(tensor_nodes), params
+
+
+def _zero_compute_kinds(router: RouterMatch, num_experts: int) -> tuple[str, ...]:
+    """The kinds of the router's classes past the ``num_experts`` GEMM experts (see :data:`ZERO_COMPUTE_KINDS`)."""
+    return tuple(
+        "identity" if c in router.identity_classes else "zero" for c in range(num_experts, router.spec.num_experts)
+    )
 
 
 def _check_zeroed_slots_add_nothing(region: Region, router: RouterMatch, flow: Dataflow) -> None:
@@ -525,6 +679,16 @@ def _remaps_zero_weight_slots(ids: fx.Node, router: RouterMatch, flow: Dataflow)
     return bool(classes) and classes <= router.zero_weight_classes
 
 
+def _zeroes_identity_slots(weights: fx.Node, router: RouterMatch, flow: Dataflow) -> bool:
+    """Whether ``weights`` are the router's weights with the block's identity slots set to 0 (LongCat 5.25)."""
+    from moepass.compiler.detect.identity_term import zeroes_classes
+
+    if not router.identity_classes:
+        return False
+    zeroed = zeroes_classes(weights, router, flow)
+    return zeroed is not None and zeroed[1] == router.identity_classes and _same_value(zeroed[0], router.weights_end)
+
+
 def _match_moepass_op(region, router, flow, own_ops, hidden) -> ExpertsMatch:
     """The experts are already ``moepass.experts`` (a loop :func:`moepass.make_traceable` replaced).
 
@@ -539,8 +703,8 @@ def _match_moepass_op(region, router, flow, own_ops, hidden) -> ExpertsMatch:
     node = own_ops[0]
     x, ids, weights, w1, w2, b1, b2, config = node.args
     spec = parse_experts_config(config).spec
-    if not (_same_value(ids, router.ids) or _remaps_zero_weight_slots(ids, router, flow)) or not _same_value(
-        weights, router.weights_end
+    if not (_same_value(ids, router.ids) or _remaps_zero_weight_slots(ids, router, flow)) or not (
+        _same_value(weights, router.weights_end) or _zeroes_identity_slots(weights, router, flow)
     ):
         raise Mismatch(f"{node.name}: its ids and weights are not the router's selection")
 
@@ -568,7 +732,7 @@ def _match_moepass_op(region, router, flow, own_ops, hidden) -> ExpertsMatch:
     ) <= router.zero_weight_classes:
         # the router's classes past the GEMM experts whose weight the model sets to 0 (LongCat-Flash from
         # transformers 5.25 remaps them onto real experts at weight 0): zero experts, no GEMM row
-        spec = dataclasses.replace(spec, zero_compute=("zero",) * (router.spec.num_experts - total))
+        spec = dataclasses.replace(spec, zero_compute=_zero_compute_kinds(router, total))
     if spec.hidden_size != hidden or spec.num_experts + len(spec.zero_compute) != router.spec.num_experts:
         raise Mismatch(
             f"{node.name}: {spec.num_experts} experts + {len(spec.zero_compute)} zero-computation ones of width "

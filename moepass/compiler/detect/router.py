@@ -59,6 +59,11 @@ class RouterMatch:
     #: 0 (ZAYA's skip class E: ``w.masked_fill(ids == E, 0)``): they add
     #: nothing, so they need no expert (lifted routers only).
     zero_weight_classes: frozenset[int] = frozenset()
+    #: Classes the block serves itself as identity experts (it adds w·x for their slots and
+    #: keeps them from its experts: LongCat-Flash from transformers 5.25), once detection has
+    #: recognised that term (:mod:`moepass.compiler.detect.identity_term`); ``weights_end`` is
+    #: then the router's true weights, before the block zeroes those slots.
+    identity_classes: frozenset[int] = frozenset()
 
 
 def is_topk(node: fx.Node) -> bool:
@@ -248,6 +253,11 @@ def match_router(anchor: fx.Node, flow: Dataflow) -> RouterMatch:
     foreign = sorted(set(path_ops) - _KNOWN_PATH)
     if foreign:
         raise Mismatch(f"{anchor.name}: the scores pass through {', '.join(foreign)}, outside the named router kinds")
+    scored = [i for i, name in enumerate(path_ops) if name in ("softmax", "sigmoid", "log_softmax")]
+    before_score = path[scored[-1] + 1 : -1] if scored else []
+    arithmetic = [n.name for n in before_score if op_name(n) in _ADD_OPS | _MUL_OPS | _DIV_OPS | {"masked_fill"}]
+    if arithmetic:  # the named kinds score the linear's output itself (Muse Spark scales its logits first)
+        raise Mismatch(f"{anchor.name}: the logits are changed ({', '.join(arithmetic)}) before they are scored")
     correction_bias = None
     n_group, topk_group = 1, 1
     params = {weight} | ({bias} if bias is not None else set())

@@ -21,7 +21,7 @@ The rewrite replaces the routed part (its region ends at R); the shared
 branch, and the router values it reads, stay in the graph as the model's own
 ops.
 
-The same split keeps a model's own term for slots whose weight it sets to 0
+The same split finds a model's own term for slots whose weight it sets to 0
 on the experts' side (LongCat-Flash from transformers 5.25: identity slots are
 remapped onto real experts at weight 0, and the block adds x · Σ their
 weights itself)::
@@ -30,9 +30,12 @@ weights itself)::
        └─────► x · Σ w[ids ≥ E] (router values and x only, no GEMM) ─────────────────────► T ─ add ─► C
 
 The branch T has no GEMM: it is no shared expert but the zero-computation
-slots' term, kept as the model computes it, while those slots cost the
-rewritten experts no GEMM row (their classes are the router's zero-weight
-classes, ids ≥ E).
+slots' term.  When it is the identity experts' term
+(:mod:`moepass.compiler.detect.identity_term`) detection rewrites the whole
+sum C instead, with the router's true selection and the term as
+``moepass.zero_compute_experts``; any other such term is kept as the model
+computes it, while those slots cost the rewritten experts no GEMM row (their
+classes are the router's zero-weight classes, ids ≥ E).
 """
 
 from __future__ import annotations
@@ -113,6 +116,8 @@ class CoupledShared:
     shared: fx.Node
     #: None for a zero-computation slots' term (no GEMM of its own: not a shared expert).
     spec: SharedExpertSpec | None
+    #: The sum ``routed + shared`` itself (the block's output).
+    combine: fx.Node | None = None
 
 
 def _expert_widths(nodes: set[fx.Node], hidden: int) -> list[int]:
@@ -211,8 +216,8 @@ def split_coupled_shared(
         widths = _expert_widths(own, hidden)
         if not widths:
             if zero_weight_classes and not any(op_name(n) in _GEMMS | {"linear"} for n in own):
-                return CoupledShared(routed=routed, region=region, shared=shared, spec=None)
+                return CoupledShared(routed=routed, region=region, shared=shared, spec=None, combine=combine)
             continue  # no GEMM of its own: not an expert
         spec = SharedExpertSpec(intermediate_size=int(widths[0]), gate="router")
-        return CoupledShared(routed=routed, region=region, shared=shared, spec=spec)
+        return CoupledShared(routed=routed, region=region, shared=shared, spec=spec, combine=combine)
     return None

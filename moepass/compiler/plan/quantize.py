@@ -234,6 +234,9 @@ def _quantize_call(state: GraphState, call, scheme: QuantScheme | None, notes: l
     device = x_value.device if isinstance(x_value, torch.Tensor) else torch.device("cpu")
     dtype = x_value.dtype if isinstance(x_value, torch.Tensor) else torch.float32
     lowering = resolve_lowering(config.lowering, device)
+    if config.slots_per_token:  # the op computes each slot's rows for moepass.expert_output (Ergo, Muse Spark)
+        return ("its experts apply a function to each slot's output before the routing weight (a per-expert output "
+                "norm); quantized experts do not run that form yet, so they stay in float"), None
     if lowering not in ("cpu", "reference") or device.type != "cpu":
         return f"quantized experts run on the CPU (ATen's int8/int4 kernels); this block runs {lowering} on {device.type}", None
     w1, w2 = _model_tensor(state, w1_node), _model_tensor(state, w2_node)

@@ -11,7 +11,9 @@
                                          route_config, experts_config)     (y' too: the block op adds z)
 
 A route op without its experts op (a router-only rewrite: the experts loop
-graph-broke) cannot be exported as one block and is refused, naming the block.
+graph-broke) cannot be exported as one block and is refused, naming the block;
+so is a block whose experts apply a per-slot output function before the
+routing weight (``moepass.expert_output``: the fused block has no place for it).
 As a backstop to detection's own report, stacked expert weights ([E, ., .]
 parameters under a module path with "expert") that the output still reads
 other than through a ``moe_block`` mean an MoE block was not rewritten: the
@@ -63,7 +65,14 @@ def _experts_config(experts: fx.Node):
 
 
 def _route_of(experts: fx.Node) -> fx.Node:
-    block = _experts_config(experts).block or "<root>"
+    config = _experts_config(experts)
+    block = config.block or "<root>"
+    if config.slots_per_token:
+        raise OnnxExportError(
+            f"block {block}: its experts apply a function to each slot's output before the routing weight (a "
+            "per-expert output norm, moepass.expert_output), which the exported block (moepass.AdaptiveMoE, "
+            "com.microsoft.MoE, moe_block) does not carry; it runs only through torch.compile"
+        )
     ids, weights = experts.args[1], experts.args[2]
     for value, index in ((ids, 0), (weights, 1)):
         if not (
