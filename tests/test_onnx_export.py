@@ -473,6 +473,11 @@ def test_named_layout_ranges_and_the_fixed_default():
     assert blocks[0].layout == "slots below 32 tokens, gemm from 32 (named by ort_layout)"
     assert "1–31 tokens: com.microsoft.MoE (k=1 per kept slot); 32+ tokens: Gemm pair" in blocks[0].experts
     _check_at(prepared, model, [(1, 1), (2, 40)])
+    # three ranges: an If inside an If (whose value names once collided: the ONNX checker refused the model)
+    model, blocks = prepared.lower("ort", ort_layout={1: "masked", 8: "slots", 32: "gemm"})
+    assert blocks[0].layout == "masked below 8 tokens, slots from 8 to 31, gemm from 32 (named by ort_layout)"
+    onnx.checker.check_model(model, full_check=True)
+    _check_at(prepared, model, [(1, 1), (2, 6), (2, 40)])
     _, blocks = prepared.lower("ort")  # the suite's $MOEPASS_TUNING=off: not measured, and it says so
     assert blocks[0].layout.startswith("masked (the fixed default") and "tuning off" in blocks[0].layout
     for bad, message in (({2: "masked"}, "starting at 1"), ({1: "fast"}, "unknown ORT layout 'fast'"),

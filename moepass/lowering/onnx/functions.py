@@ -444,9 +444,13 @@ class _Definer:
         tokens = b.op("Gather", b.op("Shape", "x"), b.const(0, INT64), axis=0)  # scalar: T
 
         def branch(position: int) -> onnx.GraphProto:
-            name = f"{overload}/{position}.{ranges[position][1]}"
+            # ranges[position:]: the last range's experts, or another If.  The If's own builder must not
+            # share its prefix with its then-branch's (choose below), or their value names collide
+            # (Constant outputs "<prefix>/const_1" twice) and the model fails ONNX's SSA check.
+            last = position == len(ranges) - 1
+            name = f"{overload}/{position}.{ranges[position][1]}" if last else f"{overload}/{position}+"
             inner = NodeBuilder(name)
-            if position == len(ranges) - 1:
+            if last:
                 out = self._experts(inner, name, route, spec, roles, ranges[position][1], x_type, logits_type,
                                     tensor_specs)
             else:
