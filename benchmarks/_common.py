@@ -27,16 +27,10 @@ def time_it(fn: Callable[[], object], repeat: int = 10, warmup: int = 2, min_sec
     return statistics.median(samples)
 
 
-def interleaved_medians(
+def interleaved_samples(
     fns: dict[str, Callable[[], object]], rounds: int = 7, warmup: int = 1, min_seconds: float = 0.0
-) -> dict[str, float]:
-    """Median wall time of each ``fn`` in seconds, timed A, B, C, A, B, C, ...
-
-    A shared machine drifts by tens of percent within a minute; timing the
-    variants in turns puts the same drift on each, so their ratios hold even
-    when absolute times do not.  Rounds continue until ``rounds`` are done and
-    ``min_seconds`` have passed.
-    """
+) -> dict[str, list[float]]:
+    """Every wall time of each ``fn`` in seconds, timed A, B, C, A, B, C, ... (see :func:`interleaved_medians`)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -47,6 +41,20 @@ def interleaved_medians(
             t0 = time.perf_counter()
             fn()
             samples[name].append(time.perf_counter() - t0)
+    return samples
+
+
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]], rounds: int = 7, warmup: int = 1, min_seconds: float = 0.0
+) -> dict[str, float]:
+    """Median wall time of each ``fn`` in seconds, timed A, B, C, A, B, C, ...
+
+    A shared machine drifts by tens of percent within a minute; timing the
+    variants in turns puts the same drift on each, so their ratios hold even
+    when absolute times do not.  Rounds continue until ``rounds`` are done and
+    ``min_seconds`` have passed.
+    """
+    samples = interleaved_samples(fns, rounds, warmup, min_seconds)
     return {name: statistics.median(values) for name, values in samples.items()}
 
 

@@ -65,7 +65,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import interleaved_medians, machine_description, markdown_table, memory_bandwidths, today, write_section
+from _common import interleaved_medians, interleaved_samples, machine_description, markdown_table, memory_bandwidths, today, write_section
 from moe_block_cpu import SHAPES, compiled, experts_hit, make_shape_block
 
 import moepass
@@ -80,19 +80,6 @@ def _median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2]
 
 
-def interleaved_samples(fns, rounds: int, min_seconds: float, warmup: int = 2) -> dict[str, list[float]]:
-    """Every sample of each ``fn`` in seconds, timed A, B, C, A, B, C, … (medians and bests are read off them)."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    started = time.perf_counter()
-    while min(len(s) for s in samples.values()) < rounds or time.perf_counter() - started < min_seconds:
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - t0)
-    return samples
 
 
 def _rel(actual, expected) -> float:
@@ -276,7 +263,7 @@ def part_decode(args, bandwidths: dict[str, float]) -> str:
                     error = _rel(got, expected)
                     assert error < 3e-2, (shape_name, name, tokens, error)  # bfloat16 rounding of h and the output
                 samples = interleaved_samples({n: (lambda v=v: call(*v)) for n, v in variants.items()},
-                                              rounds=args.rounds, min_seconds=args.min_seconds)
+                                              rounds=args.rounds, min_seconds=args.min_seconds, warmup=2)
             hit = len({int(e) for e in routings[0][0].flatten()})
             floor = hit * _operand_bytes(shape, parse_scheme("int4", INT4_GROUP)) / read
             median_bf16, best_bf16 = _median(samples["moepass bf16"]), min(samples["moepass bf16"])
