@@ -201,7 +201,6 @@ def _route_composite(
     logits: torch.Tensor, x: Optional[torch.Tensor], tensors: list[torch.Tensor], config: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from moepass.policies.rules import get_rule
-    from moepass.runtime import routing
 
     cfg = parse_route_config(config)
     if not is_fake(logits):
@@ -215,7 +214,14 @@ def _route_composite(
     if cfg.empty_slots == "model_ids" and "model_ids" in named:
         return _route_in_model_order(logits, x, cfg, rule, rule_tensors, named)
     # (without the model's selection — a capture hook re-routing the logits it saw — the policy's own routing)
-    ids, weights = routing.route(
+    return _policy_route(logits, x, cfg, rule, rule_tensors, named, selected)
+
+
+def _policy_route(logits, x, cfg: RouteConfig, rule, rule_tensors, named, selected) -> tuple[torch.Tensor, torch.Tensor]:
+    """The policy's (ids, weights) for ``logits``, ranking ``selected`` (the model's picks) where given."""
+    from moepass.runtime import routing
+
+    return routing.route(
         logits,
         cfg.router,
         rule,
@@ -227,7 +233,6 @@ def _route_composite(
         renormalize=cfg.renormalize,
         selected=selected,
     )
-    return ids, weights
 
 
 def _route_in_model_order(logits, x, cfg: RouteConfig, rule, rule_tensors, named) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,8 +242,6 @@ def _route_in_model_order(logits, x, cfg: RouteConfig, rule, rule_tensors, named
     consumes them (a loop outside the graph that counts slots per expert with
     ``scatter_``, sorts them, one-hots them) sees exactly what it always saw.
     """
-    from moepass.runtime import routing
-
     tokens = logits.shape[0]
     model_ids = named["model_ids"].reshape(tokens, -1).long()
     model_weights = named["model_weights"].reshape(tokens, -1).float()
@@ -248,18 +251,7 @@ def _route_in_model_order(logits, x, cfg: RouteConfig, rule, rule_tensors, named
     if cfg.router.kind == "lifted":  # rank the model's picks best first (its top-k may be unsorted)
         order = torch.sort(model_weights, dim=-1, descending=True, stable=True)[1]
         selected = (model_ids.gather(1, order), model_weights.gather(1, order))
-    ids, weights = routing.route(
-        logits,
-        cfg.router,
-        rule,
-        k_min=cfg.k_min,
-        k_max=cfg.k_max,
-        x=x,
-        correction_bias=named.get("correction_bias"),
-        tensors=rule_tensors,
-        renormalize=cfg.renormalize,
-        selected=selected,
-    )
+    ids, weights = _policy_route(logits, x, cfg, rule, rule_tensors, named, selected)
     num_experts = cfg.router.num_experts
     columns = ids.clamp(0, num_experts)
     dense = torch.zeros(tokens, num_experts + 1, dtype=weights.dtype, device=weights.device).scatter(1, columns, weights)
