@@ -186,30 +186,8 @@ def match_lifted_router(anchor: fx.Node, flow: Dataflow) -> RouterMatch:
             elif _is_scalar(source):  # a scale read from an input (dynamic=True makes float attributes inputs)
                 params |= {a for a in source.all_input_nodes if a.op in ("placeholder", "get_attr")}
     zero_classes = _zero_weight_classes(formula_nodes, weights_end, ids, members, num_experts, flow)
-    spec = RouterSpec(
-        kind="lifted",
-        num_experts=num_experts,
-        top_k=k,
-        linear_has_bias=bias is not None,
-        hidden_size=hidden,
-        formula=_formula(formula_nodes),
-    )
-    return RouterMatch(
-        spec=spec,
-        anchor=anchor,
-        linear=linear,
-        x_input=x_input,
-        x_base=x_base,
-        weight=weight,
-        bias=bias,
-        correction_bias=None,
-        ids=ids,
-        weights_start=weights_end,
-        weights_end=weights_end,
-        module_path=module_path_of_param(weight),
-        param_nodes=params,
-        zero_weight_classes=zero_classes,
-    )
+    return _lifted_match(num_experts, k, hidden, formula_nodes, anchor, linear, x_input, x_base, weight, bias, ids,
+                         weights_end, params, zero_classes)
 
 
 _MASK_FILLS = {"masked_fill", "masked_fill_"}
@@ -253,6 +231,35 @@ def _stays_zero(start: fx.Node, end: fx.Node, flow: Dataflow) -> bool:
             return False
     return True
 
+
+
+def _lifted_match(num_experts: int, top_k: int, hidden, formula_nodes, anchor, linear, x_input, x_base, weight, bias,
+                  ids, weights_end, params, zero_classes: frozenset[int] = frozenset()) -> RouterMatch:
+    """The match of a lifted router: its spec (the model's own formula, kept as it computes it) and its nodes."""
+    spec = RouterSpec(
+        kind="lifted",
+        num_experts=num_experts,
+        top_k=top_k,
+        linear_has_bias=bias is not None,
+        hidden_size=hidden,
+        formula=_formula(formula_nodes),
+    )
+    return RouterMatch(
+        spec=spec,
+        anchor=anchor,
+        linear=linear,
+        x_input=x_input,
+        x_base=x_base,
+        weight=weight,
+        bias=bias,
+        correction_bias=None,
+        ids=ids,
+        weights_start=weights_end,
+        weights_end=weights_end,
+        module_path=module_path_of_param(weight),
+        param_nodes=params,
+        zero_weight_classes=zero_classes,
+    )
 
 def _zero_weight_classes(
     nodes: list[fx.Node], weights_end: fx.Node, ids: fx.Node, members: set[fx.Node], num_experts: int, flow: Dataflow
@@ -358,26 +365,5 @@ def match_top1_router(anchor: fx.Node, flow: Dataflow) -> RouterMatch:
             viewed = _viewed_parameter(source)
             if viewed is not None:
                 params.add(viewed)
-    spec = RouterSpec(
-        kind="lifted",
-        num_experts=num_experts,
-        top_k=1,
-        linear_has_bias=bias is not None,
-        hidden_size=hidden,
-        formula=_formula(formula_nodes),
-    )
-    return RouterMatch(
-        spec=spec,
-        anchor=anchor,
-        linear=linear,
-        x_input=x_input,
-        x_base=x_base,
-        weight=weight,
-        bias=bias,
-        correction_bias=None,
-        ids=ids,
-        weights_start=weights_end,
-        weights_end=weights_end,
-        module_path=module_path_of_param(weight),
-        param_nodes=params,
-    )
+    return _lifted_match(num_experts, 1, hidden, formula_nodes, anchor, linear, x_input, x_base, weight, bias, ids,
+                         weights_end, params)
