@@ -41,7 +41,7 @@ from moepass.quantize.scheme import QuantScheme
 
 __all__ = [
     "LIBRARY", "PATHS", "available", "unavailable_reason", "supports", "best_path", "project", "expert_tasks",
-    "dequantize_int4",
+    "dequantize_int4", "dequantize_int8", "FUSED_ACTIVATIONS", "fused_experts",
 ]
 
 logger = logging.getLogger(__name__)
@@ -64,7 +64,14 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.moepass_qgemv_isa.argtypes = []
     lib.moepass_qgemv_openmp.restype = i32
     lib.moepass_dequantize_int4.restype = None
-    lib.moepass_dequantize_int4.argtypes = [ptr, ptr, ptr, i64, i64, i32, ptr, i32, i32]
+    lib.moepass_dequantize_int4.argtypes = [ptr, ptr, ptr, i64, i64, i32, ptr, i32, i32, i32]
+    lib.moepass_qmoe.restype = i32
+    lib.moepass_qmoe.argtypes = [i32, i32, i32, ptr, i32, i64, i64, ptr, i64, ptr, i32, i64, i32,
+                                 ptr, i64, ptr, i64, ptr, i64, ptr, i32, i64,
+                                 ptr, i64, ptr, i64, ptr, i64, ptr, i32, i64,
+                                 i64, ptr, ptr, i32]
+    lib.moepass_dequantize_int8.restype = None
+    lib.moepass_dequantize_int8.argtypes = [ptr, ptr, i64, i64, ptr, i32, i32, i32]
 
 
 def _library() -> ctypes.CDLL | None:
@@ -186,10 +193,55 @@ def _project(lib, inputs, outputs, tasks, operands, bias, scheme, path, threads)
                          f"features (code {status})")
 
 
+#: The expert MLPs :func:`fused_experts` runs: (activation, gate/up layout) → the kernel's code.
+FUSED_ACTIVATIONS = {("silu", "concat"): 0, ("silu", "interleaved"): 1}
+
+
+def fused_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w1: list[torch.Tensor],
+                  w2: list[torch.Tensor], b1: torch.Tensor | None, b2: torch.Tensor | None, scheme: QuantScheme,
+                  activation: tuple[str, str], counts: np.ndarray | None = None) -> torch.Tensor:
+    """The whole quantized experts op for a few tokens in one native call: out [T, H] in x's dtype.
+
+    Routing rows to experts, both projections (the native kernel, float32
+    outputs), ``silu(gate)·up`` and the weighted sum run without returning to
+    Python in between — for one decode token the op's own Python costs more
+    than its GEMVs.  ``w1``/``w2`` are the plain layout's operands ([E, 2I, H]
+    and [E, H, I]); ``activation`` a key of :data:`FUSED_ACTIVATIONS`;
+    ``counts`` (int64 [E], optional) receives each expert's rows.  The caller
+    checks the operands (:func:`moepass.lowering.cpu_quantized.fused_decode_usable`).
+    """
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"the native quantized kernels are not available: {unavailable_reason()}")
+    tokens, hidden = x.shape
+    slots = ids.shape[1]
+    experts, _, inner = w2[0].shape
+    inner *= 2 if scheme.bits == 4 else 1
+    x, ids, weights = x.contiguous(), ids.contiguous(), weights.contiguous()
+    out = torch.empty_like(x)
+    first_zeros = w1[2] if len(w1) > 2 else None
+    second_zeros = w2[2] if len(w2) > 2 else None
+    status = lib.moepass_qmoe(
+        scheme.bits, scheme.group_of(hidden), -1, x.data_ptr(), _DTYPES[x.dtype], tokens, hidden, ids.data_ptr(),
+        slots, weights.data_ptr(), _DTYPES[weights.dtype], experts, FUSED_ACTIVATIONS[activation],
+        w1[0].data_ptr(), w1[0].stride(0), w1[1].data_ptr(), w1[1].stride(0), _address(first_zeros),
+        0 if first_zeros is None else first_zeros.stride(0), _address(b1), _DTYPES[b1.dtype] if b1 is not None else 0,
+        0 if b1 is None else b1.stride(0),
+        w2[0].data_ptr(), w2[0].stride(0), w2[1].data_ptr(), w2[1].stride(0), _address(second_zeros),
+        0 if second_zeros is None else second_zeros.stride(0), _address(b2), _DTYPES[b2.dtype] if b2 is not None else 0,
+        0 if b2 is None else b2.stride(0),
+        inner, out.data_ptr(), None if counts is None else counts.ctypes.data, torch.get_num_threads(),
+    )
+    if status:
+        raise ValueError(f"the native quantized kernel refused {scheme.describe()} with {hidden} input features "
+                         f"(code {status})")
+    return out
+
+
 def dequantize_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group: int,
-                    dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+                    dtype: torch.dtype, out: torch.Tensor | None = None, path: int = -1) -> torch.Tensor:
     """One expert's int4 weights [N, K] = (q − z)·s in ``dtype``, from its plain codes [N, K/2], scales and
-    zero points [N, K/G] (computed in float32, then rounded once)."""
+    zero points [N, K/G] (computed in float32, then rounded once; ``path`` as :func:`project`'s)."""
     lib = _library()
     if lib is None:
         raise RuntimeError(f"the native quantized kernels are not available: {unavailable_reason()}")
@@ -205,7 +257,27 @@ def dequantize_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
         raise ValueError(f"dequantize_int4: codes {list(codes.shape)} {codes.dtype}, scales {list(scales.shape)} "
                          f"{scales.dtype}, group {group}, out {list(out.shape)} {out.dtype} do not fit")
     lib.moepass_dequantize_int4(codes.data_ptr(), scales.data_ptr(), _address(zeros), rows, 2 * half, group,
-                                out.data_ptr(), _DTYPES[dtype], torch.get_num_threads())
+                                out.data_ptr(), _DTYPES[dtype], torch.get_num_threads(), path)
+    return out
+
+
+def dequantize_int8(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
+                    out: torch.Tensor | None = None, path: int = -1) -> torch.Tensor:
+    """One expert's int8 weights [N, K] = q·s in ``dtype``, from its plain codes [N, K] and per-output-channel
+    scales [N] (or [N, 1]) (computed in float32, then rounded once; ``path`` as :func:`project`'s)."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"the native quantized kernels are not available: {unavailable_reason()}")
+    rows, columns = codes.shape
+    out = torch.empty(rows, columns, dtype=dtype) if out is None else out
+    codes, scales = codes.contiguous(), scales.contiguous()
+    if (codes.dtype != torch.int8 or scales.dtype != torch.float32 or scales.numel() != rows
+            or dtype not in _DTYPES or out.dtype != dtype or list(out.shape) != [rows, columns]
+            or not out.is_contiguous()):
+        raise ValueError(f"dequantize_int8: codes {list(codes.shape)} {codes.dtype}, scales {list(scales.shape)} "
+                         f"{scales.dtype}, out {list(out.shape)} {out.dtype} do not fit")
+    lib.moepass_dequantize_int8(codes.data_ptr(), scales.data_ptr(), rows, columns, out.data_ptr(), _DTYPES[dtype],
+                                torch.get_num_threads(), path)
     return out
 
 

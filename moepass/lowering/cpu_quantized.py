@@ -290,14 +290,18 @@ def _run_aten(scheme: QuantScheme, operands: list[torch.Tensor], expert: int, xs
 
 def _dequantize_into(matrix: torch.Tensor, operands: list[torch.Tensor], form: str, scheme: QuantScheme,
                      expert: int) -> None:
-    """matrix [out, in] ← expert ``expert``'s weights in matrix's dtype (the native kernel for native-form int4)."""
-    if form == "native" and scheme.bits == 4 and matrix.dtype in (torch.float32, torch.bfloat16, torch.float16):
+    """matrix [out, in] ← expert ``expert``'s weights in matrix's dtype (the native kernel's table lookup for the
+    native form: each weight (q − z)·s in float32, rounded once)."""
+    if form == "native" and matrix.dtype in (torch.float32, torch.bfloat16, torch.float16):
         from moepass.lowering import cpu_qgemv
 
         if cpu_qgemv.available():
-            zeros = operands[2][expert] if len(operands) > 2 else None
-            cpu_qgemv.dequantize_int4(operands[0][expert], operands[1][expert], zeros,
-                                      scheme.group_of(matrix.shape[1]), matrix.dtype, out=matrix)
+            if scheme.bits == 8:
+                cpu_qgemv.dequantize_int8(operands[0][expert], operands[1][expert], matrix.dtype, out=matrix)
+            else:
+                zeros = operands[2][expert] if len(operands) > 2 else None
+                cpu_qgemv.dequantize_int4(operands[0][expert], operands[1][expert], zeros,
+                                          scheme.group_of(matrix.shape[1]), matrix.dtype, out=matrix)
             return
     matrix.copy_(dequantize_expert(operands, form, scheme, expert, matrix.dtype))
 
@@ -372,10 +376,61 @@ def project_rows(inputs: torch.Tensor, outputs: torch.Tensor, operands: list[tor
                        scheme, form, note=False)
 
 
+#: Tokens up to which the native form may run the whole op in one native call (where the measured kernel of
+#: every row count up to the call's tokens is ``gemv`` for both projections).
+FUSED_UP_TO_TOKENS = 16
+
+
+@functools.lru_cache(maxsize=256)
+def _fused_tokens(scheme: QuantScheme, dtype: torch.dtype, first: tuple[int, int], second: tuple[int, int],
+                  generation: int) -> int:
+    """The most tokens a call may have and still run fused: each expert then has at most that many rows, and
+    every row count up to it must run ``gemv`` in both projections (this machine's table, else the
+    heuristic)."""
+    tokens = 0
+    for rows in range(1, FUSED_UP_TO_TOKENS + 1):
+        if any(choose_quantized_kernel(scheme, "native", rows, out, inp, dtype) != "gemv" for out, inp in (first, second)):
+            break
+        tokens = rows
+    return tokens
+
+
+def fused_decode_usable(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w1: list[torch.Tensor],
+                        w2: list[torch.Tensor], b1, b2, spec: ExpertsSpec, scheme: QuantScheme, form: str) -> bool:
+    """Whether this call runs as one native call (:func:`moepass.lowering.cpu_qgemv.fused_experts`): the native
+    form, few tokens, a gated SiLU expert MLP the kernel has, the routing weight on the output, and operands
+    and dtypes it takes."""
+    from moepass.lowering import cpu_qgemv
+    from moepass.runtime.tuning import generation
+
+    if (form != "native" or not spec.gated or spec.weight_on_input or spec.transposed or spec.output
+            or (spec.activation, spec.gate_up_layout) not in cpu_qgemv.FUSED_ACTIVATIONS
+            or x.dim() != 2 or ids.dtype != torch.int64 or x.dtype not in (torch.float32, torch.bfloat16, torch.float16)
+            or weights.dtype not in (torch.float32, torch.bfloat16, torch.float16)
+            or any(b is not None and (b.dtype not in (torch.float32, torch.bfloat16, torch.float16)
+                                      or not b.is_contiguous()) for b in (b1, b2))
+            or not all(t.is_contiguous() for t in (*w1, *w2))):
+        return False
+    _, out1, in1 = operand_shape(w1, form, scheme)
+    _, out2, in2 = operand_shape(w2, form, scheme)
+    if out1 != 2 * in2 or out2 != in1 or x.shape[1] != in1:
+        return False
+    return x.shape[0] <= _fused_tokens(scheme, x.dtype, (out1, in1), (out2, in2), generation())
+
+
 def experts_forward(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w1: list[torch.Tensor],
                     w2: list[torch.Tensor], b1: torch.Tensor | None, b2: torch.Tensor | None, spec: ExpertsSpec,
                     scheme: QuantScheme, form: str) -> torch.Tensor:
     """The quantized experts op on CPU tensors ([E, out, in] operands; see the module docstring)."""
+    if fused_decode_usable(x, ids, weights, w1, w2, b1, b2, spec, scheme, form):
+        from moepass.lowering.cpu_qgemv import fused_experts
+        from moepass.runtime.stats import counting_gemm_rows, note_gemm_rows
+
+        counts = np.zeros(spec.num_experts, dtype=np.int64) if counting_gemm_rows() else None
+        out = fused_experts(x, ids, weights, w1, w2, b1, b2, scheme, (spec.activation, spec.gate_up_layout), counts)
+        for count in () if counts is None else counts[counts > 0].tolist():
+            note_gemm_rows(count)
+        return out
     plan = plan_slots(ids, spec.num_experts)
     xs = gather_rows(x, weights, plan, spec)
     n1 = operand_shape(w1, form, scheme)[1]

@@ -17,7 +17,7 @@ from moepass.runtime import tuning
 __all__ = ["FAMILY", "chosen_kernel", "projection_key"]
 
 #: Version 2: entries hold a kernel column per operand form (``native`` with the native ``gemv``, ``aten_cpu``).
-FAMILY = tuning.Family("cpu_quantized", version=2, shipped=None)
+FAMILY = tuning.Family("cpu_quantized", version=3, shipped=None)
 
 
 def projection_key(scheme: QuantScheme, dtype: torch.dtype, out_features: int, in_features: int,

@@ -28,7 +28,12 @@ measured there and then, within the budget of ``options={"cpu_tuning": ...}``
 and stored; the block takes the form whose best kernels cost less over the
 row counts (geometric mean of the two projections' summed times, so decode and
 prefill weigh alike; ``plain`` must win by :data:`MARGIN` to replace ATen's
-form).  :func:`moepass.lowering.cpu_quantized_choice.chosen_kernel` reads the
+form).  Where the native form runs a few-token call as one native call
+(:func:`moepass.lowering.cpu_quantized.fused_decode_usable`), the Python the
+op spends around its projections is gone too: one more entry per scheme and
+dtype, ``quantized op overhead …``, times the whole op on a tiny problem both
+ways, and the difference is taken off the native form's times at the row
+counts it runs fused.  :func:`moepass.lowering.cpu_quantized_choice.chosen_kernel` reads the
 kernel columns back at run time.  With tuning off, or no complete entry, the
 native form is never chosen and nothing is built: ATen's form (else
 ``plain``) with the heuristics of :mod:`moepass.lowering.cpu_quantized` —
@@ -56,7 +61,7 @@ from moepass.quantize.layout import QuantizedWeight
 from moepass.quantize.scheme import QuantScheme
 from moepass.runtime import tuning
 
-__all__ = ["DEFAULT_BUDGET", "ROWS", "MARGIN", "candidate_forms", "prepare_projection", "choose_form", "block_form"]
+__all__ = ["DEFAULT_BUDGET", "ROWS", "MARGIN", "candidate_forms", "prepare_projection", "choose_form", "block_form", "fused_rows", "fused_saving", "overhead_key"]
 
 logger = logging.getLogger(__name__)
 
@@ -146,13 +151,30 @@ def _form_seconds(entry: dict, form: str, rows: str) -> float | None:
     return min(values) if values else None
 
 
-def block_form(entries: list[dict], forms: list[str]) -> str:
+def fused_rows(entries: list[dict]) -> int:
+    """The largest measured row count up to which the native form runs every row count fused (``gemv`` in
+    both projections and within :data:`moepass.lowering.cpu_quantized.FUSED_UP_TO_TOKENS`); 0 for none."""
+    from moepass.lowering.cpu_quantized import FUSED_UP_TO_TOKENS
+
+    fused = 0
+    for rows in ROWS:
+        kernels = [entry.get("kernels", {}).get("native", {}).get(str(rows)) for entry in entries]
+        if rows > FUSED_UP_TO_TOKENS or any(kernel != "gemv" for kernel in kernels):
+            break
+        fused = rows
+    return fused
+
+
+def block_form(entries: list[dict], forms: list[str], fused_saving: float = 0.0) -> str:
     """The form a block runs, from its projections' entries: the lowest geometric mean over the row counts all
-    entries measured of the summed best times (``native`` replaces ``aten_cpu`` only when :data:`MARGIN` faster)."""
+    entries measured of the summed best times (``native`` replaces ``aten_cpu`` only when :data:`MARGIN` faster).
+    ``fused_saving`` (µs per call): what the native form saves at the row counts it runs fused
+    (:func:`fused_rows`), taken off its summed time there (never below a tenth of it)."""
     if len(forms) == 1:
         return forms[0]
     scores = {form: 0.0 for form in forms}
     counted = 0
+    fused = fused_rows(entries) if fused_saving > 0 else 0
     for rows in map(str, ROWS):
         totals = {}
         for form in forms:
@@ -160,6 +182,8 @@ def block_form(entries: list[dict], forms: list[str]) -> str:
             if any(part is None for part in parts):
                 break
             totals[form] = sum(parts)
+            if form == "native" and int(rows) <= fused:
+                totals[form] = max(totals[form] - fused_saving, totals[form] / 10)
         else:
             for form in forms:
                 scores[form] += math.log(totals[form])
@@ -169,6 +193,53 @@ def block_form(entries: list[dict], forms: list[str]) -> str:
     if "aten_cpu" in forms and "native" in forms:
         return "native" if scores["native"] / counted < scores["aten_cpu"] / counted + math.log(1 - MARGIN) else "aten_cpu"
     return min(forms, key=scores.get)
+
+
+def overhead_key(scheme: QuantScheme, dtype: torch.dtype) -> str:
+    """The entry key of the op-overhead measurement (one per scheme and activation dtype)."""
+    return f"quantized op overhead {scheme.describe()} {str(dtype).removeprefix('torch.')}"
+
+
+def fused_saving(scheme: QuantScheme, dtype: torch.dtype, setting: Any) -> float:
+    """Microseconds per call the native form's fused few-token path saves against ATen's form, beyond the
+    kernels: the whole op on a tiny block (2 experts of 2·group × 2·group, one token, top-2, SwiGLU) in both
+    forms, looked up or measured like the kernel entries; 0.0 when unknown or not positive."""
+    from moepass.compiler.spec import ExpertsSpec
+    from moepass.lowering.cpu_quantized import experts_forward, fused_decode_usable
+    from moepass.quantize.layout import quantize_rtn
+
+    width = 2 * max(scheme.group_of(256), 32) if scheme.bits == 4 else 64
+    spec = ExpertsSpec(dispatch="grouped_mm", num_experts=2, hidden_size=width, intermediate_size=width,
+                       activation="silu", gated=True, gate_up_layout="concat")
+    generator = torch.Generator().manual_seed(0)
+    layouts = [quantize_rtn(torch.randn(2, 2 * width, width, generator=generator), scheme),
+               quantize_rtn(torch.randn(2, width, width, generator=generator), scheme)]
+    x = torch.randn(1, width, generator=generator).to(dtype)
+    ids, weights = torch.tensor([[0, 1]]), torch.tensor([[0.5, 0.5]]).to(dtype)
+    operands = {"native": [list(lay.tensors().values()) for lay in layouts],
+                "aten_cpu": [to_aten_cpu(lay, dtype) for lay in layouts]}
+    if not fused_decode_usable(x, ids, weights, *operands["native"], None, None, spec, scheme, "native"):
+        return 0.0
+
+    def measure(measurement: tuning.Measurement) -> dict:
+        samples = measurement.compare(overhead_key(scheme, dtype), {
+            form: (lambda form=form: experts_forward(x, ids, weights, *operands[form], None, None, spec, scheme, form))
+            for form in ("aten_cpu", "native")})
+        if samples is None:
+            return {}
+        return {"microseconds": {form: round(tuning.best(values) * 1e6, 1) for form, values in samples.items()}}
+
+    try:
+        with torch.no_grad():
+            found = tuning.obtain(FAMILY, overhead_key(scheme, dtype), measure, tuning.tuning_budget(setting, 1.0),
+                                  "quantized op overhead")
+    except (RuntimeError, ValueError, OSError) as failure:
+        logger.warning("moepass: could not measure the quantized op's overhead (%s)", failure)
+        return 0.0
+    timed = (found.entry or {}).get("microseconds", {}) if found else {}
+    if "aten_cpu" not in timed or "native" not in timed:
+        return 0.0
+    return max(timed["aten_cpu"] - timed["native"], 0.0)
 
 
 def choose_form(scheme: QuantScheme, layouts: list[QuantizedWeight], dtype: torch.dtype, setting: Any,
@@ -185,7 +256,8 @@ def choose_form(scheme: QuantScheme, layouts: list[QuantizedWeight], dtype: torc
     entries = [entry for entry, _ in found]
     hows = sorted({how for _, how in found})
     if all(entry is not None for entry in entries):
-        form = block_form(entries, forms)
+        saving = fused_saving(scheme, dtype, setting) if {"native", "aten_cpu"} <= set(forms) and fused_rows(entries) else 0.0
+        form = block_form(entries, forms, saving)
     else:  # not measured (completely): never the native kernel, which is a candidate only where it measured faster
         form = forms[0] if forms[0] != "native" else "plain"
     return form, f"form {form}; kernels by row count: {', '.join(hows)}"

@@ -16,7 +16,7 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["BlockStats", "record_routing", "record_k", "routing_stats", "reset_stats", "count_gemm_rows", "note_gemm_rows"]
+__all__ = ["BlockStats", "record_routing", "record_k", "routing_stats", "reset_stats", "count_gemm_rows", "counting_gemm_rows", "note_gemm_rows"]
 
 _lock = threading.Lock()
 _stats: dict[str, "BlockStats"] = {}
@@ -80,6 +80,11 @@ def reset_stats() -> None:
     """Clear all routing counters."""
     with _lock:
         _stats.clear()
+
+
+def counting_gemm_rows() -> bool:
+    """Whether a :func:`count_gemm_rows` block is collecting (lowerings skip the bookkeeping otherwise)."""
+    return bool(_row_counters)
 
 
 def note_gemm_rows(rows: int) -> None:

@@ -380,8 +380,12 @@ class Measurement:
             candidates[name]()
         warm = self._clock() - started
         rounds = self.rounds if warm * self.rounds <= max(self.remaining(), 0.0) else max(1, int(self.remaining() / max(warm, 1e-9)))
-        for _ in range(rounds):
-            for name in names:
+        for round_index in range(rounds):
+            # each round starts one candidate later: every candidate follows every other one equally often, so
+            # what one leaves behind (evicted caches, dirty lines to write back) does not always land on the same
+            # successor
+            shift = round_index % len(names)
+            for name in names[shift:] + names[:shift]:
                 t0 = time.perf_counter()
                 candidates[name]()
                 samples[name].append(time.perf_counter() - t0)

@@ -475,6 +475,118 @@ QG_AVX512 void int8_rows_avx512(const Problem& p, int64_t expert, int64_t row0, 
 
 #endif  // QG_X86
 
+// ---------------------------------------------------------------- dequantizing whole experts (prefill)
+//
+// Every weight of a group is one of 16 values (q − z)·s, q = 0 … 15: each group builds that table once, in
+// float32 and rounded once into the destination dtype, and each code is a lookup — the same value as computing
+// (q − z)·s in float32 and rounding it (the reference), at a fraction of the work per weight.
+
+void dequantize_int4_rows(const uint8_t* codes, const float* scales, const uint8_t* zeros, int64_t K, int group,
+                          void* dst, int dst_dtype, int64_t n0, int64_t n1) {
+  const int64_t groups = K / group;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = codes + n * (K / 2);
+    for (int64_t g = 0; g < groups; ++g) {
+      const float s = scales[n * groups + g], z = zeros ? float(zeros[n * groups + g]) : 8.f;
+      if (dst_dtype == DT_F32) {
+        float table[16];
+        for (int q = 0; q < 16; ++q) table[q] = (float(q) - z) * s;
+        float* out = static_cast<float*>(dst) + n * K;
+        for (int64_t k = g * group; k < (g + 1) * group; k += 2) {
+          const uint8_t byte = row[k / 2];
+          out[k] = table[byte & 15]; out[k + 1] = table[byte >> 4];
+        }
+      } else {
+        uint16_t table[16];
+        for (int q = 0; q < 16; ++q) table[q] = dst_dtype == DT_BF16 ? float_to_bf16((float(q) - z) * s) : float_to_f16((float(q) - z) * s);
+        uint16_t* out = static_cast<uint16_t*>(dst) + n * K;
+        for (int64_t k = g * group; k < (g + 1) * group; k += 2) {
+          const uint8_t byte = row[k / 2];
+          out[k] = table[byte & 15]; out[k + 1] = table[byte >> 4];
+        }
+      }
+    }
+  }
+}
+
+void dequantize_int8_rows(const int8_t* codes, const float* scales, int64_t K, void* dst, int dst_dtype,
+                          int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* row = codes + n * K;
+    const float s = scales[n];
+    if (dst_dtype == DT_F32) {
+      float* out = static_cast<float*>(dst) + n * K;
+      for (int64_t k = 0; k < K; ++k) out[k] = float(row[k]) * s;
+    } else {
+      uint16_t table[256];  // every code's value, rounded once
+      for (int q = -128; q < 128; ++q) table[q & 255] = dst_dtype == DT_BF16 ? float_to_bf16(float(q) * s) : float_to_f16(float(q) * s);
+      uint16_t* out = static_cast<uint16_t*>(dst) + n * K;
+      for (int64_t k = 0; k < K; ++k) out[k] = table[uint8_t(row[k])];
+    }
+  }
+}
+
+#ifdef QG_X86
+// 32 columns (16 code bytes) per step.  bfloat16: the group's table rounded by vcvtneps2bf16 (round to nearest
+// even, as float_to_bf16) and doubled to 32 words; each dword of the widened bytes becomes the index pair
+// (low nibble | high nibble << 16) by one shift and OR (vpermw reads 5 bits: the doubled table makes the
+// low word's fifth bit harmless), one vpermw gives 32 bfloat16 in column order.  float32: two vpermps of the
+// 16-entry table (they read 4 bits) and two vpermt2ps that interleave low and high nibbles into column order.
+QG_AVX512 void dequantize_int4_rows_avx512(const uint8_t* codes, const float* scales, const uint8_t* zeros, int64_t K,
+                                           int group, void* dst, int dst_dtype, int64_t n0, int64_t n1) {
+  const int64_t groups = K / group;
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i first_half = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i second_half = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = codes + n * (K / 2);
+    for (int64_t g = 0; g < groups; ++g) {
+      const float s = scales[n * groups + g], z = zeros ? float(zeros[n * groups + g]) : 8.f;
+      const __m512 table = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(z)), _mm512_set1_ps(s));
+      if (dst_dtype == DT_BF16) {
+        const __m256i half = (__m256i)_mm512_cvtneps_pbh(table);
+        const __m512i words = _mm512_inserti64x4(_mm512_castsi256_si512(half), half, 1);
+        uint16_t* out = static_cast<uint16_t*>(dst) + n * K;
+        for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
+          const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2)));
+          const __m512i index = _mm512_or_si512(d, _mm512_slli_epi32(d, 12));
+          _mm512_storeu_si512(out + k, _mm512_permutexvar_epi16(index, words));
+        }
+      } else {
+        float* out = static_cast<float*>(dst) + n * K;
+        for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
+          const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2)));
+          const __m512 low = _mm512_permutexvar_ps(d, table);
+          const __m512 high = _mm512_permutexvar_ps(_mm512_srli_epi32(d, 4), table);
+          _mm512_storeu_ps(out + k, _mm512_permutex2var_ps(low, first_half, high));
+          _mm512_storeu_ps(out + k + 16, _mm512_permutex2var_ps(low, second_half, high));
+        }
+      }
+    }
+  }
+}
+
+QG_AVX512 void dequantize_int8_rows_avx512(const int8_t* codes, const float* scales, int64_t K, void* dst, int dst_dtype,
+                                           int64_t n0, int64_t n1) {
+  const int64_t full = K / 32 * 32;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* row = codes + n * K;
+    const __m512 s = _mm512_set1_ps(scales[n]);
+    for (int64_t k = 0; k < full; k += 32) {
+      const __m512 a = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k)))), s);
+      const __m512 b = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k + 16)))), s);
+      if (dst_dtype == DT_BF16) {
+        _mm512_storeu_si512(static_cast<uint16_t*>(dst) + n * K + k, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+      } else {
+        _mm512_storeu_ps(static_cast<float*>(dst) + n * K + k, a);
+        _mm512_storeu_ps(static_cast<float*>(dst) + n * K + k + 16, b);
+      }
+    }
+    for (int64_t k = full; k < K; ++k) store_value(dst, dst_dtype, n * K + k, float(row[k]) * scales[n]);
+  }
+}
+#endif  // QG_X86
+
 int best_isa() {
 #ifdef QG_X86
   __builtin_cpu_init();
@@ -587,23 +699,138 @@ int moepass_qgemv(int bits, int group, int isa, const void* x, int x_dtype, int6
   return 0;
 }
 
-// dst[n, k] = (q[n, k] − z[n, k / group]) · s[n, k / group] of one expert's int4 codes, in float32 or bfloat16.
-void moepass_dequantize_int4(const uint8_t* codes, const float* scales, const uint8_t* zeros, int64_t N, int64_t K,
-                             int group, void* dst, int dst_dtype, int threads) {
-  const int64_t groups = K / group;
-#ifdef _OPENMP
-#pragma omp parallel for num_threads(threads > 0 ? threads : 1) schedule(static)
-#endif
-  for (int64_t n = 0; n < N; ++n) {
-    const uint8_t* row = codes + n * (K / 2);
-    for (int64_t g = 0; g < groups; ++g) {
-      const float s = scales[n * groups + g], z = zeros ? float(zeros[n * groups + g]) : 8.f;
-      for (int64_t k = g * group; k < (g + 1) * group; k += 2) {
-        const uint8_t byte = row[k / 2];
-        store_value(dst, dst_dtype, n * K + k, (float(byte & 15) - z) * s);
-        store_value(dst, dst_dtype, n * K + k + 1, (float(byte >> 4) - z) * s);
-      }
+// The whole experts op for a few tokens, in one call (decode): route → first projection → activation → second
+// projection → weighted sum, with no step back in Python between them.
+//   x [T, H], ids [T, K] int64 (ids outside [0, E) are empty slots), weights [T, K];
+//   w1 [E, N1, H] (N1 = 2·I: gate and up, "concat" [gate; up] or "interleaved" [g0, u0, g1, u1, …]), b1 [E, N1];
+//   w2 [E, H, I], b2 [E, H]; out [T, H] in x's dtype.
+// Rows are grouped by expert (slot order within an expert, as the op's other paths), the projections run as
+// moepass_qgemv with float32 outputs, a = silu(gate)·up in float32 rounded once to x's dtype (the second
+// projection's input, as the op's other paths keep it), and out[t] = Σ_k w[t,k]·y[row of (t,k)] accumulated in
+// float32 in slot order and rounded once.  counts [E] (may be null) receives each expert's rows.
+// act: 0 = gated SiLU, concat layout; 1 = gated SiLU, interleaved.  Returns 0, or moepass_qgemv's code.
+int moepass_qmoe(int bits, int group, int isa, const void* x, int x_dtype, int64_t T, int64_t H, const int64_t* ids,
+                 int64_t K, const void* weights, int w_dtype, int64_t E, int act,
+                 const uint8_t* codes1, int64_t codes1_stride, const float* scales1, int64_t scales1_stride,
+                 const uint8_t* zeros1, int64_t zeros1_stride, const void* bias1, int bias1_dtype, int64_t bias1_stride,
+                 const uint8_t* codes2, int64_t codes2_stride, const float* scales2, int64_t scales2_stride,
+                 const uint8_t* zeros2, int64_t zeros2_stride, const void* bias2, int bias2_dtype, int64_t bias2_stride,
+                 int64_t I, void* out, int64_t* counts, int threads) {
+  if (act != 0 && act != 1) return 3;
+  const int64_t N1 = 2 * I;
+  // rows grouped by expert, in slot order
+  thread_local std::vector<int64_t> count, first, row_slot, slot_row, task_expert, task_row, task_rows;
+  count.assign(size_t(E) + 1, 0);
+  for (int64_t i = 0; i < T * K; ++i) {
+    const int64_t e = ids[i];
+    ++count[(e >= 0 && e < E) ? e : E];
+  }
+  const int64_t S = T * K - count[E];
+  first.assign(size_t(E) + 1, 0);
+  for (int64_t e = 0; e < E; ++e) first[e + 1] = first[e] + count[e];
+  row_slot.resize(size_t(std::max<int64_t>(S, 1)));
+  slot_row.resize(size_t(T * K));
+  {
+    std::vector<int64_t> cursor(first.begin(), first.end() - 1);
+    for (int64_t i = 0; i < T * K; ++i) {
+      const int64_t e = ids[i];
+      if (e >= 0 && e < E) { row_slot[cursor[e]] = i; slot_row[i] = cursor[e]++; }
+      else slot_row[i] = -1;
     }
+  }
+  task_expert.clear(); task_row.clear(); task_rows.clear();
+  for (int64_t e = 0; e < E; ++e)
+    if (count[e]) { task_expert.push_back(e); task_row.push_back(first[e]); task_rows.push_back(count[e]); }
+  if (counts)
+    for (int64_t e = 0; e < E; ++e) counts[e] = count[e];
+  const size_t x_size = x_dtype == DT_F32 ? 4 : 2;
+  // gathered rows, first projection's output, activations, second projection's output
+  thread_local std::vector<uint8_t> xs, a;
+  thread_local std::vector<float> h, y;
+  xs.resize(size_t(std::max<int64_t>(S, 1)) * size_t(H) * x_size);
+  for (int64_t r = 0; r < S; ++r)
+    std::memcpy(xs.data() + size_t(r) * H * x_size, static_cast<const uint8_t*>(x) + size_t(row_slot[r] / K) * H * x_size,
+                size_t(H) * x_size);
+  h.resize(size_t(std::max<int64_t>(S, 1)) * size_t(N1));
+  const int64_t tasks = int64_t(task_expert.size());
+  int status = tasks ? moepass_qgemv(bits, group, isa, xs.data(), x_dtype, S, H, task_expert.data(), task_row.data(),
+                                     task_rows.data(), tasks, codes1, codes1_stride, scales1, scales1_stride, zeros1,
+                                     zeros1_stride, bias1, bias1_dtype, bias1_stride, h.data(), DT_F32, N1, threads)
+                     : 0;
+  if (status) return status;
+  a.resize(size_t(std::max<int64_t>(S, 1)) * size_t(I) * x_size);
+  for (int64_t r = 0; r < S; ++r) {
+    const float* hr = h.data() + size_t(r) * N1;
+    for (int64_t i = 0; i < I; ++i) {
+      const float gate = act == 0 ? hr[i] : hr[2 * i], up = act == 0 ? hr[I + i] : hr[2 * i + 1];
+      store_value(a.data(), x_dtype, r * I + i, gate / (1.f + std::exp(-gate)) * up);
+    }
+  }
+  y.resize(size_t(std::max<int64_t>(S, 1)) * size_t(H));
+  status = tasks ? moepass_qgemv(bits, group, isa, a.data(), x_dtype, S, I, task_expert.data(), task_row.data(),
+                                 task_rows.data(), tasks, codes2, codes2_stride, scales2, scales2_stride, zeros2,
+                                 zeros2_stride, bias2, bias2_dtype, bias2_stride, y.data(), DT_F32, H, threads)
+                 : 0;
+  if (status) return status;
+  std::vector<float> total(static_cast<size_t>(H), 0.f);
+  for (int64_t t = 0; t < T; ++t) {
+    std::fill(total.begin(), total.end(), 0.f);
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t r = slot_row[t * K + k];
+      if (r < 0) continue;
+      const float w = load_value(weights, w_dtype, t * K + k);
+      const float* yr = y.data() + size_t(r) * H;
+      for (int64_t j = 0; j < H; ++j) total[j] += w * yr[j];
+    }
+    for (int64_t j = 0; j < H; ++j) store_value(out, x_dtype, t * H + j, total[j]);
+  }
+  return 0;
+}
+
+// dst[n, k] = (q[n, k] − z[n, k / group]) · s[n, k / group] of one expert's int4 codes, in float32, bfloat16 or
+// float16: each value computed in float32 and rounded once (see dequantize_int4_rows).  isa: as moepass_qgemv's.
+void moepass_dequantize_int4(const uint8_t* codes, const float* scales, const uint8_t* zeros, int64_t N, int64_t K,
+                             int group, void* dst, int dst_dtype, int threads, int isa) {
+  if (isa < 0 || isa > best_isa()) isa = best_isa();
+  const bool vector = isa == ISA_AVX512 && group % 32 == 0 && dst_dtype != DT_F16;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads > 0 ? threads : 1)
+#endif
+  {
+#ifdef _OPENMP
+    const int id = omp_get_thread_num(), count = omp_get_num_threads();
+#else
+    const int id = 0, count = 1;
+#endif
+    const int64_t per = (N + count - 1) / count, n0 = std::min<int64_t>(N, per * id), n1 = std::min<int64_t>(N, n0 + per);
+#ifdef QG_X86
+    if (vector) dequantize_int4_rows_avx512(codes, scales, zeros, K, group, dst, dst_dtype, n0, n1);
+    else
+#endif
+      dequantize_int4_rows(codes, scales, zeros, K, group, dst, dst_dtype, n0, n1);
+  }
+}
+
+// dst[n, k] = q[n, k] · s[n] of one expert's int8 codes (per-output-channel scales), rounded once into dst's dtype.
+void moepass_dequantize_int8(const int8_t* codes, const float* scales, int64_t N, int64_t K, void* dst, int dst_dtype,
+                             int threads, int isa) {
+  if (isa < 0 || isa > best_isa()) isa = best_isa();
+  const bool vector = isa == ISA_AVX512 && dst_dtype != DT_F16;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads > 0 ? threads : 1)
+#endif
+  {
+#ifdef _OPENMP
+    const int id = omp_get_thread_num(), count = omp_get_num_threads();
+#else
+    const int id = 0, count = 1;
+#endif
+    const int64_t per = (N + count - 1) / count, n0 = std::min<int64_t>(N, per * id), n1 = std::min<int64_t>(N, n0 + per);
+#ifdef QG_X86
+    if (vector) dequantize_int8_rows_avx512(codes, scales, K, dst, dst_dtype, n0, n1);
+    else
+#endif
+      dequantize_int8_rows(codes, scales, K, dst, dst_dtype, n0, n1);
   }
 }
 
