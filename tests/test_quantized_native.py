@@ -189,7 +189,7 @@ def test_fused_few_token_call_matches_the_per_token_reference(native_library, sc
     import numpy as np
 
     generator = torch.Generator().manual_seed(1)
-    experts, hidden, inner = 5, 64, 96
+    experts, hidden, inner = 5, 64, 96 if scheme.bits == 4 else 40  # int8: a SwiGLU width off the vector step
     layouts = [quantize_rtn(torch.randn(experts, 2 * inner, hidden, generator=generator) * 0.1, scheme),
                quantize_rtn(torch.randn(experts, hidden, inner, generator=generator) * 0.1, scheme)]
     w1, w2 = (list(lay.tensors().values()) for lay in layouts)

@@ -598,6 +598,76 @@ int best_isa() {
   return ISA_PORTABLE;
 }
 
+// ---------------------------------------------------------------- SwiGLU of the fused path
+
+// a[r, i] = silu(gate)·up from h [rows, 2I] float32 (act 0: [gate; up], 1: interleaved), rounded once into
+// dst's dtype.  silu(g) = g / (1 + e^−g); the vector path's e^x is Cephes' single-precision polynomial (≤ 2 ulp).
+void swiglu_rows_portable(const float* h, int64_t rows, int64_t I, int act, void* dst, int dst_dtype, int64_t i0) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* hr = h + size_t(r) * 2 * I;
+    for (int64_t i = i0; i < I; ++i) {
+      const float gate = act == 0 ? hr[i] : hr[2 * i], up = act == 0 ? hr[I + i] : hr[2 * i + 1];
+      store_value(dst, dst_dtype, r * I + i, gate / (1.f + std::exp(-gate)) * up);
+    }
+  }
+}
+
+#ifdef QG_X86
+QG_AVX512 inline __m512 exp_avx512(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(y, n);
+}
+
+QG_AVX512 void swiglu_rows_avx512(const float* h, int64_t rows, int64_t I, int act, void* dst, int dst_dtype) {
+  const int64_t full = I / 16 * 16;
+  const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odds = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* hr = h + size_t(r) * 2 * I;
+    for (int64_t i = 0; i < full; i += 16) {
+      __m512 gate, up;
+      if (act == 0) {
+        gate = _mm512_loadu_ps(hr + i); up = _mm512_loadu_ps(hr + I + i);
+      } else {
+        const __m512 lo = _mm512_loadu_ps(hr + 2 * i), hi = _mm512_loadu_ps(hr + 2 * i + 16);
+        gate = _mm512_permutex2var_ps(lo, evens, hi); up = _mm512_permutex2var_ps(lo, odds, hi);
+      }
+      const __m512 denominator = _mm512_add_ps(_mm512_set1_ps(1.f), exp_avx512(_mm512_sub_ps(_mm512_setzero_ps(), gate)));
+      const __m512 value = _mm512_mul_ps(_mm512_div_ps(gate, denominator), up);
+      if (dst_dtype == DT_F32) {
+        _mm512_storeu_ps(static_cast<float*>(dst) + r * I + i, value);
+      } else if (dst_dtype == DT_BF16) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(dst) + r * I + i), (__m256i)_mm512_cvtneps_pbh(value));
+      } else {
+        alignas(64) float lanes[16];
+        _mm512_store_ps(lanes, value);
+        for (int l = 0; l < 16; ++l) store_value(dst, dst_dtype, r * I + i + l, lanes[l]);
+      }
+    }
+  }
+  if (full < I) swiglu_rows_portable(h, rows, I, act, dst, dst_dtype, full);
+}
+#endif  // QG_X86
+
+void swiglu_rows(const float* h, int64_t rows, int64_t I, int act, void* dst, int dst_dtype, int isa) {
+#ifdef QG_X86
+  if ((isa < 0 || isa > best_isa() ? best_isa() : isa) == ISA_AVX512) return swiglu_rows_avx512(h, rows, I, act, dst, dst_dtype);
+#endif
+  swiglu_rows_portable(h, rows, I, act, dst, dst_dtype, 0);
+}
+
+
 using RowsKernel = void (*)(const Problem&, int64_t, int64_t, int64_t, int64_t, int64_t);
 
 }  // namespace
@@ -759,13 +829,7 @@ int moepass_qmoe(int bits, int group, int isa, const void* x, int x_dtype, int64
                      : 0;
   if (status) return status;
   a.resize(size_t(std::max<int64_t>(S, 1)) * size_t(I) * x_size);
-  for (int64_t r = 0; r < S; ++r) {
-    const float* hr = h.data() + size_t(r) * N1;
-    for (int64_t i = 0; i < I; ++i) {
-      const float gate = act == 0 ? hr[i] : hr[2 * i], up = act == 0 ? hr[I + i] : hr[2 * i + 1];
-      store_value(a.data(), x_dtype, r * I + i, gate / (1.f + std::exp(-gate)) * up);
-    }
-  }
+  swiglu_rows(h.data(), S, I, act, a.data(), x_dtype, isa);
   y.resize(size_t(std::max<int64_t>(S, 1)) * size_t(H));
   status = tasks ? moepass_qgemv(bits, group, isa, a.data(), x_dtype, S, I, task_expert.data(), task_row.data(),
                                  task_rows.data(), tasks, codes2, codes2_stride, scales2, scales2_stride, zeros2,
