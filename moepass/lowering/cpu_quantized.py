@@ -18,10 +18,12 @@ Only the projections differ from :mod:`moepass.lowering.cpu`: each runs one of
     depends on the CPU's vector ISA — so it is made on the machine that runs it, never stored);
 ``gemv``
     moepass's own kernel (:mod:`moepass.lowering.cpu_qgemv`, C++ built on first use): every expert
-    with rows in one call, on the plain layout as stored, output rows split over the threads;
+    with rows in one call, on the plain layout as stored, output rows split over the threads; when
+    every row count up to the call's tokens runs ``gemv`` and the block is a gated SiLU MLP with the
+    routing weight on its output, the whole op is one native call (:func:`fused_decode_usable`);
 ``dequant``
     the expert's weights dequantized to the activations' dtype into a scratch buffer (``native``
-    form, int4: by the native kernel), then the float kernel of
+    form: by the native kernel's table lookup), then the float kernel of
     :mod:`moepass.lowering.cpu_kernels` (a GEMM at many rows beats the weight-only kernels, whose
     inner loops are made for a few rows).
 

@@ -255,9 +255,12 @@ def choose_form(scheme: QuantScheme, layouts: list[QuantizedWeight], dtype: torc
              for name, layout in zip(("w1", "w2"), layouts)]
     entries = [entry for entry, _ in found]
     hows = sorted({how for _, how in found})
+    saving = 0.0
     if all(entry is not None for entry in entries):
         saving = fused_saving(scheme, dtype, setting) if {"native", "aten_cpu"} <= set(forms) and fused_rows(entries) else 0.0
         form = block_form(entries, forms, saving)
     else:  # not measured (completely): never the native kernel, which is a candidate only where it measured faster
         form = forms[0] if forms[0] != "native" else "plain"
-    return form, f"form {form}; kernels by row count: {', '.join(hows)}"
+    fused = (f"; calls of up to {fused_rows(entries)} rows per expert run as one native call ({saving:.0f} µs a call "
+             f"less around the kernels than ATen's form)" if form == "native" and saving > 0 else "")
+    return form, f"form {form}; kernels by row count: {', '.join(hows)}{fused}"
