@@ -177,6 +177,18 @@ def test_a_measurement_stops_at_its_budget():
     assert m.measured == ["cheap", "cheap again"] and m.skipped == ["costly"]
 
 
+def test_interleaved_rounds_rotate_and_run_the_before_hook_untimed():
+    """Each round starts one candidate later (whatever a candidate leaves behind lands on every other one in
+    turn), and ``before`` runs before every call, warm-up included, outside the timed span."""
+    order, hooks = [], []
+    m = tuning.Measurement(60.0, rounds=3)
+    samples = m.compare("step", {name: (lambda name=name: order.append(name)) for name in "abc"},
+                        before=lambda: hooks.append(len(order)))
+    assert order == list("abc") + list("abc") + list("bca") + list("cab")
+    assert hooks == list(range(len(order)))  # once before each call
+    assert {name: len(values) for name, values in samples.items()} == {"a": 3, "b": 3, "c": 3}
+
+
 def test_obtain_measures_once_then_finds(tables):
     family = tuning.Family("probe_family", 1)
     calls = []

@@ -162,6 +162,18 @@ def test_native_form_of_the_op_matches_plain(native_library, scheme):
             assert rel_err(results["native"], results["plain"]) <= tolerance, (tokens, dtype)
 
 
+@pytest.mark.native
+def test_flushing_the_caches_keeps_the_bytes(native_library):
+    """The tuning's eviction of an expert (clflush) writes back and leaves the data as it was."""
+    import platform
+
+    tensors = [torch.randn(1000, 37), torch.arange(70000, dtype=torch.uint8).reshape(700, 100)]
+    before = [t.clone() for t in tensors]
+    done = cpu_qgemv.flush_caches(tensors)
+    assert done == (platform.machine().lower() in ("x86_64", "amd64"))
+    assert all(torch.equal(t, b) for t, b in zip(tensors, before))
+
+
 def _per_token_reference(x, ids, weights, first, second, b1, b2, layout):
     """out[t] = Σ_k w[t,k]·(silu(gate)·up of x[t] through expert ids[t,k]) · W2ᵀ, in float32 (empty slots: 0)."""
     experts, _, inner = second.shape

@@ -47,7 +47,7 @@ from moepass.quantize.scheme import QuantScheme
 
 __all__ = [
     "LIBRARY", "PATHS", "available", "unavailable_reason", "supports", "best_path", "project", "expert_tasks",
-    "dequantize_int4", "dequantize_int8", "FUSED_ACTIVATIONS", "fused_experts",
+    "dequantize_int4", "dequantize_int8", "FUSED_ACTIVATIONS", "fused_experts", "flush_caches",
 ]
 
 logger = logging.getLogger(__name__)
@@ -76,6 +76,8 @@ def _bind(lib: ctypes.CDLL) -> None:
                                  ptr, i64, ptr, i64, ptr, i64, ptr, i32, i64,
                                  ptr, i64, ptr, i64, ptr, i64, ptr, i32, i64,
                                  i64, ptr, ptr, i32]
+    lib.moepass_flush.restype = i32
+    lib.moepass_flush.argtypes = [ptr, i64]
     lib.moepass_dequantize_int8.restype = None
     lib.moepass_dequantize_int8.argtypes = [ptr, ptr, i64, i64, ptr, i32, i32, i32]
 
@@ -242,6 +244,19 @@ def fused_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w1:
         raise ValueError(f"the native quantized kernel refused {scheme.describe()} with {hidden} input features "
                          f"(code {status})")
     return out
+
+
+def flush_caches(tensors: list[torch.Tensor]) -> bool:
+    """Evict the CPU tensors' bytes from every cache level (``clflush``), so that the next read comes from
+    memory; False (nothing done) where the library is unavailable or the CPU has no such instruction."""
+    lib = _library()
+    if lib is None:
+        return False
+    done = True
+    for tensor in tensors:
+        if tensor.device.type == "cpu" and tensor.numel():
+            done = bool(lib.moepass_flush(tensor.data_ptr(), tensor.numel() * tensor.element_size())) and done
+    return done
 
 
 def dequantize_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group: int,

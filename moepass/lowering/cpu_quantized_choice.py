@@ -17,7 +17,9 @@ from moepass.runtime import tuning
 __all__ = ["FAMILY", "chosen_kernel", "projection_key"]
 
 #: Version 2: entries hold a kernel column per operand form (``native`` with the native ``gemv``, ``aten_cpu``).
-FAMILY = tuning.Family("cpu_quantized", version=3, shipped=None)
+#: Version 4: kernels timed on weights read from memory (caches evicted before each call), the fused few-token
+#: path's saving an entry of its own.
+FAMILY = tuning.Family("cpu_quantized", version=4, shipped=None)
 
 
 def projection_key(scheme: QuantScheme, dtype: torch.dtype, out_features: int, in_features: int,

@@ -10,7 +10,10 @@ quantized projection shape (`` +gemv`` when the native kernel was among the cand
          "microseconds": {"1": {"aten_cpu:aten": 81.0, "aten_cpu:dequant": 940.0,
                                 "native:gemv": 45.0, "native:dequant": 600.0}, …}}
 
-The candidates, on one expert of the block's own weights at :data:`ROWS`:
+The candidates, on one expert of the block's own weights at :data:`ROWS`, each call
+after that expert's bytes were flushed from the caches (with the native
+library's ``clflush``: decode reads its experts from memory, and on a
+cache-resident expert a compute-bound kernel wins that loses in the model):
 ``aten_cpu:aten`` (ATen's weight-only kernel on its own operands),
 ``aten_cpu:dequant`` (those operands dequantized + a float GEMM),
 ``native:gemv`` (moepass's native kernel on the portable layout,
@@ -98,6 +101,16 @@ def prepare_projection(scheme: QuantScheme, layout: QuantizedWeight, dtype: torc
     if "aten_cpu" in forms:
         operands["aten_cpu"] = to_aten_cpu(one, dtype)
     candidates = [(form, kernel) for form in forms for kernel in FORM_KERNELS[form]]
+    weights = [tensor for form_operands in operands.values() for tensor in form_operands]
+
+    def evict() -> None:
+        """The expert's operands out of the caches before each call (with the native library, which has the
+        instruction; the native form is only a candidate with it): decode reads its experts from memory, and
+        on cache-resident weights a compute-bound kernel wins that loses in the model."""
+        if native:
+            from moepass.lowering import cpu_qgemv
+
+            cpu_qgemv.flush_caches(weights)
 
     def measure(measurement: tuning.Measurement) -> dict:
         kernels: dict[str, dict[str, str]] = {form: {} for form in forms}
@@ -112,7 +125,7 @@ def prepare_projection(scheme: QuantScheme, layout: QuantizedWeight, dtype: torc
 
             samples = measurement.compare(
                 f"{key} rows {rows}", {f"{form}:{kernel}": run(form, kernel) for form, kernel in candidates},
-                cost_hint=rows * out_features * in_features + out_features * in_features)
+                cost_hint=rows * out_features * in_features + out_features * in_features, before=evict)
             if samples is None:
                 continue
             best = {name: tuning.best(values) for name, values in samples.items()}

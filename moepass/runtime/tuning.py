@@ -355,11 +355,15 @@ class Measurement:
         return None if self._rate is None else self._rate * cost_hint * candidates
 
     def compare(self, label: str, candidates: Mapping[str, Callable[[], object]],
-                cost_hint: float | None = None) -> dict[str, list[float]] | None:
+                cost_hint: float | None = None,
+                before: Callable[[], object] | None = None) -> dict[str, list[float]] | None:
         """Seconds per call of each candidate (all samples), timed interleaved; None when skipped.
 
         ``cost_hint`` (any unit proportional to a call's time, e.g. FLOPs or
         bytes read) lets the budget check predict this step from earlier ones.
+        ``before`` runs untimed before every call (e.g. evicting the caches, so
+        that a kernel is timed on weights read from memory, as a model's next
+        layer reads them).
         """
         names = list(candidates)
         left = self.remaining()
@@ -377,6 +381,8 @@ class Measurement:
         samples: dict[str, list[float]] = {name: [] for name in names}
         started = self._clock()
         for name in names:  # warm-up (first touch, packing, allocator), also the first estimate
+            if before is not None:
+                before()
             candidates[name]()
         warm = self._clock() - started
         rounds = self.rounds if warm * self.rounds <= max(self.remaining(), 0.0) else max(1, int(self.remaining() / max(warm, 1e-9)))
@@ -386,6 +392,8 @@ class Measurement:
             # successor
             shift = round_index % len(names)
             for name in names[shift:] + names[:shift]:
+                if before is not None:
+                    before()
                 t0 = time.perf_counter()
                 candidates[name]()
                 samples[name].append(time.perf_counter() - t0)

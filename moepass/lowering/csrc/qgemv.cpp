@@ -861,6 +861,23 @@ int moepass_qmoe(int bits, int group, int isa, const void* x, int x_dtype, int64
   return 0;
 }
 
+// Writes back and evicts [data, data + bytes) from every cache level (clflush per 64-byte line), so that the
+// next read of it comes from memory — how measurements time a kernel on weights a model reads cold, without
+// evicting everything else (the interpreter's state stays warm, as in a model).  Returns 0 where this CPU has
+// no such instruction here (nothing done).
+int moepass_flush(const void* data, int64_t bytes) {
+#ifdef QG_X86
+  const char* p = static_cast<const char*>(data);
+  for (int64_t offset = 0; offset < bytes; offset += 64) _mm_clflush(p + offset);
+  if (bytes > 0) _mm_clflush(p + bytes - 1);
+  _mm_mfence();
+  return 1;
+#else
+  (void)data; (void)bytes;
+  return 0;
+#endif
+}
+
 // dst[n, k] = (q[n, k] − z[n, k / group]) · s[n, k / group] of one expert's int4 codes, in float32, bfloat16 or
 // float16: each value computed in float32 and rounded once (see dequantize_int4_rows).  isa: as moepass_qgemv's.
 void moepass_dequantize_int4(const uint8_t* codes, const float* scales, const uint8_t* zeros, int64_t N, int64_t K,
