@@ -64,7 +64,8 @@ from moepass.quantize.layout import QuantizedWeight
 from moepass.quantize.scheme import QuantScheme
 from moepass.runtime import tuning
 
-__all__ = ["DEFAULT_BUDGET", "ROWS", "MARGIN", "candidate_forms", "prepare_projection", "choose_form", "block_form", "fused_rows", "fused_saving", "overhead_key"]
+__all__ = ["DEFAULT_BUDGET", "ROWS", "MARGIN", "candidate_forms", "prepare_projection", "choose_form", "block_form", "fused_rows", "fused_saving", "overhead_key",
+           "decode_op_times"]
 
 logger = logging.getLogger(__name__)
 
@@ -178,11 +179,14 @@ def fused_rows(entries: list[dict]) -> int:
     return fused
 
 
-def block_form(entries: list[dict], forms: list[str], fused_saving: float = 0.0) -> str:
+def block_form(entries: list[dict], forms: list[str], fused_saving: float = 0.0,
+               decode: dict[str, float] | None = None) -> str:
     """The form a block runs, from its projections' entries: the lowest geometric mean over the row counts all
     entries measured of the summed best times (``native`` replaces ``aten_cpu`` only when :data:`MARGIN` faster).
     ``fused_saving`` (µs per call): what the native form saves at the row counts it runs fused
-    (:func:`fused_rows`), taken off its summed time there (never below a tenth of it)."""
+    (:func:`fused_rows`), taken off its summed time there (never below a tenth of it).  ``decode`` (µs per
+    form): the whole op at one token (:func:`decode_op_times`), which replaces the one-row sums where it has
+    every form."""
     if len(forms) == 1:
         return forms[0]
     scores = {form: 0.0 for form in forms}
@@ -195,7 +199,9 @@ def block_form(entries: list[dict], forms: list[str], fused_saving: float = 0.0)
             if any(part is None for part in parts):
                 break
             totals[form] = sum(parts)
-            if form == "native" and int(rows) <= fused:
+            if rows == "1" and decode and all(f in decode for f in forms):
+                totals[form] = decode[form]
+            elif form == "native" and int(rows) <= fused:
                 totals[form] = max(totals[form] - fused_saving, totals[form] / 10)
         else:
             for form in forms:
@@ -255,8 +261,51 @@ def fused_saving(scheme: QuantScheme, dtype: torch.dtype, setting: Any) -> float
     return max(timed["aten_cpu"] - timed["native"], 0.0)
 
 
+def decode_op_times(scheme: QuantScheme, layouts: list[QuantizedWeight], dtype: torch.dtype, spec,
+                    forms: list[str], setting: Any) -> dict[str, float] | None:
+    """Microseconds of the whole quantized op for one decode token in each form, on expert 0 of the block's
+    own weights with the block's MLP (``spec``), that expert flushed from the caches before each call; looked
+    up or measured like the kernel entries.  None when not measured (tuning off, no native library)."""
+    import dataclasses
+
+    from moepass.lowering import cpu_qgemv
+    from moepass.lowering.cpu_quantized import experts_forward
+
+    if "native" not in forms or len(forms) < 2:
+        return None
+    ones = [layout.expert(0) for layout in layouts]
+    shapes = " ".join(f"{lay.shape[1]}x{lay.shape[2]}" for lay in ones)
+    key = (f"quantized op {scheme.describe()} {str(dtype).removeprefix('torch.')} {shapes} "
+           f"{spec.activation}/{spec.gate_up_layout}{'/weight-on-input' if spec.weight_on_input else ''}")
+    one_spec = dataclasses.replace(spec, num_experts=1, transposed=False)
+    operands = {form: [list(lay.tensors().values()) if form != "aten_cpu" else to_aten_cpu(lay, dtype) for lay in ones]
+                for form in forms}
+    weights = [tensor for pair in operands.values() for projection in pair for tensor in projection]
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, ones[0].shape[2], generator=generator).to(dtype)
+    ids, routing = torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=dtype)
+
+    def measure(measurement: tuning.Measurement) -> dict:
+        samples = measurement.compare(key, {
+            form: (lambda form=form: experts_forward(x, ids, routing, *operands[form], None, None, one_spec, scheme,
+                                                     form))
+            for form in forms}, before=lambda: cpu_qgemv.flush_caches(weights))
+        if samples is None:
+            return {}
+        return {"microseconds": {form: round(tuning.best(values) * 1e6, 1) for form, values in samples.items()}}
+
+    try:
+        with torch.no_grad():
+            found = tuning.obtain(FAMILY, key, measure, tuning.tuning_budget(setting, 2.0), "quantized decode op")
+    except (RuntimeError, ValueError, OSError) as failure:
+        logger.warning("moepass: could not measure the quantized op at one token (%s)", failure)
+        return None
+    timed = (found.entry or {}).get("microseconds") if found else None
+    return dict(timed) if timed and all(form in timed for form in forms) else None
+
+
 def choose_form(scheme: QuantScheme, layouts: list[QuantizedWeight], dtype: torch.dtype, setting: Any,
-                description: str) -> tuple[str, str]:
+                description: str, spec=None) -> tuple[str, str]:
     """The operand form of a block's quantized experts on this machine and the report's words on how the
     kernels were chosen (see the module docstring).  With tuning off nothing is built and ``native`` is never
     chosen."""
@@ -271,7 +320,8 @@ def choose_form(scheme: QuantScheme, layouts: list[QuantizedWeight], dtype: torc
     saving = 0.0
     if all(entry is not None for entry in entries):
         saving = fused_saving(scheme, dtype, setting) if {"native", "aten_cpu"} <= set(forms) and fused_rows(entries) else 0.0
-        form = block_form(entries, forms, saving)
+        decode = decode_op_times(scheme, layouts, dtype, spec, forms, setting) if spec is not None else None
+        form = block_form(entries, forms, saving, decode)
     else:  # not measured (completely): never the native kernel, which is a candidate only where it measured faster
         form = forms[0] if forms[0] != "native" else "plain"
     fused = (f"; calls of up to {fused_rows(entries)} rows per expert run as one native call ({saving:.0f} µs a call "

@@ -268,7 +268,8 @@ def _quantize_call(state: GraphState, call, scheme: QuantScheme | None, notes: l
         # kernel where measured faster, and the kernel per row count — its table, or measured now
         from moepass.lowering.cpu_quantized_tuning import choose_form
 
-        form, how = choose_form(scheme, layouts, dtype, state.options.cpu_tuning, path or "<root>")
+        form, how = choose_form(scheme, layouts, dtype, state.options.cpu_tuning, path or "<root>",
+                                spec=dataclasses.replace(spec, transposed=False))
         kernels = f"; {how}" if how else ""
     operands = [_operands(w, lay, form, dtype) for w, lay in zip((w1, w2), layouts)]
     new_spec = dataclasses.replace(spec, transposed=False)
