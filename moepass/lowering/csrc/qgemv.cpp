@@ -597,6 +597,24 @@ QG_AVX512 void dequantize_int8_rows_avx512(const int8_t* codes, const float* sca
 }
 #endif  // QG_X86
 
+// rows(n0, n1) on an even share of [0, N) per thread (OpenMP, the runtime torch already loaded).
+template <class Rows>
+void split_rows(int64_t N, int threads, Rows rows) {
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads > 0 ? threads : 1)
+#endif
+  {
+#ifdef _OPENMP
+    const int id = omp_get_thread_num(), count = omp_get_num_threads();
+#else
+    const int id = 0, count = 1;
+    (void)threads;
+#endif
+    const int64_t per = (N + count - 1) / count, n0 = std::min<int64_t>(N, per * id), n1 = std::min<int64_t>(N, n0 + per);
+    rows(n0, n1);
+  }
+}
+
 int best_isa() {
 #ifdef QG_X86
   __builtin_cpu_init();
@@ -884,22 +902,12 @@ void moepass_dequantize_int4(const uint8_t* codes, const float* scales, const ui
                              int group, void* dst, int dst_dtype, int threads, int isa) {
   if (isa < 0 || isa > best_isa()) isa = best_isa();
   const bool vector = isa == ISA_AVX512 && group % 32 == 0 && dst_dtype != DT_F16;
-#ifdef _OPENMP
-#pragma omp parallel num_threads(threads > 0 ? threads : 1)
-#endif
-  {
-#ifdef _OPENMP
-    const int id = omp_get_thread_num(), count = omp_get_num_threads();
-#else
-    const int id = 0, count = 1;
-#endif
-    const int64_t per = (N + count - 1) / count, n0 = std::min<int64_t>(N, per * id), n1 = std::min<int64_t>(N, n0 + per);
+  split_rows(N, threads, [&](int64_t n0, int64_t n1) {
 #ifdef QG_X86
-    if (vector) dequantize_int4_rows_avx512(codes, scales, zeros, K, group, dst, dst_dtype, n0, n1);
-    else
+    if (vector) return dequantize_int4_rows_avx512(codes, scales, zeros, K, group, dst, dst_dtype, n0, n1);
 #endif
-      dequantize_int4_rows(codes, scales, zeros, K, group, dst, dst_dtype, n0, n1);
-  }
+    dequantize_int4_rows(codes, scales, zeros, K, group, dst, dst_dtype, n0, n1);
+  });
 }
 
 // dst[n, k] = q[n, k] · s[n] of one expert's int8 codes (per-output-channel scales), rounded once into dst's dtype.
@@ -907,22 +915,12 @@ void moepass_dequantize_int8(const int8_t* codes, const float* scales, int64_t N
                              int threads, int isa) {
   if (isa < 0 || isa > best_isa()) isa = best_isa();
   const bool vector = isa == ISA_AVX512 && dst_dtype != DT_F16;
-#ifdef _OPENMP
-#pragma omp parallel num_threads(threads > 0 ? threads : 1)
-#endif
-  {
-#ifdef _OPENMP
-    const int id = omp_get_thread_num(), count = omp_get_num_threads();
-#else
-    const int id = 0, count = 1;
-#endif
-    const int64_t per = (N + count - 1) / count, n0 = std::min<int64_t>(N, per * id), n1 = std::min<int64_t>(N, n0 + per);
+  split_rows(N, threads, [&](int64_t n0, int64_t n1) {
 #ifdef QG_X86
-    if (vector) dequantize_int8_rows_avx512(codes, scales, K, dst, dst_dtype, n0, n1);
-    else
+    if (vector) return dequantize_int8_rows_avx512(codes, scales, K, dst, dst_dtype, n0, n1);
 #endif
-      dequantize_int8_rows(codes, scales, K, dst, dst_dtype, n0, n1);
-  }
+    dequantize_int8_rows(codes, scales, K, dst, dst_dtype, n0, n1);
+  });
 }
 
 }  // extern "C"
