@@ -46,7 +46,7 @@ from moepass.lowering import native
 from moepass.quantize.scheme import QuantScheme
 
 __all__ = [
-    "LIBRARY", "PATHS", "available", "unavailable_reason", "supports", "best_path", "project", "expert_tasks",
+    "LIBRARY", "PATHS", "DTYPES", "available", "unavailable_reason", "supports", "best_path", "project", "expert_tasks",
     "dequantize_int4", "dequantize_int8", "FUSED_ACTIVATIONS", "fused_experts", "flush_caches",
 ]
 
@@ -55,7 +55,8 @@ logger = logging.getLogger(__name__)
 LIBRARY = "qgemv"
 #: The kernel's paths by number (csrc/qgemv.cpp): what :func:`best_path` returns and ``path=`` asks for.
 PATHS = {0: "portable", 1: "avx2", 2: "avx512_bf16"}
-_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+#: Activation / output dtypes the kernels take, with their codes in csrc/qgemv.cpp.
+DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 _lock = threading.Lock()
 _ready: list = []  # [the checked CDLL] once checked; [None] when unavailable
@@ -121,7 +122,7 @@ def best_path() -> int:
 
 def supports(scheme: QuantScheme, in_features: int, dtype: torch.dtype) -> bool:
     """Whether the kernel takes this scheme, input width and activation dtype (availability aside)."""
-    if dtype not in _DTYPES:
+    if dtype not in DTYPES:
         return False
     if scheme.bits == 8:
         return scheme.group_size in (0, in_features)
@@ -176,8 +177,8 @@ def _project(lib, inputs, outputs, tasks, operands, bias, scheme, path, threads)
         raise ValueError(f"shapes do not match: inputs {list(inputs.shape)}, outputs {list(outputs.shape)}, codes "
                          f"{list(codes.shape)}, scales {list(scales.shape)} ({scheme.describe()})")
     if (codes.dtype != (torch.uint8 if scheme.bits == 4 else torch.int8) or scales.dtype != torch.float32
-            or (zeros is not None and zeros.dtype != torch.uint8) or inputs.dtype not in _DTYPES
-            or outputs.dtype not in _DTYPES or (bias is not None and bias.dtype not in _DTYPES)):
+            or (zeros is not None and zeros.dtype != torch.uint8) or inputs.dtype not in DTYPES
+            or outputs.dtype not in DTYPES or (bias is not None and bias.dtype not in DTYPES)):
         raise ValueError(f"the native quantized kernels take the plain layout's dtypes ({scheme.describe()}): codes "
                          f"{codes.dtype}, scales {scales.dtype}, inputs {inputs.dtype}, outputs {outputs.dtype}")
     tasks = np.ascontiguousarray(tasks, dtype=np.int64)
@@ -187,13 +188,13 @@ def _project(lib, inputs, outputs, tasks, operands, bias, scheme, path, threads)
                            or tasks[2].min() < 0 or (tasks[1] + tasks[2]).max() > inputs.shape[0]):
         raise ValueError(f"tasks out of range for {experts} experts and {inputs.shape[0]} rows")
     status = lib.moepass_qgemv(
-        scheme.bits, scheme.group_of(in_features), path, inputs.data_ptr(), _DTYPES[inputs.dtype], inputs.shape[0],
+        scheme.bits, scheme.group_of(in_features), path, inputs.data_ptr(), DTYPES[inputs.dtype], inputs.shape[0],
         in_features, tasks.ctypes.data, tasks.ctypes.data + 8 * tasks.shape[1],
         tasks.ctypes.data + 16 * tasks.shape[1], tasks.shape[1],
         codes.data_ptr(), codes.stride(0), scales.data_ptr(), scales.stride(0),
         _address(zeros), 0 if zeros is None else zeros.stride(0),
-        _address(bias), _DTYPES[bias.dtype] if bias is not None else 0, 0 if bias is None else bias.stride(0),
-        outputs.data_ptr(), _DTYPES[outputs.dtype], out_features,
+        _address(bias), DTYPES[bias.dtype] if bias is not None else 0, 0 if bias is None else bias.stride(0),
+        outputs.data_ptr(), DTYPES[outputs.dtype], out_features,
         torch.get_num_threads() if threads is None else threads,
     )
     if status:
@@ -230,13 +231,13 @@ def fused_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w1:
     first_zeros = w1[2] if len(w1) > 2 else None
     second_zeros = w2[2] if len(w2) > 2 else None
     status = lib.moepass_qmoe(
-        scheme.bits, scheme.group_of(hidden), -1, x.data_ptr(), _DTYPES[x.dtype], tokens, hidden, ids.data_ptr(),
-        slots, weights.data_ptr(), _DTYPES[weights.dtype], experts, FUSED_ACTIVATIONS[activation],
+        scheme.bits, scheme.group_of(hidden), -1, x.data_ptr(), DTYPES[x.dtype], tokens, hidden, ids.data_ptr(),
+        slots, weights.data_ptr(), DTYPES[weights.dtype], experts, FUSED_ACTIVATIONS[activation],
         w1[0].data_ptr(), w1[0].stride(0), w1[1].data_ptr(), w1[1].stride(0), _address(first_zeros),
-        0 if first_zeros is None else first_zeros.stride(0), _address(b1), _DTYPES[b1.dtype] if b1 is not None else 0,
+        0 if first_zeros is None else first_zeros.stride(0), _address(b1), DTYPES[b1.dtype] if b1 is not None else 0,
         0 if b1 is None else b1.stride(0),
         w2[0].data_ptr(), w2[0].stride(0), w2[1].data_ptr(), w2[1].stride(0), _address(second_zeros),
-        0 if second_zeros is None else second_zeros.stride(0), _address(b2), _DTYPES[b2.dtype] if b2 is not None else 0,
+        0 if second_zeros is None else second_zeros.stride(0), _address(b2), DTYPES[b2.dtype] if b2 is not None else 0,
         0 if b2 is None else b2.stride(0),
         inner, out.data_ptr(), None if counts is None else counts.ctypes.data, torch.get_num_threads(),
     )
@@ -273,12 +274,12 @@ def dequantize_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
     if (group <= 0 or (2 * half) % group or list(scales.shape) != [rows, 2 * half // group]
             or (zeros is not None and list(zeros.shape) != list(scales.shape)) or codes.dtype != torch.uint8
             or scales.dtype != torch.float32 or (zeros is not None and zeros.dtype != torch.uint8)
-            or dtype not in _DTYPES or out.dtype != dtype or list(out.shape) != [rows, 2 * half]
+            or dtype not in DTYPES or out.dtype != dtype or list(out.shape) != [rows, 2 * half]
             or not out.is_contiguous()):
         raise ValueError(f"dequantize_int4: codes {list(codes.shape)} {codes.dtype}, scales {list(scales.shape)} "
                          f"{scales.dtype}, group {group}, out {list(out.shape)} {out.dtype} do not fit")
     lib.moepass_dequantize_int4(codes.data_ptr(), scales.data_ptr(), _address(zeros), rows, 2 * half, group,
-                                out.data_ptr(), _DTYPES[dtype], torch.get_num_threads(), path)
+                                out.data_ptr(), DTYPES[dtype], torch.get_num_threads(), path)
     return out
 
 
@@ -293,11 +294,11 @@ def dequantize_int8(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtyp
     out = torch.empty(rows, columns, dtype=dtype) if out is None else out
     codes, scales = codes.contiguous(), scales.contiguous()
     if (codes.dtype != torch.int8 or scales.dtype != torch.float32 or scales.numel() != rows
-            or dtype not in _DTYPES or out.dtype != dtype or list(out.shape) != [rows, columns]
+            or dtype not in DTYPES or out.dtype != dtype or list(out.shape) != [rows, columns]
             or not out.is_contiguous()):
         raise ValueError(f"dequantize_int8: codes {list(codes.shape)} {codes.dtype}, scales {list(scales.shape)} "
                          f"{scales.dtype}, out {list(out.shape)} {out.dtype} do not fit")
-    lib.moepass_dequantize_int8(codes.data_ptr(), scales.data_ptr(), rows, columns, out.data_ptr(), _DTYPES[dtype],
+    lib.moepass_dequantize_int8(codes.data_ptr(), scales.data_ptr(), rows, columns, out.data_ptr(), DTYPES[dtype],
                                 torch.get_num_threads(), path)
     return out
 

@@ -405,12 +405,11 @@ def fused_decode_usable(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tenso
     from moepass.lowering import cpu_qgemv
     from moepass.runtime.tuning import generation
 
+    dtypes = cpu_qgemv.DTYPES
     if (form != "native" or not spec.gated or spec.weight_on_input or spec.transposed or spec.output
             or (spec.activation, spec.gate_up_layout) not in cpu_qgemv.FUSED_ACTIVATIONS
-            or x.dim() != 2 or ids.dtype != torch.int64 or x.dtype not in (torch.float32, torch.bfloat16, torch.float16)
-            or weights.dtype not in (torch.float32, torch.bfloat16, torch.float16)
-            or any(b is not None and (b.dtype not in (torch.float32, torch.bfloat16, torch.float16)
-                                      or not b.is_contiguous()) for b in (b1, b2))
+            or x.dim() != 2 or ids.dtype != torch.int64 or x.dtype not in dtypes or weights.dtype not in dtypes
+            or any(b is not None and (b.dtype not in dtypes or not b.is_contiguous()) for b in (b1, b2))
             or not all(t.is_contiguous() for t in (*w1, *w2))):
         return False
     _, out1, in1 = operand_shape(w1, form, scheme)
